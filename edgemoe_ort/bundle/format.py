@@ -1,0 +1,143 @@
+"""Constants and shared helpers of bundle format v1 (docs/bundle-format.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from edgemoe_ort.quant import DTYPES, QuantizedMatrix, num_groups
+
+FORMAT = "edgemoe-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STORE_FILE = "experts.bin"
+ALIGNMENT = 4096
+TENSOR_ALIGNMENT = 64
+CHECKSUM = "xxh3_64"
+SCHEME_QUANT = "asym_u"
+SCHEME_FLOAT = "none"
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+#: tensor dtype name -> numpy dtype of its stored elements (u4 is stored packed as bytes)
+TENSOR_DTYPES: dict[str, np.dtype] = {
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "u8": np.dtype("u1"),
+    "u4": np.dtype("u1"),
+}
+#: weight dtype of each expert format
+WEIGHT_TENSOR_DTYPE: dict[str, str] = {"fp32": "f32", "fp16": "f16", "int8": "u8", "int4": "u4"}
+QUANTIZED = ("int8", "int4")
+
+
+def version_string() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"edgemoe-ort {version('edgemoe-ort')}"
+    except Exception:  # pragma: no cover - not installed
+        return "edgemoe-ort"
+
+
+def align_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def tensor_nbytes(dtype: str, shape: list[int] | tuple[int, ...]) -> int:
+    """Bytes a tensor of ``dtype`` and ``shape`` occupies (u4: ``rows * ceil(cols / 2)``)."""
+    if dtype == "u4":
+        if len(shape) != 2:
+            raise ValueError(f"u4 tensors must be 2-D, found shape {list(shape)}")
+        return int(shape[0]) * ((int(shape[1]) + 1) // 2)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * TENSOR_DTYPES[dtype].itemsize
+
+
+def layer_shapes(layer: dict[str, Any]) -> dict[str, list[int]]:
+    """Expected shapes of the weight tensors (and optional biases) of an expert of ``layer``."""
+    h, i = int(layer["hidden"]), int(layer["intermediate"])
+    rows_in = 2 * i if layer["gated"] else i
+    return {"w_in": [rows_in, h], "w_out": [h, i], "b_in": [rows_in], "b_out": [h]}
+
+
+def expected_tensors(
+    layer: dict[str, Any], fmt: dict[str, Any], biases: set[str]
+) -> dict[str, tuple[str, list[int]]]:
+    """name -> (tensor dtype, shape) that an expert record of ``layer`` in format ``fmt`` must hold."""
+    shapes = layer_shapes(layer)
+    dtype = fmt["dtype"]
+    out: dict[str, tuple[str, list[int]]] = {}
+    for w in ("w_in", "w_out"):
+        out[w] = (WEIGHT_TENSOR_DTYPE[dtype], shapes[w])
+        if dtype in QUANTIZED:
+            rows, cols = shapes[w]
+            g = num_groups(cols, int(fmt["group_size"]))
+            out[f"{w}.scales"] = ("f16", [rows, g])
+            out[f"{w}.zeros"] = ("u8", [rows, g])
+    for b in ("b_in", "b_out"):
+        if b in biases:
+            out[b] = ("f32", shapes[b])
+    return out
+
+
+def matrix_tensors(name: str, qm: QuantizedMatrix) -> list[tuple[str, str, list[int], np.ndarray]]:
+    """The stored tensors of one quantized matrix: ``(name, dtype, shape, array)``."""
+    rows, cols = qm.shape
+    wdt = WEIGHT_TENSOR_DTYPE[qm.dtype]
+    out = [(name, wdt, [rows, cols], np.ascontiguousarray(qm.data, dtype=TENSOR_DTYPES[wdt]))]
+    if qm.dtype in QUANTIZED:
+        assert qm.scales is not None and qm.zeros is not None
+        g = num_groups(cols, qm.group_size)
+        out.append((f"{name}.scales", "f16", [rows, g], np.ascontiguousarray(qm.scales, dtype="<f2")))
+        out.append((f"{name}.zeros", "u8", [rows, g], np.ascontiguousarray(qm.zeros, dtype="u1")))
+    return out
+
+
+def record_format(dtype: str, group_size: int) -> dict[str, Any]:
+    """The ``format`` object of an expert record (fp32/fp16: ``group_size`` 0, ``scheme`` "none")."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if dtype in QUANTIZED:
+        return {"dtype": dtype, "group_size": int(group_size), "scheme": SCHEME_QUANT}
+    return {"dtype": dtype, "group_size": 0, "scheme": SCHEME_FLOAT}
+
+
+def check_relpath(p: object) -> str | None:
+    """Return why ``p`` is not an acceptable bundle-relative path (e.g. "absolute path"), or None if it is."""
+    if not isinstance(p, str) or not p:
+        return "not a non-empty string"
+    if "\\" in p or "\x00" in p:
+        return "not a POSIX path (contains a backslash or NUL)"
+    pp = PurePosixPath(p)
+    if pp.is_absolute() or os.path.isabs(p) or (len(p) > 1 and p[1] == ":"):
+        return "absolute path"
+    if ".." in pp.parts:
+        return "contains '..'"
+    return None
+
+
+def inside(root: Path, p: Path) -> bool:
+    """True if ``p`` (after resolving symlinks) lies inside ``root``."""
+    try:
+        p.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,28 @@
+/* C API of libedgemoe_customops.so besides RegisterCustomOps (docs/op-contract.md, "Statistics"). */
+#ifndef EDGEMOE_C_API_H
+#define EDGEMOE_C_API_H
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define EDGEMOE_EXPORT __declspec(dllexport)
+#else
+#define EDGEMOE_EXPORT __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Writes the counters of store `store_id` as a NUL-terminated JSON object into buf and returns the JSON's
+   length n (without the NUL). Nothing is written if len < n + 1 (the caller retries with n + 1 bytes).
+   Returns -1 for an unknown store id. */
+EDGEMOE_EXPORT int64_t edgemoe_store_stats_json(const char* store_id, char* buf, int64_t len);
+/* Zeroes the counters of `store_id` (peak_resident_bytes := resident_bytes). Unknown ids are ignored. */
+EDGEMOE_EXPORT void edgemoe_store_reset_stats(const char* store_id);
+/* "avx2", "neon" or "scalar": the kernel path gemm_rows dispatches to. */
+EDGEMOE_EXPORT const char* edgemoe_kernel_path(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,101 @@
+// Bundle manifest reader + validator (docs/bundle-format.md, "Validation").
+// Every failure throws edgemoe::Error whose message names the file, `layer L expert E`, the field and the
+// expected vs found values, in the format of the Python reader (edgemoe_ort/bundle/errors.py):
+//   <file>: layer L expert E: <field>: <message> (expected X, found Y)
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "edgemoe/kernels.h"
+
+namespace edgemoe {
+
+// All errors of the library (manifest, store, op inputs). The message is complete and user-facing.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Builds "<file>: layer L expert E: <field>: <message> (expected X, found Y)"; parts that are empty or
+// negative (layer/expert < 0) are left out.
+std::string error_message(const std::string& file, int64_t layer, int64_t expert, const std::string& field,
+                          const std::string& message, const std::string& expected = {},
+                          const std::string& found = {});
+
+enum class Activation : uint8_t { Silu, Gelu, GeluTanh, Relu, SwigluOai };
+// Throws edgemoe::Error (listing the known names) for an unknown name.
+Activation parse_activation(const std::string& name);
+const char* activation_name(Activation a);
+
+enum class ExpertDType : uint8_t { FP32, FP16, INT8, INT4 };
+const char* expert_dtype_name(ExpertDType d);
+
+// One tensor of a blob. `offset` is relative to the blob start; present == false for absent optional ones.
+struct TensorRef {
+  bool present = false;
+  uint64_t offset = 0;
+  uint64_t nbytes = 0;
+  std::vector<int64_t> shape;
+};
+
+struct ExpertRecord {
+  int32_t layer = 0;
+  int32_t expert = 0;
+  uint64_t offset = 0;  // in the store, multiple of alignment
+  uint64_t length = 0;  // bytes read (multiple of alignment); also the bytes a resident copy occupies
+  uint64_t size = 0;    // meaningful bytes; the checksum covers [0, size)
+  uint64_t checksum = 0;
+  std::string checksum_hex;
+  ExpertDType dtype = ExpertDType::FP32;
+  int64_t group_size = 0;
+  TensorRef w_in, w_out, w_in_scales, w_in_zeros, w_out_scales, w_out_zeros, b_in, b_out;
+};
+
+struct LayerInfo {
+  int32_t layer = 0;
+  int64_t num_experts = 0;
+  int64_t top_k = 0;
+  int64_t hidden = 0;
+  int64_t intermediate = 0;
+  bool gated = true;
+  Activation activation = Activation::Silu;
+};
+
+struct Manifest {
+  std::filesystem::path bundle_dir;     // absolute
+  std::filesystem::path manifest_path;  // absolute
+  std::filesystem::path store_path;     // absolute
+  uint64_t store_size = 0;
+  uint64_t alignment = 0;
+  std::vector<LayerInfo> layers;
+  std::vector<std::vector<ExpertRecord>> experts;  // [layer][expert]
+
+  const ExpertRecord& record(int64_t layer, int64_t expert) const;  // throws edgemoe::Error if absent
+  uint64_t largest_length() const;
+  size_t num_records() const;
+  // Dense index of (layer, expert) in [0, num_records()).
+  size_t record_index(int64_t layer, int64_t expert) const;
+
+ private:
+  friend Manifest load_manifest(const std::filesystem::path&, const std::string&);
+  std::vector<size_t> layer_base_;
+};
+
+// Checks that `rel` is a non-empty relative POSIX path without `..` (the bundle rule). Returns the reason
+// it is not, or an empty string.
+std::string check_relative_path(const std::string& rel);
+
+// Reads and validates `<bundle_dir>/<manifest_rel>`, including `store.size` against the actual file size.
+Manifest load_manifest(const std::filesystem::path& bundle_dir, const std::string& manifest_rel = "manifest.json");
+
+// Views of an expert's matrices inside a blob that holds `rec` (blob = the first byte of the record).
+struct ExpertView {
+  QMatrix w_in;
+  QMatrix w_out;
+};
+ExpertView make_expert_view(const ExpertRecord& rec, const uint8_t* blob);
+
+}  // namespace edgemoe

@@ -1,0 +1,52 @@
+// Counters of one expert store, published in a process-wide registry keyed by store id. The registry holds
+// the counters by shared_ptr, so the last values stay readable after the store is gone.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace edgemoe {
+
+struct StoreStats {
+  // Counters (relaxed atomics; a snapshot is not a consistent cut across counters while running).
+  std::atomic<uint64_t> hits{0};              // acquires that found the expert resident and loaded
+  std::atomic<uint64_t> misses{0};            // acquires that started a read or waited for one
+  std::atomic<uint64_t> reads{0};             // blob reads from storage
+  std::atomic<uint64_t> bytes_read{0};
+  std::atomic<uint64_t> read_ns{0};           // summed over I/O threads
+  std::atomic<uint64_t> stall_ns{0};          // time acquires spent waiting (for a read or for budget)
+  std::atomic<uint64_t> evictions{0};
+  std::atomic<uint64_t> resident_bytes{0};    // bytes allocated or reserved for resident / in-flight experts
+  std::atomic<uint64_t> peak_resident_bytes{0};
+  std::atomic<uint64_t> checksums_verified{0};
+  std::atomic<uint64_t> prefetch_issued{0};   // prefetch() calls that started a read
+  std::atomic<uint64_t> prefetch_dropped{0};  // prefetch() calls refused: no room without waiting
+  std::atomic<uint64_t> prefetch_hits{0};     // hits on a prefetched expert (first use, read complete)
+  std::atomic<uint64_t> prefetch_late{0};     // misses on a prefetched expert still being read
+  std::atomic<uint64_t> prefetch_wasted{0};   // prefetched experts evicted before any use
+  std::atomic<uint64_t> calls{0};             // OffloadedExpert computes served
+  std::atomic<uint64_t> budget_waits{0};      // acquires that had to wait for an unpin to fit the budget
+
+  // Descriptive fields (set by the store when it attaches; guarded by mu).
+  mutable std::mutex mu;
+  std::string store_id, bundle_dir, policy, io_mode, io_note, kernel;
+  bool direct_io = false;
+  uint64_t budget_bytes = 0, store_bytes = 0, num_experts = 0, io_threads = 0;
+  bool verify_checksums = true;
+
+  std::atomic<bool> attached{false};  // a live store updates these counters
+
+  void add_resident(uint64_t delta);  // also raises the peak
+  void sub_resident(uint64_t delta);
+  void reset();                       // zeroes the counters; peak := current resident bytes
+  std::string to_json() const;
+};
+
+// Registry. attach(): the stats object for `id` (reused if no live store is attached to it, replaced by a
+// fresh one otherwise: the newest store wins), marked attached.
+std::shared_ptr<StoreStats> stats_attach(const std::string& id);
+std::shared_ptr<StoreStats> stats_find(const std::string& id);
+
+}  // namespace edgemoe

@@ -1,0 +1,479 @@
+// Manifest reader + validator. Mirrors the checks of edgemoe_ort/bundle/reader.py (same fields, same rules,
+// same message shape) so a bundle the Python side accepts is accepted here and vice versa.
+#include "edgemoe/manifest.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <tuple>
+
+namespace edgemoe {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+std::string error_message(const std::string& file, int64_t layer, int64_t expert, const std::string& field,
+                          const std::string& message, const std::string& expected, const std::string& found) {
+  std::string out = file;
+  if (layer >= 0 && expert >= 0) {
+    out += ": layer " + std::to_string(layer) + " expert " + std::to_string(expert);
+  } else if (layer >= 0) {
+    out += ": layer " + std::to_string(layer);
+  }
+  if (!field.empty()) out += ": " + field;
+  std::string ef;
+  if (!expected.empty()) ef = "expected " + expected;
+  if (!found.empty()) ef += (ef.empty() ? "" : ", ") + std::string("found ") + found;
+  std::string tail = message;
+  if (!ef.empty()) tail = message.empty() ? ef : message + " (" + ef + ")";
+  if (!tail.empty()) out += ": " + tail;
+  return out;
+}
+
+Activation parse_activation(const std::string& name) {
+  if (name == "silu") return Activation::Silu;
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "gelu_tanh") return Activation::GeluTanh;
+  if (name == "relu") return Activation::Relu;
+  if (name == "swiglu_oai") return Activation::SwigluOai;
+  throw Error("unknown activation '" + name + "' (expected one of silu, gelu, gelu_tanh, relu, swiglu_oai)");
+}
+
+const char* activation_name(Activation a) {
+  switch (a) {
+    case Activation::Silu: return "silu";
+    case Activation::Gelu: return "gelu";
+    case Activation::GeluTanh: return "gelu_tanh";
+    case Activation::Relu: return "relu";
+    case Activation::SwigluOai: return "swiglu_oai";
+  }
+  return "?";
+}
+
+const char* expert_dtype_name(ExpertDType d) {
+  switch (d) {
+    case ExpertDType::FP32: return "fp32";
+    case ExpertDType::FP16: return "fp16";
+    case ExpertDType::INT8: return "int8";
+    case ExpertDType::INT4: return "int4";
+  }
+  return "?";
+}
+
+const ExpertRecord& Manifest::record(int64_t layer, int64_t expert) const {
+  if (layer < 0 || layer >= static_cast<int64_t>(experts.size()) || expert < 0 ||
+      expert >= static_cast<int64_t>(experts[static_cast<size_t>(layer)].size())) {
+    throw Error(error_message(manifest_path.string(), layer, expert, "", "no such expert",
+                              "layer < " + std::to_string(experts.size()) + " and expert < num_experts",
+                              "no record"));
+  }
+  return experts[static_cast<size_t>(layer)][static_cast<size_t>(expert)];
+}
+
+uint64_t Manifest::largest_length() const {
+  uint64_t m = 0;
+  for (const auto& l : experts)
+    for (const auto& r : l) m = std::max(m, r.length);
+  return m;
+}
+
+size_t Manifest::num_records() const { return layer_base_.empty() ? 0 : layer_base_.back(); }
+
+size_t Manifest::record_index(int64_t layer, int64_t expert) const {
+  (void)record(layer, expert);  // bounds check
+  return layer_base_[static_cast<size_t>(layer)] + static_cast<size_t>(expert);
+}
+
+std::string check_relative_path(const std::string& rel) {
+  if (rel.empty()) return "a non-empty relative path";
+  if (rel.find('\\') != std::string::npos || rel.find('\0') != std::string::npos) return "a relative POSIX path";
+  if (rel[0] == '/' || (rel.size() > 1 && rel[1] == ':')) return "a relative path (not absolute)";
+  std::stringstream ss(rel);
+  std::string part;
+  while (std::getline(ss, part, '/')) {
+    if (part == "..") return "a path inside the bundle (without '..')";
+  }
+  return {};
+}
+
+namespace {
+
+std::string squote(const std::string& s) { return "'" + s + "'"; }
+
+std::string dump(const json& v) {
+  std::string s = v.dump();
+  if (s.size() > 80) s = s.substr(0, 77) + "...";
+  return s;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+class Validator {
+ public:
+  explicit Validator(std::string file) : file_(std::move(file)) {}
+
+  [[noreturn]] void fail(const std::string& field, const std::string& message, const std::string& expected,
+                         const std::string& found, int64_t layer = -1, int64_t expert = -1) const {
+    throw Error(error_message(file_, layer, expert, field, message, expected, found));
+  }
+
+  const json& get(const json& obj, const char* key, const std::string& field, json::value_t kind,
+                  const char* kind_name, int64_t layer = -1, int64_t expert = -1) const {
+    auto it = obj.find(key);
+    if (it == obj.end()) fail(field, "missing", std::string("a JSON ") + kind_name, "nothing", layer, expert);
+    bool ok = false;
+    switch (kind) {
+      case json::value_t::number_integer:
+        ok = it->is_number_integer();
+        break;
+      case json::value_t::boolean: ok = it->is_boolean(); break;
+      case json::value_t::string: ok = it->is_string(); break;
+      case json::value_t::object: ok = it->is_object(); break;
+      case json::value_t::array: ok = it->is_array(); break;
+      default: break;
+    }
+    if (!ok) fail(field, "", std::string("a JSON ") + kind_name, dump(*it), layer, expert);
+    return *it;
+  }
+
+  int64_t get_int(const json& obj, const char* key, const std::string& field, int64_t lo, int64_t layer = -1,
+                  int64_t expert = -1) const {
+    const json& v = get(obj, key, field, json::value_t::number_integer, "int", layer, expert);
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      fail(field, "", "an int < 2^63", dump(v), layer, expert);
+    int64_t x = v.get<int64_t>();
+    if (x < lo) fail(field, "", ">= " + std::to_string(lo), std::to_string(x), layer, expert);
+    return x;
+  }
+
+  const std::string& file() const { return file_; }
+
+ private:
+  std::string file_;
+};
+
+uint64_t tensor_nbytes(const std::string& dtype, const std::vector<int64_t>& shape) {
+  if (dtype == "u4") return static_cast<uint64_t>(shape.at(0)) * static_cast<uint64_t>((shape.at(1) + 1) / 2);
+  uint64_t n = 1;
+  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
+  if (dtype == "f32") return n * 4;
+  if (dtype == "f16") return n * 2;
+  return n;  // u8
+}
+
+struct WantTensor {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;
+  TensorRef ExpertRecord::*slot;
+};
+
+}  // namespace
+
+Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifest_rel) {
+  Manifest m;
+  std::error_code ec;
+  fs::path bundle_dir = fs::absolute(bundle_dir_in, ec);
+  if (ec) bundle_dir = bundle_dir_in;
+  m.bundle_dir = bundle_dir;
+  if (!fs::is_directory(bundle_dir, ec)) {
+    throw Error(error_message(bundle_dir.string(), -1, -1, "edgemoe.bundle_dir", "not a bundle folder",
+                              "a folder", fs::exists(bundle_dir, ec) ? "a file" : "nothing"));
+  }
+  std::string why = check_relative_path(manifest_rel);
+  if (!why.empty()) {
+    throw Error(error_message(bundle_dir.string(), -1, -1, "manifest (attribute)", "", why, squote(manifest_rel)));
+  }
+  m.manifest_path = bundle_dir / manifest_rel;
+  const std::string mfile = m.manifest_path.string();
+  std::ifstream in(m.manifest_path, std::ios::binary);
+  if (!in) {
+    throw Error(error_message(mfile, -1, -1, "", "cannot open manifest", "a readable file",
+                              fs::exists(m.manifest_path, ec) ? std::strerror(errno) : "nothing"));
+  }
+  json doc;
+  try {
+    doc = json::parse(in);
+  } catch (const json::exception& ex) {
+    throw Error(error_message(mfile, -1, -1, "", std::string("not valid JSON: ") + ex.what()));
+  }
+  Validator v(mfile);
+  if (!doc.is_object()) v.fail("", "", "a JSON object", dump(doc));
+  {
+    auto it = doc.find("format");
+    if (it == doc.end() || !it->is_string() || it->get<std::string>() != "edgemoe-bundle")
+      v.fail("format", "", "'edgemoe-bundle'", it == doc.end() ? "nothing" : dump(*it));
+    auto vt = doc.find("format_version");
+    if (vt == doc.end() || !vt->is_number_integer() || vt->get<int64_t>() != 1)
+      v.fail("format_version", "unsupported format version", "1", vt == doc.end() ? "nothing" : dump(*vt));
+  }
+
+  // --- store -------------------------------------------------------------------------------------------
+  const json& store = v.get(doc, "store", "store", json::value_t::object, "object");
+  const json& sfile = v.get(store, "file", "store.file", json::value_t::string, "string");
+  const std::string srel = sfile.get<std::string>();
+  why = check_relative_path(srel);
+  if (!why.empty()) v.fail("store.file", "", why, squote(srel));
+  m.store_path = bundle_dir / srel;
+  m.alignment = static_cast<uint64_t>(v.get_int(store, "alignment", "store.alignment", 1));
+  if (m.alignment != 4096) v.fail("store.alignment", "", "4096", std::to_string(m.alignment));
+  m.store_size = static_cast<uint64_t>(v.get_int(store, "size", "store.size", 0));
+  if (m.store_size % m.alignment)
+    v.fail("store.size", "", "a multiple of " + std::to_string(m.alignment), std::to_string(m.store_size));
+  {
+    auto ct = store.find("checksum");
+    if (ct == store.end() || !ct->is_string() || ct->get<std::string>() != "xxh3_64")
+      v.fail("store.checksum", "", "'xxh3_64'", ct == store.end() ? "nothing" : dump(*ct));
+  }
+  struct stat st {};
+  if (::stat(m.store_path.c_str(), &st) != 0) {
+    int err = errno;
+    throw Error(error_message(m.store_path.string(), -1, -1, "store.file", "missing store", "an existing file",
+                              err == ENOENT ? "nothing" : std::strerror(err)));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    throw Error(error_message(m.store_path.string(), -1, -1, "store.file", "", "a regular file", "not a file"));
+  }
+  const uint64_t actual = static_cast<uint64_t>(st.st_size);
+  if (actual != m.store_size) {
+    throw Error(error_message(m.store_path.string(), -1, -1, "size (manifest store.size)",
+                              actual < m.store_size ? "truncated store" : "store size mismatch",
+                              std::to_string(m.store_size), std::to_string(actual)));
+  }
+
+  // --- layers ------------------------------------------------------------------------------------------
+  const json& layers = v.get(doc, "layers", "layers", json::value_t::array, "list");
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const std::string f = "layers[" + std::to_string(i) + "]";
+    const json& L = layers[i];
+    if (!L.is_object()) v.fail(f, "", "a JSON object", dump(L));
+    LayerInfo li;
+    const int64_t idx = v.get_int(L, "layer", f + ".layer", 0);
+    if (idx != static_cast<int64_t>(i))
+      v.fail(f + ".layer", "layers must be listed in order", std::to_string(i), std::to_string(idx));
+    const int64_t il = static_cast<int64_t>(i);
+    li.layer = static_cast<int32_t>(i);
+    li.num_experts = v.get_int(L, "num_experts", f + ".num_experts", 1, il);
+    if (li.num_experts > (1 << 20)) v.fail(f + ".num_experts", "", "<= 2^20", std::to_string(li.num_experts), il);
+    li.top_k = v.get_int(L, "top_k", f + ".top_k", 1, il);
+    if (li.top_k > li.num_experts)
+      v.fail(f + ".top_k", "", "<= num_experts (" + std::to_string(li.num_experts) + ")", std::to_string(li.top_k), il);
+    li.hidden = v.get_int(L, "hidden", f + ".hidden", 1, il);
+    li.intermediate = v.get_int(L, "intermediate", f + ".intermediate", 1, il);
+    li.gated = v.get(L, "gated", f + ".gated", json::value_t::boolean, "bool", il).get<bool>();
+    const std::string act = v.get(L, "activation", f + ".activation", json::value_t::string, "string", il);
+    try {
+      li.activation = parse_activation(act);
+    } catch (const Error&) {
+      v.fail(f + ".activation", "", "one of silu, gelu, gelu_tanh, relu, swiglu_oai", squote(act), il);
+    }
+    if (li.activation == Activation::SwigluOai && !li.gated)
+      v.fail(f + ".gated", "", "true for activation swiglu_oai", "false", il);
+    m.layers.push_back(li);
+  }
+  m.experts.resize(m.layers.size());
+  m.layer_base_.assign(m.layers.size() + 1, 0);
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    m.layer_base_[i + 1] = m.layer_base_[i] + static_cast<size_t>(m.layers[i].num_experts);
+  }
+  std::vector<std::vector<int64_t>> where(m.layers.size());  // record index per (layer, expert), -1 = none
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    where[i].assign(static_cast<size_t>(m.layers[i].num_experts), -1);
+    m.experts[i].resize(static_cast<size_t>(m.layers[i].num_experts));
+  }
+
+  // --- expert records ----------------------------------------------------------------------------------
+  const json& recs = v.get(doc, "experts", "experts", json::value_t::array, "list");
+  for (size_t n = 0; n < recs.size(); ++n) {
+    const std::string f = "experts[" + std::to_string(n) + "]";
+    const json& R = recs[n];
+    if (!R.is_object()) v.fail(f, "", "a JSON object", dump(R));
+    const int64_t li = v.get_int(R, "layer", f + ".layer", 0);
+    if (li >= static_cast<int64_t>(m.layers.size()))
+      v.fail(f + ".layer", "", "< " + std::to_string(m.layers.size()) + " (number of layers)", std::to_string(li));
+    const LayerInfo& lay = m.layers[static_cast<size_t>(li)];
+    const int64_t e = v.get_int(R, "expert", f + ".expert", 0, li);
+    if (e >= lay.num_experts)
+      v.fail(f + ".expert", "", "< num_experts (" + std::to_string(lay.num_experts) + ")", std::to_string(e), li);
+    int64_t& prev = where[static_cast<size_t>(li)][static_cast<size_t>(e)];
+    if (prev >= 0)
+      v.fail(f, "duplicate expert record", "one record", "another at experts[" + std::to_string(prev) + "]", li, e);
+    prev = static_cast<int64_t>(n);
+
+    ExpertRecord r;
+    r.layer = static_cast<int32_t>(li);
+    r.expert = static_cast<int32_t>(e);
+    r.offset = static_cast<uint64_t>(v.get_int(R, "offset", f + ".offset", 0, li, e));
+    r.length = static_cast<uint64_t>(v.get_int(R, "length", f + ".length", 1, li, e));
+    r.size = static_cast<uint64_t>(v.get_int(R, "size", f + ".size", 0, li, e));
+    const std::string A = std::to_string(m.alignment);
+    if (r.offset % m.alignment)
+      v.fail(f + ".offset", "misaligned offset", "a multiple of " + A, std::to_string(r.offset), li, e);
+    if (r.length % m.alignment)
+      v.fail(f + ".length", "misaligned length", "a multiple of " + A, std::to_string(r.length), li, e);
+    if (r.size > r.length)
+      v.fail(f + ".size", "", "<= length (" + std::to_string(r.length) + ")", std::to_string(r.size), li, e);
+    if (r.offset > m.store_size || r.length > m.store_size - r.offset)
+      v.fail(f + ".offset + length", "record past the end of the store",
+             "<= store.size (" + std::to_string(m.store_size) + ")", std::to_string(r.offset + r.length), li, e);
+    r.checksum_hex = v.get(R, "checksum", f + ".checksum", json::value_t::string, "string", li, e).get<std::string>();
+    bool hex_ok = r.checksum_hex.size() == 16 &&
+                  std::all_of(r.checksum_hex.begin(), r.checksum_hex.end(),
+                              [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
+    if (!hex_ok) v.fail(f + ".checksum", "", "16 lowercase hex digits", squote(r.checksum_hex), li, e);
+    r.checksum = std::stoull(r.checksum_hex, nullptr, 16);
+
+    const json& fmt = v.get(R, "format", f + ".format", json::value_t::object, "object", li, e);
+    const std::string dtype =
+        v.get(fmt, "dtype", f + ".format.dtype", json::value_t::string, "string", li, e).get<std::string>();
+    if (dtype == "fp32") r.dtype = ExpertDType::FP32;
+    else if (dtype == "fp16") r.dtype = ExpertDType::FP16;
+    else if (dtype == "int8") r.dtype = ExpertDType::INT8;
+    else if (dtype == "int4") r.dtype = ExpertDType::INT4;
+    else v.fail(f + ".format.dtype", "unknown dtype", "one of fp32, fp16, int8, int4", squote(dtype), li, e);
+    const bool quant = r.dtype == ExpertDType::INT8 || r.dtype == ExpertDType::INT4;
+    auto sch = fmt.find("scheme");
+    if (quant) {
+      r.group_size = v.get_int(fmt, "group_size", f + ".format.group_size", 1, li, e);
+      if (sch == fmt.end() || !sch->is_string() || sch->get<std::string>() != "asym_u")
+        v.fail(f + ".format.scheme", "", "'asym_u'", sch == fmt.end() ? "nothing" : dump(*sch), li, e);
+    } else if (sch != fmt.end() && !sch->is_null() && !(sch->is_string() && sch->get<std::string>() == "none")) {
+      v.fail(f + ".format.scheme", "", "'none'", dump(*sch), li, e);
+    }
+
+    // expected tensors
+    const int64_t H = lay.hidden, I = lay.intermediate, rows_in = lay.gated ? 2 * I : I;
+    const char* wdt = r.dtype == ExpertDType::FP32 ? "f32" : r.dtype == ExpertDType::FP16 ? "f16"
+                    : r.dtype == ExpertDType::INT8 ? "u8" : "u4";
+    std::vector<WantTensor> want;
+    want.push_back({"w_in", wdt, {rows_in, H}, &ExpertRecord::w_in});
+    want.push_back({"w_out", wdt, {H, I}, &ExpertRecord::w_out});
+    if (quant) {
+      const int64_t g_in = (H + r.group_size - 1) / r.group_size, g_out = (I + r.group_size - 1) / r.group_size;
+      want.push_back({"w_in.scales", "f16", {rows_in, g_in}, &ExpertRecord::w_in_scales});
+      want.push_back({"w_in.zeros", "u8", {rows_in, g_in}, &ExpertRecord::w_in_zeros});
+      want.push_back({"w_out.scales", "f16", {H, g_out}, &ExpertRecord::w_out_scales});
+      want.push_back({"w_out.zeros", "u8", {H, g_out}, &ExpertRecord::w_out_zeros});
+    }
+    const json& tensors = v.get(R, "tensors", f + ".tensors", json::value_t::object, "object", li, e);
+    if (tensors.contains("b_in")) want.push_back({"b_in", "f32", {rows_in}, &ExpertRecord::b_in});
+    if (tensors.contains("b_out")) want.push_back({"b_out", "f32", {H}, &ExpertRecord::b_out});
+    {
+      std::vector<std::string> have, expect, missing, extra;
+      for (auto it = tensors.begin(); it != tensors.end(); ++it) have.push_back(it.key());
+      for (const auto& w : want) expect.push_back(w.name);
+      std::sort(have.begin(), have.end());
+      std::sort(expect.begin(), expect.end());
+      std::set_difference(expect.begin(), expect.end(), have.begin(), have.end(), std::back_inserter(missing));
+      std::set_difference(have.begin(), have.end(), expect.begin(), expect.end(), std::back_inserter(extra));
+      if (!missing.empty() || !extra.empty()) {
+        auto join = [](const std::vector<std::string>& xs) {
+          std::string s = "[";
+          for (size_t i = 0; i < xs.size(); ++i) s += (i ? ", " : "") + xs[i];
+          return s + "]";
+        };
+        v.fail(f + ".tensors", std::string("tensors for format ") + dtype, join(expect),
+               join(have) + " (missing " + join(missing) + ", unexpected " + join(extra) + ")", li, e);
+      }
+    }
+    std::vector<std::tuple<uint64_t, uint64_t, std::string>> spans;
+    for (const auto& w : want) {
+      const std::string tf = f + ".tensors." + w.name;
+      const json& t = tensors[w.name];
+      if (!t.is_object()) v.fail(tf, "", "a JSON object", dump(t), li, e);
+      auto dt = t.find("dtype");
+      if (dt == t.end() || !dt->is_string() || dt->get<std::string>() != w.dtype)
+        v.fail(tf + ".dtype", "", squote(w.dtype), dt == t.end() ? "nothing" : dump(*dt), li, e);
+      const json& shape = v.get(t, "shape", tf + ".shape", json::value_t::array, "list", li, e);
+      bool shape_ok = shape.size() == w.shape.size();
+      for (size_t d = 0; shape_ok && d < shape.size(); ++d)
+        shape_ok = shape[d].is_number_integer() && shape[d].get<int64_t>() == w.shape[d];
+      if (!shape_ok) v.fail(tf + ".shape", "shape does not match the layer", shape_str(w.shape), dump(shape), li, e);
+      TensorRef ref;
+      ref.present = true;
+      ref.shape = w.shape;
+      ref.offset = static_cast<uint64_t>(v.get_int(t, "offset", tf + ".offset", 0, li, e));
+      ref.nbytes = static_cast<uint64_t>(v.get_int(t, "nbytes", tf + ".nbytes", 0, li, e));
+      if (ref.offset % 64) v.fail(tf + ".offset", "misaligned tensor", "a multiple of 64", std::to_string(ref.offset), li, e);
+      const uint64_t want_nb = tensor_nbytes(w.dtype, w.shape);
+      if (ref.nbytes != want_nb)
+        v.fail(tf + ".nbytes", "nbytes of " + w.dtype + " " + shape_str(w.shape), std::to_string(want_nb),
+               std::to_string(ref.nbytes), li, e);
+      if (ref.offset > r.size || ref.nbytes > r.size - ref.offset)
+        v.fail(tf + ".offset + nbytes", "tensor outside the blob", "<= size (" + std::to_string(r.size) + ")",
+               std::to_string(ref.offset + ref.nbytes), li, e);
+      spans.emplace_back(ref.offset, ref.offset + ref.nbytes, w.name);
+      r.*(w.slot) = std::move(ref);
+    }
+    std::sort(spans.begin(), spans.end());
+    for (size_t i = 1; i < spans.size(); ++i) {
+      if (std::get<0>(spans[i]) < std::get<1>(spans[i - 1]))
+        v.fail(f + ".tensors." + std::get<2>(spans[i]) + ".offset",
+               "tensor " + std::get<2>(spans[i]) + " overlaps tensor " + std::get<2>(spans[i - 1]),
+               ">= " + std::to_string(std::get<1>(spans[i - 1])), std::to_string(std::get<0>(spans[i])), li, e);
+    }
+    m.experts[static_cast<size_t>(li)][static_cast<size_t>(e)] = std::move(r);
+  }
+  for (size_t li = 0; li < m.layers.size(); ++li) {
+    for (size_t e = 0; e < where[li].size(); ++e) {
+      if (where[li][e] < 0)
+        v.fail("experts", "missing expert record", "one record", "none", static_cast<int64_t>(li),
+               static_cast<int64_t>(e));
+    }
+  }
+  // blobs must not overlap
+  std::vector<const ExpertRecord*> by_off;
+  for (const auto& l : m.experts)
+    for (const auto& r : l) by_off.push_back(&r);
+  std::sort(by_off.begin(), by_off.end(), [](const ExpertRecord* a, const ExpertRecord* b) {
+    return std::tie(a->offset, a->layer, a->expert) < std::tie(b->offset, b->layer, b->expert);
+  });
+  for (size_t i = 1; i < by_off.size(); ++i) {
+    const ExpertRecord& a = *by_off[i - 1];
+    const ExpertRecord& b = *by_off[i];
+    if (b.offset < a.offset + a.length)
+      v.fail("offset",
+             "blob overlaps the blob of layer " + std::to_string(a.layer) + " expert " + std::to_string(a.expert),
+             ">= " + std::to_string(a.offset + a.length), std::to_string(b.offset), b.layer, b.expert);
+  }
+  return m;
+}
+
+ExpertView make_expert_view(const ExpertRecord& rec, const uint8_t* blob) {
+  auto mat = [&](const TensorRef& w, const TensorRef& s, const TensorRef& z) {
+    QMatrix q;
+    switch (rec.dtype) {
+      case ExpertDType::FP32: q.dtype = WDType::F32; break;
+      case ExpertDType::FP16: q.dtype = WDType::F16; break;
+      case ExpertDType::INT8: q.dtype = WDType::U8; break;
+      case ExpertDType::INT4: q.dtype = WDType::U4; break;
+    }
+    q.rows = w.shape.at(0);
+    q.cols = w.shape.at(1);
+    q.group_size = rec.group_size;
+    q.data = blob + w.offset;
+    if (s.present) q.scales = reinterpret_cast<const uint16_t*>(blob + s.offset);
+    if (z.present) q.zeros = blob + z.offset;
+    return q;
+  };
+  ExpertView v;
+  v.w_in = mat(rec.w_in, rec.w_in_scales, rec.w_in_zeros);
+  v.w_out = mat(rec.w_out, rec.w_out_scales, rec.w_out_zeros);
+  if (rec.b_in.present) v.w_in.bias = reinterpret_cast<const float*>(blob + rec.b_in.offset);
+  if (rec.b_out.present) v.w_out.bias = reinterpret_cast<const float*>(blob + rec.b_out.offset);
+  return v;
+}
+
+}  // namespace edgemoe

@@ -1,0 +1,216 @@
+#include "edgemoe/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "edgemoe/kernels.h"
+
+namespace edgemoe {
+
+ParallelFor serial_parallel_for() {
+  return [](size_t total, const std::function<void(size_t)>& fn) {
+    for (size_t i = 0; i < total; ++i) fn(i);
+  };
+}
+
+namespace {
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+inline float act(Activation a, float x) {
+  switch (a) {
+    case Activation::Silu: return x * sigmoid(x);
+    case Activation::Gelu: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case Activation::GeluTanh: {
+      const float c = 0.79788456080286536f;  // sqrt(2/pi)
+      return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
+    }
+    case Activation::Relu: return x > 0.0f ? x : 0.0f;
+    case Activation::SwigluOai: return x;  // gated only, handled by the caller
+  }
+  return x;
+}
+
+// Runs `fn` through parallel_for, capturing the first exception instead of letting it cross ORT's pool.
+void run_parallel(const ParallelFor& pf, size_t total, const std::function<void(size_t)>& fn) {
+  if (total == 0) return;
+  std::exception_ptr first;
+  std::mutex mu;
+  pf(total, [&](size_t i) {
+    try {
+      fn(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu);
+      if (!first) first = std::current_exception();
+    }
+  });
+  if (first) std::rethrow_exception(first);
+}
+
+float* thread_scratch(size_t floats) {
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < floats) scratch.resize(floats);
+  return scratch.data();
+}
+
+// Y[0:n, r] for all rows r of W, split in chunks of output rows.
+void gemm_parallel(const ParallelFor& pf, const QMatrix& W, const float* X, int64_t n, int64_t ldx, float* Y,
+                   int64_t ldy) {
+  const int64_t rows = W.rows;
+  // Small enough chunks for balance, large enough to amortize the dispatch; ORT batches them per thread.
+  const int64_t chunk = std::max<int64_t>(8, std::min<int64_t>(64, rows / 32 / 8 * 8));
+  const size_t nchunks = static_cast<size_t>((rows + chunk - 1) / chunk);
+  const size_t scratch_floats = gemm_scratch_floats(W);
+  run_parallel(pf, nchunks, [&](size_t c) {
+    const int64_t r0 = static_cast<int64_t>(c) * chunk;
+    const int64_t r1 = std::min(rows, r0 + chunk);
+    gemm_rows(W, X, n, ldx, Y, ldy, r0, r1, thread_scratch(std::max<size_t>(scratch_floats, 1)));
+  });
+}
+
+}  // namespace
+
+void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_t* idx, const float* w,
+             int64_t T, int64_t H, int64_t K, float* Y, const ParallelFor& pf) {
+  const Manifest& m = store.manifest();
+  const LayerInfo& lay = m.layers.at(static_cast<size_t>(a.layer));
+  const int64_t E = lay.num_experts;
+  const int64_t I = lay.intermediate;
+  const int64_t rows_in = lay.gated ? 2 * I : I;
+  auto where = [&]() {
+    return m.manifest_path.string() + ": layer " + std::to_string(a.layer) +
+           (a.node_name.empty() ? std::string() : ": node '" + a.node_name + "'");
+  };
+
+  // 1. Group (token, slot) pairs by expert: counting sort, pairs of one expert in (token, slot) order.
+  std::vector<int64_t> count(static_cast<size_t>(E) + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = idx[t * K + k];
+      if (e == -1) continue;
+      if (e < 0 || e >= E) {
+        throw Error(where() + ": topk_indices[" + std::to_string(t) + ", " + std::to_string(k) +
+                    "]: expected an expert in [0, " + std::to_string(E) + ") or -1, found " + std::to_string(e));
+      }
+      ++count[static_cast<size_t>(e) + 1];
+    }
+  }
+  std::vector<int64_t> start(count.size(), 0);
+  for (size_t e = 1; e < count.size(); ++e) start[e] = start[e - 1] + count[e];
+  const int64_t P = start.back();
+  std::vector<int64_t> pair_token(static_cast<size_t>(P));
+  std::vector<int64_t> pair_of(static_cast<size_t>(T * K), -1);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t e = idx[t * K + k];
+        if (e < 0) continue;
+        const int64_t p = fill[static_cast<size_t>(e)]++;
+        pair_token[static_cast<size_t>(p)] = t;
+        pair_of[static_cast<size_t>(t * K + k)] = p;
+      }
+    }
+  }
+
+  // 2. Access order: resident experts first (they compute while the others are read), then the rest.
+  std::vector<int32_t> order, cold;
+  int64_t max_n = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = count[static_cast<size_t>(e) + 1];
+    if (n == 0) continue;
+    max_n = std::max(max_n, n);
+    (store.is_resident(a.layer, static_cast<int32_t>(e)) ? order : cold).push_back(static_cast<int32_t>(e));
+  }
+  order.insert(order.end(), cold.begin(), cold.end());
+
+  // 3. Buffers: per pair outputs Z [P, H]; per expert gathered inputs, pre-activation, activation.
+  std::vector<float> Z(static_cast<size_t>(P * H));
+  std::vector<float> Xg(static_cast<size_t>(max_n * H));
+  std::vector<float> A(static_cast<size_t>(max_n * rows_in));
+  std::vector<float> Hb(lay.gated ? static_cast<size_t>(max_n * I) : 0);
+
+  // 4. Read ahead: pins for a prefix of `order` (non-blocking). A blocking acquire happens only for the first
+  //    expert without a pin, and then this call holds no other pin (so it can never wait for itself).
+  std::vector<std::optional<ExpertStore::Pin>> pins(order.size());
+  size_t issued = 0;
+  auto issue_ahead = [&] {
+    while (issued < order.size()) {
+      std::optional<ExpertStore::Pin> p = store.try_acquire(a.layer, order[issued]);
+      if (!p) break;
+      pins[issued++] = std::move(p);
+    }
+  };
+  issue_ahead();
+
+  for (size_t oi = 0; oi < order.size(); ++oi) {
+    const int32_t e = order[oi];
+    if (oi == issued) {  // not issued ahead: no pins held now
+      pins[oi] = store.acquire(a.layer, e);
+      ++issued;
+    }
+    issue_ahead();
+    const uint8_t* blob = pins[oi]->wait();
+    const ExpertView view = make_expert_view(pins[oi]->record(), blob);
+
+    const int64_t p0 = start[static_cast<size_t>(e)];
+    const int64_t n = count[static_cast<size_t>(e) + 1];
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(&Xg[static_cast<size_t>(i * H)], X + pair_token[static_cast<size_t>(p0 + i)] * H,
+                  static_cast<size_t>(H) * sizeof(float));
+    }
+    gemm_parallel(pf, view.w_in, Xg.data(), n, H, A.data(), rows_in);
+    float* h_ptr = A.data();
+    int64_t ldh = rows_in;
+    if (lay.gated) {
+      run_parallel(pf, static_cast<size_t>(n), [&](size_t i) {
+        const float* g = &A[i * static_cast<size_t>(rows_in)];
+        const float* u = g + I;
+        float* out = &Hb[i * static_cast<size_t>(I)];
+        if (a.activation == Activation::SwigluOai) {
+          for (int64_t j = 0; j < I; ++j) {
+            const float gj = std::min(g[j], a.limit);
+            const float uj = std::min(std::max(u[j], -a.limit), a.limit);
+            out[j] = (uj + 1.0f) * gj * sigmoid(a.alpha * gj);
+          }
+        } else {
+          for (int64_t j = 0; j < I; ++j) out[j] = act(a.activation, g[j]) * u[j];
+        }
+      });
+      h_ptr = Hb.data();
+      ldh = I;
+    } else {
+      run_parallel(pf, static_cast<size_t>(n), [&](size_t i) {
+        float* row = &A[i * static_cast<size_t>(rows_in)];
+        for (int64_t j = 0; j < I; ++j) row[j] = act(a.activation, row[j]);
+      });
+    }
+    gemm_parallel(pf, view.w_out, h_ptr, n, ldh, &Z[static_cast<size_t>(p0 * H)], H);
+    pins[oi]->release();
+  }
+
+  // 5. Y[t] = sum_k w[t,k] * Z[pair(t,k)], in slot order (deterministic whatever the access order).
+  const int64_t tchunk = 16;
+  run_parallel(pf, static_cast<size_t>((T + tchunk - 1) / tchunk), [&](size_t c) {
+    const int64_t t1 = std::min(T, static_cast<int64_t>(c + 1) * tchunk);
+    for (int64_t t = static_cast<int64_t>(c) * tchunk; t < t1; ++t) {
+      float* y = Y + t * H;
+      std::fill(y, y + H, 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t p = pair_of[static_cast<size_t>(t * K + k)];
+        if (p < 0) continue;
+        const float wk = w[t * K + k];
+        const float* z = &Z[static_cast<size_t>(p * H)];
+        for (int64_t j = 0; j < H; ++j) y[j] += wk * z[j];
+      }
+    }
+  });
+  store.stats()->calls.fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace edgemoe

@@ -1,0 +1,288 @@
+"""Python side of the ``OffloadedExpert`` runtime (docs/op-contract.md): find the custom-op library, turn
+:class:`RuntimeOptions` into session config entries, open sessions, read the store statistics.
+
+Device-side code: imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+__all__ = [
+    "ENV_LIB",
+    "IO_MODES",
+    "POLICIES",
+    "ExpertSession",
+    "RuntimeOptions",
+    "kernel_path",
+    "library_path",
+    "make_session_options",
+    "open_session",
+    "parse_budget",
+    "reset_store_stats",
+    "store_stats",
+]
+
+ENV_LIB = "EDGEMOE_CUSTOMOPS_LIB"
+LIB_NAME = "libedgemoe_customops.so"
+POLICIES = ("lru", "none")
+IO_MODES = ("direct", "buffered", "mmap")
+MAX_IO_THREADS = 256
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30,
+}
+_BUDGET_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)([a-zA-Z]*|%)$")
+
+
+def library_path() -> Path:
+    """The custom-op library: ``$EDGEMOE_CUSTOMOPS_LIB`` if set, else
+    ``edgemoe_ort/_lib/libedgemoe_customops.so`` (built by ``make lib``)."""
+    env = os.environ.get(ENV_LIB)
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"{ENV_LIB}={env}: no such file (unset it to use the library built by `make lib`)"
+            )
+        return p.resolve()
+    p = Path(__file__).resolve().parent.parent / "_lib" / LIB_NAME
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"{p}: the edgemoe custom-op library is not built; run `make lib` in the repository root "
+            f"(or point {ENV_LIB} at a built {LIB_NAME})"
+        )
+    return p
+
+
+_lib_lock = threading.Lock()
+_libs: dict[str, ctypes.CDLL] = {}
+
+
+def _lib() -> ctypes.CDLL:
+    """The library, loaded once per path with ctypes. ORT's dlopen of the same file returns this very instance
+    (the dynamic loader shares one copy per file), so its stats registry is the one the sessions write to.
+    Loading it here first also keeps it loaded after ORT releases it, so statistics outlive the sessions."""
+    path = str(library_path())
+    with _lib_lock:
+        lib = _libs.get(path)
+        if lib is None:
+            lib = ctypes.CDLL(path)
+            lib.edgemoe_store_stats_json.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]
+            lib.edgemoe_store_stats_json.restype = ctypes.c_int64
+            lib.edgemoe_store_reset_stats.argtypes = [ctypes.c_char_p]
+            lib.edgemoe_store_reset_stats.restype = None
+            lib.edgemoe_kernel_path.argtypes = []
+            lib.edgemoe_kernel_path.restype = ctypes.c_char_p
+            _libs[path] = lib
+        return lib
+
+
+def parse_budget(budget: int | str | None, store_bytes: int) -> int:
+    """Resident-expert budget in bytes. ``None`` = the whole store; an int = bytes; a string: ``"268435456"``,
+    ``"256MB"`` (10^6), ``"256MiB"``/``"256M"`` (2^20), ``"1.5GiB"``, ``"25%"`` (of ``store_bytes``).
+    Same grammar as the C++ side (``edgemoe.budget``)."""
+    if budget is None:
+        return int(store_bytes)
+    if isinstance(budget, bool):
+        raise ValueError(f"budget: expected bytes, a size string or a percentage, found {budget!r}")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(f"budget: expected at least 1 byte, found {budget}")
+        return budget
+    if not isinstance(budget, str):
+        raise ValueError(
+            f"budget: expected an int, a size string ('256MB', '1GiB') or '25%', found {budget!r}"
+        )
+    s = "".join(budget.split())
+    m = _BUDGET_RE.match(s)
+    if not m:
+        raise ValueError(f"budget: expected bytes ('268435456'), a size ('256MB', '1GiB') or a percentage "
+                         f"of the store ('25%'), found {budget!r}")
+    num, unit = m.group(1), m.group(2).lower()
+    x = float(num)
+    if unit == "%":
+        if not 0 < x <= 100:
+            raise ValueError(f"budget: a percentage must be in (0, 100], found {budget!r}")
+        val = math.floor(x / 100.0 * store_bytes)
+    else:
+        if unit not in _UNITS:
+            raise ValueError(f"budget: unknown unit {m.group(2)!r} in {budget!r} "
+                             f"(expected B, KB, MB, GB, TB, KiB, MiB, GiB, TiB or %)")
+        if unit == "" and "." in num:
+            raise ValueError(f"budget: a byte count must be an integer, found {budget!r}")
+        val = math.floor(x * _UNITS[unit])
+    if val < 1:
+        of = f" of a {store_bytes}-byte store" if unit == "%" else ""
+        raise ValueError(f"budget: {budget!r} is less than 1 byte{of}")
+    return int(val)
+
+
+@dataclass
+class RuntimeOptions:
+    """How the expert store runs (docs/op-contract.md, "Runtime configuration")."""
+
+    budget: int | str | None = None  # resident expert bytes: 123, "256MB", "1GiB", "25%"; None = all
+    policy: str = "lru"  # "lru" | "none" (no cache: every use reads from storage)
+    io: str = "direct"  # "direct" (O_DIRECT) | "buffered" (pread + FADV_DONTNEED) | "mmap"
+    io_threads: int = 2
+    verify_checksums: bool = True
+    intra_op_threads: int | None = None  # ORT intra-op pool size (None: ORT's default)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        parse_budget(self.budget, 1 << 50)  # syntax (a percentage is resolved against the store later)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, found {self.policy!r}")
+        if self.io not in IO_MODES:
+            raise ValueError(f"io: expected one of {', '.join(IO_MODES)}, found {self.io!r}")
+        if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not (
+            1 <= self.io_threads <= MAX_IO_THREADS
+        ):
+            raise ValueError(
+                f"io_threads: expected an int in [1, {MAX_IO_THREADS}], found {self.io_threads!r}"
+            )
+        if not isinstance(self.verify_checksums, bool):
+            raise ValueError(f"verify_checksums: expected a bool, found {self.verify_checksums!r}")
+        if self.intra_op_threads is not None and (
+            isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int)
+            or self.intra_op_threads < 1
+        ):
+            raise ValueError(
+                f"intra_op_threads: expected None or an int >= 1, found {self.intra_op_threads!r}"
+            )
+
+
+def _store_size(bundle_dir: Path) -> int | None:
+    """``store.size`` from the manifest, or None if unreadable (the C++ side then reports the problem)."""
+    try:
+        m = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
+        size = m["store"]["size"]
+        return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def make_session_options(
+    bundle_dir: str | Path, options: RuntimeOptions | None = None
+) -> tuple[ort.SessionOptions, str]:
+    """SessionOptions with the ``edgemoe.*`` config entries set and the library registered, and the store id
+    (unique per call) under which the store publishes its statistics."""
+    options = options if options is not None else RuntimeOptions()
+    options.validate()
+    bdir = Path(bundle_dir).expanduser().resolve()
+    if not bdir.is_dir():
+        raise FileNotFoundError(f"{bdir}: not a bundle folder (expected a folder, found "
+                                f"{'a file' if bdir.exists() else 'nothing'})")
+    budget = options.budget
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        size = _store_size(bdir)
+        if size is not None:
+            budget = parse_budget(budget, size)
+    store_id = f"{bdir}#{uuid.uuid4().hex[:12]}"
+    so = ort.SessionOptions()
+    if options.intra_op_threads is not None:
+        so.intra_op_num_threads = options.intra_op_threads
+    entries = {
+        "edgemoe.bundle_dir": str(bdir),
+        "edgemoe.policy": options.policy,
+        "edgemoe.io_mode": options.io,
+        "edgemoe.io_threads": str(options.io_threads),
+        "edgemoe.verify_checksums": "1" if options.verify_checksums else "0",
+        "edgemoe.store_id": store_id,
+    }
+    if budget is not None:
+        entries["edgemoe.budget"] = str(budget)
+    for k, v in entries.items():
+        so.add_session_config_entry(k, v)
+    _lib()  # load (and keep loaded) before ORT does: same instance, stats outlive sessions
+    so.register_custom_ops_library(str(library_path()))
+    return so, store_id
+
+
+def store_stats(store_id: str) -> dict[str, Any]:
+    """Counters of a store (docs/op-contract.md, "Statistics"); the last values stay readable after the
+    store is freed. Raises KeyError for an unknown store id."""
+    lib = _lib()
+    sid = store_id.encode()
+    n = lib.edgemoe_store_stats_json(sid, None, 0)
+    while True:
+        if n < 0:
+            raise KeyError(f"no edgemoe store with id {store_id!r}")
+        buf = ctypes.create_string_buffer(n + 1)
+        m = lib.edgemoe_store_stats_json(sid, buf, n + 1)
+        if m <= n:
+            return json.loads(buf.value.decode())
+        n = m  # grew in between
+
+
+def reset_store_stats(store_id: str) -> None:
+    _lib().edgemoe_store_reset_stats(store_id.encode())
+
+
+def kernel_path() -> str:
+    """The kernel the library dispatches to on this machine: ``avx2``, ``neon`` or ``scalar``."""
+    return _lib().edgemoe_kernel_path().decode()
+
+
+class ExpertSession:
+    """An ``InferenceSession`` whose ``OffloadedExpert`` nodes share one expert store (``store_id``)."""
+
+    def __init__(
+        self, session: ort.InferenceSession, store_id: str, bundle_dir: Path, options: RuntimeOptions
+    ) -> None:
+        self.session = session
+        self.store_id = store_id
+        self.bundle_dir = bundle_dir
+        self.options = options
+
+    def run(
+        self, output_names: list[str] | None, input_feed: dict[str, Any], run_options: Any = None
+    ) -> list[Any]:
+        return self.session.run(output_names, input_feed, run_options)
+
+    def stats(self) -> dict[str, Any]:
+        return store_stats(self.store_id)
+
+    def reset_stats(self) -> None:
+        reset_store_stats(self.store_id)
+
+    def get_inputs(self) -> list[Any]:
+        return self.session.get_inputs()
+
+    def get_outputs(self) -> list[Any]:
+        return self.session.get_outputs()
+
+    def __repr__(self) -> str:
+        return f"ExpertSession(store_id={self.store_id!r}, options={self.options!r})"
+
+
+def open_session(
+    model_path: str | Path, bundle_dir: str | Path, options: RuntimeOptions | None = None
+) -> ExpertSession:
+    """Open ``model_path`` with the experts of ``bundle_dir``. Bundle/store errors (missing or truncated
+    store, budget below the largest expert, bad manifest) raise here, naming the file and
+    ``layer L expert E``."""
+    options = options if options is not None else RuntimeOptions()
+    so, store_id = make_session_options(bundle_dir, options)
+    mp = Path(model_path)
+    if not mp.is_file():
+        raise FileNotFoundError(f"{mp}: no such model file")
+    sess = ort.InferenceSession(str(mp), so, providers=["CPUExecutionProvider"])
+    return ExpertSession(sess, store_id, Path(bundle_dir).expanduser().resolve(), options)

@@ -1,0 +1,190 @@
+"""Every bad input gives a Python exception naming the file / expert, never a crash or wrong numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgemoe_ort.bundle.testing import make_moe_graph, make_synthetic_bundle, random_routing
+from edgemoe_ort.runtime import ops
+from edgemoe_ort.runtime.ops import RuntimeOptions, open_session, parse_budget
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return make_synthetic_bundle(tmp_path / "b", num_experts=8, top_k=2, dtype="int8")
+
+
+def edit_manifest(b, fn):
+    p = b.path / "manifest.json"
+    m = json.loads(p.read_text())
+    fn(m)
+    p.write_text(json.dumps(m))
+
+
+def feeds(X, idx, w):
+    return {"X": X, "topk_indices_0": idx, "topk_weights_0": w}
+
+
+def inputs(T=4, seed=0):
+    rng = np.random.default_rng(seed)
+    idx, w = random_routing(T, 8, 2, rng)
+    return rng.standard_normal((T, 64)).astype(np.float32), idx, w
+
+
+def test_budget_below_largest_expert(bundle):
+    largest = max(int(bundle.expert_record(0, e)["length"]) for e in range(8))
+    with pytest.raises(Exception, match="budget below the largest expert") as ei:
+        open_session(bundle.graph_path(), bundle.path, RuntimeOptions(budget=largest - 1))
+    msg = str(ei.value)
+    assert "manifest.json" in msg and "layer 0 expert" in msg and str(largest) in msg
+    open_session(bundle.graph_path(), bundle.path, RuntimeOptions(budget=largest))  # exactly enough is fine
+
+
+def test_missing_store(bundle):
+    (bundle.path / "experts.bin").unlink()
+    with pytest.raises(Exception, match="missing store") as ei:
+        open_session(bundle.graph_path(), bundle.path)
+    assert "experts.bin" in str(ei.value)
+
+
+def test_truncated_store(bundle):
+    p = bundle.path / "experts.bin"
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size - 4096)
+    with pytest.raises(Exception, match="truncated store") as ei:
+        open_session(bundle.graph_path(), bundle.path)
+    assert "experts.bin" in str(ei.value) and "expected" in str(ei.value)
+
+
+@pytest.mark.parametrize("io", ["direct", "buffered", "mmap"])
+def test_checksum_mismatch(bundle, io):
+    rec = bundle.expert_record(0, 5)
+    with open(bundle.store_path, "r+b") as f:
+        f.seek(rec["offset"] + 100)
+        c = f.read(1)
+        f.seek(rec["offset"] + 100)
+        f.write(bytes([c[0] ^ 0xFF]))
+    s = open_session(bundle.graph_path(), bundle.path, RuntimeOptions(io=io))
+    X, idx, w = inputs()
+    ok = np.where(idx == 5, -1, idx)
+    s.run(None, feeds(X, ok, w))  # other experts are fine
+    idx[0, 0] = 5
+    for _ in range(2):  # the corrupt blob is never cached: it fails every time
+        with pytest.raises(Exception, match="checksum mismatch") as ei:
+            s.run(None, feeds(X, idx, w))
+        msg = str(ei.value)
+        assert "experts.bin" in msg and "layer 0 expert 5" in msg and rec["checksum"] in msg
+    st = s.stats()
+    assert st["resident_bytes"] <= st["budget_bytes"]
+
+
+def test_manifest_path_outside_bundle(bundle, tmp_path):
+    shutil.copy(bundle.store_path, tmp_path / "experts.bin")  # exists, but outside the bundle
+    edit_manifest(bundle, lambda m: m["store"].__setitem__("file", "../experts.bin"))
+    with pytest.raises(Exception, match="inside the bundle") as ei:
+        open_session(bundle.graph_path(), bundle.path)
+    assert "manifest.json" in str(ei.value) and "store.file" in str(ei.value)
+    edit_manifest(bundle, lambda m: m["store"].__setitem__("file", str(tmp_path / "experts.bin")))
+    with pytest.raises(Exception, match="absolute"):
+        open_session(bundle.graph_path(), bundle.path)
+
+
+def test_record_past_end_of_store(bundle):
+    def past(m):
+        for r in m["experts"]:
+            if r["expert"] == 3:
+                r["offset"] = m["store"]["size"]
+
+    edit_manifest(bundle, past)
+    with pytest.raises(Exception, match="past the end of the store") as ei:
+        open_session(bundle.graph_path(), bundle.path)
+    assert "layer 0 expert 3" in str(ei.value) and "manifest.json" in str(ei.value)
+
+
+def test_bad_index(bundle):
+    s = open_session(bundle.graph_path(), bundle.path)
+    X, idx, w = inputs()
+    idx[2, 1] = 8
+    with pytest.raises(Exception, match=r"topk_indices\[2, 1\]") as ei:
+        s.run(None, feeds(X, idx, w))
+    assert "found 8" in str(ei.value) and "manifest.json" in str(ei.value) and "layer 0" in str(ei.value)
+    idx[2, 1] = -2
+    with pytest.raises(Exception, match="found -2"):
+        s.run(None, feeds(X, idx, w))
+    idx[2, 1] = -1  # -1 is fine
+    s.run(None, feeds(X, idx, w))
+
+
+def dynamic_k_model(bundle, path: Path, **overrides) -> Path:
+    lay = dict(bundle.layers[0])
+    lay.update(overrides)
+    model = make_moe_graph([lay])
+    for vi in model.graph.input:
+        if vi.name.startswith("topk_"):
+            vi.type.tensor_type.shape.dim[1].dim_param = "K"
+    onnx.save(model, path)
+    return path
+
+
+def test_k_mismatch(bundle, tmp_path):
+    model = dynamic_k_model(bundle, tmp_path / "dynk.onnx")
+    s = open_session(model, bundle.path)
+    rng = np.random.default_rng(0)
+    idx, w = random_routing(4, 8, 3, rng)
+    X = rng.standard_normal((4, 64)).astype(np.float32)
+    with pytest.raises(Exception, match="top_k = 2") as ei:
+        s.run(None, feeds(X, idx, w))
+    assert "found 3" in str(ei.value) and "manifest.json" in str(ei.value)
+    with pytest.raises(Exception, match="topk_weights shape"):
+        s.run(None, feeds(X, idx[:, :2], w))
+
+
+def test_attribute_mismatch(bundle, tmp_path):
+    with pytest.raises(Exception, match="num_experts") as ei:
+        open_session(dynamic_k_model(bundle, tmp_path / "ne.onnx", num_experts=7), bundle.path)
+    assert "manifest.json" in str(ei.value)
+    with pytest.raises(Exception, match="activation"):
+        open_session(dynamic_k_model(bundle, tmp_path / "act.onnx", activation="relu"), bundle.path)
+    with pytest.raises(Exception, match="layer"):
+        open_session(dynamic_k_model(bundle, tmp_path / "layer.onnx", layer=3), bundle.path)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="policy"):
+        RuntimeOptions(policy="fifo")
+    with pytest.raises(ValueError, match="io"):
+        RuntimeOptions(io="aio")
+    with pytest.raises(ValueError, match="io_threads"):
+        RuntimeOptions(io_threads=0)
+    with pytest.raises(ValueError, match="budget"):
+        RuntimeOptions(budget="12 parsecs")
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        RuntimeOptions(intra_op_threads=-1)
+
+
+def test_parse_budget():
+    assert parse_budget(None, 1000) == 1000
+    assert parse_budget(4096, 1000) == 4096
+    assert parse_budget("256MB", 0) == 256 * 10**6
+    assert parse_budget("1GiB", 0) == 2**30
+    assert parse_budget("1.5 KiB", 0) == 1536
+    assert parse_budget("25%", 1000) == 250
+    for bad in ("0", "-3", "150%", "abc", "1.5", True, 0, 2.5):
+        with pytest.raises(ValueError):
+            parse_budget(bad, 1000)
+
+
+def test_missing_bundle_dir_and_library(tmp_path, monkeypatch, bundle):
+    with pytest.raises(FileNotFoundError, match="not a bundle folder"):
+        open_session(bundle.graph_path(), tmp_path / "nope")
+    monkeypatch.setenv(ops.ENV_LIB, str(tmp_path / "libnothing.so"))
+    with pytest.raises(FileNotFoundError, match="EDGEMOE_CUSTOMOPS_LIB"):
+        ops.library_path()
+    monkeypatch.delenv(ops.ENV_LIB)
+    assert ops.library_path().name == "libedgemoe_customops.so"

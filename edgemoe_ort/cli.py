@@ -1,0 +1,276 @@
+"""Command-line entry points: edgemoe-export, edgemoe-run, edgemoe-inspect.
+
+User mistakes print one clear line and exit non-zero; tracebacks are for our bugs only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, FileExistsError, PermissionError]
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        errors += [ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException,
+                   ort_state.InvalidGraph, ort_state.NoSuchFile]
+    except ImportError:  # pragma: no cover - onnxruntime is a hard dependency
+        pass
+    return tuple(errors)
+
+
+def friendly_errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --- edgemoe-export --------------------------------------------------------------------------------
+export_app = typer.Typer(
+    add_completion=False, help="Export a HuggingFace MoE checkpoint to an edgemoe bundle."
+)
+
+
+@export_app.command()
+@friendly_errors
+def export(
+    model: Annotated[str, typer.Argument(help="HF hub id or local checkpoint folder")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="bundle folder to create")],
+    bits: Annotated[int, typer.Option(help="expert weight bits: 32, 16, 8 or 4")] = 4,
+    group_size: Annotated[int, typer.Option(help="quantization group size (int8/int4)")] = 64,
+    force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    from edgemoe_ort.export import export_model
+
+    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=max(total, 1))
+            bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+        path = export_model(
+            model, output, bits=bits, group_size=group_size, force=force, progress=on_progress
+        )
+    err.print(f"[green]bundle written:[/] {path}")
+
+
+# --- edgemoe-run -----------------------------------------------------------------------------------
+run_app = typer.Typer(add_completion=False, help="Generate text from a bundle under a memory budget.")
+
+
+@run_app.command()
+@friendly_errors
+def run(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder")],
+    prompt: Annotated[str, typer.Option(help="prompt text")],
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
+    budget: Annotated[str | None, typer.Option(help="expert cache budget: bytes, 256MB, 1GiB or 25%")] = None,
+    io: Annotated[str, typer.Option(help="direct | buffered | mmap")] = "direct",
+    policy: Annotated[str, typer.Option(help="lru | none")] = "lru",
+    io_threads: Annotated[int, typer.Option(help="I/O threads")] = 2,
+    threads: Annotated[int | None, typer.Option(help="compute threads (ORT intra-op)")] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    from edgemoe_ort.runtime import MoEModel, RuntimeOptions
+
+    options = RuntimeOptions(budget=budget, policy=policy, io=io, io_threads=io_threads,
+                             intra_op_threads=threads)
+    model = MoEModel.load(bundle, options)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seed)
+    if as_json:
+        result = model.generate(prompt, **kwargs)
+        payload = {"text": result.text, "tokens": result.tokens, "stop_reason": result.stop_reason}
+        payload.update(result.stats.as_dict())
+        print(json.dumps(payload))
+        return
+    out.print(prompt, end="", style="bold", highlight=False)
+    result = model.generate(prompt, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                            **kwargs)
+    print()
+    _print_stats(result.stats.as_dict())
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _print_stats(s: dict[str, Any]) -> None:
+    c = s.get("cache", {})
+    lines = [
+        f"prefill {s['prompt_tokens']} tok @ {s['prefill_tokens_per_s']:.1f} tok/s, "
+        f"decode {s['generated_tokens']} tok @ {s['decode_tokens_per_s']:.1f} tok/s, "
+        f"TTFT {s['ttft_s']:.3f} s",
+        f"peak RSS {_fmt_bytes(s['peak_rss_bytes'])}",
+    ]
+    if c:
+        total = c.get("hits", 0) + c.get("misses", 0)
+        hit_rate = c.get("hits", 0) / total if total else 0.0
+        lines.append(
+            f"expert cache: budget {_fmt_bytes(c.get('budget_bytes', 0))} "
+            f"of {_fmt_bytes(c.get('store_bytes', 0))} store, "
+            f"peak resident {_fmt_bytes(c.get('peak_resident_bytes', 0))}, "
+            f"hits {c.get('hits', 0)} misses {c.get('misses', 0)} ({hit_rate:.0%} hit), "
+            f"read {_fmt_bytes(c.get('bytes_read', 0))} in {c.get('read_s', 0.0):.3f} s, "
+            f"stall {c.get('stall_s', 0.0):.3f} s, io {c.get('io_mode', '?')}"
+            f"{' (O_DIRECT)' if c.get('direct_io') else ''}, kernel {c.get('kernel', '?')}"
+        )
+    for line in lines:
+        err.print(f"[dim]{line}[/]", highlight=False)
+
+
+# --- edgemoe-inspect -------------------------------------------------------------------------------
+inspect_app = typer.Typer(add_completion=False, help="Show what a bundle holds.")
+
+
+@inspect_app.command()
+@friendly_errors
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    from rich.table import Table
+
+    from edgemoe_ort.bundle import Bundle
+
+    summary = Bundle.open(bundle).summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title=str(bundle), show_header=False)
+    for key, value in summary.items():
+        if isinstance(value, int) and key.endswith("bytes"):
+            value = f"{_fmt_bytes(value)} ({value} B)"
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    out.print(table)
+
+
+
+# --- edgemoe-bench ---------------------------------------------------------------------------------
+bench_app = typer.Typer(
+    add_completion=False,
+    help="Benchmark a bundle side by side: all-in-memory (ORT QMoE/MoE), naive on-demand, mmap and "
+         "the edgemoe "
+    "cache at several budgets, interleaved in one process, with the storage roofline.",
+)
+
+
+@bench_app.command()
+@friendly_errors
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder")],
+    budgets: Annotated[str, typer.Option(help="comma-separated budgets: 10%,25%,256MB,...")] = (
+        "10%,25%,50%,100%"
+    ),
+    tokens: Annotated[int, typer.Option(help="tokens per generation (decode steps + 1)")] = 16,
+    prompt_file: Annotated[Path | None, typer.Option(help="prompt text (token ids if the bundle has no "
+                                                          "tokenizer)")] = None,
+    repeats: Annotated[int, typer.Option(help="interleaved repeats per mode (median reported)")] = 3,
+    profile: Annotated[str | None, typer.Option(help="storage profile (profiles/NAME.toml): "
+                                                     "throttles the store "
+                                                     "to its bandwidth/latency")] = None,
+    trace: Annotated[Path | None, typer.Option(help="replay a routing trace (.npz) into a make_moe_graph "
+                                                    "bundle instead of generating")] = None,
+    modes: Annotated[str | None, typer.Option(help="subset: inmemory,naive,mmap,edgemoe")] = None,
+    threads: Annotated[int | None, typer.Option(help="ORT intra-op threads")] = None,
+    io_threads: Annotated[int, typer.Option(help="I/O threads")] = 2,
+    rss: Annotated[bool, typer.Option(help="measure peak RSS per mode in a fresh subprocess")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the full result as JSON")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write tokens/s and roofline-ratio plots (PNG)")] = None,
+) -> None:
+    from rich.table import Table
+
+    from edgemoe_ort.bench.runner import run_bench
+
+    budget_list = [b.strip() for b in budgets.split(",") if b.strip()]
+    if tokens < 2:
+        raise ValueError("--tokens: expected at least 2 (one prefill token and one decode step), "
+                         f"found {tokens}")
+    if repeats < 1:
+        raise ValueError(f"--repeats: expected at least 1, found {repeats}")
+    prompt_ids = None
+    if prompt_file is not None:
+        from edgemoe_ort.bundle import Bundle
+        from edgemoe_ort.runtime.generate import _load_tokenizer
+
+        text = prompt_file.read_text(encoding="utf-8")
+        tok = _load_tokenizer(Bundle.open(bundle))
+        if tok is not None:
+            prompt_ids = list(tok.encode(text, add_special_tokens=False).ids)
+        else:
+            try:
+                prompt_ids = [int(t) for t in text.split()]
+            except ValueError:
+                raise ValueError(f"{prompt_file}: the bundle has no tokenizer: expected "
+                                 "whitespace-separated token "
+                                 "ids") from None
+        if not prompt_ids:
+            raise ValueError(f"{prompt_file}: empty prompt")
+    result = run_bench(
+        bundle, budgets=budget_list, tokens=tokens, prompt_ids=prompt_ids, trace=trace, repeats=repeats,
+        profile=profile, io_threads=io_threads, threads=threads, rss=rss,
+        modes=[m.strip() for m in modes.split(",")] if modes else None,
+        log=lambda s: err.print(f"[dim]{s}[/]", highlight=False),
+    )
+    table = Table(title=f"{bundle} — {result['decode_tokens']} decode tokens, median of {repeats}, "
+                        f"roofline bw {result['roofline_bw_bytes_per_s'] / 1e6:.0f} MB/s, "
+                        f"compute {result['compute_s_per_token'] * 1e3:.1f} ms/token")
+    for col in ("mode", "budget", "decode tok/s", "prefill tok/s", "TTFT s", "MB/tok", "hit", "stall ms/tok",
+                "peak RSS", "ratio to roofline"):
+        table.add_column(col, justify="left" if col in ("mode", "budget") else "right")
+    for m in result["modes"]:
+        table.add_row(
+            m["mode"], m["budget"] or "–", f"{m['decode_tokens_per_s']:.2f}",
+            f"{m['prefill_tokens_per_s']:.1f}",
+            f"{m['ttft_s']:.3f}", f"{m['bytes_read_per_token'] / 1e6:.2f}",
+            "–" if m["hit_rate"] is None else f"{m['hit_rate']:.0%}", f"{m['stall_s_per_token'] * 1e3:.1f}",
+            "–" if m["peak_rss_bytes"] is None else _fmt_bytes(m["peak_rss_bytes"]),
+            f"{m['roofline_ratio']:.2f}",
+        )
+    out.print(table)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+    if plot is not None:
+        import shutil
+        import tempfile
+
+        from edgemoe_ort.bench.report import plot_run
+
+        with tempfile.TemporaryDirectory() as td:
+            name = plot_run(bundle.name, result, Path(td))[0]
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(Path(td) / name), plot)

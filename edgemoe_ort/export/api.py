@@ -1,0 +1,159 @@
+"""Stage 4: the whole pipeline, ``export_model`` — load, patch, trace + check, write the bundle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoConfig
+
+from edgemoe_ort.bundle import BundleWriter
+from edgemoe_ort.export.load import checkpoint_config, load_model
+from edgemoe_ort.export.patch import patch_model
+from edgemoe_ort.export.recipes import load_recipe
+from edgemoe_ort.export.trace import GraphReport, export_graphs
+
+log = logging.getLogger(__name__)
+
+#: ``bits`` -> expert dtype of the bundle
+BITS_TO_DTYPE = {4: "int4", 8: "int8", 16: "fp16", 32: "fp32"}
+
+#: ``progress(stage, done, total)``: stage is one of "load", "patch", "trace", "experts", "write"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ExportReport:
+    bundle: Path
+    family: str
+    layers: int
+    experts: int
+    dtype: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    graphs: list[GraphReport] = field(default_factory=list)
+
+
+def export_model(
+    model_id_or_path: str | Path,
+    out_dir: str | Path,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Export a HF MoE checkpoint (hub id or local folder) to a bundle folder and return its path.
+
+    The bundle holds the dense graph(s) with one ``edgemoe.OffloadedExpert`` node per MoE layer, every routed
+    expert quantized to ``bits`` (4, 8, 16 = fp16, 32 = fp32) with ``group_size``, the tokenizer if the
+    checkpoint has one, and the checkpoint's config. An existing ``out_dir`` is refused unless ``force``
+    (checked before anything is loaded); a failed export leaves ``out_dir`` untouched.
+    """
+    return export_model_with_report(
+        model_id_or_path, out_dir, bits=bits, group_size=group_size, force=force, progress=progress
+    ).bundle
+
+
+def export_model_with_report(
+    model_id_or_path: str | Path,
+    out_dir: str | Path,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ExportReport:
+    """:func:`export_model`, returning timings and graph statistics as well."""
+    if bits not in BITS_TO_DTYPE:
+        raise ValueError(f"bits must be one of {sorted(BITS_TO_DTYPE)}, found {bits!r}")
+    dtype = BITS_TO_DTYPE[bits]
+
+    def tick(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model_type = AutoConfig.from_pretrained(str(model_id_or_path)).model_type
+    load_recipe(model_type)  # unsupported families fail here, before anything heavy
+    out = Path(out_dir)
+    # BundleWriter refuses an existing target (without force) right away and writes into a temporary sibling
+    with BundleWriter(
+        out, family=model_type, config=checkpoint_config(model_id_or_path), force=force
+    ) as writer:
+        tick("load", 0, 1)
+        loaded = load_model(model_id_or_path)
+        seconds["load"] = time.perf_counter() - t0
+        tick("load", 1, 1)
+
+        t = time.perf_counter()
+        tick("patch", 0, 1)
+        patched = patch_model(loaded.model, loaded.recipe)
+        seconds["patch"] = time.perf_counter() - t
+        tick("patch", 1, 1)
+        try:
+            t = time.perf_counter()
+            tick("trace", 0, len(loaded.recipe.graphs))
+            graphs = export_graphs(patched)
+            seconds["trace"] = time.perf_counter() - t
+            tick("trace", len(graphs), len(graphs))
+
+            t = time.perf_counter()
+            total = sum(m.spec.num_experts for m in patched.layers)
+            done = 0
+            for m in patched.layers:
+                s = m.spec
+                writer.add_layer(
+                    s.layer,
+                    num_experts=s.num_experts,
+                    top_k=s.top_k,
+                    hidden=s.hidden,
+                    intermediate=s.intermediate,
+                    gated=s.gated,
+                    activation=s.activation,
+                )
+                w = m.weights
+                for e in range(s.num_experts):
+                    writer.add_expert(
+                        s.layer,
+                        e,
+                        _np(w.w_in[e]),
+                        _np(w.w_out[e]),
+                        dtype=dtype,
+                        group_size=group_size,
+                        b_in=None if w.b_in is None else _np(w.b_in[e]),
+                        b_out=None if w.b_out is None else _np(w.b_out[e]),
+                    )
+                    done += 1
+                    tick("experts", done, total)
+            seconds["experts"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            tick("write", 0, 1)
+            for plan, proto, _ in graphs:
+                writer.add_graph(plan.role, proto)
+            if loaded.tokenizer_dir is not None and (loaded.tokenizer_dir / "tokenizer.json").is_file():
+                writer.add_tokenizer(loaded.tokenizer_dir)
+        finally:
+            patched.release()
+    seconds["write"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    tick("write", 1, 1)
+    log.info("exported %s to %s in %.1fs", model_id_or_path, out, seconds["total"])
+    return ExportReport(
+        bundle=out.absolute(),
+        family=model_type,
+        layers=len(patched.layers),
+        experts=total,
+        dtype=dtype,
+        seconds=seconds,
+        graphs=[r for _, _, r in graphs],
+    )
+
+
+def _np(t: object) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)  # type: ignore[attr-defined]

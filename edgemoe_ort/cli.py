@@ -149,7 +149,7 @@ def _print_stats(s: dict[str, Any]) -> None:
             f"{' (O_DIRECT)' if c.get('direct_io') else ''}, kernel {c.get('kernel', '?')}"
         )
     for line in lines:
-        err.print(f"[dim]{line}[/]", highlight=False)
+        err.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
 
 
 # --- edgemoe-inspect -------------------------------------------------------------------------------

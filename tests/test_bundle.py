@@ -732,3 +732,12 @@ def test_synthetic_is_deterministic(tmp_path: Path) -> None:
     assert a.expert_record(0, 0)["checksum"] != c.expert_record(0, 0)["checksum"]
     w_in = a.dequantized_expert(0, 0)[0]
     assert 0.5 / math.sqrt(H) < float(w_in.std()) < 2 / math.sqrt(H)  # ~N(0, 1/sqrt(in))
+
+
+def test_writer_creates_missing_parent_folders(tmp_path: Path) -> None:
+    bundle = make_synthetic_bundle(tmp_path / "a" / "b" / "bundle", dtype="int8")
+    assert bundle.path == (tmp_path / "a" / "b" / "bundle").absolute()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match="parent folder"):
+        make_synthetic_bundle(tmp_path / "file" / "bundle")
+    assert (tmp_path / "file").read_text() == "x"

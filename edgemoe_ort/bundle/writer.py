@@ -74,10 +74,13 @@ class BundleWriter:
         except (TypeError, ValueError) as exc:
             raise BundleError(self.path, f"config is not JSON-serialisable: {exc}", field="config") from exc
         self._check_target()
-        if not self.path.parent.is_dir():
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
             raise BundleError(
-                self.path.parent, "parent folder does not exist", expected="a folder", found="nothing"
-            )
+                self.path.parent, "cannot create the bundle's parent folder", expected="a folder",
+                found="a file in the way",
+            ) from exc
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
         self._tmp.mkdir()
         self._layers: dict[int, dict[str, Any]] = {}

@@ -8,7 +8,7 @@ LIB := edgemoe_ort/_lib/libedgemoe_customops.so
 APT_PKGS := cmake g++ libxxhash-dev nlohmann-json3-dev
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all setup apt venv lib test test-asan lint demo bench clean
+.PHONY: all setup apt venv lib test test-asan lint demo quality clean
 
 all: lib
 

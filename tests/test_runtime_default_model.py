@@ -159,3 +159,16 @@ def test_cli_inspect_json(bundles: dict[int, Path]) -> None:
     assert (data["layers"], data["experts"], data["dtypes"]) == (4, 32, {"int4": 32})
     assert data["store_bytes"] == (bundles[4] / "experts.bin").stat().st_size
     assert data["dense_bytes"] >= (bundles[4] / "model.onnx").stat().st_size > 0
+
+
+def test_int4_heldout_perplexity_within_3_percent_of_fp32(bundles: dict[int, Path]) -> None:
+    sys.path.insert(0, str(REPO))
+    from models.eval_default import heldout_token_ids, load_tokenizer, perplexity
+
+    ids = heldout_token_ids(load_tokenizer(DEFAULT_MODEL), 4096)
+    ppl = {}
+    for bits, path in bundles.items():
+        model = _load(path)
+        ppl[bits] = perplexity(lambda batch, m=model: m.forward(batch)[0], ids)["perplexity"]
+    assert 1.0 < ppl[32] < 4096, ppl  # a trained model: far better than uniform over the vocabulary
+    assert abs(ppl[4] / ppl[32] - 1) <= 0.03, ppl

@@ -62,6 +62,7 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 test: setup
 	$(VPY) -m pytest -q tests
 	$(MAKE) --no-print-directory test-asan
+	$(MAKE) --no-print-directory test-aarch64
 
 test-asan: $(BUILD)/.apt-ok $(BUILD)/ort-include.txt venv
 	cmake -S customops -B $(BUILD)/asan -DCMAKE_BUILD_TYPE=Debug -DEDGEMOE_SANITIZE=ON -DORT_INCLUDE_DIR=$$(cat $(BUILD)/ort-include.txt) >/dev/null
@@ -73,3 +74,5 @@ lint: venv
 
 clean:
 	rm -rf $(BUILD) edgemoe_ort/_lib
+
+include mk/aarch64.mk

@@ -1,7 +1,8 @@
 // Tests of the quantized expert kernels (customops/include/edgemoe/kernels.h).
-// Every implementation available on this machine ("scalar", and "avx2" on x86-64 CPUs that have it) is
-// checked against an independent reference written here: dequantization bit-exact, gemm_rows against a
-// double-precision dot product. All buffers are sized exactly, so ASan catches any out-of-bounds read.
+// Every implementation available on this machine ("scalar"; "avx2" on x86-64 CPUs that have it; "neon" on
+// aarch64) is checked against an independent reference written here: dequantization bit-exact, gemm_rows
+// against a double-precision dot product. All buffers are sized exactly, so ASan catches any out-of-bounds
+// read.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -71,6 +72,23 @@ __attribute__((target("f16c"))) uint16_t hw_float_to_half(float f) {
   return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
 }
 __attribute__((target("f16c"))) float hw_half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+bool have_hw_half() { return __builtin_cpu_supports("f16c"); }
+#define EDGEMOE_TEST_HW_HALF "F16C"
+#elif defined(__aarch64__)
+// __fp16 conversions compile to FCVT (base AArch64), rounding to nearest even.
+uint16_t hw_float_to_half(float f) {
+  const __fp16 h = static_cast<__fp16>(f);
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+float hw_half_to_float(uint16_t u) {
+  __fp16 h;
+  std::memcpy(&h, &u, 2);
+  return static_cast<float>(h);
+}
+bool have_hw_half() { return true; }
+#define EDGEMOE_TEST_HW_HALF "FCVT"
 #endif
 
 void test_half() {
@@ -104,8 +122,8 @@ void test_half() {
             (float_to_half(std::nanf("")) & 0x7FFF) > 0x7C00,
         "float_to_half specials (overflow, inf, underflow, -0, nan)");
 
-#if defined(__x86_64__)
-  if (__builtin_cpu_supports("f16c")) {  // the hardware converter as a second, independent reference
+#if defined(EDGEMOE_TEST_HW_HALF)
+  if (have_hw_half()) {  // the hardware converter as a second, independent reference
     int bad = 0;
     for (uint32_t h = 0; h < 65536; ++h) {
       const float a = half_to_float(static_cast<uint16_t>(h)), b = hw_half_to_float(static_cast<uint16_t>(h));
@@ -119,7 +137,8 @@ void test_half() {
       const uint16_t a = float_to_half(f), b = hw_float_to_half(f);
       if (std::isnan(f) ? (a & 0x7FFF) <= 0x7C00 : a != b) ++bad;
     }
-    check(bad == 0, "half conversion vs F16C hardware (all halves + 2M floats): " + std::to_string(bad));
+    check(bad == 0, std::string("half conversion vs ") + EDGEMOE_TEST_HW_HALF +
+                       " hardware (all halves + 2M floats): " + std::to_string(bad));
   }
 #endif
 }

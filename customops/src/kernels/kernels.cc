@@ -178,14 +178,12 @@ void gemm_rows_scalar(const QMatrix& W, const float* X, int64_t n, int64_t ldx, 
 namespace {
 const KernelImpl kScalarImpl = {"scalar", gemm_rows_scalar, dequant_row_scalar};
 
-bool cpu_has_avx2() {
 #if defined(EDGEMOE_HAVE_AVX2)
+bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
 }
+#endif
 
 // Best available implementation, or the one named by EDGEMOE_KERNEL (if it exists on this machine).
 const KernelImpl* choose_impl() {

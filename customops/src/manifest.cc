@@ -164,6 +164,8 @@ class Validator {
   std::string file_;
 };
 
+constexpr int64_t kMaxDim = int64_t{1} << 24;
+
 uint64_t tensor_nbytes(const std::string& dtype, const std::vector<int64_t>& shape) {
   if (dtype == "u4") return static_cast<uint64_t>(shape.at(0)) * static_cast<uint64_t>((shape.at(1) + 1) / 2);
   uint64_t n = 1;
@@ -272,6 +274,10 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
       v.fail(f + ".top_k", "", "<= num_experts (" + std::to_string(li.num_experts) + ")", std::to_string(li.top_k), il);
     li.hidden = v.get_int(L, "hidden", f + ".hidden", 1, il);
     li.intermediate = v.get_int(L, "intermediate", f + ".intermediate", 1, il);
+    // Caps keep every product of dimensions (rows * cols * 4 bytes, tokens * rows) far from int64 overflow.
+    if (li.hidden > kMaxDim) v.fail(f + ".hidden", "", "<= 2^24", std::to_string(li.hidden), il);
+    if (li.intermediate > kMaxDim)
+      v.fail(f + ".intermediate", "", "<= 2^24", std::to_string(li.intermediate), il);
     li.gated = v.get(L, "gated", f + ".gated", json::value_t::boolean, "bool", il).get<bool>();
     const std::string act = v.get(L, "activation", f + ".activation", json::value_t::string, "string", il);
     try {
@@ -347,6 +353,8 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
     auto sch = fmt.find("scheme");
     if (quant) {
       r.group_size = v.get_int(fmt, "group_size", f + ".format.group_size", 1, li, e);
+      if (r.group_size > kMaxDim)
+        v.fail(f + ".format.group_size", "", "<= 2^24", std::to_string(r.group_size), li, e);
       if (sch == fmt.end() || !sch->is_string() || sch->get<std::string>() != "asym_u")
         v.fail(f + ".format.scheme", "", "'asym_u'", sch == fmt.end() ? "nothing" : dump(*sch), li, e);
     } else if (sch != fmt.end() && !sch->is_null() && !(sch->is_string() && sch->get<std::string>() == "none")) {
@@ -361,7 +369,7 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
     want.push_back({"w_in", wdt, {rows_in, H}, &ExpertRecord::w_in});
     want.push_back({"w_out", wdt, {H, I}, &ExpertRecord::w_out});
     if (quant) {
-      const int64_t g_in = (H + r.group_size - 1) / r.group_size, g_out = (I + r.group_size - 1) / r.group_size;
+      const int64_t g_in = (H - 1) / r.group_size + 1, g_out = (I - 1) / r.group_size + 1;
       want.push_back({"w_in.scales", "f16", {rows_in, g_in}, &ExpertRecord::w_in_scales});
       want.push_back({"w_in.zeros", "u8", {rows_in, g_in}, &ExpertRecord::w_in_zeros});
       want.push_back({"w_out.scales", "f16", {H, g_out}, &ExpertRecord::w_out_scales});

@@ -237,6 +237,18 @@ static void test_manifest_errors() {
     TestBundle b = fresh();
     EXPECT_ERROR(load_manifest(d, "../manifest.json"), "manifest", "..");
   }
+  {  // dimensions whose byte counts would wrap around uint64 (2^58 * 16 * 4 == 2^64 == 0)
+    TestBundle b = fresh();
+    b.manifest["layers"][0]["intermediate"] = int64_t{1} << 58;
+    b.write_manifest();
+    EXPECT_ERROR(load_manifest(d), "layers[0].intermediate", "<= 2^24");
+  }
+  {  // a group size so large that ceil(cols / group) overflows
+    TestBundle b = fresh();
+    b.manifest["experts"][0]["format"] = {{"dtype", "int8"}, {"group_size", INT64_MAX - 7}, {"scheme", "asym_u"}};
+    b.write_manifest();
+    EXPECT_ERROR(load_manifest(d), "layer 0 expert 0", "format.group_size", "<= 2^24");
+  }
 }
 
 static void test_parse_budget() {

@@ -23,7 +23,7 @@ constexpr int64_t kSimdScratchFloats = 2 * kPanelRows * kPanelCols;
 // Helpers have internal linkage on purpose: kernels_avx2.cc is compiled with -mavx2, and a shared
 // (COMDAT) inline copy emitted there could be picked by the linker for the portable code too.
 
-static inline int64_t num_groups(const QMatrix& W) { return (W.cols + W.group_size - 1) / W.group_size; }
+static inline int64_t num_groups(const QMatrix& W) { return W.cols > 0 ? (W.cols - 1) / W.group_size + 1 : 0; }
 static inline int64_t row_bytes(const QMatrix& W) {
   switch (W.dtype) {
     case WDType::F32: return W.cols * 4;

@@ -100,11 +100,11 @@ def run(
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    from edgemoe_ort.runtime import MoEModel, RuntimeOptions
+    from edgemoe_ort.runtime import RuntimeOptions, load_model
 
     options = RuntimeOptions(budget=budget, policy=policy, io=io, io_threads=io_threads,
                              intra_op_threads=threads)
-    model = MoEModel.load(bundle, options)
+    model = load_model(bundle, options)
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   seed=seed)
     if as_json:

@@ -140,3 +140,23 @@ def test_bundle_matches_hf(checkpoint: Path, exported: tuple[Path, Any]) -> None
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
         )[:, 1:].numpy()
     np.testing.assert_array_equal(np.concatenate(tokens, axis=1), hf)
+
+
+def test_runtime_generates_like_hf(checkpoint: Path, exported: tuple[Path, Any]) -> None:
+    """The runtime's Seq2SeqMoEModel (one store for encoder + decoder) reproduces HF greedy decoding."""
+    from edgemoe_ort.runtime import RuntimeOptions, Seq2SeqMoEModel
+    from edgemoe_ort.runtime import load_model as load_runtime_model
+
+    bundle, _ = exported
+    ids = _ids(ENC_LEN, 3)[:1]
+    with torch.no_grad():
+        want = _hf(checkpoint).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                        do_sample=False, min_new_tokens=NEW_TOKENS)[0, 1:].tolist()
+    model = load_runtime_model(bundle, RuntimeOptions(budget="50%"))
+    assert isinstance(model, Seq2SeqMoEModel)
+    assert model.encoder.store_id == model.decoder.store_id
+    result = model.generate(ids[0].tolist(), max_new_tokens=NEW_TOKENS)
+    assert result.tokens == want[: len(result.tokens)]
+    assert len(result.tokens) == NEW_TOKENS or result.stop_reason == "eos"
+    cache = result.stats.cache
+    assert 0 < cache["peak_resident_bytes"] <= cache["budget_bytes"]

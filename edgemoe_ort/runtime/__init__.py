@@ -27,11 +27,14 @@ __all__ = [
     "reset_store_stats",
     "store_stats",
     "MoEModel",
+    "Seq2SeqMoEModel",
+    "load_model",
 ]
 
 
 def __getattr__(name: str) -> Any:  # generation is imported lazily (it pulls in the tokenizer stack)
-    if name in ("MoEModel", "GenerationStats", "GenerationResult", "GenerationError"):
+    if name in ("MoEModel", "Seq2SeqMoEModel", "load_model", "GenerationStats", "GenerationResult",
+                "GenerationError"):
         from . import generate
 
         return getattr(generate, name)

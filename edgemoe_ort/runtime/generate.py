@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe_ort.bundle import Bundle
-from edgemoe_ort.runtime.ops import ExpertSession, RuntimeOptions, open_session
+from edgemoe_ort.runtime.ops import ExpertSession, RuntimeOptions, make_session_options, open_session
 
 
 class GenerationError(ValueError):
@@ -88,50 +88,52 @@ def sample_next(logits: np.ndarray, *, temperature: float, top_p: float, rng: np
     return int(rng.choice(probs.shape[0], p=probs))
 
 
-class MoEModel:
-    """A decoder-only bundle loaded for generation.
+def _past_specs(session: Any, graph: Path) -> list[tuple[str, int, int]]:
+    """(name, kv_heads, head_dim) of every ``past_key_values.*`` input, in layer order."""
+    specs = []
+    for spec in session.get_inputs():
+        if not spec.name.startswith("past_key_values."):
+            continue
+        shape = spec.shape  # [batch, kv_heads, past_len, head_dim]
+        if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+            raise GenerationError(
+                f"{graph}: input {spec.name} should be [batch, kv_heads, past, head_dim] with static"
+                f" kv_heads/head_dim, found {shape}"
+            )
+        specs.append((spec.name, shape[1], shape[3]))
+    return specs
 
-    >>> model = MoEModel.load("bundles/tiny", RuntimeOptions(budget="25%"))
-    >>> result = model.generate("def fib(n):", max_new_tokens=32)
+
+def _require(session: Any, graph: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    have_in = [i.name for i in session.get_inputs()]
+    have_out = [o.name for o in session.get_outputs()]
+    if not set(inputs) <= set(have_in) or not set(outputs) <= set(have_out):
+        raise GenerationError(
+            f"{graph}: expected inputs {list(inputs)} and outputs {list(outputs)},"
+            f" found inputs {have_in} and outputs {have_out}"
+        )
+
+
+class _Generator:
+    """Tokenization, sampling, streaming and stats shared by decoder-only and encoder-decoder bundles.
+
+    Subclasses implement ``_start(prompt_ids) -> (logits of the next token, state)`` and
+    ``_step(token, state) -> (logits of the next token, state)``.
     """
 
     def __init__(self, bundle: Bundle, session: ExpertSession, tokenizer: Any | None) -> None:
         self.bundle = bundle
-        self.session = session
         self.tokenizer = tokenizer
-        sess = session.session
-        self._input_names = [i.name for i in sess.get_inputs()]
-        self._output_names = [o.name for o in sess.get_outputs()]
-        past = sorted(
-            (i for i in sess.get_inputs() if i.name.startswith("past_key_values.")),
-            key=lambda i: (int(i.name.split(".")[1]), i.name.split(".")[2]),
-        )
-        if "input_ids" not in self._input_names or "logits" not in self._output_names:
-            raise GenerationError(
-                f"{bundle.graph_path('decoder')}: expected a decoder graph with input 'input_ids' and output"
-                f" 'logits', found inputs {self._input_names} and outputs {self._output_names}"
-            )
-        self._past_specs: list[tuple[str, int, int]] = []
-        for spec in past:
-            shape = spec.shape  # [batch, kv_heads, past_len, head_dim]
-            if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
-                raise GenerationError(
-                    f"{bundle.graph_path('decoder')}: input {spec.name} should be [batch, kv_heads, past,"
-                    f" head_dim] with static kv_heads/head_dim, found {shape}"
-                )
-            self._past_specs.append((spec.name, shape[1], shape[3]))
+        # All sessions of one model share one expert store (one registration): one budget, one set of
+        # stats, read through this session.
+        self.session = session
         self.eos_token_ids = self._eos_ids()
 
-    @classmethod
-    def load(cls, bundle_dir: str | Path, options: RuntimeOptions | None = None) -> MoEModel:
-        bundle = Bundle.open(bundle_dir)
-        if "decoder" not in bundle.manifest.get("graphs", {}) or "encoder" in bundle.manifest["graphs"]:
-            raise GenerationError(
-                f"{bundle.path / 'manifest.json'}: graphs {sorted(bundle.manifest.get('graphs', {}))}:"
-                " MoEModel serves decoder-only bundles (graphs: decoder)"
-            )
-        session = open_session(bundle.graph_path("decoder"), bundle.path, options or RuntimeOptions())
-        return cls(bundle, session, _load_tokenizer(bundle))
+    def _start(self, prompt_ids: list[int]) -> tuple[np.ndarray, Any]:
+        raise NotImplementedError
+
+    def _step(self, token: int, state: Any) -> tuple[np.ndarray, Any]:
+        raise NotImplementedError
 
     # -- tokenization --------------------------------------------------------------------------------
     def _eos_ids(self) -> set[int]:
@@ -153,7 +155,119 @@ class MoEModel:
             return " ".join(str(i) for i in ids)
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    # -- forward ---------------------------------------------------------------------------------------
+    # -- generation ------------------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        result: list[GenerationResult] | None = None,
+    ) -> Iterator[str]:
+        """Yield text pieces as tokens are generated; the final GenerationResult is appended to `result`."""
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
+        if temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, found {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], found {top_p}")
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty (no tokens)")
+        rng = np.random.default_rng(seed)
+        self.session.reset_stats()
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        t0 = time.perf_counter()
+        logits, state = self._start(prompt_ids)
+        token = sample_next(logits, temperature=temperature, top_p=top_p, rng=rng)
+        t1 = time.perf_counter()
+        stats.prefill_s = stats.ttft_s = t1 - t0
+        tokens: list[int] = []
+        text_so_far = ""
+        stop_reason = "max_new_tokens"
+        while True:
+            if token in self.eos_token_ids:
+                stop_reason = "eos"
+                break
+            tokens.append(token)
+            text = self.decode(tokens)
+            piece, text_so_far = text[len(text_so_far) :], text
+            hit = next((s for s in stop if s and s in text_so_far), None)
+            if hit is not None:
+                cut = text_so_far.index(hit)
+                if cut > len(text_so_far) - len(piece):
+                    yield piece[: cut - (len(text_so_far) - len(piece))]
+                text_so_far = text_so_far[:cut]
+                stop_reason = "stop_string"
+                break
+            if piece:
+                yield piece
+            if len(tokens) >= max_new_tokens:
+                break
+            logits, state = self._step(token, state)
+            token = sample_next(logits, temperature=temperature, top_p=top_p, rng=rng)
+        stats.decode_s = time.perf_counter() - t1
+        stats.generated_tokens = len(tokens)
+        stats.peak_rss_bytes = peak_rss_bytes()
+        stats.cache = self.session.stats()
+        if result is not None:
+            result.append(GenerationResult(text_so_far, tokens, stats, stop_reason))
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        out: list[GenerationResult] = []
+        for piece in self.stream(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            result=out,
+        ):
+            if on_text is not None:
+                on_text(piece)
+        return out[0]
+
+
+class MoEModel(_Generator):
+    """A decoder-only bundle loaded for generation.
+
+    >>> model = MoEModel.load("bundles/tiny", RuntimeOptions(budget="25%"))
+    >>> result = model.generate("def fib(n):", max_new_tokens=32)
+    """
+
+    def __init__(self, bundle: Bundle, session: ExpertSession, tokenizer: Any | None) -> None:
+        super().__init__(bundle, session, tokenizer)
+        graph = bundle.graph_path("decoder")
+        _require(session, graph, ["input_ids"], ["logits"])
+        self._input_names = [i.name for i in session.get_inputs()]
+        self._output_names = [o.name for o in session.get_outputs()]
+        self._past_specs = _past_specs(session, graph)
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, options: RuntimeOptions | None = None) -> MoEModel:
+        bundle = Bundle.open(bundle_dir)
+        if set(bundle.manifest.get("graphs", {})) != {"decoder"}:
+            raise GenerationError(
+                f"{bundle.path / 'manifest.json'}: graphs {sorted(bundle.manifest.get('graphs', {}))}:"
+                " MoEModel serves decoder-only bundles (graphs: decoder); use load_model() for any bundle"
+            )
+        session = open_session(bundle.graph_path("decoder"), bundle.path, options or RuntimeOptions())
+        return cls(bundle, session, _load_tokenizer(bundle))
+
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((batch, heads, 0, dim), np.float32) for name, heads, dim in self._past_specs}
 
@@ -187,91 +301,88 @@ class MoEModel:
         out, _ = self.forward(np.asarray([list(input_ids)], dtype=np.int64))
         return out[0]
 
-    # -- generation ------------------------------------------------------------------------------------
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        result: list[GenerationResult] | None = None,
-    ) -> Iterator[str]:
-        """Yield text pieces as tokens are generated; the final GenerationResult is appended to `result`."""
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
-        if temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, found {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], found {top_p}")
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not prompt_ids:
-            raise GenerationError("the prompt is empty (no tokens)")
-        rng = np.random.default_rng(seed)
-        self.session.reset_stats()
-        stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        t0 = time.perf_counter()
+    def _start(self, prompt_ids: list[int]) -> tuple[np.ndarray, Any]:
         logits, past = self.forward(np.asarray([prompt_ids], dtype=np.int64))
-        token = sample_next(logits[0, -1], temperature=temperature, top_p=top_p, rng=rng)
-        t1 = time.perf_counter()
-        stats.prefill_s = stats.ttft_s = t1 - t0
-        tokens: list[int] = []
-        text_so_far = ""
-        stop_reason = "max_new_tokens"
-        while True:
-            if token in self.eos_token_ids:
-                stop_reason = "eos"
-                break
-            tokens.append(token)
-            text = self.decode(tokens)
-            piece, text_so_far = text[len(text_so_far) :], text
-            hit = next((s for s in stop if s and s in text_so_far), None)
-            if hit is not None:
-                cut = text_so_far.index(hit)
-                if cut > len(text_so_far) - len(piece):
-                    yield piece[: cut - (len(text_so_far) - len(piece))]
-                text_so_far = text_so_far[:cut]
-                stop_reason = "stop_string"
-                break
-            if piece:
-                yield piece
-            if len(tokens) >= max_new_tokens:
-                break
-            logits, past = self.forward(np.asarray([[token]], dtype=np.int64), past)
-            token = sample_next(logits[0, -1], temperature=temperature, top_p=top_p, rng=rng)
-        stats.decode_s = time.perf_counter() - t1
-        stats.generated_tokens = len(tokens)
-        stats.peak_rss_bytes = peak_rss_bytes()
-        stats.cache = self.session.stats()
-        if result is not None:
-            result.append(GenerationResult(text_so_far, tokens, stats, stop_reason))
+        return logits[0, -1], past
 
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        on_text: Callable[[str], None] | None = None,
-    ) -> GenerationResult:
-        out: list[GenerationResult] = []
-        for piece in self.stream(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            result=out,
-        ):
-            if on_text is not None:
-                on_text(piece)
-        return out[0]
+    def _step(self, token: int, state: Any) -> tuple[np.ndarray, Any]:
+        logits, past = self.forward(np.asarray([[token]], dtype=np.int64), state)
+        return logits[0, -1], past
+
+
+class Seq2SeqMoEModel(_Generator):
+    """An encoder-decoder bundle (SwitchTransformers): the prompt is encoded once, then the decoder
+    generates from ``decoder_start_token_id`` with its self-attention cache. Both graphs share one expert
+    store, so the budget covers encoder and decoder experts together."""
+
+    def __init__(
+        self, bundle: Bundle, encoder: ExpertSession, decoder: ExpertSession, tokenizer: Any | None
+    ) -> None:
+        super().__init__(bundle, decoder, tokenizer)
+        self.encoder, self.decoder = encoder, decoder
+        enc_graph = bundle.graph_path("encoder")
+        _require(encoder, enc_graph, ["input_ids", "attention_mask"], ["last_hidden_state"])
+        dec_graph = bundle.graph_path("decoder")
+        _require(decoder, dec_graph, ["input_ids", "encoder_attention_mask", "encoder_hidden_states"],
+                 ["logits"])
+        self._output_names = [o.name for o in decoder.get_outputs()]
+        self._past_specs = _past_specs(decoder, dec_graph)
+        start = bundle.config.get("decoder_start_token_id", bundle.config.get("pad_token_id"))
+        if not isinstance(start, int):
+            raise GenerationError(
+                f"{bundle.path / 'manifest.json'}: model.config.decoder_start_token_id: expected an int,"
+                f" found {start!r}"
+            )
+        self.decoder_start_token_id = start
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, options: RuntimeOptions | None = None) -> Seq2SeqMoEModel:
+        import onnxruntime as ort
+
+        bundle = Bundle.open(bundle_dir)
+        if set(bundle.manifest.get("graphs", {})) != {"encoder", "decoder"}:
+            raise GenerationError(
+                f"{bundle.path / 'manifest.json'}: graphs {sorted(bundle.manifest.get('graphs', {}))}:"
+                " Seq2SeqMoEModel serves encoder-decoder bundles (graphs: encoder, decoder)"
+            )
+        options = options or RuntimeOptions()
+        so, store_id = make_session_options(bundle.path, options)
+        sessions = [
+            ExpertSession(
+                ort.InferenceSession(str(bundle.graph_path(role)), so, providers=["CPUExecutionProvider"]),
+                store_id, bundle.path, options,
+            )
+            for role in ("encoder", "decoder")
+        ]
+        return cls(bundle, sessions[0], sessions[1], _load_tokenizer(bundle))
+
+    def _decode(self, token: int, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feeds = {"input_ids": np.asarray([[token]], dtype=np.int64), **state}
+        named = dict(zip(self._output_names, self.decoder.run(None, feeds), strict=True))
+        nxt = {k: v for k, v in state.items() if not k.startswith("past_key_values.")}
+        for name, _, _ in self._past_specs:
+            nxt[name] = named[name.replace("past_key_values.", "present.")]
+        return named["logits"][0, -1], nxt
+
+    def _start(self, prompt_ids: list[int]) -> tuple[np.ndarray, Any]:
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        mask = np.ones_like(ids)
+        states = self.encoder.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+        state: dict[str, np.ndarray] = {"encoder_attention_mask": mask, "encoder_hidden_states": states}
+        for name, heads, dim in self._past_specs:
+            state[name] = np.zeros((1, heads, 0, dim), np.float32)
+        return self._decode(self.decoder_start_token_id, state)
+
+    def _step(self, token: int, state: Any) -> tuple[np.ndarray, Any]:
+        return self._decode(token, state)
+
+
+def load_model(bundle_dir: str | Path, options: RuntimeOptions | None = None) -> MoEModel | Seq2SeqMoEModel:
+    """Load any bundle for generation: decoder-only → MoEModel, encoder-decoder → Seq2SeqMoEModel."""
+    bundle = Bundle.open(bundle_dir)
+    if "encoder" in bundle.manifest.get("graphs", {}):
+        return Seq2SeqMoEModel.load(bundle.path, options)
+    return MoEModel.load(bundle.path, options)
 
 
 def _load_tokenizer(bundle: Bundle) -> Any | None:

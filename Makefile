@@ -76,3 +76,4 @@ clean:
 	rm -rf $(BUILD) edgemoe_ort/_lib
 
 include mk/aarch64.mk
+include mk/bench.mk

@@ -17,7 +17,7 @@ void StoreStats::sub_resident(uint64_t delta) { resident_bytes.fetch_sub(delta, 
 void StoreStats::reset() {
   for (auto* c : {&hits, &misses, &reads, &bytes_read, &read_ns, &stall_ns, &evictions, &checksums_verified,
                   &prefetch_issued, &prefetch_dropped, &prefetch_hits, &prefetch_late, &prefetch_wasted, &calls,
-                  &budget_waits}) {
+                  &budget_waits, &throttle_ns}) {
     c->store(0, std::memory_order_relaxed);
   }
   peak_resident_bytes.store(resident_bytes.load(std::memory_order_relaxed), std::memory_order_relaxed);
@@ -43,6 +43,7 @@ std::string StoreStats::to_json() const {
   j["prefetch_wasted"] = ld(prefetch_wasted);
   j["calls"] = ld(calls);
   j["budget_waits"] = ld(budget_waits);
+  j["throttle_s"] = static_cast<double>(ld(throttle_ns)) * 1e-9;
   std::lock_guard<std::mutex> lk(mu);
   j["budget_bytes"] = budget_bytes;
   j["store_bytes"] = store_bytes;
@@ -53,6 +54,8 @@ std::string StoreStats::to_json() const {
   j["direct_io"] = direct_io;
   j["io_note"] = io_note;
   j["verify_checksums"] = verify_checksums;
+  j["throttle_bw"] = throttle_bw;
+  j["throttle_latency_us"] = throttle_latency_us;
   j["kernel"] = kernel;
   j["store_id"] = store_id;
   j["bundle_dir"] = bundle_dir;

@@ -92,6 +92,50 @@ uint64_t parse_budget(const std::string& spec_in, uint64_t store_bytes) {
   return static_cast<uint64_t>(bytes);
 }
 
+namespace {
+double parse_nonneg(const std::string& key, const std::string& spec_in, bool units, const char* expected) {
+  std::string spec;
+  for (char c : spec_in)
+    if (!std::isspace(static_cast<unsigned char>(c))) spec += c;
+  auto bad = [&]() { return Error(key + ": expected " + expected + ", found '" + spec_in + "'"); };
+  if (spec.empty()) throw bad();
+  if (spec == "0") return 0;
+  if (units && spec.back() != '%' && std::isalpha(static_cast<unsigned char>(spec.back()))) {
+    try {
+      return static_cast<double>(parse_budget(spec, 0));
+    } catch (const Error&) {
+      throw bad();
+    }
+  }
+  char* end = nullptr;
+  const double v = std::strtod(spec.c_str(), &end);
+  if (end == spec.c_str() || *end != '\0' || !(v >= 0) || !std::isfinite(v)) throw bad();
+  return v;
+}
+}  // namespace
+
+double parse_throttle_bw(const std::string& spec) {
+  return parse_nonneg("edgemoe.throttle_bw", spec, true,
+                      "a read bandwidth in bytes per second ('100000000', '90MB', '1.5GiB'; 0 = off)");
+}
+
+double parse_throttle_latency_us(const std::string& spec) {
+  return parse_nonneg("edgemoe.throttle_latency_us", spec, false,
+                      "a per-read latency in microseconds (a number >= 0; 0 = off)");
+}
+
+Clock::time_point Throttle::complete_at(Clock::time_point start, uint64_t bytes) {
+  const auto lat = std::chrono::nanoseconds(static_cast<int64_t>(latency_us_ * 1e3));
+  const auto xfer = std::chrono::nanoseconds(
+      bw_ > 0 ? static_cast<int64_t>(static_cast<double>(bytes) / bw_ * 1e9) : int64_t{0});
+  std::lock_guard<std::mutex> lk(mu_);
+  // The command is issued at `start`; its data moves after its latency, once the device is free (one
+  // bandwidth for all readers: transfers are serialized, latencies overlap).
+  const Clock::time_point xfer_start = std::max(start + lat, device_free_);
+  device_free_ = xfer_start + xfer;
+  return device_free_;
+}
+
 // --- AlignedBuffer ---------------------------------------------------------------------------------------
 AlignedBuffer::AlignedBuffer(size_t bytes, size_t alignment) : size_(bytes) {
   void* p = nullptr;
@@ -226,6 +270,11 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
     throw Error("edgemoe.io_threads: expected an integer in [1, 256], found " + std::to_string(options_.io_threads));
   policy_ = make_policy(options_.policy);
   reader_ = std::make_unique<BlobReader>(manifest_.store_path.string(), manifest_.store_size, options_.io_mode);
+  if (options_.throttle_bw < 0 || options_.throttle_latency_us < 0 || !std::isfinite(options_.throttle_bw) ||
+      !std::isfinite(options_.throttle_latency_us))
+    throw Error("edgemoe.throttle_bw / edgemoe.throttle_latency_us: expected non-negative numbers");
+  if (options_.throttle_bw > 0 || options_.throttle_latency_us > 0)
+    throttle_ = std::make_unique<Throttle>(options_.throttle_bw, options_.throttle_latency_us);
   verified_.assign(manifest_.num_records(), 0);
   if (options_.store_id.empty()) options_.store_id = manifest_.bundle_dir.string();
 
@@ -244,6 +293,8 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
     stats_->num_experts = manifest_.num_records();
     stats_->io_threads = static_cast<uint64_t>(options_.io_threads);
     stats_->verify_checksums = options_.verify_checksums;
+    stats_->throttle_bw = options_.throttle_bw;
+    stats_->throttle_latency_us = options_.throttle_latency_us;
   }
   stats_->resident_bytes = 0;
   try {
@@ -484,6 +535,15 @@ void ExpertStore::read_entry(const std::shared_ptr<Entry>& e) noexcept {
     buf = AlignedBuffer(rec.length, 4096);
     const auto t0 = Clock::now();
     reader_->read(rec.offset, rec.length, buf.data(), what);
+    if (throttle_) {
+      // Emulated slower storage: the read completes at max(real end, emulated end).
+      const auto until = throttle_->complete_at(t0, rec.length);
+      const auto now = Clock::now();
+      if (until > now) {
+        std::this_thread::sleep_until(until);
+        stats_->throttle_ns.fetch_add(ns_since(now), std::memory_order_relaxed);
+      }
+    }
     stats_->read_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
     stats_->reads.fetch_add(1, std::memory_order_relaxed);
     stats_->bytes_read.fetch_add(rec.length, std::memory_order_relaxed);

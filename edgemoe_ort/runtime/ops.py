@@ -142,12 +142,19 @@ class RuntimeOptions:
     io_threads: int = 2
     verify_checksums: bool = True
     intra_op_threads: int | None = None  # ORT intra-op pool size (None: ORT's default)
+    # Storage emulation (edgemoe.throttle_*): a read takes max(real, latency + bytes / bw); 0 = off.
+    throttle_bw: float = 0  # bytes per second, shared by all I/O threads (one device)
+    throttle_latency_us: float = 0  # per read
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         parse_budget(self.budget, 1 << 50)  # syntax (a percentage is resolved against the store later)
+        for name in ("throttle_bw", "throttle_latency_us"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: expected a number >= 0 (0 = off), found {v!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, found {self.policy!r}")
         if self.io not in IO_MODES:
@@ -209,6 +216,10 @@ def make_session_options(
     }
     if budget is not None:
         entries["edgemoe.budget"] = str(budget)
+    if options.throttle_bw:
+        entries["edgemoe.throttle_bw"] = repr(float(options.throttle_bw))
+    if options.throttle_latency_us:
+        entries["edgemoe.throttle_latency_us"] = repr(float(options.throttle_latency_us))
     for k, v in entries.items():
         so.add_session_config_entry(k, v)
     _lib()  # load (and keep loaded) before ORT does: same instance, stats outlive sessions

@@ -28,6 +28,7 @@ struct StoreStats {
   std::atomic<uint64_t> prefetch_wasted{0};   // prefetched experts evicted before any use
   std::atomic<uint64_t> calls{0};             // OffloadedExpert computes served
   std::atomic<uint64_t> budget_waits{0};      // acquires that had to wait for an unpin to fit the budget
+  std::atomic<uint64_t> throttle_ns{0};       // time I/O threads slept to emulate slower storage (in read_ns)
 
   // Descriptive fields (set by the store when it attaches; guarded by mu).
   mutable std::mutex mu;
@@ -35,6 +36,7 @@ struct StoreStats {
   bool direct_io = false;
   uint64_t budget_bytes = 0, store_bytes = 0, num_experts = 0, io_threads = 0;
   bool verify_checksums = true;
+  double throttle_bw = 0, throttle_latency_us = 0;  // storage emulation (0 = off)
 
   std::atomic<bool> attached{false};  // a live store updates these counters
 

@@ -45,6 +45,31 @@ struct StoreOptions {
   int io_threads = 2;
   bool verify_checksums = true;
   std::string store_id;  // empty = the bundle dir
+  // Storage emulation (edgemoe.throttle_bw / edgemoe.throttle_latency_us): a blob read takes
+  // max(real time, latency + bytes / bw). Transfers of concurrent I/O threads share one bandwidth (one device);
+  // latencies overlap. 0 = off. The I/O thread sleeps, so emulated reads overlap compute like real ones.
+  double throttle_bw = 0;          // bytes per second
+  double throttle_latency_us = 0;  // per read
+};
+
+// "100000000", "90MB" (10^6), "1.5GiB" (per second), "0" = off. Throws edgemoe::Error.
+double parse_throttle_bw(const std::string& spec);
+// Microseconds, a non-negative number. Throws edgemoe::Error.
+double parse_throttle_latency_us(const std::string& spec);
+
+// The emulated device: one bandwidth shared by every reader, a fixed latency per read.
+class Throttle {
+ public:
+  Throttle(double bytes_per_s, double latency_us) : bw_(bytes_per_s), latency_us_(latency_us) {}
+  bool enabled() const { return bw_ > 0 || latency_us_ > 0; }
+  // The instant at which a read of `bytes` that started at `start` completes on the emulated device
+  // (reserves its transfer on the shared timeline).
+  std::chrono::steady_clock::time_point complete_at(std::chrono::steady_clock::time_point start, uint64_t bytes);
+
+ private:
+  double bw_, latency_us_;
+  std::mutex mu_;
+  std::chrono::steady_clock::time_point device_free_{};
 };
 
 // Move-only aligned heap buffer (posix_memalign / free).
@@ -158,6 +183,7 @@ class ExpertStore {
   StoreOptions options_;
   uint64_t budget_ = 0;
   std::unique_ptr<BlobReader> reader_;
+  std::unique_ptr<Throttle> throttle_;  // null = real storage speed
   std::shared_ptr<StoreStats> stats_;
 
   mutable std::mutex mu_;

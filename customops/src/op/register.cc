@@ -311,6 +311,9 @@ RuntimeConfig read_config(const OrtApi& api, const OrtSessionOptions* so) {
     else if (v == "0" || v == "false" || v == "False") c.store.verify_checksums = false;
     else throw Error("edgemoe.verify_checksums: expected 1 or 0, found '" + v + "'");
   }
+  if (config_entry(api, so, "edgemoe.throttle_bw", &v)) c.store.throttle_bw = parse_throttle_bw(v);
+  if (config_entry(api, so, "edgemoe.throttle_latency_us", &v))
+    c.store.throttle_latency_us = parse_throttle_latency_us(v);
   if (!config_entry(api, so, "edgemoe.store_id", &c.store.store_id) || c.store.store_id.empty())
     c.store.store_id = c.bundle_dir;
   return c;

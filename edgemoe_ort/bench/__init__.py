@@ -1,0 +1,1 @@
+"""Benchmarks: baselines (ORT in-memory QMoE/MoE, naive, mmap), the roofline, storage profiles."""

@@ -1,0 +1,216 @@
+"""Everything ``make bench`` measures, in order, into one JSON file (then :mod:`.report` renders it).
+
+    python -m edgemoe_ort.bench.suite --out build/bench/results.json \
+        --small BUNDLE --large BUNDLE [--replay BUNDLE --trace NPZ] [--kernel-bundle DIR] [--profile rpi4]
+
+Each model run is one :func:`edgemoe_ort.bench.runner.run_bench` call (one process, modes interleaved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgemoe_ort.bench.report import headline
+from edgemoe_ort.bench.runner import run_bench
+
+NOTES = [
+    "The VM's disk is virtual and the host caches it: O_DIRECT reads (which bypass only the guest's "
+    "page cache) "
+    "ran at 1.0-2.6 GB/s during these runs depending on how recently the host had read the file (the large "
+    "store, read many times, at ~2.5 GB/s; ~0.8 GB/s is the cold figure). The roofline uses the bandwidth "
+    "probed in the same run; a ratio above 1 means the device served more than the probe saw. Because that "
+    "makes the large model compute-bound here, the large model is also run throttled to a documented slower "
+    "device (profiles/jetson-emmc.toml, 250 MB/s), where expert I/O dominates as on real edge storage.",
+    "This is a shared 2-core VM: other work runs beside the benchmark. Modes are interleaved in one "
+    "process so "
+    "drift hits all of them alike, and every figure is a median; compare modes within a run (ratios), not "
+    "absolute tokens/s across runs. The load average at the start/end of each run is printed above.",
+    "The store is on a virtio disk: O_DIRECT reads of multi-MiB blobs run at ~0.6-0.8 GB/s, while "
+    "the page cache "
+    "serves ~12 GB/s, so every mode drops the store's pages before it runs and the edgemoe/naive "
+    "modes read with "
+    "O_DIRECT; mmap mode faults pages in through the page cache (dropped first, and after every copy).",
+    "Storage profiles faster than this machine's device (phone UFS 3.1, laptop NVMe) cannot be "
+    "emulated here: the "
+    "throttle only slows reads down. The throttled run uses the Raspberry Pi 4 SD profile (41 MB/s, 400 µs).",
+    "all-in-memory: int4 layers run ORT's QMoE on the bundle's own bytes (weights bit-identical to "
+    "ours); an int8 "
+    "bundle would run ORT's int8 QMoE, which also quantizes activations to int8 (no fp32 int8 "
+    "kernel in ORT).",
+    "The large model has random weights (its routing is not a trained model's); the trace-replay "
+    "run replays the "
+    "trained default model's routing into large synthetic experts for realistic locality at realistic sizes.",
+]
+
+
+def _log(s: str) -> None:
+    print(s, file=sys.stderr, flush=True)
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """Pass/fail statements against the issue's goals, computed from the numbers."""
+    out = []
+    for name in ("large-25", "large", "large-" + "jetson-emmc", "replay", "small"):
+        large = results["runs"].get(name)
+        if not large:
+            continue
+        h = headline(large)
+        if h:
+            out.append(
+                f"{name}, 25 % budget: edgemoe is {h['edgemoe_over_naive']:.2f}x (paired per repeat "
+                f"{h['edgemoe_over_naive_paired']:.2f}x) "
+                "naive on-demand "
+                f"(goal ≥ 1.3x: {'met' if h['edgemoe_over_naive_paired'] >= 1.3 else 'NOT met'}, on "
+                "the paired figure); ratio to roofline "
+                f"{h['roofline_ratio']:.2f}, paired {h['roofline_ratio_paired'] or 0:.2f} (goal ≥ 0.87: "
+                f"{'met' if (h['roofline_ratio_paired'] or 0) >= 0.87 else 'NOT met'}, paired)"
+            )
+            e = next(m for m in large["modes"] if m["mode"] == "edgemoe" and m["budget"] == "25%")
+            res = next(m for m in large["modes"] if m["mode"] == "resident")
+            pairs = list(zip(res["decode_s_per_token_runs"], e["decode_s_per_token_runs"], strict=False))
+            med = sorted(pairs, key=lambda p: p[1])[len(pairs) // 2]  # the median repeat of edgemoe@25 %
+            c, t, st = med[0], med[1], e["stall_s_per_token"]
+            io = e["bytes_read_per_token"] / large["roofline_bw_bytes_per_s"]
+            out.append(
+                f"where the time goes ({name}, edgemoe@25 %, its median repeat): {t * 1e3:.0f} ms/token vs "
+                f"{c * 1e3:.0f} ms for the same repeat's resident run (everything cached): "
+                f"{(t - c) * 1e3:.0f} ms/token more, of which the op waited {st * 1e3:.0f} ms "
+                "(median stall) for "
+                f"{e['bytes_read_per_token'] / 1e6:.0f} MB of expert reads ({io * 1e3:.0f} ms at the probed "
+                f"{large['roofline_bw_bytes_per_s'] / 1e6:.0f} MB/s). The bound assumes reads fully overlap "
+                "compute (max); here reads are issued ahead only within one layer's call (no cross-layer "
+                "prefetch yet), so a miss overlaps the compute of the same layer's other experts but not the "
+                "attention or other layers: time ≈ compute + stall. Cross-layer prefetch is the lever."
+            )
+            if "rss_delta" in h:
+                out.append(
+                    f"{name}, edgemoe@25 %: peak RSS over the post-import baseline "
+                    f"{h['rss_delta'] / 2**20:.0f} MiB "
+                    f"≤ dense + budget + 64 MiB = {h['rss_limit'] / 2**20:.0f} MiB: "
+                    f"{'met' if h['rss_ok'] else 'NOT met'}"
+                )
+    k = results.get("kernels")
+    if k:
+        for r in k["results"]:
+            q = r["ours_over_qmoe"]
+            out.append(
+                f"kernel T={r['T']}: ours / ORT QMoE = {q:.2f}x, ours / MatMulNBits = "
+                f"{r['ours_over_matmulnbits']:.2f}x (goal ≤ 1.25x: {'met' if q <= 1.25 else 'NOT met'})"
+            )
+    for name, run in results["runs"].items():
+        la = run["machine"]["loadavg_start"][0]
+        if la >= 1.5:
+            out.append(
+                f"{name}: load average {la:.2f} (≥ 1.5) when the run started: other tenants were running; "
+                "the interleaving cancels slow drift, but absolute figures are pessimistic"
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--small")
+    ap.add_argument("--large")
+    ap.add_argument("--replay")
+    ap.add_argument("--trace")
+    ap.add_argument("--kernel-bundle")
+    ap.add_argument("--profile", default="rpi4", help="storage profile for the throttled run (small model)")
+    ap.add_argument("--budgets", default="10%,25%,50%,100%")
+    ap.add_argument("--large-budgets", default="10%,25%,50%")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--large-tokens", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--large-profile",
+        default="jetson-emmc",
+        help="storage profile for a throttled large-model run (naive vs edgemoe)",
+    )
+    ap.add_argument(
+        "--focus-repeats",
+        type=int,
+        default=5,
+        help="repeats of the large model's 25 %% headline run (inmemory, naive, mmap, edgemoe)",
+    )
+    ap.add_argument(
+        "--parts",
+        default="small,small-profile,large,large-focus,large-profile,replay,kernels",
+        help="which parts to run",
+    )
+    ap.add_argument("--merge", action="store_true", help="update an existing --out file with these parts")
+    a = ap.parse_args(argv)
+    parts = {p for p in a.parts.split(",") if p}
+
+    cmd = " ".join(["python -m edgemoe_ort.bench.suite"] + (argv or sys.argv[1:]))
+    results: dict[str, Any] = {
+        "commands": [cmd],
+        "runs": {},
+        "kernels": None,
+        "started": time.time(),
+        "notes": NOTES,
+    }
+    out = Path(a.out)
+    if a.merge and out.is_file():
+        old = json.loads(out.read_text())
+        old["commands"] = old.get("commands", []) + [cmd]
+        old["started"] = results["started"]
+        results = old
+    budgets = [b for b in a.budgets.split(",") if b]
+    large_budgets = [b for b in a.large_budgets.split(",") if b]
+    common = dict(repeats=a.repeats, threads=a.threads, log=_log)
+    if a.small and "small" in parts:
+        _log(f"== small model: {a.small}")
+        results["runs"]["small"] = run_bench(a.small, budgets=budgets, tokens=a.tokens, **common)
+    if a.small and a.profile and "small-profile" in parts:
+        _log(f"== small model, storage profile {a.profile}")
+        results["runs"][f"small-{a.profile}"] = run_bench(
+            a.small, budgets=["25%", "50%"], tokens=a.tokens, profile=a.profile, rss=False, **common
+        )
+    if a.large and "large" in parts:
+        _log(f"== large model: {a.large}")
+        results["runs"]["large"] = run_bench(a.large, budgets=large_budgets, tokens=a.large_tokens, **common)
+    if a.large and "large-focus" in parts:
+        _log(f"== large model, 25 % headline, {a.focus_repeats} repeats")
+        results["runs"]["large-25"] = run_bench(
+            a.large, budgets=["25%"], tokens=a.large_tokens, **dict(common, repeats=a.focus_repeats)
+        )
+    if a.large and a.large_profile and "large-profile" in parts:
+        _log(f"== large model, storage profile {a.large_profile}")
+        results["runs"][f"large-{a.large_profile}"] = run_bench(
+            a.large,
+            budgets=["25%", "50%"],
+            tokens=8,
+            profile=a.large_profile,
+            rss=False,
+            modes=["naive", "edgemoe"],
+            **common,
+        )
+    if a.replay and a.trace and "replay" in parts:
+        _log(f"== trace replay: {a.replay} <- {a.trace}")
+        results["runs"]["replay"] = run_bench(
+            a.replay, budgets=large_budgets, tokens=a.large_tokens, trace=a.trace, **common
+        )
+    if a.kernel_bundle and "kernels" in parts:
+        from edgemoe_ort.bench.kernels import kernel_bundle, run_kernel_bench
+
+        _log("== kernel micro-benchmark")
+        kb = kernel_bundle(a.kernel_bundle)
+        results["kernels"] = run_kernel_bench(kb.path, threads=1, log=_log)
+    results["findings"] = findings(results)
+    results["elapsed_s"] = time.time() - results["started"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(tmp, out)
+    _log(f"wrote {out} in {results['elapsed_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

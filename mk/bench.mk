@@ -1,0 +1,53 @@
+# Benchmarks (issue "Benchmarks side by side"): `make bench` regenerates docs/benchmarks.md and
+# docs/img/bench-*.png. Include from the Makefile after its own variables:   include mk/bench.mk
+#
+# Built once under build/bench/ (never committed; `make clean` removes them):
+#   large-hf/, large-bundle/  Mixtral-architecture random model, int4 store 1.16 GB (edgemoe_ort/bench/large.py),
+#                             exported with export_model (8 min here; the exporter peaks at ~20 GB RSS: it loads fp32)
+#   tiny-bundle/              the default model (models/edgemoe-tiny-mixtral) exported at int4 g64 (export_model)
+#   trace.npz                 routing of the default model (models/edgemoe-tiny-mixtral) over 64 greedy tokens
+#   replay-bundle/            24 layers of large synthetic experts (H 1024, I 3584, int4) the trace is replayed into
+#   kernel-bundle/            one layer, 2 experts at H 4096, I 14336, int4 g64 (kernel micro-benchmark)
+# `make bench` measures for ~15 min once the models exist (the large export adds ~8 min, the replay bundle ~1 min).
+# Measure on a quiet machine: the recipe warns when the 1-minute load average is >= 1.5.
+
+BENCH_DIR := $(BUILD)/bench
+BENCH_SMALL := $(BENCH_DIR)/tiny-bundle
+BENCH_LARGE := $(BENCH_DIR)/large-bundle
+BENCH_TRACE := $(BENCH_DIR)/trace.npz
+BENCH_REPLAY := $(BENCH_DIR)/replay-bundle
+BENCH_KERNEL := $(BENCH_DIR)/kernel-bundle
+BENCH_RESULTS := $(BENCH_DIR)/results.json
+BENCH_ARGS ?=
+
+.PHONY: bench bench-models bench-report
+
+# Order-only on the venv: editing the Python sources does not re-export the 1 GiB model.
+$(BENCH_LARGE)/manifest.json: | $(VENV)/.ok
+	@mkdir -p $(BENCH_DIR)
+	/usr/bin/time -v $(VPY) -m edgemoe_ort.bench.large $(BENCH_DIR)/large-hf $(BENCH_LARGE) \
+	  2> >(tee $(BENCH_DIR)/large-build.log | grep -E 'Elapsed|Maximum resident' >&2)
+
+$(BENCH_SMALL)/manifest.json: $(shell find $(DEMO_MODEL) -type f 2>/dev/null) | $(VENV)/.ok
+	$(VPY) -c "from edgemoe_ort.export import export_model; \
+	  export_model('$(DEMO_MODEL)', '$(BENCH_SMALL)', bits=4, group_size=64, force=True)"
+
+$(BENCH_TRACE): $(BENCH_SMALL)/manifest.json | $(LIB)
+	$(VPY) -m edgemoe_ort.bench.trace record $(BENCH_SMALL) $@ --tokens 64
+
+$(BENCH_REPLAY)/manifest.json: $(BENCH_TRACE)
+	$(VPY) -m edgemoe_ort.bench.trace replay-bundle $(BENCH_TRACE) $(BENCH_REPLAY) \
+	  --hidden 1024 --intermediate 3584 --layers 24
+
+bench-models: $(LIB) $(BENCH_SMALL)/manifest.json $(BENCH_LARGE)/manifest.json $(BENCH_REPLAY)/manifest.json
+
+bench: bench-models
+	@load=$$(cut -d' ' -f1 /proc/loadavg); \
+	if awk "BEGIN{exit !($$load >= 1.5)}"; then \
+	  echo "bench: WARNING: load average $$load >= 1.5: other work is running, the figures will be noisy"; fi
+	$(VPY) -m edgemoe_ort.bench.suite --out $(BENCH_RESULTS) --small $(BENCH_SMALL) --large $(BENCH_LARGE) \
+	  --replay $(BENCH_REPLAY) --trace $(BENCH_TRACE) --kernel-bundle $(BENCH_KERNEL) $(BENCH_ARGS)
+	$(VPY) -m edgemoe_ort.bench.report $(BENCH_RESULTS) docs/benchmarks.md docs/img
+
+bench-report:
+	$(VPY) -m edgemoe_ort.bench.report $(BENCH_RESULTS) docs/benchmarks.md docs/img

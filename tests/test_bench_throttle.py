@@ -71,6 +71,9 @@ def test_unthrottled_reports_zero(bundle):
         {"throttle_bw": "fast"},
         {"throttle_bw": float("inf")},
         {"throttle_latency_us": True},
+        {"throttle_latency_us": 1e300},
+        {"throttle_bw": 1e-12},
+        {"throttle_bw": 1e14},
     ],
 )
 def test_runtime_options_validate(bad):
@@ -86,6 +89,9 @@ def test_runtime_options_validate(bad):
         ("edgemoe.throttle_bw", "10%"),
         ("edgemoe.throttle_latency_us", "1ms"),
         ("edgemoe.throttle_latency_us", ""),
+        ("edgemoe.throttle_latency_us", "1e300"),
+        ("edgemoe.throttle_bw", "1e-12"),
+        ("edgemoe.throttle_bw", "99999TB"),
     ],
 )
 def test_config_entries_rejected_at_registration(bundle, key, value):

@@ -13,7 +13,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
+#include <sstream>
 
 #include "edgemoe/kernels.h"
 
@@ -112,27 +114,67 @@ double parse_nonneg(const std::string& key, const std::string& spec_in, bool uni
   if (end == spec.c_str() || *end != '\0' || !(v >= 0) || !std::isfinite(v)) throw bad();
   return v;
 }
+
+std::string num_str(double v) {
+  std::ostringstream o;
+  o.precision(15);
+  o << v;
+  return o.str();
+}
+
+constexpr const char* kBwExpected = "0 (off) or a read bandwidth in bytes per second in [1, 1e13]";
+constexpr const char* kLatencyExpected = "0 (off) or a per-read latency in microseconds in (0, 1e9]";
+
+void check_bw(double v, const std::string& found) {
+  if (!(v == 0 || (v >= kMinThrottleBw && v <= kMaxThrottleBw)))
+    throw Error(std::string("edgemoe.throttle_bw: out of range: expected ") + kBwExpected + ", found " + found);
+}
+void check_latency(double v, const std::string& found) {
+  if (!(v >= 0 && v <= kMaxThrottleLatencyUs))
+    throw Error(std::string("edgemoe.throttle_latency_us: out of range: expected ") + kLatencyExpected + ", found " +
+                found);
+}
+
+// Nanoseconds as a duration, saturated to [0, max] (never a double -> int64 conversion out of range).
+Clock::duration ns_sat(double ns) {
+  if (!(ns > 0)) return Clock::duration::zero();  // also NaN
+  const auto d = std::chrono::duration<double, std::nano>(ns);
+  if (d >= std::chrono::duration<double, std::nano>(Clock::duration::max())) return Clock::duration::max();
+  return std::chrono::duration_cast<Clock::duration>(d);
+}
+Clock::time_point add_sat(Clock::time_point t, Clock::duration d) {
+  if (d > Clock::duration::zero() && t.time_since_epoch() > Clock::duration::zero() &&
+      d > Clock::time_point::max() - t)
+    return Clock::time_point::max();
+  return t + d;
+}
 }  // namespace
 
+void validate_throttle(double bytes_per_s, double latency_us) {
+  check_bw(bytes_per_s, num_str(bytes_per_s));
+  check_latency(latency_us, num_str(latency_us));
+}
+
 double parse_throttle_bw(const std::string& spec) {
-  return parse_nonneg("edgemoe.throttle_bw", spec, true,
-                      "a read bandwidth in bytes per second ('100000000', '90MB', '1.5GiB'; 0 = off)");
+  const double v = parse_nonneg("edgemoe.throttle_bw", spec, true, kBwExpected);
+  check_bw(v, "'" + spec + "'");
+  return v;
 }
 
 double parse_throttle_latency_us(const std::string& spec) {
-  return parse_nonneg("edgemoe.throttle_latency_us", spec, false,
-                      "a per-read latency in microseconds (a number >= 0; 0 = off)");
+  const double v = parse_nonneg("edgemoe.throttle_latency_us", spec, false, kLatencyExpected);
+  check_latency(v, "'" + spec + "'");
+  return v;
 }
 
 Clock::time_point Throttle::complete_at(Clock::time_point start, uint64_t bytes) {
-  const auto lat = std::chrono::nanoseconds(static_cast<int64_t>(latency_us_ * 1e3));
-  const auto xfer = std::chrono::nanoseconds(
-      bw_ > 0 ? static_cast<int64_t>(static_cast<double>(bytes) / bw_ * 1e9) : int64_t{0});
+  const Clock::duration lat = ns_sat(latency_us_ * 1e3);
+  const Clock::duration xfer = bw_ > 0 ? ns_sat(static_cast<double>(bytes) / bw_ * 1e9) : Clock::duration::zero();
   std::lock_guard<std::mutex> lk(mu_);
   // The command is issued at `start`; its data moves after its latency, once the device is free (one
   // bandwidth for all readers: transfers are serialized, latencies overlap).
-  const Clock::time_point xfer_start = std::max(start + lat, device_free_);
-  device_free_ = xfer_start + xfer;
+  const Clock::time_point xfer_start = std::max(add_sat(start, lat), device_free_);
+  device_free_ = add_sat(xfer_start, xfer);
   return device_free_;
 }
 
@@ -147,6 +189,11 @@ AlignedBuffer::AlignedBuffer(size_t bytes, size_t alignment) : size_(bytes) {
 void AlignedBuffer::Free::operator()(uint8_t* p) const noexcept { std::free(p); }
 
 // --- BlobReader ------------------------------------------------------------------------------------------
+void UniqueFd::reset(int fd) noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = fd;
+}
+
 BlobReader::BlobReader(const std::string& path, uint64_t file_size, IoMode mode)
     : path_(path), file_size_(file_size), mode_(mode) {
   auto open_error = [&](const char* how) {
@@ -155,8 +202,8 @@ BlobReader::BlobReader(const std::string& path, uint64_t file_size, IoMode mode)
                                "a readable file", err == ENOENT ? "nothing" : std::strerror(err)));
   };
   if (mode_ == IoMode::Direct) {
-    fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
-    if (fd_ < 0) {
+    fd_.reset(::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT));
+    if (!fd_) {
       if (errno != EINVAL) throw open_error("O_DIRECT");
       note_ = "O_DIRECT not supported for " + path_ + " (open: " + std::strerror(EINVAL) +
               "); using buffered reads + POSIX_FADV_DONTNEED";
@@ -164,14 +211,18 @@ BlobReader::BlobReader(const std::string& path, uint64_t file_size, IoMode mode)
       // Some filesystems accept O_DIRECT at open and refuse it at read time: probe one aligned block.
       AlignedBuffer probe(4096, 4096);
       ssize_t r;
+      int err = 0;
       do {
-        r = ::pread(fd_, probe.data(), 4096, 0);
-      } while (r < 0 && errno == EINTR);
-      if (r < 0 && errno == EINVAL) {
-        ::close(fd_);
-        fd_ = -1;
+        r = ::pread(fd_.get(), probe.data(), 4096, 0);
+        err = r < 0 ? errno : 0;
+      } while (r < 0 && err == EINTR);
+      if (r < 0 && err == EINVAL) {
+        fd_.reset();
         note_ = "O_DIRECT not supported for " + path_ + " (read: " + std::strerror(EINVAL) +
                 "); using buffered reads + POSIX_FADV_DONTNEED";
+      } else if (r < 0) {
+        throw Error(error_message(path_, -1, -1, "store.file", "cannot read the store (O_DIRECT probe of the first block)",
+                                  "a readable file", std::strerror(err)));
       } else {
         direct_ = true;
       }
@@ -180,15 +231,14 @@ BlobReader::BlobReader(const std::string& path, uint64_t file_size, IoMode mode)
     }
     if (!direct_) mode_ = IoMode::Buffered;
   }
-  if (fd_ < 0) {
-    fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) throw open_error(mode_ == IoMode::Mmap ? "mmap" : "buffered");
+  if (!fd_) {
+    fd_.reset(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd_) throw open_error(mode_ == IoMode::Mmap ? "mmap" : "buffered");
   }
   if (mode_ == IoMode::Mmap && file_size_ > 0) {
-    void* p = ::mmap(nullptr, file_size_, PROT_READ, MAP_SHARED, fd_, 0);
+    void* p = ::mmap(nullptr, file_size_, PROT_READ, MAP_SHARED, fd_.get(), 0);
     if (p == MAP_FAILED) {
       const int err = errno;
-      ::close(fd_);
       throw Error(error_message(path_, -1, -1, "store.file", "cannot mmap the store", "a mappable file",
                                 std::strerror(err)));
     }
@@ -199,7 +249,6 @@ BlobReader::BlobReader(const std::string& path, uint64_t file_size, IoMode mode)
 
 BlobReader::~BlobReader() {
   if (map_) ::munmap(const_cast<uint8_t*>(map_), map_len_);
-  if (fd_ >= 0) ::close(fd_);
 }
 
 void BlobReader::read(uint64_t offset, uint64_t length, uint8_t* dst, const std::string& what) const {
@@ -210,7 +259,7 @@ void BlobReader::read(uint64_t offset, uint64_t length, uint8_t* dst, const std:
   if (mode_ == IoMode::Mmap) {
     // The mapping was made at the validated size; a file truncated since then would SIGBUS on access.
     struct stat st {};
-    if (::fstat(fd_, &st) != 0) throw fail("fstat failed", std::strerror(errno));
+    if (::fstat(fd_.get(), &st) != 0) throw fail("fstat failed", std::strerror(errno));
     if (static_cast<uint64_t>(st.st_size) < offset + length || offset + length > map_len_)
       throw fail("truncated store", "a file of " + std::to_string(st.st_size) + " bytes");
     std::memcpy(dst, map_ + offset, length);
@@ -218,12 +267,12 @@ void BlobReader::read(uint64_t offset, uint64_t length, uint8_t* dst, const std:
     const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
     const uint64_t a = offset / page * page;
     ::madvise(const_cast<uint8_t*>(map_) + a, offset + length - a, MADV_DONTNEED);
-    ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
+    ::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
     return;
   }
   uint64_t done = 0;
   while (done < length) {
-    const ssize_t r = ::pread(fd_, dst + done, length - done, static_cast<off_t>(offset + done));
+    const ssize_t r = ::pread(fd_.get(), dst + done, length - done, static_cast<off_t>(offset + done));
     if (r < 0) {
       if (errno == EINTR) continue;
       throw fail(std::string("read failed: ") + std::strerror(errno), std::to_string(done) + " bytes");
@@ -232,7 +281,7 @@ void BlobReader::read(uint64_t offset, uint64_t length, uint8_t* dst, const std:
     done += static_cast<uint64_t>(r);
   }
   if (mode_ == IoMode::Buffered)
-    ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
+    ::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
 }
 
 // --- ExpertStore -----------------------------------------------------------------------------------------
@@ -270,9 +319,7 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
     throw Error("edgemoe.io_threads: expected an integer in [1, 256], found " + std::to_string(options_.io_threads));
   policy_ = make_policy(options_.policy);
   reader_ = std::make_unique<BlobReader>(manifest_.store_path.string(), manifest_.store_size, options_.io_mode);
-  if (options_.throttle_bw < 0 || options_.throttle_latency_us < 0 || !std::isfinite(options_.throttle_bw) ||
-      !std::isfinite(options_.throttle_latency_us))
-    throw Error("edgemoe.throttle_bw / edgemoe.throttle_latency_us: expected non-negative numbers");
+  validate_throttle(options_.throttle_bw, options_.throttle_latency_us);
   if (options_.throttle_bw > 0 || options_.throttle_latency_us > 0)
     throttle_ = std::make_unique<Throttle>(options_.throttle_bw, options_.throttle_latency_us);
   verified_.assign(manifest_.num_records(), 0);
@@ -305,6 +352,7 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
       stopping_ = true;
     }
     q_cv_.notify_all();
+    stop_cv_.notify_all();
     for (auto& t : workers_) t.join();
     stats_->attached = false;
     throw;
@@ -318,6 +366,7 @@ ExpertStore::~ExpertStore() {
     queue_.clear();  // pending reads nobody waits for (pins never outlive the store)
   }
   q_cv_.notify_all();
+  stop_cv_.notify_all();  // a throttled read in progress stops sleeping
   for (auto& t : workers_) t.join();
   std::lock_guard<std::mutex> lk(mu_);
   for (auto& kv : entries_) kv.second->buf = AlignedBuffer();
@@ -335,6 +384,26 @@ uint64_t ExpertStore::resident_bytes() const {
 bool ExpertStore::is_resident(int32_t layer, int32_t expert) const {
   std::lock_guard<std::mutex> lk(mu_);
   return entries_.count(ExpertKey{layer, expert}) != 0;
+}
+
+ExpertStore::ReadJob ExpertStore::new_job() {
+  ReadJob job;
+  job.push_back(std::make_shared<Entry>());
+  return job;
+}
+
+// Publishes a new entry in entries_ and the policy. Strong guarantee: if anything throws, neither holds it.
+void ExpertStore::insert_locked(const std::shared_ptr<Entry>& e, bool access) {
+  entries_.emplace(e->key, e);  // on exception: nothing inserted
+  try {
+    policy_->on_insert(e->key, e->rec->length);
+    if (access) policy_->on_access(e->key);
+  } catch (...) {
+    entries_.erase(e->key);
+    policy_->on_remove(e->key);
+    throw;
+  }
+  e->cached = true;
 }
 
 bool ExpertStore::try_reserve_locked(uint64_t bytes) {
@@ -388,13 +457,14 @@ void ExpertStore::evict_locked(const std::shared_ptr<Entry>& e) {
 
 std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expert, bool block) {
   const ExpertRecord& rec = manifest_.record(layer, expert);  // throws for an unknown expert
+  const size_t index = manifest_.record_index(layer, expert);
   const ExpertKey key{layer, expert};
   const auto t0 = Clock::now();
   bool waited = false;
   auto account_wait = [&] {
     if (waited) stats_->stall_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
   };
-  std::shared_ptr<Entry> started;
+  ReadJob job;  // allocated before any bytes are reserved
   {
     std::unique_lock<std::mutex> lk(mu_);
     current_layer_ = layer;
@@ -403,8 +473,8 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
         auto it = entries_.find(key);
         if (it != entries_.end()) {
           std::shared_ptr<Entry> e = it->second;  // Loading or Ready (failed entries are removed)
+          policy_->on_access(key);  // before the pin: if it throws, nothing changed
           ++e->pins;
-          policy_->on_access(key);
           const bool first_prefetched_use = e->by_prefetch && !e->used;
           if (e->state == Entry::State::Ready) {
             stats_->hits.fetch_add(1, std::memory_order_relaxed);
@@ -419,22 +489,26 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
           return Pin(this, std::move(e));
         }
       }
+      if (job.empty()) job = new_job();
       if (try_reserve_locked(rec.length)) {
-        auto e = std::make_shared<Entry>();
-        e->key = key;
-        e->rec = &rec;
-        e->index = manifest_.record_index(layer, expert);
-        e->pins = 1;
-        e->used = true;
-        e->accounted = true;
+        Entry& e = *job.front();
+        e.key = key;
+        e.rec = &rec;
+        e.index = index;
+        e.pins = 1;
+        e.used = true;
+        e.accounted = true;
         if (policy_) {
-          e->cached = true;
-          entries_.emplace(key, e);
-          policy_->on_insert(key, rec.length);
-          policy_->on_access(key);
+          try {
+            insert_locked(job.front(), true);
+          } catch (...) {
+            release_bytes_locked(e);  // roll back the reservation (it may also have evicted: wake waiters)
+            lk.unlock();
+            cv_.notify_all();
+            throw;
+          }
         }
         stats_->misses.fetch_add(1, std::memory_order_relaxed);
-        started = std::move(e);
         break;
       }
       if (!block) return std::nullopt;
@@ -444,8 +518,8 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
     }
   }
   account_wait();
-  Pin pin(this, started);
-  enqueue_read(std::move(started));
+  Pin pin(this, job.front());
+  enqueue_read(std::move(job));
   return pin;
 }
 
@@ -460,27 +534,34 @@ std::optional<ExpertStore::Pin> ExpertStore::try_acquire(int32_t layer, int32_t 
 
 bool ExpertStore::prefetch(int32_t layer, int32_t expert) {
   const ExpertRecord& rec = manifest_.record(layer, expert);
+  const size_t index = manifest_.record_index(layer, expert);
   const ExpertKey key{layer, expert};
-  std::shared_ptr<Entry> e;
+  ReadJob job;
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    std::unique_lock<std::mutex> lk(mu_);
     if (!policy_ || entries_.count(key)) return false;
+    job = new_job();  // allocated before any bytes are reserved
     if (!try_reserve_locked(rec.length)) {
       stats_->prefetch_dropped.fetch_add(1, std::memory_order_relaxed);
       return false;
     }
-    e = std::make_shared<Entry>();
-    e->key = key;
-    e->rec = &rec;
-    e->index = manifest_.record_index(layer, expert);
-    e->by_prefetch = true;
-    e->accounted = true;
-    e->cached = true;
-    entries_.emplace(key, e);
-    policy_->on_insert(key, rec.length);
+    Entry& e = *job.front();
+    e.key = key;
+    e.rec = &rec;
+    e.index = index;
+    e.by_prefetch = true;
+    e.accounted = true;
+    try {
+      insert_locked(job.front(), false);
+    } catch (...) {
+      release_bytes_locked(e);
+      lk.unlock();
+      cv_.notify_all();
+      throw;
+    }
     stats_->prefetch_issued.fetch_add(1, std::memory_order_relaxed);
   }
-  enqueue_read(std::move(e));
+  enqueue_read(std::move(job));
   return true;
 }
 
@@ -501,15 +582,27 @@ void ExpertStore::wait_ready(const std::shared_ptr<Entry>& e) {
     cv_.wait(lk, [&] { return e->state != Entry::State::Loading; });
     stats_->stall_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
   }
-  if (e->state == Entry::State::Failed) throw Error(e->error);
+  if (e->state == Entry::State::Failed) {
+    if (e->error.empty())  // the reader had no message (or no memory to build one)
+      throw Error(manifest_.store_path.string() + ": layer " + std::to_string(e->rec->layer) + " expert " +
+                  std::to_string(e->rec->expert) + ": read failed (no error message; out of memory?)");
+    throw Error(e->error);
+  }
 }
 
-void ExpertStore::enqueue_read(std::shared_ptr<Entry> e) {
+void ExpertStore::enqueue_read(ReadJob job) noexcept {
   {
     std::lock_guard<std::mutex> lk(q_mu_);
-    queue_.push_back(std::move(e));
+    queue_.splice(queue_.end(), job);  // no allocation: cannot throw
   }
   q_cv_.notify_one();
+}
+
+// Sleeps until `until` or until the store is stopping (then returns false), so a long emulated read never
+// delays the destructor.
+bool ExpertStore::throttle_wait(Clock::time_point until) {
+  std::unique_lock<std::mutex> lk(q_mu_);
+  return !stop_cv_.wait_until(lk, until, [&] { return stopping_; });
 }
 
 void ExpertStore::io_worker() {
@@ -528,10 +621,11 @@ void ExpertStore::io_worker() {
 
 void ExpertStore::read_entry(const std::shared_ptr<Entry>& e) noexcept {
   const ExpertRecord& rec = *e->rec;
-  const std::string what = "layer " + std::to_string(rec.layer) + " expert " + std::to_string(rec.expert);
-  std::string err;
+  bool ok = false;
+  std::string err;  // may stay empty on failure (no message, or no memory for it): wait_ready reports one
   AlignedBuffer buf;
   try {
+    const std::string what = "layer " + std::to_string(rec.layer) + " expert " + std::to_string(rec.expert);
     buf = AlignedBuffer(rec.length, 4096);
     const auto t0 = Clock::now();
     reader_->read(rec.offset, rec.length, buf.data(), what);
@@ -540,8 +634,9 @@ void ExpertStore::read_entry(const std::shared_ptr<Entry>& e) noexcept {
       const auto until = throttle_->complete_at(t0, rec.length);
       const auto now = Clock::now();
       if (until > now) {
-        std::this_thread::sleep_until(until);
+        const bool completed = throttle_wait(until);
         stats_->throttle_ns.fetch_add(ns_since(now), std::memory_order_relaxed);
+        if (!completed) throw Error(manifest_.store_path.string() + ": " + what + ": read abandoned (store closing)");
       }
     }
     stats_->read_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
@@ -566,22 +661,30 @@ void ExpertStore::read_entry(const std::shared_ptr<Entry>& e) noexcept {
         stats_->checksums_verified.fetch_add(1, std::memory_order_relaxed);
       }
     }
+    ok = true;
   } catch (const std::bad_alloc&) {
-    err = manifest_.store_path.string() + ": " + what + ": out of memory allocating " +
-          std::to_string(rec.length) + " bytes";
+    try {
+      err = manifest_.store_path.string() + ": layer " + std::to_string(rec.layer) + " expert " +
+            std::to_string(rec.expert) + ": out of memory reading " + std::to_string(rec.length) + " bytes";
+    } catch (...) {  // no memory for the message either: wait_ready reports a generic one
+    }
   } catch (const std::exception& ex) {
-    err = ex.what();
+    try {
+      err = ex.what();
+    } catch (...) {
+    }
+  } catch (...) {
   }
   {
     std::lock_guard<std::mutex> lk(mu_);
-    if (err.empty()) {
+    if (ok) {
       e->buf = std::move(buf);
       e->state = Entry::State::Ready;
       if (!e->cached && e->pins == 0) release_bytes_locked(*e);  // uncached and abandoned while in flight
     } else {
       buf = AlignedBuffer();
       e->state = Entry::State::Failed;
-      e->error = err;
+      e->error = std::move(err);
       if (e->cached) {
         auto it = entries_.find(e->key);
         if (it != entries_.end() && it->second == e) entries_.erase(it);

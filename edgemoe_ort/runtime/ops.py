@@ -151,10 +151,17 @@ class RuntimeOptions:
 
     def validate(self) -> None:
         parse_budget(self.budget, 1 << 50)  # syntax (a percentage is resolved against the store later)
-        for name in ("throttle_bw", "throttle_latency_us"):
+        # Same ranges as the C++ store (edgemoe.throttle_*): 0 = off.
+        throttle_ranges = (("throttle_bw", 1, 1e13, "bytes/s"), ("throttle_latency_us", 0, 1e9, "us"))
+        for name, lo, hi, unit in throttle_ranges:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}: expected a number >= 0 (0 = off), found {v!r}")
+            if (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or not (v == 0 or lo <= v <= hi)
+            ):
+                raise ValueError(
+                    f"{name}: expected 0 (off) or a number in [{lo:g}, {hi:g}] {unit}, found {v!r}"
+                )
         if self.policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, found {self.policy!r}")
         if self.io not in IO_MODES:

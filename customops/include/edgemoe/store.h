@@ -13,8 +13,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <functional>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -48,14 +48,21 @@ struct StoreOptions {
   // Storage emulation (edgemoe.throttle_bw / edgemoe.throttle_latency_us): a blob read takes
   // max(real time, latency + bytes / bw). Transfers of concurrent I/O threads share one bandwidth (one device);
   // latencies overlap. 0 = off. The I/O thread sleeps, so emulated reads overlap compute like real ones.
-  double throttle_bw = 0;          // bytes per second
-  double throttle_latency_us = 0;  // per read
+  double throttle_bw = 0;          // bytes per second: 0 or [kMinThrottleBw, kMaxThrottleBw]
+  double throttle_latency_us = 0;  // per read: [0, kMaxThrottleLatencyUs]
 };
 
-// "100000000", "90MB" (10^6), "1.5GiB" (per second), "0" = off. Throws edgemoe::Error.
+// Accepted throttle ranges (0 = off for both).
+constexpr double kMinThrottleBw = 1;              // bytes per second
+constexpr double kMaxThrottleBw = 1e13;           // bytes per second (10 TB/s)
+constexpr double kMaxThrottleLatencyUs = 1e9;     // microseconds (1000 s)
+
+// "100000000", "90MB" (10^6), "1.5GiB" (per second), "0" = off. Throws edgemoe::Error (also out of range).
 double parse_throttle_bw(const std::string& spec);
-// Microseconds, a non-negative number. Throws edgemoe::Error.
+// Microseconds, a number in [0, kMaxThrottleLatencyUs]. Throws edgemoe::Error.
 double parse_throttle_latency_us(const std::string& spec);
+// Throws edgemoe::Error naming the key, the accepted range and the value if either is out of range.
+void validate_throttle(double bytes_per_s, double latency_us);
 
 // The emulated device: one bandwidth shared by every reader, a fixed latency per read.
 class Throttle {
@@ -63,7 +70,7 @@ class Throttle {
   Throttle(double bytes_per_s, double latency_us) : bw_(bytes_per_s), latency_us_(latency_us) {}
   bool enabled() const { return bw_ > 0 || latency_us_ > 0; }
   // The instant at which a read of `bytes` that started at `start` completes on the emulated device
-  // (reserves its transfer on the shared timeline).
+  // (reserves its transfer on the shared timeline). Saturates at time_point::max() instead of overflowing.
   std::chrono::steady_clock::time_point complete_at(std::chrono::steady_clock::time_point start, uint64_t bytes);
 
  private:
@@ -89,6 +96,32 @@ class AlignedBuffer {
   size_t size_ = 0;
 };
 
+// Owns a file descriptor: closed on destruction (also when a constructor holding it throws).
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) noexcept : fd_(fd) {}
+  ~UniqueFd() { reset(); }
+  UniqueFd(UniqueFd&& o) noexcept : fd_(o.release()) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) reset(o.release());
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  int get() const { return fd_; }
+  explicit operator bool() const { return fd_ >= 0; }
+  int release() noexcept {
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  void reset(int fd = -1) noexcept;
+
+ private:
+  int fd_ = -1;
+};
+
 // Reads byte ranges of the store file in the configured I/O mode.
 class BlobReader {
  public:
@@ -105,7 +138,7 @@ class BlobReader {
   std::string path_;
   uint64_t file_size_ = 0;
   IoMode mode_;
-  int fd_ = -1;
+  UniqueFd fd_;
   bool direct_ = false;
   std::string note_;
   const uint8_t* map_ = nullptr;
@@ -170,12 +203,18 @@ class ExpertStore {
 
  private:
   std::optional<Pin> request(int32_t layer, int32_t expert, bool block);
+  // A read allocated before its bytes are reserved: one Loading entry in a one-node list that enqueue_read
+  // splices into queue_ without allocating (nothing that can throw happens between reserve and enqueue).
+  using ReadJob = std::list<std::shared_ptr<Entry>>;
+  static ReadJob new_job();
   bool try_reserve_locked(uint64_t bytes);
+  void insert_locked(const std::shared_ptr<Entry>& e, bool access);
   void evict_locked(const std::shared_ptr<Entry>& e);
   void release_bytes_locked(Entry& e);
   void unpin(const std::shared_ptr<Entry>& e) noexcept;
   void wait_ready(const std::shared_ptr<Entry>& e);
-  void enqueue_read(std::shared_ptr<Entry> e);
+  void enqueue_read(ReadJob job) noexcept;
+  bool throttle_wait(std::chrono::steady_clock::time_point until);
   void read_entry(const std::shared_ptr<Entry>& e) noexcept;
   void io_worker();
 
@@ -195,8 +234,9 @@ class ExpertStore {
   int32_t current_layer_ = -1;
 
   std::mutex q_mu_;
-  std::condition_variable q_cv_;
-  std::deque<std::shared_ptr<Entry>> queue_;
+  std::condition_variable q_cv_;     // queue_ non-empty or stopping_
+  std::condition_variable stop_cv_;  // stopping_ (wakes throttled reads; separate so enqueue wakes an idle worker)
+  ReadJob queue_;
   bool stopping_ = false;
   std::vector<std::thread> workers_;
 };

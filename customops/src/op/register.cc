@@ -325,14 +325,20 @@ RuntimeConfig read_config(const OrtApi& api, const OrtSessionOptions* so) {
 extern "C" EDGEMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                      const OrtApiBase* api_base) {
   using namespace edgemoe;
+  // No exception may cross this C boundary.
   if (api_base == nullptr) return nullptr;  // cannot even report: ORT always passes it
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) {
     const OrtApi* v1 = api_base->GetApi(1);
-    const std::string msg = std::string("libedgemoe_customops.so needs ONNX Runtime API version ") +
-                            std::to_string(ORT_API_VERSION) + " (onnxruntime >= 1." + std::to_string(ORT_API_VERSION) +
-                            "); this runtime is " + api_base->GetVersionString();
-    return v1 ? v1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+    if (v1 == nullptr) return nullptr;
+    try {
+      const std::string msg = std::string("libedgemoe_customops.so needs ONNX Runtime API version ") +
+                              std::to_string(ORT_API_VERSION) + " (onnxruntime >= 1." +
+                              std::to_string(ORT_API_VERSION) + "); this runtime is " + api_base->GetVersionString();
+      return v1->CreateStatus(ORT_FAIL, msg.c_str());
+    } catch (...) {
+      return v1->CreateStatus(ORT_FAIL, "libedgemoe_customops.so: this ONNX Runtime is too old");
+    }
   }
   Ort::InitApi(api);
   try {
@@ -367,8 +373,17 @@ extern "C" EDGEMOE_EXPORT int64_t edgemoe_store_stats_json(const char* store_id,
 }
 
 extern "C" EDGEMOE_EXPORT void edgemoe_store_reset_stats(const char* store_id) {
-  if (store_id == nullptr) return;
-  if (auto s = edgemoe::stats_find(store_id)) s->reset();
+  try {
+    if (store_id == nullptr) return;
+    if (auto s = edgemoe::stats_find(store_id)) s->reset();
+  } catch (...) {  // (out of memory building the lookup key): nothing reset, nothing crosses the C boundary
+  }
 }
 
-extern "C" EDGEMOE_EXPORT const char* edgemoe_kernel_path(void) { return edgemoe::kernel_path(); }
+extern "C" EDGEMOE_EXPORT const char* edgemoe_kernel_path(void) {
+  try {
+    return edgemoe::kernel_path();
+  } catch (...) {
+    return "unknown";
+  }
+}

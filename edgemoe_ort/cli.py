@@ -182,9 +182,8 @@ def inspect(
 # --- edgemoe-bench ---------------------------------------------------------------------------------
 bench_app = typer.Typer(
     add_completion=False,
-    help="Benchmark a bundle side by side: all-in-memory (ORT QMoE/MoE), naive on-demand, mmap and "
-         "the edgemoe "
-    "cache at several budgets, interleaved in one process, with the storage roofline.",
+    help="Benchmark a bundle side by side: all-in-memory (ORT QMoE/MoE), naive on-demand, mmap and the"
+    " edgemoe cache at several budgets, interleaved in one process, with the storage roofline.",
 )
 
 
@@ -196,14 +195,18 @@ def bench(
         "10%,25%,50%,100%"
     ),
     tokens: Annotated[int, typer.Option(help="tokens per generation (decode steps + 1)")] = 16,
-    prompt_file: Annotated[Path | None, typer.Option(help="prompt text (token ids if the bundle has no "
-                                                          "tokenizer)")] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="prompt text (token ids if the bundle has no tokenizer)")
+    ] = None,
     repeats: Annotated[int, typer.Option(help="interleaved repeats per mode (median reported)")] = 3,
-    profile: Annotated[str | None, typer.Option(help="storage profile (profiles/NAME.toml): "
-                                                     "throttles the store "
-                                                     "to its bandwidth/latency")] = None,
-    trace: Annotated[Path | None, typer.Option(help="replay a routing trace (.npz) into a make_moe_graph "
-                                                    "bundle instead of generating")] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="storage profile (profiles/NAME.toml): throttle reads to its bandwidth/latency"),
+    ] = None,
+    trace: Annotated[
+        Path | None,
+        typer.Option(help="replay a routing trace (.npz) into a make_moe_graph bundle instead of generating"),
+    ] = None,
     modes: Annotated[str | None, typer.Option(help="subset: inmemory,naive,mmap,edgemoe")] = None,
     threads: Annotated[int | None, typer.Option(help="ORT intra-op threads")] = None,
     io_threads: Annotated[int, typer.Option(help="I/O threads")] = 2,
@@ -224,19 +227,19 @@ def bench(
     prompt_ids = None
     if prompt_file is not None:
         from edgemoe_ort.bundle import Bundle
-        from edgemoe_ort.runtime.generate import _load_tokenizer
+        from edgemoe_ort.runtime.generate import load_tokenizer
 
         text = prompt_file.read_text(encoding="utf-8")
-        tok = _load_tokenizer(Bundle.open(bundle))
+        tok = load_tokenizer(Bundle.open(bundle))
         if tok is not None:
             prompt_ids = list(tok.encode(text, add_special_tokens=False).ids)
         else:
             try:
                 prompt_ids = [int(t) for t in text.split()]
             except ValueError:
-                raise ValueError(f"{prompt_file}: the bundle has no tokenizer: expected "
-                                 "whitespace-separated token "
-                                 "ids") from None
+                raise ValueError(
+                    f"{prompt_file}: the bundle has no tokenizer: expected whitespace-separated token ids"
+                ) from None
         if not prompt_ids:
             raise ValueError(f"{prompt_file}: empty prompt")
     result = run_bench(

@@ -412,9 +412,9 @@ def make_workload(
         return ReplayWorkload(bundle, trace, tokens)
     if prompt_ids is None and bundle.tokenizer_path is not None:
         from edgemoe_ort.bench.trace import DEFAULT_PROMPT
-        from edgemoe_ort.runtime.generate import _load_tokenizer
+        from edgemoe_ort.runtime.generate import load_tokenizer
 
-        tok = _load_tokenizer(bundle)
+        tok = load_tokenizer(bundle)
         if tok is not None:
             prompt_ids = list(tok.encode(DEFAULT_PROMPT, add_special_tokens=False).ids)
     if prompt_ids is None:

@@ -73,11 +73,11 @@ def record_trace(
 ) -> dict[str, Any]:
     """Greedy-generate ``tokens`` tokens from ``prompt`` with the bundle and save the routing of "
     "every step."""
-    from edgemoe_ort.runtime.generate import MoEModel, _load_tokenizer
+    from edgemoe_ort.runtime.generate import MoEModel, load_tokenizer
     from edgemoe_ort.runtime.ops import ExpertSession, RuntimeOptions, make_session_options
 
     bundle = Bundle.open(bundle_dir)
-    tok = _load_tokenizer(bundle)
+    tok = load_tokenizer(bundle)
     with tempfile.TemporaryDirectory() as td:
         path, taps = _routing_graph(bundle, Path(td))
         opts = RuntimeOptions()

@@ -266,7 +266,7 @@ class MoEModel(_Generator):
                 " MoEModel serves decoder-only bundles (graphs: decoder); use load_model() for any bundle"
             )
         session = open_session(bundle.graph_path("decoder"), bundle.path, options or RuntimeOptions())
-        return cls(bundle, session, _load_tokenizer(bundle))
+        return cls(bundle, session, load_tokenizer(bundle))
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((batch, heads, 0, dim), np.float32) for name, heads, dim in self._past_specs}
@@ -354,7 +354,7 @@ class Seq2SeqMoEModel(_Generator):
             )
             for role in ("encoder", "decoder")
         ]
-        return cls(bundle, sessions[0], sessions[1], _load_tokenizer(bundle))
+        return cls(bundle, sessions[0], sessions[1], load_tokenizer(bundle))
 
     def _decode(self, token: int, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         feeds = {"input_ids": np.asarray([[token]], dtype=np.int64), **state}
@@ -385,7 +385,7 @@ def load_model(bundle_dir: str | Path, options: RuntimeOptions | None = None) ->
     return MoEModel.load(bundle.path, options)
 
 
-def _load_tokenizer(bundle: Bundle) -> Any | None:
+def load_tokenizer(bundle: Bundle) -> Any | None:
     rel = bundle.manifest.get("tokenizer")
     if not rel:
         return None

@@ -60,7 +60,7 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 # --- tests ------------------------------------------------------------------
 # pytest exits 5 when it collected no test: that is a failure here, never hidden.
 test: setup
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -rs tests
 	$(MAKE) --no-print-directory test-asan
 	$(MAKE) --no-print-directory test-aarch64
 

@@ -70,7 +70,11 @@ test-asan: $(BUILD)/.apt-ok $(BUILD)/ort-include.txt venv
 	cd $(BUILD)/asan && ctest --output-on-failure
 
 lint: venv
-	$(VENV)/bin/ruff check edgemoe_ort tests export
+	$(VENV)/bin/ruff check edgemoe_ort tests export scripts models
+
+# Quality of the default model's bundles at fp32/fp16/int8/int4 -> docs/quality.md
+quality: setup
+	$(VPY) scripts/quality_report.py --tokens 32768
 
 clean:
 	rm -rf $(BUILD) edgemoe_ort/_lib

@@ -82,7 +82,10 @@ def main() -> int:
         "",
         "The fp32 bundle itself matches the HF model (logits and greedy tokens:"
         " tests/test_runtime_default_model.py).",
-        "The bar for int4 is a perplexity within 3% of fp32.",
+        "The bar for int4 is a perplexity within 3% of fp32. fp16 experts equal fp32 exactly because the"
+        " checkpoint itself is stored in fp16. Greedy agreement counts the leading tokens equal to the fp32"
+        " bundle's: a small, weakly trained model has flat next-token distributions, so one near-tie flips"
+        " the rest of the continuation while perplexity stays the same.",
         "",
     ]
     args.out.write_text("\n".join(lines))

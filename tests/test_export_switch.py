@@ -154,7 +154,6 @@ def test_runtime_generates_like_hf(checkpoint: Path, exported: tuple[Path, Any])
                                         do_sample=False, min_new_tokens=NEW_TOKENS)[0, 1:].tolist()
     model = load_runtime_model(bundle, RuntimeOptions(budget="50%"))
     assert isinstance(model, Seq2SeqMoEModel)
-    assert model.encoder.store_id == model.decoder.store_id
     result = model.generate(ids[0].tolist(), max_new_tokens=NEW_TOKENS)
     assert result.tokens == want[: len(result.tokens)]
     assert len(result.tokens) == NEW_TOKENS or result.stop_reason == "eos"

@@ -257,22 +257,121 @@ def torch_logits_fn(model: Any) -> LogitsFn:
     return fn
 
 
-def torch_routing_counts(
+def torch_routing(
     model: Any, token_ids: np.ndarray, window: int = DEFAULT_WINDOW, batch_size: int = 8
-) -> np.ndarray:
-    """Top-k assignment counts ``[L, E]`` over every token of the evaluation windows."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token routing over the evaluation windows, tokens in stream order (``N = n_windows * window``).
+
+    Returns the top-k expert ids ``int64[L, N, k]`` (highest router score first) and the router's softmax
+    over all experts ``float32[L, N, E]``.
+    """
     import torch
 
     cfg = model.config
-    counts = np.zeros((cfg.num_hidden_layers, cfg.num_local_experts), dtype=np.int64)
     w = windows(token_ids, window)
+    top: list[list[np.ndarray]] = [[] for _ in range(cfg.num_hidden_layers)]
+    probs: list[list[np.ndarray]] = [[] for _ in range(cfg.num_hidden_layers)]
     with torch.inference_mode():
         for i in range(0, len(w), batch_size):
             out = model(torch.from_numpy(w[i : i + batch_size]), use_cache=False, output_router_logits=True)
             for layer, logits in enumerate(out.router_logits):
-                idx = torch.topk(logits.float(), cfg.num_experts_per_tok, dim=-1).indices.reshape(-1)
-                counts[layer] += np.bincount(idx.numpy(), minlength=cfg.num_local_experts)
-    return counts
+                p = torch.softmax(logits.float(), dim=-1)
+                top[layer].append(torch.topk(p, cfg.num_experts_per_tok, dim=-1).indices.numpy())
+                probs[layer].append(p.numpy())
+    return (
+        np.stack([np.concatenate(t) for t in top]).astype(np.int64),
+        np.stack([np.concatenate(p) for p in probs]).astype(np.float32),
+    )
+
+
+def routing_counts(top: np.ndarray, n_experts: int) -> np.ndarray:
+    """Top-k assignment counts ``int64[L, E]`` from ``top`` ``[L, N, k]``."""
+    return np.stack([np.bincount(t.reshape(-1), minlength=n_experts) for t in top]).astype(np.int64)
+
+
+def _norm_entropy(counts: np.ndarray) -> np.ndarray:
+    """Normalized entropy (1.0 = uniform) of count vectors along the last axis."""
+    p = counts / counts.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log2(p), 0.0).sum(axis=-1)
+    return h / math.log2(counts.shape[-1])
+
+
+def _window_entropy(top: np.ndarray, n_experts: int, window: int) -> float:
+    n_win = top.shape[0] // window
+    onehot = np.zeros((n_win, n_experts))
+    for j in range(top.shape[1]):
+        np.add.at(onehot, (np.arange(n_win).repeat(window), top[: n_win * window, j]), 1)
+    return float(_norm_entropy(onehot).mean())
+
+
+def _reuse(top: np.ndarray, window: int) -> float:
+    n_win = top.shape[0] // window
+    t = top[: n_win * window].reshape(n_win, window, -1)
+    prev, cur = t[:, :-1, :], t[:, 1:, :]
+    shared = (cur[..., :, None] == prev[..., None, :]).any(axis=-1).sum(axis=-1)
+    return float(shared.mean() / top.shape[1])
+
+
+def _next_layer_hit(
+    top_l: np.ndarray, top_next: np.ndarray, n_experts: int, window: int
+) -> tuple[float, float]:
+    """Out-of-sample prefetch hit rates for layer l+1's top-k from layer l's top-1 expert.
+
+    Fitted on the first half of the windows, scored on the second half. Returns (conditional, popularity):
+    the share of layer l+1's top-k assignments covered by the k experts most often used after layer l's
+    top-1 expert, and by the k most used experts of layer l+1 regardless of layer l.
+    """
+    k = top_next.shape[1]
+    half = (top_l.shape[0] // window // 2) * window
+    cond = np.zeros((n_experts, n_experts))
+    np.add.at(cond, (top_l[:half, 0].repeat(k), top_next[:half].reshape(-1)), 1)
+    guess = np.argsort(-cond, axis=1, kind="stable")[:, :k]  # [E_l, k]
+    popular = np.argsort(-cond.sum(axis=0), kind="stable")[:k]
+    test_l, test_next = top_l[half:, 0], top_next[half:]
+    cond_hit = (test_next[:, :, None] == guess[test_l][:, None, :]).any(axis=-1).mean()
+    pop_hit = (test_next[:, :, None] == popular[None, None, :]).any(axis=-1).mean()
+    return float(cond_hit), float(pop_hit)
+
+
+def routing_structure(
+    top: np.ndarray, probs: np.ndarray, window: int = DEFAULT_WINDOW, seed: int = 0
+) -> list[dict[str, Any]]:
+    """How far routing is from uniform, and from random, per layer (what an expert cache can exploit).
+
+    ``top`` ``[L, N, k]`` and ``probs`` ``[L, N, E]`` as returned by :func:`torch_routing`. Each metric that
+    could be high by chance has a ``*_shuffled`` twin computed on the same assignments after one random
+    permutation of the token positions (same permutation for every layer): that keeps each layer's
+    overall usage and each token's cross-layer path, and removes only the ordering.
+
+    - ``router_entropy``: mean normalized entropy of a token's router softmax (1.0 = uniform scores).
+    - ``top_k_mass``: mean router probability on the chosen k experts (k/E for uniform scores).
+    - ``window_entropy``: mean normalized usage entropy inside one ``window``-token window (one request).
+    - ``reuse``: share of a token's top-k experts that the previous token also used.
+    - ``next_hit`` / ``next_hit_popular``: see :func:`_next_layer_hit` (last layer: none).
+    """
+    n_layers, n_tokens, _ = top.shape
+    n_experts = probs.shape[-1]
+    perm = np.random.default_rng(seed).permutation(n_tokens)
+    out = []
+    for layer in range(n_layers):
+        t, sh = top[layer], top[layer][perm]
+        p = probs[layer].astype(np.float64)
+        with np.errstate(divide="ignore"):
+            h = -np.where(p > 0, p * np.log2(p), 0.0).sum(axis=-1) / math.log2(n_experts)
+        row: dict[str, Any] = {
+            "layer": layer,
+            "router_entropy": float(h.mean()),
+            "top_k_mass": float(np.take_along_axis(p, t, axis=-1).sum(axis=-1).mean()),
+            "window_entropy": _window_entropy(t, n_experts, window),
+            "window_entropy_shuffled": _window_entropy(sh, n_experts, window),
+            "reuse": _reuse(t, window),
+            "reuse_shuffled": _reuse(sh, window),
+        }
+        if layer + 1 < n_layers:
+            row["next_hit"], row["next_hit_popular"] = _next_layer_hit(t, top[layer + 1], n_experts, window)
+        out.append(row)
+    return out
 
 
 def evaluate_checkpoint(
@@ -283,13 +382,15 @@ def evaluate_checkpoint(
     ids = heldout_token_ids(tok, n_tokens)
     model = load_model(model_dir, threads)
     ppl = perplexity(torch_logits_fn(model), ids, window)
-    usage = expert_usage(torch_routing_counts(model, ids, window))
+    top, probs = torch_routing(model, ids, window)
+    usage = expert_usage(routing_counts(top, model.config.num_local_experts))
     return {
         "python_version": python_version(),
         "eval_tokens": n_tokens,
         "heldout_ids_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest(),
         "heldout": ppl,
         "expert_usage": usage,
+        "routing_structure": routing_structure(top, probs, window),
     }
 
 
@@ -313,6 +414,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"layer {u['layer']}: entropy {u['entropy_bits']:.3f}/{u['max_entropy_bits']:.0f} bits "
             f"(normalized {u['normalized_entropy']:.3f}), most used e{u['most_used_expert']} "
             f"{u['most_used_share']:.1%}, least used e{u['least_used_expert']} {u['least_used_share']:.1%}"
+        )
+    for r in res["routing_structure"]:
+        nxt = (
+            f", next-layer prefetch hit {r['next_hit']:.1%} (popularity {r['next_hit_popular']:.1%})"
+            if "next_hit" in r
+            else ""
+        )
+        print(
+            f"layer {r['layer']}: router entropy {r['router_entropy']:.3f}, "
+            f"top-k mass {r['top_k_mass']:.3f}, 256-token window entropy {r['window_entropy']:.3f} "
+            f"(shuffled {r['window_entropy_shuffled']:.3f}), "
+            f"reuse {r['reuse']:.1%} (shuffled {r['reuse_shuffled']:.1%}){nxt}"
         )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

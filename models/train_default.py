@@ -39,23 +39,22 @@ except ImportError:  # pragma: no cover
 DEFAULT_OUT = Path(__file__).resolve().parent / "edgemoe-tiny-mixtral"
 
 
-# How the defaults were chosen (150-step probes, 1 thread each, lr 3e-3, held-out 16k tokens): per-layer aux
-# coef 1e-3 -> ppl 246, mean normalized usage entropy 0.89, least-used expert 0.8%; 3e-4 -> ppl 265, entropy
-# 0.80 but two experts at 0.0% (dead). 5e-4 sits between the two. The earlier 0.003 / lr 2e-3 / 500 steps
-# gave entropy 0.96 (near-uniform). 2 threads on the shared 2-core machine ran at 318 tok/s vs 1,154 for
-# 1 thread, so the recipe uses 1 thread. A full 360-step run of this recipe (9.6 min script) reached ppl
-# 139.5, entropy 0.90; the shipped 500 steps (10.8 min script at ~1.7k tok/s) reached ppl 109.7, entropy
-# 0.90 (0.93/0.94/0.90/0.84), least-used expert 1.4%. Entropy <= 0.85 needs more than the coefficient.
-# Aux-coef schedules (--aux-coef-final, off by default) did not help either: 1e-3 -> 1e-4 over the first half
-# of a 150-step probe gave entropy 0.75 but killed experts (ppl 292); the full 500 steps with cosine
-# 1e-3 -> 1.5e-4 gave ppl 124.0, entropy 0.93 (0.945/0.959/0.931/0.874) AND a dead expert (layer 3 e6 0.1%):
-# the strong early phase balances routing for good (and costs LM loss), the weak tail then starves one expert.
-# Expert-share floor (--balance floor, off by default): hinge on each layer's top-k assignment share below the
-# floor (gradient via the mean router probability) + Switch 1e-4. 150-step probe (floor 0.04, coef 0.1): ppl
-# 291, entropy 0.95; full 500 steps (floor 0.03, coef 0.1): ppl 110.5, entropy 0.95 (0.952/0.972/0.915/0.954),
-# least-used expert 3.3%. Routing still collapses by step ~50 (batch entropy 0.70, experts at 0%) - with
-# Adam a dead expert's router row moves at lr whatever the coefficient - and the revival overshoots to
-# near-uniform, which then persists: no dead experts, but no skew either.
+# How the defaults were chosen (1 thread each, lr 3e-3; "entropy" = mean over layers of the normalized
+# expert-usage entropy on the 65,536 held-out tokens, 1.0 = uniform; goal: <= 0.85, no dead expert, ppl ~110).
+# Full 500-step runs, per-layer Switch aux coefficient c:
+#   c 5e-4 (the first shipped model): ppl 109.7, entropy 0.904 (0.933/0.942/0.899/0.841), coldest expert 1.4%.
+#   c 3e-4: ppl 114.0, entropy 0.869, coldest 0.43%.     c 2e-4: ppl 109.4, entropy 0.847, coldest 0.31%.
+#   c 2e-4 + router LR x0.3 (--router-lr-mult): ppl 104.9, entropy 0.844 (0.884/0.791/0.881/0.819), coldest
+#     0.22%, no expert below 0.1%  <- the defaults. The slower router also lowers the LM loss.
+#   c 2e-4 + expert-share floor 1% (--balance floor): ppl 109.5, entropy 0.913: near-uniform again.
+#   cosine c 1e-3 -> 1.5e-4: ppl 124.0, entropy 0.93 and a dead expert (layer 3 e6 0.1%).
+#   floor 3% (coef 0.1) + c 1e-4: ppl 110.5, entropy 0.95 (coldest 3.3%).
+# The dynamics: routing collapses around step 50 (peak LR; batch entropy 0.5-0.7, experts at 0%), then the
+# balance term revives the starved experts; with Adam a starved router row moves at ~lr whatever the
+# coefficient, so any balance force strong enough to keep every expert above ~1% overshoots to near-uniform
+# usage that then persists. A weak coefficient leaves the revival partial: skewed usage, a few cold experts.
+# 150-step probes did not predict the 500-step outcome (they stop mid-revival). 2 threads on the shared 2-core
+# machine ran at 318 tok/s vs 1,154 for 1 thread, so the recipe uses 1 thread.
 @dataclass
 class Recipe:
     seed: int = 0
@@ -68,7 +67,7 @@ class Recipe:
     kv_heads: int = 4
     experts: int = 8
     top_k: int = 2
-    router_aux_loss_coef: float = 5e-4
+    router_aux_loss_coef: float = 2e-4
     # Aux-coefficient schedule: cosine from router_aux_loss_coef (step 0) to router_aux_loss_coef_final over
     # the first aux_decay_frac of the steps, then held. None = constant coefficient (no schedule).
     router_aux_loss_coef_final: float | None = None
@@ -79,6 +78,8 @@ class Recipe:
     balance: str = "switch"
     floor_share: float = 0.04
     floor_coef: float = 0.1
+    # Learning-rate multiplier for the router weights (mlp.gate.weight), applied on top of the schedule.
+    router_lr_mult: float = 0.3
     tie_embeddings: bool = True
     batch_size: int = 8
     steps: int = 500
@@ -261,11 +262,18 @@ def lr_at(step: int, r: Recipe) -> float:
 def make_optimizer(model: Any, r: Recipe) -> Any:
     import torch
 
-    decay, no_decay = [], []
+    decay, no_decay, router = [], [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
+        if name.endswith("mlp.gate.weight"):
+            router.append(p)
+        else:
+            (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": r.weight_decay, "lr_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+            {"params": router, "weight_decay": r.weight_decay, "lr_mult": r.router_lr_mult},
+        ],
         lr=r.lr,
         betas=r.betas,
         fused=False,
@@ -297,7 +305,7 @@ def train(
         starts = rng.integers(0, len(data) - r.context, size=r.batch_size)
         batch = torch.from_numpy(np.stack([data[s : s + r.context] for s in starts]).astype(np.int64))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, r)
+            g["lr"] = lr_at(step, r) * g["lr_mult"]
         out = model(input_ids=batch, labels=batch, output_router_logits=True, use_cache=False)
         aux = layer_balance_loss(out.router_logits, r.experts, r.top_k)
         loss = out.loss + aux_coef_at(step, r) * aux
@@ -386,15 +394,7 @@ def known_limitations(info: dict[str, Any]) -> str:
         if late and log and log[-1]["step"] > late[-1]["step"]
         else ""
     )
-    dead = [(u["layer"], e, s) for u in usage for e, s in enumerate(u["shares"]) if s < 0.01]
-    dead_txt = (
-        "Experts with < 1% of a layer's assignments (near-dead): "
-        + ", ".join(f"layer {lyr} e{e} {s:.2%}" for lyr, e, s in dead)
-        + "."
-        if dead
-        else f"No dead experts: every expert gets at least {cold['least_used_share']:.1%} of its layer's "
-        "assignments."
-    )
+    dead_txt = experts_alive_text(usage)
     threads, epochs = _threads(m["threads"]), tr["tokens_seen"] / c["train_tokens"]
     mean_ent = sum(ents) / len(ents)
     spec = skew_text(mean_ent)
@@ -420,6 +420,23 @@ def known_limitations(info: dict[str, Any]) -> str:
 """
 
 
+DEAD_SHARE = 0.001  # an expert picked for less than 0.1% of its layer's assignments counts as dead
+
+
+def experts_alive_text(usage: list[dict[str, Any]]) -> str:
+    """Dead (< 0.1%) and rarely used (< 1%) experts, in words, from the held-out usage."""
+    rare = [(u["layer"], e, x) for u in usage for e, x in enumerate(u["shares"]) if x < 0.01]
+    dead = [t for t in rare if t[2] < DEAD_SHARE]
+    cold = min(usage, key=lambda u: u["least_used_share"])
+    listing = ", ".join(f"layer {lyr} e{e} {x:.2%}" for lyr, e, x in rare)
+    if dead:
+        return f"Dead or near-dead experts (< {DEAD_SHARE:.1%} of a layer's assignments) among: {listing}."
+    if rare:
+        return f"No dead experts (none below {DEAD_SHARE:.1%}); rarely used (< 1%): {listing}."
+    least = cold["least_used_share"]
+    return f"No dead experts: every expert gets at least {least:.1%} of its layer's assignments."
+
+
 def skew_text(mean_normalized_entropy: float) -> str:
     """How far from uniform the routing is, in words (1.0 = uniform)."""
     if mean_normalized_entropy <= 0.85:
@@ -441,13 +458,60 @@ def routing_outcome(info: dict[str, Any]) -> str:
     alive = (
         f"every expert gets at least {least:.1%} of its layer's assignments"
         if least >= 0.01
-        else f"at least one expert is near-dead ({least:.1%} of its layer's assignments)"
+        else f"every expert is used, the coldest for {least:.2%} of its layer's assignments"
+        if least >= DEAD_SHARE
+        else f"at least one expert is dead ({least:.2%} of its layer's assignments)"
     )
     skew = skew_text(mean_ent)
     return (
         f"{goal} Measured on held-out code: {alive}, and routing is {skew}\n"
         f"(mean normalized usage entropy {mean_ent:.3f}, where 1.0 = uniform)."
     )
+
+
+def router_lr_text(r: dict[str, Any]) -> str:
+    mult = r.get("router_lr_mult", 1.0)
+    return "" if mult == 1.0 else f" (router weights at {mult}× that)"
+
+
+def routing_structure_text(info: dict[str, Any]) -> str:
+    """The card's table of per-token routing structure (eval_default.routing_structure), or "" if absent."""
+    rs = info.get("routing_structure")
+    if not rs:
+        return ""
+    k, n_exp = info["recipe"]["top_k"], info["recipe"]["experts"]
+    rows = "\n".join(
+        f"| {x['layer']} | {x['router_entropy']:.3f} | {x['top_k_mass']:.3f} | "
+        f"{x['window_entropy']:.3f} ({x['window_entropy_shuffled']:.3f}) | "
+        f"{x['reuse']:.1%} ({x['reuse_shuffled']:.1%}) | "
+        + (f"{x['next_hit']:.1%} ({x['next_hit_popular']:.1%}) |" if "next_hit" in x else "– |")
+        for x in rs
+    )
+    mean = {key: sum(x[key] for x in rs) / len(rs) for key in ("router_entropy", "top_k_mass")}
+    header = (
+        f"| layer | router entropy | top-{k} mass | window usage entropy (shuffled) | reuse (shuffled) "
+        "| next-layer hit (popularity) |"
+    )
+    return f"""
+Per-token routing on the same tokens (`routing_structure` in `models/eval_default.py`; in brackets, the same
+assignments after one random shuffle of token positions, which keeps each layer's usage and removes order):
+
+{header}
+|---|---:|---:|---:|---:|---:|
+{rows}
+
+- *router entropy*: normalized entropy of a token's router softmax over the {n_exp} experts (1.0 = the router
+  cannot tell experts apart); mean {mean["router_entropy"]:.3f}. *top-{k} mass*: probability on the
+  {k} chosen experts (uniform: {k / n_exp:.2f}); mean {mean["top_k_mass"]:.3f}. Soft scores still pick
+  consistently: experts are chosen by rank and the {k} weights renormalized, so what a cache sees is the
+  usage above, not this softness.
+- *window usage entropy*: usage entropy inside one 256-token window (one request's worth of tokens).
+- *reuse*: share of a token's top-{k} experts that the previous token also used (uniform random routing:
+  {k / n_exp:.0%}).
+- *next-layer hit*: share of layer l+1's top-{k} experts guessed from layer l's top-1 expert by a
+  co-occurrence table fitted on the first half of the windows and scored on the second half; in brackets,
+  always guessing layer l+1's {k} most used experts (uniform random routing: {k / n_exp:.0%} for both).
+"""
 
 
 def dir_size(path: Path) -> dict[str, int]:
@@ -558,8 +622,8 @@ loads with plain `tokenizers.Tokenizer.from_file`. Train-split compression: {cpt
 
 Plain PyTorch loop, seed {r["seed"]}, `torch.set_num_threads({r["threads"]})`, fp32 on CPU:
 AdamW (β={tuple(r["betas"])}, weight decay {r["weight_decay"]} on matrices except the embedding),
-peak LR {r["lr"]}, {r["warmup_steps"]} warm-up steps then cosine to {r["min_lr_ratio"]}×, gradient clipping
-{r["grad_clip"]}, batch {r["batch_size"]}×{r["context"]} tokens, {tr["steps_done"]} steps
+peak LR {r["lr"]}{router_lr_text(r)}, {r["warmup_steps"]} warm-up steps then cosine to {r["min_lr_ratio"]}×,
+gradient clipping {r["grad_clip"]}, batch {r["batch_size"]}×{r["context"]} tokens, {tr["steps_done"]} steps
 = {tr["tokens_seen"]:,} tokens ({tr["tokens_seen"] / c["train_tokens"]:.2f} epochs).
 Loss = LM cross-entropy + *c* × Switch load-balancing loss computed **per layer** and averaged
 (router logits from `output_router_logits=True`; transformers' built-in aux loss pools all layers, which
@@ -589,7 +653,7 @@ layer; maximum entropy = log2({r["experts"]}) = {math.log2(r["experts"]):.0f} bi
 | layer | entropy (bits) | normalized | most used | least used | shares e0..e{r["experts"] - 1} |
 |---|---:|---:|---|---|---|
 {rows}
-
+{routing_structure_text(info)}
 ## Sample
 
 Sampled (seed {r["seed"]}, temperature 0.7, top-k 40, {info["sample"]["max_new_tokens"]} new tokens) from the
@@ -615,6 +679,54 @@ Licence: trained on PSF-licensed CPython sources.
 
 {known_limitations(info)}"""
     (out / "README.md").write_text(card)
+
+
+def recipe_command(r: Recipe, out_dir: str | Path) -> tuple[str, bool, str]:
+    """(command reproducing ``r``, whether ``r`` is today's default recipe, the fully explicit command)."""
+    base = "cd /work/main && .venv/bin/python models/train_default.py"
+    explicit = (
+        f" --steps {r.steps} --seed {r.seed} --aux-coef {r.router_aux_loss_coef} --lr {r.lr}"
+        f" --warmup-steps {r.warmup_steps} --batch-size {r.batch_size} --threads {r.threads}"
+    )
+    if r.router_aux_loss_coef_final is not None:
+        explicit += f" --aux-coef-final {r.router_aux_loss_coef_final} --aux-decay-frac {r.aux_decay_frac}"
+    if r.router_lr_mult != 1.0:
+        explicit += f" --router-lr-mult {r.router_lr_mult}"
+    if r.balance != "switch":
+        explicit += f" --balance {r.balance} --floor-share {r.floor_share} --floor-coef {r.floor_coef}"
+    is_default = asdict(r) == asdict(Recipe())
+    cmd = base if is_default else base + explicit
+    if Path(out_dir).resolve() != DEFAULT_OUT:
+        cmd += f" --out-dir {out_dir}"
+    return cmd, is_default, base + explicit
+
+
+def regenerate_card(out: Path, threads: int) -> int:
+    """Re-run the evaluation of an existing checkpoint and rewrite its card and eval.json (weights untouched).
+
+    Training facts (recipe, log, wall times, sample) are kept from the checkpoint's eval.json.
+    """
+    eval_path = out / "eval.json"
+    if not eval_path.is_file():
+        print(f"error: {eval_path} not found: --card-only needs a checkpoint written by this script")
+        return 2
+    info = json.loads(eval_path.read_text())
+    res = ev.evaluate_checkpoint(out, info["eval_tokens"], ev.DEFAULT_WINDOW, threads)
+    if res["heldout_ids_sha256"] != info["heldout_ids_sha256"]:
+        print(f"error: {eval_path}: held-out token stream differs (different Python/corpus?); not rewriting")
+        return 2
+    info.update(res)
+    rec = dict(info["recipe"], betas=tuple(info["recipe"]["betas"]))
+    r = Recipe(**{k: v for k, v in rec.items() if k in Recipe.__dataclass_fields__})
+    info["recipe"] = asdict(r)
+    info["command"], info["command_is_default_recipe"], info["command_explicit"] = recipe_command(r, out)
+    write_model_card(out, info)
+    (out / "eval.json").write_text(json.dumps(info, indent=2) + "\n")
+    info["files"] = dir_size(out)
+    write_model_card(out, info)
+    (out / "eval.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"rewrote {out / 'README.md'} and {eval_path}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -647,8 +759,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor-share", type=float, default=Recipe.floor_share)
     ap.add_argument("--floor-coef", type=float, default=Recipe.floor_coef)
     ap.add_argument("--lr", type=float, default=Recipe.lr)
+    ap.add_argument(
+        "--router-lr-mult", type=float, default=Recipe.router_lr_mult, help="LR multiplier for router weights"
+    )
     ap.add_argument("--warmup-steps", type=int, default=Recipe.warmup_steps)
     ap.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    ap.add_argument(
+        "--card-only",
+        action="store_true",
+        help="do not train: re-evaluate the checkpoint in --out-dir and rewrite its README.md and eval.json",
+    )
     ap.add_argument("--eval-tokens", type=int, default=Recipe.eval_tokens)
     args = ap.parse_args(argv)
     script_t0 = time.perf_counter()
@@ -660,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import safe_open
     from transformers import MixtralForCausalLM
 
+    if args.card_only:
+        return regenerate_card(Path(args.out_dir), args.threads)
     r = Recipe(
         seed=args.seed,
         steps=args.steps,
@@ -671,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_share=args.floor_share,
         floor_coef=args.floor_coef,
         lr=args.lr,
+        router_lr_mult=args.router_lr_mult,
         warmup_steps=args.warmup_steps,
         batch_size=args.batch_size,
         eval_tokens=args.eval_tokens,
@@ -757,24 +880,12 @@ def main(argv: list[str] | None = None) -> int:
             if ".experts." in k or ".block_sparse_moe.experts" in k
         )
     expert_bytes = expert_elems * 2
-    base = "cd /work/main && .venv/bin/python models/train_default.py"
-    explicit = (
-        f" --steps {r.steps} --seed {r.seed} --aux-coef {r.router_aux_loss_coef} --lr {r.lr}"
-        f" --warmup-steps {r.warmup_steps} --batch-size {r.batch_size} --threads {r.threads}"
-    )
-    if r.router_aux_loss_coef_final is not None:
-        explicit += f" --aux-coef-final {r.router_aux_loss_coef_final} --aux-decay-frac {r.aux_decay_frac}"
-    if r.balance != "switch":
-        explicit += f" --balance {r.balance} --floor-share {r.floor_share} --floor-coef {r.floor_coef}"
-    is_default = asdict(r) == asdict(Recipe())
-    cmd = base if is_default else base + explicit
-    if Path(args.out_dir).resolve() != DEFAULT_OUT:
-        cmd += f" --out-dir {args.out_dir}"
+    cmd, is_default, explicit_cmd = recipe_command(r, args.out_dir)
     info: dict[str, Any] = {
         "model": "edgemoe-tiny-mixtral",
         "command": cmd,
         "command_is_default_recipe": is_default,
-        "command_explicit": base + explicit,
+        "command_explicit": explicit_cmd,
         "recipe": asdict(r),
         "versions": {
             "python": ev.python_version(),

@@ -22,8 +22,8 @@ from edgemoe_ort.bench.runner import run_bench
 NOTES = [
     "The VM's disk is virtual and the host caches it: O_DIRECT reads (which bypass only the guest's "
     "page cache) "
-    "ran at 1.0-2.6 GB/s during these runs depending on how recently the host had read the file (the large "
-    "store, read many times, at ~2.5 GB/s; ~0.8 GB/s is the cold figure). The roofline uses the bandwidth "
+    "ran at 1-5 GB/s in these runs, depending on how recently the host had read the file (each section "
+    "prints its own probe; ~0.8 GB/s is the cold figure). The roofline uses the bandwidth "
     "probed in the same run; a ratio above 1 means the device served more than the probe saw. Because that "
     "makes the large model compute-bound here, the large model is also run throttled to a documented slower "
     "device (profiles/jetson-emmc.toml, 250 MB/s), where expert I/O dominates as on real edge storage.",
@@ -53,6 +53,13 @@ def _log(s: str) -> None:
     print(s, file=sys.stderr, flush=True)
 
 
+def _roofline_verdict(ratio: float) -> str:
+    if ratio > 1.05:
+        # faster than the bound: the store served reads faster than the bandwidth probed before the run
+        return "no verdict: above 1, the probe underestimated the storage during the run"
+    return "met" if ratio >= 0.87 else "NOT met"
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     """Pass/fail statements against the issue's goals, computed from the numbers."""
     out = []
@@ -69,7 +76,7 @@ def findings(results: dict[str, Any]) -> list[str]:
                 f"(goal ≥ 1.3x: {'met' if h['edgemoe_over_naive_paired'] >= 1.3 else 'NOT met'}, on "
                 "the paired figure); ratio to roofline "
                 f"{h['roofline_ratio']:.2f}, paired {h['roofline_ratio_paired'] or 0:.2f} (goal ≥ 0.87: "
-                f"{'met' if (h['roofline_ratio_paired'] or 0) >= 0.87 else 'NOT met'}, paired)"
+                f"{_roofline_verdict(h['roofline_ratio_paired'] or 0)}, paired)"
             )
             e = next(m for m in large["modes"] if m["mode"] == "edgemoe" and m["budget"] == "25%")
             res = next(m for m in large["modes"] if m["mode"] == "resident")

@@ -45,13 +45,13 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "edgemoe-tiny-mixtral"
 #   c 5e-4 (the first shipped model): ppl 109.7, entropy 0.904 (0.933/0.942/0.899/0.841), coldest expert 1.4%.
 #   c 3e-4: ppl 114.0, entropy 0.869, coldest 0.43%.     c 2e-4: ppl 109.4, entropy 0.847, coldest 0.31%.
 #   c 2e-4 + router LR x0.3 (--router-lr-mult): ppl 104.9, entropy 0.844 (0.884/0.791/0.881/0.819), coldest
-#     0.22%, no expert below 0.1%  <- the defaults. The slower router also lowers the LM loss.
+#     0.22%, no expert below 0.1%  <- the defaults. The slower router also lowered the LM loss (one seed).
 #   c 2e-4 + expert-share floor 1% (--balance floor): ppl 109.5, entropy 0.913: near-uniform again.
 #   cosine c 1e-3 -> 1.5e-4: ppl 124.0, entropy 0.93 and a dead expert (layer 3 e6 0.1%).
 #   floor 3% (coef 0.1) + c 1e-4: ppl 110.5, entropy 0.95 (coldest 3.3%).
-# The dynamics: routing collapses around step 50 (peak LR; batch entropy 0.5-0.7, experts at 0%), then the
-# balance term revives the starved experts; with Adam a starved router row moves at ~lr whatever the
-# coefficient, so any balance force strong enough to keep every expert above ~1% overshoots to near-uniform
+# Our reading of the logs: routing collapses around step 50 (peak LR; batch entropy 0.5-0.7, experts at
+# 0%), then the balance term revives the starved experts; with Adam a starved router row moves at ~lr whatever
+# the coefficient, so a balance force strong enough to keep every expert above ~1% overshoots to near-uniform
 # usage that then persists. A weak coefficient leaves the revival partial: skewed usage, a few cold experts.
 # 150-step probes did not predict the 500-step outcome (they stop mid-revival). 2 threads on the shared 2-core
 # machine ran at 318 tok/s vs 1,154 for 1 thread, so the recipe uses 1 thread.

@@ -357,8 +357,7 @@ def routing_structure(
     for layer in range(n_layers):
         t, sh = top[layer], top[layer][perm]
         p = probs[layer].astype(np.float64)
-        with np.errstate(divide="ignore"):
-            h = -np.where(p > 0, p * np.log2(p), 0.0).sum(axis=-1) / math.log2(n_experts)
+        h = _norm_entropy(p)
         row: dict[str, Any] = {
             "layer": layer,
             "router_entropy": float(h.mean()),

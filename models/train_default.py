@@ -681,6 +681,14 @@ Licence: trained on PSF-licensed CPython sources.
     (out / "README.md").write_text(card)
 
 
+def write_card_and_eval(out: Path, info: dict[str, Any]) -> None:
+    """Write README.md and eval.json, then again so the card's file list has their final sizes."""
+    for _ in range(2):
+        info["files"] = dir_size(out)
+        write_model_card(out, info)
+        (out / "eval.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
 def recipe_command(r: Recipe, out_dir: str | Path) -> tuple[str, bool, str]:
     """(command reproducing ``r``, whether ``r`` is today's default recipe, the fully explicit command)."""
     base = "cd /work/main && .venv/bin/python models/train_default.py"
@@ -720,11 +728,7 @@ def regenerate_card(out: Path, threads: int) -> int:
     r = Recipe(**{k: v for k, v in rec.items() if k in Recipe.__dataclass_fields__})
     info["recipe"] = asdict(r)
     info["command"], info["command_is_default_recipe"], info["command_explicit"] = recipe_command(r, out)
-    write_model_card(out, info)
-    (out / "eval.json").write_text(json.dumps(info, indent=2) + "\n")
-    info["files"] = dir_size(out)
-    write_model_card(out, info)
-    (out / "eval.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_card_and_eval(out, info)
     print(f"rewrote {out / 'README.md'} and {eval_path}")
     return 0
 
@@ -913,13 +917,9 @@ def main(argv: list[str] | None = None) -> int:
         "sample": {"prompt": prompt, "max_new_tokens": 120, "text": text},
         "safetensors_keys_example": [k for k in keys if "layers.0." in k],
     }
-    info["files"] = dir_size(out)
     info["expert_bytes"] = expert_bytes
     info["script_wall_s"] = time.perf_counter() - script_t0
-    write_model_card(out, info)
-    (out / "eval.json").write_text(json.dumps(info, indent=2) + "\n")
-    info["files"] = dir_size(out)
-    (out / "eval.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_card_and_eval(out, info)
     # save_pretrained writes model.safetensors through a private temp file (mode 0600); the checkpoint is a
     # shared, read-only artefact, so make every file world-readable regardless of how it was written.
     for f in out.iterdir():

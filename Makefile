@@ -40,7 +40,7 @@ $(LIB): $(BUILD)/.apt-ok $(BUILD)/ort-include.txt $(shell find customops -type f
 	cmake -S customops -B $(BUILD)/customops -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR=$$(cat $(BUILD)/ort-include.txt) >/dev/null
 	cmake --build $(BUILD)/customops -j2
 	@mkdir -p edgemoe_ort/_lib
-	cp $(BUILD)/customops/libedgemoe_customops.so $(LIB)
+	cp $(BUILD)/customops/libedgemoe_customops.so $(LIB).tmp && mv -f $(LIB).tmp $(LIB)  # new inode: running processes keep the old one
 lib: $(LIB)
 
 setup: venv lib

@@ -58,16 +58,6 @@ const char* activation_name(Activation a) {
   return "?";
 }
 
-const char* expert_dtype_name(ExpertDType d) {
-  switch (d) {
-    case ExpertDType::FP32: return "fp32";
-    case ExpertDType::FP16: return "fp16";
-    case ExpertDType::INT8: return "int8";
-    case ExpertDType::INT4: return "int4";
-  }
-  return "?";
-}
-
 const ExpertRecord& Manifest::record(int64_t layer, int64_t expert) const {
   if (layer < 0 || layer >= static_cast<int64_t>(experts.size()) || expert < 0 ||
       expert >= static_cast<int64_t>(experts[static_cast<size_t>(layer)].size())) {
@@ -165,15 +155,6 @@ class Validator {
 };
 
 constexpr int64_t kMaxDim = int64_t{1} << 24;
-
-uint64_t tensor_nbytes(const std::string& dtype, const std::vector<int64_t>& shape) {
-  if (dtype == "u4") return static_cast<uint64_t>(shape.at(0)) * static_cast<uint64_t>((shape.at(1) + 1) / 2);
-  uint64_t n = 1;
-  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
-  if (dtype == "f32") return n * 4;
-  if (dtype == "f16") return n * 2;
-  return n;  // u8
-}
 
 struct WantTensor {
   std::string name;
@@ -344,27 +325,24 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
     const json& fmt = v.get(R, "format", f + ".format", json::value_t::object, "object", li, e);
     const std::string dtype =
         v.get(fmt, "dtype", f + ".format.dtype", json::value_t::string, "string", li, e).get<std::string>();
-    if (dtype == "fp32") r.dtype = ExpertDType::FP32;
-    else if (dtype == "fp16") r.dtype = ExpertDType::FP16;
-    else if (dtype == "int8") r.dtype = ExpertDType::INT8;
-    else if (dtype == "int4") r.dtype = ExpertDType::INT4;
-    else v.fail(f + ".format.dtype", "unknown dtype", "one of fp32, fp16, int8, int4", squote(dtype), li, e);
-    const bool quant = r.dtype == ExpertDType::INT8 || r.dtype == ExpertDType::INT4;
+    const FormatTraits* ft = find_format(dtype);
+    if (!ft) v.fail(f + ".format.dtype", "unknown dtype", "one of " + format_names(), squote(dtype), li, e);
+    r.dtype = ft->dtype;
+    const bool quant = ft->grouped;
     auto sch = fmt.find("scheme");
     if (quant) {
       r.group_size = v.get_int(fmt, "group_size", f + ".format.group_size", 1, li, e);
       if (r.group_size > kMaxDim)
         v.fail(f + ".format.group_size", "", "<= 2^24", std::to_string(r.group_size), li, e);
-      if (sch == fmt.end() || !sch->is_string() || sch->get<std::string>() != "asym_u")
-        v.fail(f + ".format.scheme", "", "'asym_u'", sch == fmt.end() ? "nothing" : dump(*sch), li, e);
+      if (sch == fmt.end() || !sch->is_string() || sch->get<std::string>() != ft->scheme)
+        v.fail(f + ".format.scheme", "", squote(ft->scheme), sch == fmt.end() ? "nothing" : dump(*sch), li, e);
     } else if (sch != fmt.end() && !sch->is_null() && !(sch->is_string() && sch->get<std::string>() == "none")) {
       v.fail(f + ".format.scheme", "", "'none'", dump(*sch), li, e);
     }
 
     // expected tensors
     const int64_t H = lay.hidden, I = lay.intermediate, rows_in = lay.gated ? 2 * I : I;
-    const char* wdt = r.dtype == ExpertDType::FP32 ? "f32" : r.dtype == ExpertDType::FP16 ? "f16"
-                    : r.dtype == ExpertDType::INT8 ? "u8" : "u4";
+    const char* wdt = ft->tensor_dtype;
     std::vector<WantTensor> want;
     want.push_back({"w_in", wdt, {rows_in, H}, &ExpertRecord::w_in});
     want.push_back({"w_out", wdt, {H, I}, &ExpertRecord::w_out});
@@ -462,12 +440,7 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
 ExpertView make_expert_view(const ExpertRecord& rec, const uint8_t* blob) {
   auto mat = [&](const TensorRef& w, const TensorRef& s, const TensorRef& z) {
     QMatrix q;
-    switch (rec.dtype) {
-      case ExpertDType::FP32: q.dtype = WDType::F32; break;
-      case ExpertDType::FP16: q.dtype = WDType::F16; break;
-      case ExpertDType::INT8: q.dtype = WDType::U8; break;
-      case ExpertDType::INT4: q.dtype = WDType::U4; break;
-    }
+    q.dtype = format_traits(rec.dtype).weight;
     q.rows = w.shape.at(0);
     q.cols = w.shape.at(1);
     q.group_size = rec.group_size;

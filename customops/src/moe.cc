@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "edgemoe/kernels.h"
+#include "edgemoe/moe_plan.h"
 
 namespace edgemoe {
 
@@ -73,6 +74,17 @@ void gemm_parallel(const ParallelFor& pf, const QMatrix& W, const float* X, int6
   });
 }
 
+struct Workspace {
+  MoePlan plan;
+  FloatScratch z, xg, a, hb;
+  void trim() noexcept {
+    z.trim();
+    xg.trim();
+    a.trim();
+    hb.trim();
+  }
+};
+
 }  // namespace
 
 void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_t* idx, const float* w,
@@ -86,54 +98,33 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
     return m.manifest_path.string() + ": layer " + std::to_string(a.layer) +
            (a.node_name.empty() ? std::string() : ": node '" + a.node_name + "'");
   };
+  // Scratch of this thread, reused by every call (ORT runs one node at a time per calling thread).
+  thread_local Workspace ws;
+  struct Trim {  // after the call, a prefill-sized scratch is unmapped
+    Workspace& w;
+    ~Trim() { w.trim(); }
+  } trim{ws};
+  struct Call {  // brackets the call for the store (steps, layer distances, useless prefetches)
+    ExpertStore& s;
+    int32_t layer;
+    ~Call() { s.end_call(layer); }
+  };
+  store.begin_call(a.layer);
+  Call call{store, a.layer};
 
   // 1. Group (token, slot) pairs by expert: counting sort, pairs of one expert in (token, slot) order.
-  std::vector<int64_t> count(static_cast<size_t>(E) + 1, 0);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t e = idx[t * K + k];
-      if (e == -1) continue;
-      if (e < 0 || e >= E) {
-        throw Error(where() + ": topk_indices[" + std::to_string(t) + ", " + std::to_string(k) +
-                    "]: expected an expert in [0, " + std::to_string(E) + ") or -1, found " + std::to_string(e));
-      }
-      ++count[static_cast<size_t>(e) + 1];
-    }
-  }
-  std::vector<int64_t> start(count.size(), 0);
-  for (size_t e = 1; e < count.size(); ++e) start[e] = start[e - 1] + count[e];
-  const int64_t P = start.back();
-  std::vector<int64_t> pair_token(static_cast<size_t>(P));
-  std::vector<int64_t> pair_of(static_cast<size_t>(T * K), -1);
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t e = idx[t * K + k];
-        if (e < 0) continue;
-        const int64_t p = fill[static_cast<size_t>(e)]++;
-        pair_token[static_cast<size_t>(p)] = t;
-        pair_of[static_cast<size_t>(t * K + k)] = p;
-      }
-    }
-  }
-
+  MoePlan& plan = ws.plan;
+  plan.build(idx, T, K, E, where);
   // 2. Access order: resident experts first (they compute while the others are read), then the rest.
-  std::vector<int32_t> order, cold;
-  int64_t max_n = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = count[static_cast<size_t>(e) + 1];
-    if (n == 0) continue;
-    max_n = std::max(max_n, n);
-    (store.is_resident(a.layer, static_cast<int32_t>(e)) ? order : cold).push_back(static_cast<int32_t>(e));
-  }
-  order.insert(order.end(), cold.begin(), cold.end());
+  plan.order_by_residency([&](int32_t e) { return store.is_resident(a.layer, e); });
+  const std::vector<int32_t>& order = plan.order();
+  const int64_t P = plan.pairs(), max_n = plan.max_count();
 
   // 3. Buffers: per pair outputs Z [P, H]; per expert gathered inputs, pre-activation, activation.
-  std::vector<float> Z(static_cast<size_t>(P * H));
-  std::vector<float> Xg(static_cast<size_t>(max_n * H));
-  std::vector<float> A(static_cast<size_t>(max_n * rows_in));
-  std::vector<float> Hb(lay.gated ? static_cast<size_t>(max_n * I) : 0);
+  float* Z = ws.z.get(static_cast<size_t>(P * H));
+  float* Xg = ws.xg.get(static_cast<size_t>(max_n * H));
+  float* A = ws.a.get(static_cast<size_t>(max_n * rows_in));
+  float* Hb = ws.hb.get(lay.gated ? static_cast<size_t>(max_n * I) : 0);
 
   // 4. Read ahead: pins for a prefix of `order` (non-blocking). A blocking acquire happens only for the first
   //    expert without a pin, and then this call holds no other pin (so it can never wait for itself).
@@ -158,14 +149,14 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
     const uint8_t* blob = pins[oi]->wait();
     const ExpertView view = make_expert_view(pins[oi]->record(), blob);
 
-    const int64_t p0 = start[static_cast<size_t>(e)];
-    const int64_t n = count[static_cast<size_t>(e) + 1];
+    const int64_t p0 = plan.first_pair(e);
+    const int64_t n = plan.count(e);
     for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(&Xg[static_cast<size_t>(i * H)], X + pair_token[static_cast<size_t>(p0 + i)] * H,
+      std::memcpy(&Xg[static_cast<size_t>(i * H)], X + plan.pair_token(p0 + i) * H,
                   static_cast<size_t>(H) * sizeof(float));
     }
-    gemm_parallel(pf, view.w_in, Xg.data(), n, H, A.data(), rows_in);
-    float* h_ptr = A.data();
+    gemm_parallel(pf, view.w_in, Xg, n, H, A, rows_in);
+    float* h_ptr = A;
     int64_t ldh = rows_in;
     if (lay.gated) {
       run_parallel(pf, static_cast<size_t>(n), [&](size_t i) {
@@ -182,7 +173,7 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
           for (int64_t j = 0; j < I; ++j) out[j] = act(a.activation, g[j]) * u[j];
         }
       });
-      h_ptr = Hb.data();
+      h_ptr = Hb;
       ldh = I;
     } else {
       run_parallel(pf, static_cast<size_t>(n), [&](size_t i) {
@@ -202,7 +193,7 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
       float* y = Y + t * H;
       std::fill(y, y + H, 0.0f);
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t p = pair_of[static_cast<size_t>(t * K + k)];
+        const int64_t p = plan.pair_of(t, k);
         if (p < 0) continue;
         const float wk = w[t * K + k];
         const float* z = &Z[static_cast<size_t>(p * H)];

@@ -17,10 +17,11 @@ void StoreStats::sub_resident(uint64_t delta) { resident_bytes.fetch_sub(delta, 
 void StoreStats::reset() {
   for (auto* c : {&hits, &misses, &reads, &bytes_read, &read_ns, &stall_ns, &evictions, &checksums_verified,
                   &prefetch_issued, &prefetch_dropped, &prefetch_hits, &prefetch_late, &prefetch_wasted, &calls,
-                  &budget_waits, &throttle_ns}) {
+                  &budget_waits, &throttle_ns, &prefetch_cancelled, &prefetch_promoted, &steps}) {
     c->store(0, std::memory_order_relaxed);
   }
   peak_resident_bytes.store(resident_bytes.load(std::memory_order_relaxed), std::memory_order_relaxed);
+  peak_arena_bytes.store(arena_bytes.load(std::memory_order_relaxed), std::memory_order_relaxed);
 }
 
 std::string StoreStats::to_json() const {
@@ -44,6 +45,11 @@ std::string StoreStats::to_json() const {
   j["calls"] = ld(calls);
   j["budget_waits"] = ld(budget_waits);
   j["throttle_s"] = static_cast<double>(ld(throttle_ns)) * 1e-9;
+  j["prefetch_cancelled"] = ld(prefetch_cancelled);
+  j["prefetch_promoted"] = ld(prefetch_promoted);
+  j["steps"] = ld(steps);
+  j["arena_bytes"] = ld(arena_bytes);
+  j["peak_arena_bytes"] = ld(peak_arena_bytes);
   std::lock_guard<std::mutex> lk(mu);
   j["budget_bytes"] = budget_bytes;
   j["store_bytes"] = store_bytes;
@@ -54,6 +60,7 @@ std::string StoreStats::to_json() const {
   j["direct_io"] = direct_io;
   j["io_note"] = io_note;
   j["verify_checksums"] = verify_checksums;
+  j["mlock"] = mlock;
   j["throttle_bw"] = throttle_bw;
   j["throttle_latency_us"] = throttle_latency_us;
   j["kernel"] = kernel;

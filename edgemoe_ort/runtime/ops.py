@@ -26,17 +26,21 @@ __all__ = [
     "ExpertSession",
     "RuntimeOptions",
     "kernel_path",
+    "config_keys",
+    "config_table_markdown",
     "library_path",
+    "policies",
     "make_session_options",
     "open_session",
     "parse_budget",
     "reset_store_stats",
+    "session_config_entries",
     "store_stats",
 ]
 
 ENV_LIB = "EDGEMOE_CUSTOMOPS_LIB"
 LIB_NAME = "libedgemoe_customops.so"
-POLICIES = ("lru", "none")
+POLICIES = ("lru", "lfu", "edgemoe", "hobbit", "pinned", "none")
 IO_MODES = ("direct", "buffered", "mmap")
 MAX_IO_THREADS = 256
 
@@ -88,6 +92,9 @@ def _lib() -> ctypes.CDLL:
             lib.edgemoe_store_reset_stats.restype = None
             lib.edgemoe_kernel_path.argtypes = []
             lib.edgemoe_kernel_path.restype = ctypes.c_char_p
+            for fn in (lib.edgemoe_config_keys_json, lib.edgemoe_policies_json):
+                fn.argtypes = [ctypes.c_char_p, ctypes.c_int64]
+                fn.restype = ctypes.c_int64
             _libs[path] = lib
         return lib
 
@@ -137,7 +144,12 @@ class RuntimeOptions:
     """How the expert store runs (docs/op-contract.md, "Runtime configuration")."""
 
     budget: int | str | None = None  # resident expert bytes: 123, "256MB", "1GiB", "25%"; None = all
-    policy: str = "lru"  # "lru" | "none" (no cache: every use reads from storage)
+    policy: str = "lru"  # lru | lfu | edgemoe | hobbit | pinned | none (no cache: every use reads)
+    frequencies: str | Path | None = None  # JSON expert frequencies (pinned: required; edgemoe: optional)
+    policy_weights: str | None = None  # hobbit: "lru=0.25,lfu=0.25,lhu=0.25,fld=0.25"
+    pin_experts: int | None = None  # pinned: how many of the most frequent experts (None: as many as fit)
+    mlock: bool = False  # lock expert memory in RAM (mlock); fails the session if RLIMIT_MEMLOCK is too low
+    hugepages: bool = False  # madvise(MADV_HUGEPAGE) on expert buffers of >= 2 MiB
     io: str = "direct"  # "direct" (O_DIRECT) | "buffered" (pread + FADV_DONTNEED) | "mmap"
     io_threads: int = 2
     verify_checksums: bool = True
@@ -172,6 +184,21 @@ class RuntimeOptions:
             raise ValueError(
                 f"io_threads: expected an int in [1, {MAX_IO_THREADS}], found {self.io_threads!r}"
             )
+        if self.pin_experts is not None and (
+            isinstance(self.pin_experts, bool) or not isinstance(self.pin_experts, int)
+            or self.pin_experts < 0
+        ):
+            raise ValueError(f"pin_experts: expected None or an int >= 0, found {self.pin_experts!r}")
+        if self.policy_weights is not None and not isinstance(self.policy_weights, str):
+            raise ValueError(
+                f"policy_weights: expected a string like 'lru=0.25,lfu=0.25,lhu=0.25,fld=0.25', "
+                f"found {self.policy_weights!r}"
+            )
+        if self.frequencies is not None and not isinstance(self.frequencies, (str, Path)):
+            raise ValueError(f"frequencies: expected a path to a JSON file, found {self.frequencies!r}")
+        for name in ("mlock", "hugepages"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, found {getattr(self, name)!r}")
         if not isinstance(self.verify_checksums, bool):
             raise ValueError(f"verify_checksums: expected a bool, found {self.verify_checksums!r}")
         if self.intra_op_threads is not None and (
@@ -193,6 +220,41 @@ def _store_size(bundle_dir: Path) -> int | None:
         return None
 
 
+def session_config_entries(bundle_dir: Path, options: RuntimeOptions, store_id: str) -> dict[str, str]:
+    """The ``edgemoe.*`` session config entries for ``options`` (every key is one of :func:`config_keys`)."""
+    bdir = bundle_dir
+    budget = options.budget
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        size = _store_size(bdir)
+        if size is not None:
+            budget = parse_budget(budget, size)
+    entries = {
+        "edgemoe.bundle_dir": str(bdir),
+        "edgemoe.policy": options.policy,
+        "edgemoe.io_mode": options.io,
+        "edgemoe.io_threads": str(options.io_threads),
+        "edgemoe.verify_checksums": "1" if options.verify_checksums else "0",
+        "edgemoe.store_id": store_id,
+    }
+    if budget is not None:
+        entries["edgemoe.budget"] = str(budget)
+    if options.frequencies is not None:
+        entries["edgemoe.frequencies"] = str(Path(options.frequencies).expanduser().resolve())
+    if options.policy_weights is not None:
+        entries["edgemoe.policy_weights"] = options.policy_weights
+    if options.pin_experts is not None:
+        entries["edgemoe.pin_experts"] = str(options.pin_experts)
+    if options.mlock:
+        entries["edgemoe.mlock"] = "1"
+    if options.hugepages:
+        entries["edgemoe.hugepages"] = "1"
+    if options.throttle_bw:
+        entries["edgemoe.throttle_bw"] = repr(float(options.throttle_bw))
+    if options.throttle_latency_us:
+        entries["edgemoe.throttle_latency_us"] = repr(float(options.throttle_latency_us))
+    return entries
+
+
 def make_session_options(
     bundle_dir: str | Path, options: RuntimeOptions | None = None
 ) -> tuple[ort.SessionOptions, str]:
@@ -204,29 +266,11 @@ def make_session_options(
     if not bdir.is_dir():
         raise FileNotFoundError(f"{bdir}: not a bundle folder (expected a folder, found "
                                 f"{'a file' if bdir.exists() else 'nothing'})")
-    budget = options.budget
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        size = _store_size(bdir)
-        if size is not None:
-            budget = parse_budget(budget, size)
     store_id = f"{bdir}#{uuid.uuid4().hex[:12]}"
     so = ort.SessionOptions()
     if options.intra_op_threads is not None:
         so.intra_op_num_threads = options.intra_op_threads
-    entries = {
-        "edgemoe.bundle_dir": str(bdir),
-        "edgemoe.policy": options.policy,
-        "edgemoe.io_mode": options.io,
-        "edgemoe.io_threads": str(options.io_threads),
-        "edgemoe.verify_checksums": "1" if options.verify_checksums else "0",
-        "edgemoe.store_id": store_id,
-    }
-    if budget is not None:
-        entries["edgemoe.budget"] = str(budget)
-    if options.throttle_bw:
-        entries["edgemoe.throttle_bw"] = repr(float(options.throttle_bw))
-    if options.throttle_latency_us:
-        entries["edgemoe.throttle_latency_us"] = repr(float(options.throttle_latency_us))
+    entries = session_config_entries(bdir, options, store_id)
     for k, v in entries.items():
         so.add_session_config_entry(k, v)
     _lib()  # load (and keep loaded) before ORT does: same instance, stats outlive sessions
@@ -248,6 +292,37 @@ def store_stats(store_id: str) -> dict[str, Any]:
         if m <= n:
             return json.loads(buf.value.decode())
         n = m  # grew in between
+
+
+def _lib_json(fn: Any) -> Any:
+    """Calls one of the library's ``(buf, len) -> n`` JSON functions and parses the result."""
+    n = fn(None, 0)
+    if n < 0:
+        raise RuntimeError(f"{library_path()}: {fn.__name__} failed")
+    buf = ctypes.create_string_buffer(n + 1)
+    fn(buf, n + 1)
+    return json.loads(buf.value.decode())
+
+
+def config_keys() -> list[dict[str, Any]]:
+    """The ``edgemoe.*`` session config keys as the library defines them (one table, in C++:
+    customops/src/config.cc): ``[{"key", "default", "doc", "required"}, ...]``."""
+    return list(_lib_json(_lib().edgemoe_config_keys_json))
+
+
+def policies() -> list[dict[str, str]]:
+    """The cache policies the library implements: ``[{"name", "doc"}, ...]`` (``POLICIES`` must match)."""
+    return list(_lib_json(_lib().edgemoe_policies_json))
+
+
+def config_table_markdown() -> str:
+    """The table of docs/op-contract.md ("Runtime configuration"), rendered from :func:`config_keys`."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for k in config_keys():
+        d = k["default"]
+        default = d if (" " in d or d.startswith("(")) else f"`{d}`"
+        rows.append(f"| `{k['key']}` | {default} | {k['doc']} |")
+    return "\n".join(rows) + "\n"
 
 
 def reset_store_stats(store_id: str) -> None:

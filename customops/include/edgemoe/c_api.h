@@ -19,6 +19,11 @@ extern "C" {
 EDGEMOE_EXPORT int64_t edgemoe_store_stats_json(const char* store_id, char* buf, int64_t len);
 /* Zeroes the counters of `store_id` (peak_resident_bytes := resident_bytes). Unknown ids are ignored. */
 EDGEMOE_EXPORT void edgemoe_store_reset_stats(const char* store_id);
+/* The edgemoe.* session config keys as a JSON array [{"key", "default", "doc", "required"}, ...], written like
+   edgemoe_store_stats_json (returns the length n; writes only if len >= n + 1). -1 on failure. */
+EDGEMOE_EXPORT int64_t edgemoe_config_keys_json(char* buf, int64_t len);
+/* The cache policies as a JSON array [{"name", "doc"}, ...], written the same way. */
+EDGEMOE_EXPORT int64_t edgemoe_policies_json(char* buf, int64_t len);
 /* "avx2", "neon" or "scalar": the kernel path gemm_rows dispatches to. */
 EDGEMOE_EXPORT const char* edgemoe_kernel_path(void);
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "edgemoe/formats.h"
 #include "edgemoe/kernels.h"
 
 namespace edgemoe {
@@ -30,8 +31,6 @@ enum class Activation : uint8_t { Silu, Gelu, GeluTanh, Relu, SwigluOai };
 Activation parse_activation(const std::string& name);
 const char* activation_name(Activation a);
 
-enum class ExpertDType : uint8_t { FP32, FP16, INT8, INT4 };
-const char* expert_dtype_name(ExpertDType d);
 
 // One tensor of a blob. `offset` is relative to the blob start; present == false for absent optional ones.
 struct TensorRef {

@@ -1,22 +1,27 @@
-// Eviction policies of the expert cache. A policy only ranks entries: the store decides when to evict
-// (to make room within the byte budget) and which entries may be evicted (resident, unpinned), and asks
-// the policy for a victim among those candidates. All calls are made under the store's lock.
+// Eviction policies of the expert cache (docs/op-contract.md, "Cache policies"). A policy only ranks: the
+// store decides when to evict (to make room within the byte budget) and which entries may go (resident,
+// fully read, unpinned; for a prefetch also not protected at its confidence), keeps the usage history every
+// policy reads (UsageRecord), and asks the policy for the next victim among those candidates. A policy is
+// a pure function of the candidates' records and the context, so the Python simulator
+// (edgemoe_ort/runtime/cachesim.py) reproduces the op's hits, misses and evictions exactly.
 #pragma once
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 namespace edgemoe {
+
+struct Manifest;
 
 struct ExpertKey {
   int32_t layer = 0;
   int32_t expert = 0;
   bool operator==(const ExpertKey& o) const { return layer == o.layer && expert == o.expert; }
   bool operator!=(const ExpertKey& o) const { return !(*this == o); }
+  bool operator<(const ExpertKey& o) const { return layer != o.layer ? layer < o.layer : expert < o.expert; }
 };
 
 struct ExpertKeyHash {
@@ -26,38 +31,81 @@ struct ExpertKeyHash {
   }
 };
 
+// What the store remembers of an expert since it opened (kept across evictions).
+struct UsageRecord {
+  uint64_t uses = 0;       // acquires (hits + misses)
+  uint64_t hp_uses = 0;    // acquires served at high precision (= uses until low-bit twins exist)
+  uint64_t last_use = 0;   // access clock at the latest insert or acquire (unique per expert; 0 = never)
+  uint64_t last_step = 0;  // forward pass (step) of the latest acquire
+};
+
+// One eviction candidate as a policy sees it.
+struct Candidate {
+  ExpertKey key;
+  uint64_t bytes = 0;
+  int32_t distance = 0;         // forward layer distance in [1, L]: 1 = the next layer, L = the running one
+  bool from_prefetch = false;   // its read was started by a prefetch
+  bool used = false;            // acquired since it was read
+  UsageRecord usage;
+};
+
+struct PolicyContext {
+  int32_t current_layer = -1;  // layer of the call in progress (-1 before any call)
+  int32_t num_layers = 1;      // L: MoE layers of the manifest
+  uint64_t step = 0;           // forward passes so far (T); a call of a layer <= the previous call's starts one
+};
+
 class EvictionPolicy {
  public:
   virtual ~EvictionPolicy() = default;
   virtual const char* name() const = 0;
-  // `key` became resident (or started loading) with `bytes` bytes.
-  virtual void on_insert(const ExpertKey& key, uint64_t bytes) = 0;
-  // `key` was used (pinned by an acquire). Called after on_insert for a miss.
-  virtual void on_access(const ExpertKey& key) = 0;
-  // `key` left the cache (evicted, or its read failed).
-  virtual void on_remove(const ExpertKey& key) = 0;
-  // The entry to evict among `candidates` (non-empty; resident, unpinned, all previously inserted).
-  // `current_layer` is the layer of the most recent acquire (for layer-aware policies), -1 before any.
-  // Must return one of the candidates; std::nullopt refuses to evict (the caller then waits or gives up).
-  virtual std::optional<ExpertKey> victim(const std::vector<ExpertKey>& candidates, int32_t current_layer) = 0;
+  // True if `a` should be evicted before `b` (a strict weak order; candidates with equal scores are ordered
+  // by their unique last_use, oldest first, so the choice is deterministic).
+  virtual bool evict_before(const Candidate& a, const Candidate& b, const PolicyContext& ctx) const = 0;
 };
 
-// Least recently used: the candidate whose last on_access (or on_insert) is oldest.
-class LruPolicy final : public EvictionPolicy {
- public:
-  const char* name() const override { return "lru"; }
-  void on_insert(const ExpertKey& key, uint64_t bytes) override;
-  void on_access(const ExpertKey& key) override;
-  void on_remove(const ExpertKey& key) override;
-  std::optional<ExpertKey> victim(const std::vector<ExpertKey>& candidates, int32_t current_layer) override;
+// Per-expert frequencies from a file (edgemoe.frequencies): {"expert_frequency": [[f_0_0, ...], ...]}, one
+// list per manifest layer, one non-negative number per expert. Validated against the manifest.
+struct FrequencyTable {
+  std::string path;
+  std::vector<std::vector<double>> f;  // [layer][expert]
+  double at(const ExpertKey& k) const { return f[static_cast<size_t>(k.layer)][static_cast<size_t>(k.expert)]; }
+};
+// Throws edgemoe::Error naming the file and the field.
+FrequencyTable load_frequencies(const std::string& path, const Manifest& manifest);
 
- private:
-  uint64_t clock_ = 0;
-  std::unordered_map<ExpertKey, uint64_t, ExpertKeyHash> last_use_;
+// HOBBIT's weights (edgemoe.policy_weights = "lru=0.25,lfu=0.25,lhu=0.25,fld=0.25").
+struct HobbitWeights {
+  double lru = 0.25, lfu = 0.25, lhu = 0.25, fld = 0.25;
+};
+HobbitWeights parse_policy_weights(const std::string& spec);  // throws edgemoe::Error
+
+struct PolicyParams {
+  const Manifest* manifest = nullptr;
+  uint64_t budget = 0;
+  const FrequencyTable* frequencies = nullptr;  // null = none given
+  HobbitWeights weights;
+  std::optional<int64_t> pin_experts;  // pinned: N (default: as many as fit in budget - largest blob)
 };
 
-// "lru" -> LruPolicy. "none" is not a policy (it disables the cache) and returns nullptr.
-// Throws edgemoe::Error for an unknown name.
-std::unique_ptr<EvictionPolicy> make_policy(const std::string& name);
+// The policy registry: one row per policy name.
+struct PolicyInfo {
+  const char* name;
+  const char* doc;
+  // nullptr for "none" (no cache). Throws edgemoe::Error for bad parameters.
+  std::unique_ptr<EvictionPolicy> (*make)(const PolicyParams&);
+};
+const std::vector<PolicyInfo>& policy_registry();
+// "lru, lfu, edgemoe, hobbit, pinned, none"
+std::string policy_names();
+// Throws edgemoe::Error ("edgemoe.policy: expected one of ..., found ...") for an unknown name.
+const PolicyInfo& find_policy(const std::string& name);
+
+// Implementations (src/policies/*.cc).
+std::unique_ptr<EvictionPolicy> make_lru_policy(const PolicyParams&);
+std::unique_ptr<EvictionPolicy> make_lfu_policy(const PolicyParams&);
+std::unique_ptr<EvictionPolicy> make_edgemoe_policy(const PolicyParams&);
+std::unique_ptr<EvictionPolicy> make_hobbit_policy(const PolicyParams&);
+std::unique_ptr<EvictionPolicy> make_pinned_policy(const PolicyParams&);
 
 }  // namespace edgemoe

@@ -29,13 +29,19 @@ struct StoreStats {
   std::atomic<uint64_t> calls{0};             // OffloadedExpert computes served
   std::atomic<uint64_t> budget_waits{0};      // acquires that had to wait for an unpin to fit the budget
   std::atomic<uint64_t> throttle_ns{0};       // time I/O threads slept to emulate slower storage (in read_ns)
+  std::atomic<uint64_t> prefetch_cancelled{0}; // queued prefetches dropped unread (their layer ran without them)
+  std::atomic<uint64_t> prefetch_promoted{0};  // queued prefetches a demand acquire raised to demand priority
+  std::atomic<uint64_t> steps{0};              // forward passes seen (a call of a layer <= the previous one)
+  // Expert memory actually mapped by the arena (live + pooled buffers): <= budget_bytes at every instant.
+  std::atomic<uint64_t> arena_bytes{0};
+  std::atomic<uint64_t> peak_arena_bytes{0};
 
   // Descriptive fields (set by the store when it attaches; guarded by mu).
   mutable std::mutex mu;
   std::string store_id, bundle_dir, policy, io_mode, io_note, kernel;
   bool direct_io = false;
   uint64_t budget_bytes = 0, store_bytes = 0, num_experts = 0, io_threads = 0;
-  bool verify_checksums = true;
+  bool verify_checksums = true, mlock = false;
   double throttle_bw = 0, throttle_latency_us = 0;  // storage emulation (0 = off)
 
   std::atomic<bool> attached{false};  // a live store updates these counters

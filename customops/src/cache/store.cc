@@ -1,0 +1,515 @@
+#include "edgemoe/store.h"
+
+#define XXH_INLINE_ALL  // header-only xxHash: no runtime dependency on libxxhash
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <new>
+
+#include "edgemoe/kernels.h"
+
+namespace edgemoe {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+uint64_t ns_since(Clock::time_point t0) {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
+}
+std::string hex16(uint64_t v) {
+  char b[17];
+  std::snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(v));
+  return b;
+}
+}  // namespace
+
+// A cache entry: one expert resident, being read or queued for a read. It is the scheduler's task.
+struct ExpertStore::Entry final : ReadTask {
+  enum class State : uint8_t { Loading, Ready, Failed };
+  ExpertKey key;
+  const ExpertRecord* rec = nullptr;
+  size_t index = 0;
+  State state = State::Loading;
+  ExpertArena::Buffer buf;
+  int pins = 0;
+  bool used = false;         // pinned at least once since it was read
+  bool by_prefetch = false;  // read started by prefetch()
+  bool cached = false;       // in entries_
+  bool accounted = false;    // holds rec->length bytes of reserved_
+  std::string error;
+};
+
+ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
+    : manifest_(std::move(manifest)), options_(std::move(options)) {
+  const std::string mfile = manifest_.manifest_path.string();
+  budget_ = options_.budget_bytes == 0 ? manifest_.store_size : options_.budget_bytes;
+  const ExpertRecord* largest = nullptr;
+  for (const auto& l : manifest_.experts)
+    for (const auto& r : l)
+      if (!largest || r.length > largest->length) largest = &r;
+  if (largest && budget_ < largest->length) {
+    throw Error(error_message(mfile, largest->layer, largest->expert, "edgemoe.budget",
+                              "budget below the largest expert",
+                              ">= " + std::to_string(largest->length) + " bytes (its length)",
+                              std::to_string(budget_) + " bytes"));
+  }
+  if (options_.io_threads < 1 || options_.io_threads > 256)
+    throw Error("edgemoe.io_threads: expected an integer in [1, 256], found " + std::to_string(options_.io_threads));
+  validate_throttle(options_.throttle_bw, options_.throttle_latency_us);
+  const PolicyInfo& pinfo = find_policy(options_.policy);
+  if (!options_.frequencies.empty()) frequencies_ = load_frequencies(options_.frequencies, manifest_);
+  PolicyParams params;
+  params.manifest = &manifest_;
+  params.budget = budget_;
+  params.frequencies = frequencies_ ? &*frequencies_ : nullptr;
+  params.weights = options_.policy_weights;
+  params.pin_experts = options_.pin_experts;
+  if (pinfo.make) policy_ = pinfo.make(params);
+  if (options_.store_id.empty()) options_.store_id = manifest_.bundle_dir.string();
+
+  stats_ = stats_attach(options_.store_id);
+  try {
+    arena_ = std::make_unique<ExpertArena>(budget_, options_.arena, &stats_->arena_bytes, &stats_->peak_arena_bytes);
+    source_ = open_blob_source(manifest_.store_path.string(), manifest_.store_size, options_.io_mode);
+    const IoMode in_effect = source_->mode();
+    if (options_.throttle_bw > 0 || options_.throttle_latency_us > 0)
+      source_ = std::make_unique<ThrottledSource>(std::move(source_), options_.throttle_bw,
+                                                  options_.throttle_latency_us, &stats_->throttle_ns);
+    usage_.assign(manifest_.num_records(), UsageRecord{});
+    verified_.assign(manifest_.num_records(), 0);
+    ctx_.num_layers = std::max<int32_t>(1, static_cast<int32_t>(manifest_.layers.size()));
+    {
+      std::lock_guard<std::mutex> lk(stats_->mu);
+      stats_->store_id = options_.store_id;
+      stats_->bundle_dir = manifest_.bundle_dir.string();
+      stats_->policy = options_.policy;
+      stats_->io_mode = io_mode_name(options_.io_mode);
+      stats_->io_note = source_->note();
+      stats_->direct_io = in_effect == IoMode::Direct;
+      stats_->kernel = kernel_path();
+      stats_->budget_bytes = budget_;
+      stats_->store_bytes = manifest_.store_size;
+      stats_->num_experts = manifest_.num_records();
+      stats_->io_threads = static_cast<uint64_t>(options_.io_threads);
+      stats_->verify_checksums = options_.verify_checksums;
+      stats_->throttle_bw = options_.throttle_bw;
+      stats_->throttle_latency_us = options_.throttle_latency_us;
+      stats_->mlock = options_.arena.mlock;
+    }
+    stats_->resident_bytes = 0;
+    scheduler_ = std::make_unique<ReadScheduler>(options_.io_threads, [this](const std::shared_ptr<ReadTask>& t) {
+      read_entry(std::static_pointer_cast<Entry>(t));
+    });
+  } catch (...) {
+    stats_->attached = false;
+    throw;
+  }
+}
+
+ExpertStore::~ExpertStore() {
+  source_->interrupt();  // a throttled read in progress stops sleeping (that read is abandoned)
+  scheduler_->stop();    // queued reads nobody waits for (pins never outlive the store) are dropped
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto& kv : entries_) kv.second->buf.reset();
+  entries_.clear();
+  stats_->sub_resident(reserved_);
+  reserved_ = 0;
+  stats_->attached = false;
+}
+
+uint64_t ExpertStore::resident_bytes() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return reserved_;
+}
+
+bool ExpertStore::is_resident(int32_t layer, int32_t expert) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return entries_.count(ExpertKey{layer, expert}) != 0;
+}
+
+void ExpertStore::begin_call(int32_t layer) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (last_call_layer_ < 0 || layer <= last_call_layer_) {
+    ++ctx_.step;
+    stats_->steps.fetch_add(1, std::memory_order_relaxed);
+  }
+  last_call_layer_ = layer;
+  ctx_.current_layer = layer;
+}
+
+void ExpertStore::end_call(int32_t layer) {
+  std::vector<std::shared_ptr<ReadTask>> dropped;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!policy_) return;
+    dropped = scheduler_->cancel_if([layer](const ReadTask& t) {
+      const auto& e = static_cast<const Entry&>(t);
+      return t.priority.kind == ReadPriority::Kind::Prefetch && e.key.layer == layer && e.pins == 0;
+    });
+    for (const auto& t : dropped) drop_queued_locked(std::static_pointer_cast<Entry>(t));
+  }
+  if (!dropped.empty()) cv_.notify_all();
+}
+
+void ExpertStore::drain() {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [&] { return reads_pending_ == 0; });
+}
+
+void ExpertStore::protect(const std::vector<std::pair<ExpertKey, float>>& predicted) {
+  std::unordered_map<ExpertKey, float, ExpertKeyHash> next;
+  for (const auto& kv : predicted) {
+    float& c = next[kv.first];
+    c = std::max(c, kv.second);
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  protected_.swap(next);
+}
+
+// A queued prefetch that will never run: out of the cache, its bytes returned.
+void ExpertStore::drop_queued_locked(const std::shared_ptr<Entry>& e) {
+  if (e->cached) {
+    auto it = entries_.find(e->key);
+    if (it != entries_.end() && it->second == e) entries_.erase(it);
+    e->cached = false;
+  }
+  e->state = Entry::State::Failed;
+  e->error = "prefetch cancelled";
+  release_bytes_locked(*e);
+  --reads_pending_;
+  stats_->prefetch_cancelled.fetch_add(1, std::memory_order_relaxed);
+}
+
+std::shared_ptr<ExpertStore::Entry> ExpertStore::new_entry(const ExpertKey& key) {
+  auto e = std::make_shared<Entry>();
+  e->key = key;
+  e->rec = &manifest_.record(key.layer, key.expert);
+  e->index = manifest_.record_index(key.layer, key.expert);
+  return e;
+}
+
+void ExpertStore::touch_locked(const ExpertKey& key, size_t index, bool access) {
+  (void)key;
+  UsageRecord& u = usage_[index];
+  u.last_use = ++clock_;
+  if (access) {
+    ++u.uses;
+    ++u.hp_uses;
+    u.last_step = ctx_.step;
+  }
+}
+
+// Reserves `bytes`, evicting if needed. All or nothing: the victims are chosen first (lowest keep-score
+// first, by the policy) and evicted only if together they make enough room. A prefetch evicts only entries
+// protected below its confidence.
+bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch) {
+  if (bytes > budget_) return false;
+  if (reserved_ + bytes > budget_) {
+    if (!policy_) return false;
+    const uint64_t need = reserved_ + bytes - budget_;
+    std::vector<Candidate> cands;
+    std::vector<std::shared_ptr<Entry>> owners;
+    cands.reserve(entries_.size());
+    const int32_t L = ctx_.num_layers;
+    for (const auto& kv : entries_) {
+      const Entry& e = *kv.second;
+      if (e.pins != 0 || e.state != Entry::State::Ready) continue;
+      if (prefetch) {
+        auto p = protected_.find(kv.first);
+        if (p != protected_.end() && !(p->second < prefetch->confidence)) continue;
+      }
+      Candidate c;
+      c.key = kv.first;
+      c.bytes = e.rec->length;
+      c.distance = ((kv.first.layer - ctx_.current_layer - 1) % L + L) % L + 1;
+      c.from_prefetch = e.by_prefetch;
+      c.used = e.used;
+      c.usage = usage_[e.index];
+      cands.push_back(c);
+    }
+    std::sort(cands.begin(), cands.end(),
+              [&](const Candidate& a, const Candidate& b) { return policy_->evict_before(a, b, ctx_); });
+    uint64_t freed = 0;
+    size_t n = 0;
+    while (freed < need && n < cands.size()) freed += cands[n++].bytes;
+    if (freed < need) return false;
+    owners.reserve(n);
+    for (size_t i = 0; i < n; ++i) owners.push_back(entries_.at(cands[i].key));
+    for (const auto& e : owners) evict_locked(e);
+  }
+  reserved_ += bytes;
+  stats_->add_resident(bytes);
+  return true;
+}
+
+void ExpertStore::release_bytes_locked(Entry& e) {
+  e.buf.reset();  // back to the arena first: mapped expert memory never exceeds the reservations
+  if (e.accounted) {
+    e.accounted = false;
+    reserved_ -= e.rec->length;
+    stats_->sub_resident(e.rec->length);
+  }
+}
+
+void ExpertStore::evict_locked(const std::shared_ptr<Entry>& e) {
+  entries_.erase(e->key);
+  e->cached = false;
+  stats_->evictions.fetch_add(1, std::memory_order_relaxed);
+  if (e->by_prefetch && !e->used) stats_->prefetch_wasted.fetch_add(1, std::memory_order_relaxed);
+  release_bytes_locked(*e);
+}
+
+std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expert, bool block) {
+  const ExpertKey key{layer, expert};
+  const auto t0 = Clock::now();
+  bool waited = false;
+  auto account_wait = [&] {
+    if (waited) stats_->stall_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
+  };
+  std::shared_ptr<Entry> fresh;  // allocated before any bytes are reserved
+  ReadScheduler::Slot slot;
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    ctx_.current_layer = layer;
+    for (;;) {
+      if (policy_) {
+        auto it = entries_.find(key);
+        if (it != entries_.end()) {
+          std::shared_ptr<Entry> e = it->second;  // Loading or Ready (failed entries are removed)
+          touch_locked(key, e->index, true);
+          ++e->pins;
+          const bool first_prefetched_use = e->by_prefetch && !e->used;
+          if (e->state == Entry::State::Ready) {
+            stats_->hits.fetch_add(1, std::memory_order_relaxed);
+            if (first_prefetched_use) stats_->prefetch_hits.fetch_add(1, std::memory_order_relaxed);
+          } else {
+            stats_->misses.fetch_add(1, std::memory_order_relaxed);
+            if (first_prefetched_use) stats_->prefetch_late.fetch_add(1, std::memory_order_relaxed);
+            // Someone waits for it now: a queued prefetch becomes a demand read.
+            if (e->priority.kind == ReadPriority::Kind::Prefetch &&
+                scheduler_->promote(*e, ReadPriority{ReadPriority::Kind::Demand, 0, 1.0f}))
+              stats_->prefetch_promoted.fetch_add(1, std::memory_order_relaxed);
+          }
+          e->used = true;
+          lk.unlock();
+          account_wait();
+          return Pin(this, std::move(e));
+        }
+      }
+      if (!fresh) {
+        lk.unlock();
+        fresh = new_entry(key);  // throws for an unknown expert; nothing reserved yet
+        slot = ReadScheduler::prepare();
+        lk.lock();
+        continue;  // the cache may have changed meanwhile
+      }
+      if (try_reserve_locked(fresh->rec->length, nullptr)) {
+        Entry& e = *fresh;
+        e.pins = 1;
+        e.used = true;
+        e.accounted = true;
+        e.priority = ReadPriority{ReadPriority::Kind::Demand, 0, 1.0f};
+        if (policy_) {
+          try {
+            entries_.emplace(key, fresh);
+          } catch (...) {  // roll back the reservation (it may also have evicted: wake waiters)
+            release_bytes_locked(e);
+            lk.unlock();
+            cv_.notify_all();
+            throw;
+          }
+          e.cached = true;
+          touch_locked(key, e.index, false);
+        }
+        touch_locked(key, e.index, true);
+        stats_->misses.fetch_add(1, std::memory_order_relaxed);
+        ++reads_pending_;
+        break;
+      }
+      if (!block) return std::nullopt;
+      if (!waited) stats_->budget_waits.fetch_add(1, std::memory_order_relaxed);
+      waited = true;
+      cv_.wait(lk);
+    }
+  }
+  account_wait();
+  Pin pin(this, fresh);
+  scheduler_->submit(std::move(slot), std::move(fresh));
+  return pin;
+}
+
+ExpertStore::Pin ExpertStore::acquire(int32_t layer, int32_t expert) {
+  std::optional<Pin> p = request(layer, expert, true);
+  return std::move(*p);
+}
+
+std::optional<ExpertStore::Pin> ExpertStore::try_acquire(int32_t layer, int32_t expert) {
+  return request(layer, expert, false);
+}
+
+bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
+  const ExpertKey key{layer, expert};
+  if (!(hint.confidence > 0.0f && hint.confidence <= 1.0f))
+    throw Error("prefetch: confidence: expected a probability in (0, 1], found " + std::to_string(hint.confidence));
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!policy_ || entries_.count(key)) return false;
+  }
+  std::shared_ptr<Entry> fresh = new_entry(key);  // allocated before any bytes are reserved
+  ReadScheduler::Slot slot = ReadScheduler::prepare();
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (entries_.count(key)) return false;
+    if (!try_reserve_locked(fresh->rec->length, &hint)) {
+      stats_->prefetch_dropped.fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
+    Entry& e = *fresh;
+    e.by_prefetch = true;
+    e.accounted = true;
+    e.priority = ReadPriority{ReadPriority::Kind::Prefetch, std::max<int32_t>(0, hint.distance), hint.confidence};
+    try {
+      entries_.emplace(key, fresh);
+    } catch (...) {
+      release_bytes_locked(e);
+      throw;
+    }
+    e.cached = true;
+    touch_locked(key, e.index, false);
+    stats_->prefetch_issued.fetch_add(1, std::memory_order_relaxed);
+    ++reads_pending_;
+  }
+  scheduler_->submit(std::move(slot), std::move(fresh));
+  return true;
+}
+
+void ExpertStore::unpin(const std::shared_ptr<Entry>& e) noexcept {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    // Policy none: the transient buffer goes with the last pin (or, if its read is still in flight, when
+    // the read completes: the bytes stay reserved until the I/O thread has dropped its buffer).
+    if (--e->pins == 0 && !e->cached && e->state != Entry::State::Loading) release_bytes_locked(*e);
+  }
+  cv_.notify_all();
+}
+
+void ExpertStore::wait_ready(const std::shared_ptr<Entry>& e) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (e->state == Entry::State::Loading) {
+    const auto t0 = Clock::now();
+    cv_.wait(lk, [&] { return e->state != Entry::State::Loading; });
+    stats_->stall_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
+  }
+  if (e->state == Entry::State::Failed) {
+    if (e->error.empty())  // the reader had no message (or no memory to build one)
+      throw Error(manifest_.store_path.string() + ": layer " + std::to_string(e->rec->layer) + " expert " +
+                  std::to_string(e->rec->expert) + ": read failed (no error message; out of memory?)");
+    throw Error(e->error);
+  }
+}
+
+void ExpertStore::read_entry(const std::shared_ptr<Entry>& e) noexcept {
+  const ExpertRecord& rec = *e->rec;
+  bool ok = false;
+  std::string err;  // may stay empty on failure (no message, or no memory for it): wait_ready reports one
+  ExpertArena::Buffer buf;
+  try {
+    const std::string what = manifest_.store_path.string() + ": layer " + std::to_string(rec.layer) + " expert " +
+                             std::to_string(rec.expert);
+    buf = arena_->take(rec.length);
+    const auto t0 = Clock::now();
+    source_->read(rec.offset, rec.length, buf.data(), what);
+    stats_->read_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
+    stats_->reads.fetch_add(1, std::memory_order_relaxed);
+    stats_->bytes_read.fetch_add(rec.length, std::memory_order_relaxed);
+    if (options_.verify_checksums) {
+      bool need;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        need = !verified_[e->index];
+      }
+      if (need) {
+        const uint64_t h = XXH3_64bits(buf.data(), rec.size);
+        if (h != rec.checksum) {
+          throw Error(error_message(manifest_.store_path.string(), rec.layer, rec.expert,
+                                    "xxh3_64 checksum of blob[0:" + std::to_string(rec.size) + "] at offset " +
+                                        std::to_string(rec.offset),
+                                    "checksum mismatch (the store is corrupt)", rec.checksum_hex, hex16(h)));
+        }
+        std::lock_guard<std::mutex> lk(mu_);
+        verified_[e->index] = 1;
+        stats_->checksums_verified.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+    ok = true;
+  } catch (const std::bad_alloc&) {
+    try {
+      err = manifest_.store_path.string() + ": layer " + std::to_string(rec.layer) + " expert " +
+            std::to_string(rec.expert) + ": out of memory reading " + std::to_string(rec.length) + " bytes";
+    } catch (...) {  // no memory for the message either: wait_ready reports a generic one
+    }
+  } catch (const std::exception& ex) {
+    try {
+      err = ex.what();
+    } catch (...) {
+    }
+  } catch (...) {
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    --reads_pending_;
+    if (ok) {
+      e->buf = std::move(buf);
+      e->state = Entry::State::Ready;
+      if (!e->cached && e->pins == 0) release_bytes_locked(*e);  // uncached and abandoned while in flight
+    } else {
+      buf.reset();
+      e->state = Entry::State::Failed;
+      e->error = std::move(err);
+      if (e->cached) {
+        auto it = entries_.find(e->key);
+        if (it != entries_.end() && it->second == e) entries_.erase(it);
+        e->cached = false;
+      }
+      release_bytes_locked(*e);
+    }
+  }
+  cv_.notify_all();
+}
+
+// --- Pin -------------------------------------------------------------------------------------------------
+ExpertStore::Pin::Pin(Pin&& o) noexcept : store_(o.store_), entry_(std::move(o.entry_)) { o.store_ = nullptr; }
+
+ExpertStore::Pin& ExpertStore::Pin::operator=(Pin&& o) noexcept {
+  if (this != &o) {
+    release();
+    store_ = o.store_;
+    entry_ = std::move(o.entry_);
+    o.store_ = nullptr;
+  }
+  return *this;
+}
+
+const uint8_t* ExpertStore::Pin::wait() {
+  if (!entry_) throw Error("edgemoe: wait() on an empty pin");
+  store_->wait_ready(entry_);
+  return entry_->buf.data();
+}
+
+bool ExpertStore::Pin::ready() const {
+  if (!entry_) return false;
+  std::lock_guard<std::mutex> lk(store_->mu_);
+  return entry_->state == Entry::State::Ready;
+}
+
+const ExpertRecord& ExpertStore::Pin::record() const { return *entry_->rec; }
+
+void ExpertStore::Pin::release() noexcept {
+  if (entry_) {
+    store_->unpin(entry_);
+    entry_.reset();
+    store_ = nullptr;
+  }
+}
+
+}  // namespace edgemoe

@@ -1,0 +1,26 @@
+// Node attributes of OffloadedExpert and their checks against the manifest, apart from the computation
+// (docs/op-contract.md, "Node").
+#pragma once
+#include <string>
+
+#include "edgemoe/moe.h"
+#include "ort.h"
+
+namespace edgemoe {
+
+struct NodeAttributes {
+  std::string node = "?";
+  std::string manifest = "manifest.json";
+  int64_t layer = 0, num_experts = 0, top_k = 0, gated = 0;
+  bool has_activation = false, has_gated = false;
+  std::string activation;
+  float alpha = 1.702f, limit = 7.0f;
+};
+
+// Reads the attributes; an error status names the node and the missing attribute.
+OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info, NodeAttributes* out);
+// Checks them against the manifest and fills `attrs`; an error status names the manifest, the node, the
+// attribute, expected vs found.
+OrtStatus* check_attributes(const NodeAttributes& n, const Manifest& m, MoeAttrs* attrs, int64_t* hidden);
+
+}  // namespace edgemoe

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from edgemoe_ort.bundle import Bundle
-from edgemoe_ort.runtime.ops import ExpertSession, RuntimeOptions, make_session_options, open_session
+from edgemoe_ort.runtime.ops import (
+    ExpertSession,
+    RuntimeOptions,
+    make_session_options,
+    open_session,
+    release_free_heap,
+)
 
 
 class GenerationError(ValueError):
@@ -354,6 +360,7 @@ class Seq2SeqMoEModel(_Generator):
             )
             for role in ("encoder", "decoder")
         ]
+        release_free_heap()
         return cls(bundle, sessions[0], sessions[1], load_tokenizer(bundle))
 
     def _decode(self, token: int, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -119,7 +119,7 @@ class ExpertStore {
   std::optional<Pin> request(int32_t layer, int32_t expert, bool block);
   std::shared_ptr<Entry> new_entry(const ExpertKey& key);
   bool try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch);
-  void touch_locked(const ExpertKey& key, size_t index, bool access);
+  void touch_locked(size_t index, bool access);  // access clock; a use if `access`
   void evict_locked(const std::shared_ptr<Entry>& e);
   void release_bytes_locked(Entry& e);
   void drop_queued_locked(const std::shared_ptr<Entry>& e);

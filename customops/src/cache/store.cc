@@ -188,8 +188,7 @@ std::shared_ptr<ExpertStore::Entry> ExpertStore::new_entry(const ExpertKey& key)
   return e;
 }
 
-void ExpertStore::touch_locked(const ExpertKey& key, size_t index, bool access) {
-  (void)key;
+void ExpertStore::touch_locked(size_t index, bool access) {
   UsageRecord& u = usage_[index];
   u.last_use = ++clock_;
   if (access) {
@@ -276,7 +275,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
         auto it = entries_.find(key);
         if (it != entries_.end()) {
           std::shared_ptr<Entry> e = it->second;  // Loading or Ready (failed entries are removed)
-          touch_locked(key, e->index, true);
+          touch_locked(e->index, true);
           ++e->pins;
           const bool first_prefetched_use = e->by_prefetch && !e->used;
           if (e->state == Entry::State::Ready) {
@@ -319,9 +318,9 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
             throw;
           }
           e.cached = true;
-          touch_locked(key, e.index, false);
+          touch_locked(e.index, false);
         }
-        touch_locked(key, e.index, true);
+        touch_locked(e.index, true);
         stats_->misses.fetch_add(1, std::memory_order_relaxed);
         ++reads_pending_;
         break;
@@ -375,7 +374,7 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
       throw;
     }
     e.cached = true;
-    touch_locked(key, e.index, false);
+    touch_locked(e.index, false);
     stats_->prefetch_issued.fetch_add(1, std::memory_order_relaxed);
     ++reads_pending_;
   }

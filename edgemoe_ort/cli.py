@@ -6,6 +6,7 @@ User mistakes print one clear line and exit non-zero; tracebacks are for our bug
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -14,6 +15,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+
+from edgemoe_ort.runtime.ops import POLICIES
 
 err = Console(stderr=True)
 out = Console()
@@ -92,7 +95,18 @@ def run(
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
     budget: Annotated[str | None, typer.Option(help="expert cache budget: bytes, 256MB, 1GiB or 25%")] = None,
     io: Annotated[str, typer.Option(help="direct | buffered | mmap")] = "direct",
-    policy: Annotated[str, typer.Option(help="lru | none")] = "lru",
+    policy: Annotated[str, typer.Option(help="cache policy: " + " | ".join(POLICIES))] = "lru",
+    frequencies: Annotated[
+        Path | None,
+        typer.Option(help="JSON expert frequencies {\"expert_frequency\": [[...], ...]} (pinned, edgemoe)"),
+    ] = None,
+    policy_weights: Annotated[
+        str | None, typer.Option(help="hobbit weights, e.g. lru=0.25,lfu=0.25,lhu=0.25,fld=0.25")
+    ] = None,
+    pin_experts: Annotated[
+        int | None,
+        typer.Option(help="pinned: how many of the most frequent experts (default: as many as fit)"),
+    ] = None,
     io_threads: Annotated[int, typer.Option(help="I/O threads")] = 2,
     threads: Annotated[int | None, typer.Option(help="compute threads (ORT intra-op)")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
@@ -102,9 +116,17 @@ def run(
 ) -> None:
     from edgemoe_ort.runtime import RuntimeOptions, load_model
 
+    _check_policy_flags(policy, frequencies, policy_weights, pin_experts)
     options = RuntimeOptions(budget=budget, policy=policy, io=io, io_threads=io_threads,
-                             intra_op_threads=threads)
-    model = load_model(bundle, options)
+                             intra_op_threads=threads, frequencies=frequencies, policy_weights=policy_weights,
+                             pin_experts=pin_experts)
+    try:
+        model = load_model(bundle, options)
+    except _user_errors() as exc:  # name our flags, not the session config keys they map to
+        msg = _ORT_PREFIX.sub("", str(exc).strip())
+        for key, flag in _FLAG_OF_KEY.items():
+            msg = msg.replace(key, flag)
+        raise ValueError(msg) from None
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   seed=seed)
     if as_json:
@@ -118,6 +140,53 @@ def run(
                             **kwargs)
     print()
     _print_stats(result.stats.as_dict())
+
+
+#: session config keys (C++ error messages) -> the edgemoe-run flag that sets them
+_FLAG_OF_KEY = {
+    "edgemoe.frequencies": "--frequencies",
+    "edgemoe.policy_weights": "--policy-weights",
+    "edgemoe.pin_experts": "--pin-experts",
+    "edgemoe.policy": "--policy",
+    "edgemoe.budget": "--budget",
+    "edgemoe.io_threads": "--io-threads",
+    "edgemoe.io_mode": "--io",
+}
+_ORT_PREFIX = re.compile(r"^(\[ONNXRuntimeError\] : \d+ : \w+ : )?(Exception during initialization: )?")
+_WEIGHTS_RE = re.compile(r"^\s*[A-Za-z_]+\s*=\s*[0-9.eE+-]+\s*(,\s*[A-Za-z_]+\s*=\s*[0-9.eE+-]+\s*)*$")
+
+
+def _check_policy_flags(
+    policy: str, frequencies: Path | None, policy_weights: str | None, pin_experts: int | None
+) -> None:
+    """One clear line, naming the flag, for policy options that do not fit the chosen ``--policy``."""
+    if policy not in POLICIES:
+        raise ValueError(f"--policy: expected one of {', '.join(POLICIES)}, found {policy!r}")
+    if frequencies is not None:
+        if policy not in ("pinned", "edgemoe"):
+            raise ValueError(f"--frequencies: used by --policy pinned or edgemoe, found --policy {policy}")
+        if not frequencies.is_file():
+            raise FileNotFoundError(f"--frequencies {frequencies}: expected a JSON file, found "
+                                    f"{'a folder' if frequencies.exists() else 'nothing'}")
+        try:
+            json.loads(frequencies.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(
+                f"--frequencies {frequencies}: expected JSON, found invalid JSON ({exc})"
+            ) from None
+    elif policy == "pinned":
+        raise ValueError("--policy pinned: expected --frequencies FILE (JSON expert frequencies), found none")
+    if policy_weights is not None:
+        if policy != "hobbit":
+            raise ValueError(f"--policy-weights: used by --policy hobbit, found --policy {policy}")
+        if not _WEIGHTS_RE.match(policy_weights):
+            raise ValueError("--policy-weights: expected name=weight pairs like "
+                             f"'lru=0.25,lfu=0.25,lhu=0.25,fld=0.25', found {policy_weights!r}")
+    if pin_experts is not None:
+        if policy != "pinned":
+            raise ValueError(f"--pin-experts: used by --policy pinned, found --policy {policy}")
+        if pin_experts < 0:
+            raise ValueError(f"--pin-experts: expected an integer >= 0, found {pin_experts}")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -160,15 +229,27 @@ inspect_app = typer.Typer(add_completion=False, help="Show what a bundle holds."
 @friendly_errors
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="bundle folder")],
+    budget: Annotated[
+        str | None,
+        typer.Option(help="estimate the process's memory at this expert budget (default: 10/25/50/100%)"),
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option(help="tokens of KV cache to size for (default: the model's context)")
+    ] = None,
+    prompt_tokens: Annotated[
+        int | None, typer.Option(help="longest prompt, prefilled in one pass (default: min(context, 512))")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     from rich.table import Table
 
     from edgemoe_ort.bundle import Bundle
 
-    summary = Bundle.open(bundle).summary()
+    b = Bundle.open(bundle)
+    summary = b.summary()
+    memory = _memory_report(b, budget, context, prompt_tokens)
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({**summary, "memory": memory}, indent=2))
         return
     table = Table(title=str(bundle), show_header=False)
     for key, value in summary.items():
@@ -176,7 +257,66 @@ def inspect(
             value = f"{_fmt_bytes(value)} ({value} B)"
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     out.print(table)
+    out.print(
+        f"memory a process needs in MiB; total = the memory cap to give it (docs/memory.md). Minimum budget "
+        f"{_fmt_bytes(memory['minimum_budget_bytes'])} (the largest expert); KV cache for "
+        f"{memory['context_tokens']} tokens, a prefill of {memory['prompt_tokens']} tokens",
+        highlight=False,
+    )
+    mem = Table()
+    cols = (("experts", "expert_bytes"), ("dense", "dense_bytes"), ("KV", "kv_cache_bytes"),
+            ("activ.", "activation_bytes"), ("scratch", "op_scratch_bytes"), ("load", "load_transient_bytes"),
+            ("fixed", "fixed_overhead_bytes"), ("total", "total_bytes"))
+    mem.add_column("budget", no_wrap=True)
+    for name, _ in cols:
+        mem.add_column(name, justify="right")
+    for est in memory["estimates"]:
+        if "error" in est:
+            mem.add_row(f"{est['budget']}: {est['error']}", *["–"] * len(cols))
+        else:
+            mem.add_row(est["budget"], *[f"{est[k] / 2**20:.1f}" for _, k in cols])
+    out.print(mem)
 
+
+def _memory_report(
+    bundle: Any, budget: str | None, context: int | None, prompt_tokens: int | None
+) -> dict[str, Any]:
+    """The memory model of ``bundle`` (edgemoe_ort.runtime.memory) at ``budget`` or at 10/25/50/100%."""
+    from edgemoe_ort.runtime.memory import FIXED_OVERHEAD_BYTES, estimate_rss, minimum_budget
+    from edgemoe_ort.runtime.ops import parse_budget
+
+    for flag, v in (("--context", context), ("--prompt-tokens", prompt_tokens)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: expected at least 1 token, found {v}")
+    floor = minimum_budget(bundle)
+    if budget is not None:
+        try:
+            resolved = parse_budget(budget, bundle.store_bytes)
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None
+        if resolved < floor:
+            raise ValueError(
+                f"--budget: expected at least {floor} bytes ({_fmt_bytes(floor)}, the largest expert of "
+                f"{bundle.path}), found {budget!r} = {resolved} bytes"
+            )
+    estimates: list[dict[str, Any]] = []
+    for b in [budget] if budget is not None else ["10%", "25%", "50%", "100%"]:
+        resolved = parse_budget(b, bundle.store_bytes)
+        if resolved < floor:
+            estimates.append({"budget": b, "budget_bytes": resolved,
+                              "error": "< minimum"})
+            continue
+        estimates.append({"budget": b, **estimate_rss(bundle, resolved, context=context,
+                                                       prompt_tokens=prompt_tokens)})
+    ok = next((e for e in estimates if "error" not in e), None)
+    ctx = ok["context_tokens"] if ok else None
+    return {
+        "minimum_budget_bytes": floor,
+        "fixed_overhead_bytes": FIXED_OVERHEAD_BYTES,
+        "context_tokens": ctx,
+        "prompt_tokens": ok["prompt_tokens"] if ok else None,
+        "estimates": estimates,
+    }
 
 
 # --- edgemoe-bench ---------------------------------------------------------------------------------

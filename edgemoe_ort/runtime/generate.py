@@ -69,7 +69,16 @@ class GenerationResult:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process so far: ``VmHWM`` of /proc/self/status (``ru_maxrss`` is carried
+    over from the parent across fork + exec, so a child of a large process would report the parent's peak);
+    ``ru_maxrss`` where /proc is absent."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

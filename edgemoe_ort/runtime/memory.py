@@ -1,0 +1,289 @@
+"""The memory model: what a process running a bundle holds, beyond the expert budget (docs/memory.md).
+
+One definition, used by ``edgemoe-inspect``, the tests and the docs. A process running a bundle holds:
+
+- ``dense_bytes``: the dense graph's weights (graph files + external data, :attr:`Bundle.dense_bytes`); ORT
+  keeps them resident for the life of the session.
+- ``expert_bytes``: the expert cache, bounded by the budget (the store counts each resident or in-flight
+  expert at its record ``length``), never more than the whole store.
+- ``kv_cache_bytes``: the KV cache at ``context`` tokens, twice: during a step the runtime's past and ORT's
+  ``present`` outputs (past + the new token) are alive together. Bytes per token come from the decoder
+  graph's ``past_key_values.*`` inputs (float32 ``[batch, kv_heads, past, head_dim]``).
+- ``activation_bytes``: ORT's arena at the largest step, the prefill of ``prompt_tokens`` tokens: logits
+  ``T x vocab``, attention scores ``heads x T x T`` and a few hidden-sized buffers, float32, doubled because
+  the arena grows by doubling and keeps what it grew.
+- ``op_scratch_bytes``: the ``OffloadedExpert`` op's per-call buffers at ``prompt_tokens`` tokens (gathered
+  inputs, per-slot outputs, gate/up and hidden activations: float32, largest layer).
+- ``load_transient_bytes``: while ORT creates the session it holds the parsed graph file and the weight
+  tensors together, so for a moment the dense weights are there twice (measured: up to 2.1x ``dense_bytes``
+  at session creation), before any expert is read. Only the part the run-time items above do not already
+  cover counts: ``max(0, dense - (experts + KV + activations + scratch))``; the peak is the larger of the
+  load peak and the generation peak.
+- ``fixed_overhead_bytes``: :data:`FIXED_OVERHEAD_BYTES`: interpreter, onnxruntime, numpy, tokenizers, the
+  CLI, ORT's session structures and prepacked weights, thread stacks, the tokenizer, allocator slack;
+  measured, with margin (see the constant).
+
+``estimate_rss(bundle, budget)["total_bytes"]`` is the sum of those items: the memory cap a process running
+the bundle at that budget needs (``tests/test_memory_cap.py`` runs under exactly that cap).
+
+Device-side: imports neither torch nor transformers (onnx only for the graph's input shapes).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from edgemoe_ort.bundle import Bundle
+
+from .ops import parse_budget
+
+__all__ = [
+    "DEFAULT_CONTEXT",
+    "FIXED_OVERHEAD_BYTES",
+    "ITEMS",
+    "MAX_DEFAULT_PROMPT_TOKENS",
+    "activation_bytes",
+    "estimate_rss",
+    "kv_bytes_per_token",
+    "minimum_budget",
+    "model_context",
+    "op_scratch_bytes",
+]
+
+MiB = 1 << 20
+
+#: Everything a running process holds besides the items :func:`estimate_rss` computes from the bundle: the
+#: Python interpreter + onnxruntime + numpy + tokenizers (61 MiB RSS after the imports, 11 MiB of it the
+#: bare interpreter), the CLI (typer, rich: ~10 MiB), ORT's session structures and prepacked MatMul weights
+#: (22-65 MiB above ``dense_bytes`` once the session exists), the tokenizer, thread stacks, allocator slack.
+#:
+#: Measured 2026-12-01 (x86-64, Python 3.11.7, onnxruntime 1.32.0, 2 vCPU, glibc malloc) as ``peak RSS -
+#: dense - min(budget, store)`` of ``edgemoe-run B --prompt "def fibonacci(n):" --budget X
+#: --max-new-tokens 64 --json`` (peak RSS: its ``peak_rss_bytes``, ru_maxrss, started from a shell) on three
+#: int4 bundles at budgets 10/25/50/100%, three runs each: the default model (dense 7.7 MiB, 5 MiB store):
+#: 104-109 MiB; a random Mixtral of 4 layers, hidden 1024, intermediate 3072 (dense 81 MiB, 4.9 MiB
+#: experts): 80-145 MiB; one of 11 layers, intermediate 3584 (dense 166 MiB, 5.7 MiB experts): 26-129 MiB
+#: (one early batch showed 201-205 MiB in 5 of 20 runs at 10-25%, not reproduced in 34 later runs; the
+#: session-creation peak, ``load_transient_bytes``, reached 1.74x dense there). That is with the store
+#: rewrite that bounds expert memory (library built 10:22 UTC that day); the store committed before it let
+#: heap fragmentation grow RSS far past the budget (the 11-layer bundle: 1438 MiB at 25%), and with
+#: ``MALLOC_MMAP_THRESHOLD_=1048576`` as a workaround it measured 101-110 MiB. Those runs used < 80 tokens
+#: of context, so the KV, activation and scratch items were < 2 MiB there. Largest steady-state value:
+#: 145 MiB; the constant adds 15 MiB of margin.
+FIXED_OVERHEAD_BYTES = 160 * MiB
+
+#: Context assumed when the model's config names none (e.g. relative-position models).
+DEFAULT_CONTEXT = 2048
+#: The largest step of a generation is the prefill of the prompt; by default it is assumed to be
+#: ``min(context, MAX_DEFAULT_PROMPT_TOKENS)`` tokens long.
+MAX_DEFAULT_PROMPT_TOKENS = 512
+
+#: The keys of :func:`estimate_rss` whose sum is ``total_bytes``.
+ITEMS = (
+    "dense_bytes",
+    "expert_bytes",
+    "kv_cache_bytes",
+    "activation_bytes",
+    "op_scratch_bytes",
+    "load_transient_bytes",
+    "fixed_overhead_bytes",
+)
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_FLOAT_BYTES = 4
+
+
+def _bundle(bundle: Bundle | str | Path) -> Bundle:
+    return bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+
+
+def minimum_budget(bundle: Bundle | str | Path) -> int:
+    """The smallest budget the store accepts: the largest expert record ``length`` (a budget below it is
+    refused when the session is created)."""
+    return max((int(r["length"]) for r in _bundle(bundle).manifest["experts"]), default=0)
+
+
+def _config_int(config: dict[str, Any], *keys: str) -> int | None:
+    for sub in (config, config.get("text_config") or {}):
+        for k in keys:
+            v = sub.get(k) if isinstance(sub, dict) else None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def model_context(bundle: Bundle | str | Path) -> int:
+    """The model's context length from its config (``max_position_embeddings`` and the like), else
+    :data:`DEFAULT_CONTEXT`."""
+    return _config_int(_bundle(bundle).config, *_CONTEXT_KEYS) or DEFAULT_CONTEXT
+
+
+# --- reading the decoder graph's inputs/outputs without loading its weights -----------------------------
+def _varint(f: BinaryIO) -> int:
+    shift = result = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            raise EOFError("truncated protobuf varint")
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+
+
+def _fields(f: BinaryIO, end: int) -> Any:
+    """Yield ``(field number, wire type, payload start, payload length)`` of a protobuf message in
+    ``[f.tell(), end)``, leaving the file after each field (length-delimited payloads are skipped, so
+    the weights of a graph are never read)."""
+    while f.tell() < end:
+        key = _varint(f)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            _varint(f)
+            yield num, wt, 0, 0
+        elif wt == 1:
+            f.seek(8, io.SEEK_CUR)
+        elif wt == 5:
+            f.seek(4, io.SEEK_CUR)
+        elif wt == 2:
+            n = _varint(f)
+            start = f.tell()
+            yield num, wt, start, n
+            f.seek(start + n)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt}")
+
+
+def _graph_io(path: Path) -> tuple[list[Any], list[Any]]:
+    """(inputs, outputs) of an ONNX model file as ``onnx.ValueInfoProto`` (ModelProto.graph = field 7,
+    GraphProto.input = 11, .output = 12), reading only those bytes."""
+    import onnx
+
+    ins: list[Any] = []
+    outs: list[Any] = []
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        for num, wt, start, n in list(_fields(f, size)):
+            if num != 7 or wt != 2:
+                continue
+            f.seek(start)
+            for gnum, gwt, gstart, gn in _fields(f, start + n):
+                if gwt == 2 and gnum in (11, 12):
+                    here = f.tell()
+                    f.seek(gstart)
+                    vi = onnx.ValueInfoProto.FromString(f.read(gn))
+                    f.seek(here)
+                    (ins if gnum == 11 else outs).append(vi)
+            break
+    return ins, outs
+
+
+def _dims(vi: Any) -> list[int | None]:
+    t = vi.type.tensor_type
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
+def _graph_shapes(b: Bundle) -> tuple[int, int | None]:
+    """(KV bytes per token, vocab from the logits output) of the decoder graph."""
+    ins, outs = _graph_io(b.graph_path("decoder"))
+    per_token = 0
+    for vi in ins:
+        if vi.name.startswith("past_key_values."):
+            d = _dims(vi)
+            if len(d) == 4 and d[1] and d[3]:
+                per_token += d[1] * d[3] * _FLOAT_BYTES
+    vocab = None
+    for vi in outs:
+        if vi.name == "logits":
+            d = _dims(vi)
+            vocab = d[-1] if d and d[-1] else None
+    return per_token, vocab
+
+
+def kv_bytes_per_token(bundle: Bundle | str | Path) -> int:
+    """Bytes the KV cache grows by per token (batch 1): the sum over the decoder graph's
+    ``past_key_values.*`` inputs of ``kv_heads * head_dim * 4``."""
+    return _graph_shapes(_bundle(bundle))[0]
+
+
+def activation_bytes(bundle: Bundle | str | Path, tokens: int, *, vocab: int | None = None) -> int:
+    """ORT arena at a forward pass of ``tokens`` tokens (batch 1): ``2 * 4 * T * (vocab + heads * T +
+    8 * hidden)`` bytes (logits, attention scores, hidden-sized buffers, float32; x2 for the arena's
+    doubling growth)."""
+    b = _bundle(bundle)
+    cfg = b.config
+    hidden = _config_int(cfg, "hidden_size", "d_model", "n_embd") or max(
+        (int(layer["hidden"]) for layer in b.layers), default=0
+    )
+    heads = _config_int(cfg, "num_attention_heads", "num_heads", "n_head") or 1
+    if vocab is None:
+        vocab = _config_int(cfg, "vocab_size") or 0
+    t = int(tokens)
+    return 2 * _FLOAT_BYTES * t * (vocab + heads * t + 8 * hidden)
+
+
+def op_scratch_bytes(bundle: Bundle | str | Path, tokens: int) -> int:
+    """The op's per-call buffers at ``tokens`` tokens, largest layer: ``4 * T * (K*H + H + rows_in + I)``
+    (gathered inputs, per-slot outputs, gate/up rows, hidden activations; rows_in = 2I if gated)."""
+    b = _bundle(bundle)
+    t = int(tokens)
+    best = 0
+    for layer in b.layers:
+        h, i, k = int(layer["hidden"]), int(layer["intermediate"]), int(layer["top_k"])
+        rows_in = 2 * i if layer["gated"] else i
+        best = max(best, _FLOAT_BYTES * t * (k * h + h + rows_in + i))
+    return best
+
+
+def estimate_rss(
+    bundle: Bundle | str | Path,
+    budget_bytes: int | str | None,
+    *,
+    context: int | None = None,
+    prompt_tokens: int | None = None,
+) -> dict[str, int]:
+    """What a process running ``bundle`` at ``budget_bytes`` holds at its peak, by item (docs/memory.md).
+
+    ``budget_bytes``: bytes, or anything :func:`parse_budget` takes (``"256MB"``, ``"25%"``; None = the whole
+    store). ``context``: tokens of KV cache (default: the model's, :func:`model_context`); ``prompt_tokens``:
+    the longest prefill (default ``min(context, MAX_DEFAULT_PROMPT_TOKENS)``).
+
+    Returns the :data:`ITEMS` (bytes), ``total_bytes`` (their sum: the memory cap to give the process), and
+    for reference ``budget_bytes`` (resolved), ``minimum_budget_bytes``, ``store_bytes``, ``context_tokens``
+    and ``prompt_tokens``. Raises ValueError for a budget below :func:`minimum_budget` (the store refuses it).
+    """
+    b = _bundle(bundle)
+    budget = parse_budget(budget_bytes, b.store_bytes)
+    floor = minimum_budget(b)
+    if budget < floor:
+        raise ValueError(
+            f"budget: expected at least {floor} bytes (the largest expert of {b.path}), found {budget}"
+        )
+    ctx = model_context(b) if context is None else int(context)
+    if ctx < 1:
+        raise ValueError(f"context: expected at least 1 token, found {ctx}")
+    prompt = min(ctx, MAX_DEFAULT_PROMPT_TOKENS) if prompt_tokens is None else int(prompt_tokens)
+    if prompt < 1:
+        raise ValueError(f"prompt_tokens: expected at least 1 token, found {prompt}")
+    kv_per_token, vocab = _graph_shapes(b) if "decoder" in b.graphs else (0, None)
+    items = {
+        "dense_bytes": b.dense_bytes,
+        "expert_bytes": min(budget, b.store_bytes),
+        "kv_cache_bytes": 2 * kv_per_token * ctx,
+        "activation_bytes": activation_bytes(b, prompt, vocab=vocab),
+        "op_scratch_bytes": op_scratch_bytes(b, prompt),
+    }
+    running = sum(v for k, v in items.items() if k != "dense_bytes")
+    items["load_transient_bytes"] = max(0, items["dense_bytes"] - running)  # the weights twice, at load
+    items["fixed_overhead_bytes"] = FIXED_OVERHEAD_BYTES
+    return {
+        **items,
+        "total_bytes": sum(items.values()),
+        "budget_bytes": budget,
+        "minimum_budget_bytes": floor,
+        "store_bytes": b.store_bytes,
+        "context_tokens": ctx,
+        "prompt_tokens": prompt,
+    }

@@ -8,7 +8,9 @@
 #   trace.npz                 routing of the default model (models/edgemoe-tiny-mixtral) over 64 greedy tokens
 #   replay-bundle/            24 layers of large synthetic experts (H 1024, I 3584, int4) the trace is replayed into
 #   kernel-bundle/            one layer, 2 experts at H 4096, I 14336, int4 g64 (kernel micro-benchmark)
-# `make bench` measures for ~15 min once the models exist (the large export adds ~8 min, the replay bundle ~1 min).
+# `make bench` measures for ~30 min once the models exist (the large export adds ~4-8 min, the replay bundle ~1 min):
+# every run compares the cache policies $(BENCH_POLICIES) (one mode edgemoe[P]@budget each, interleaved) and
+# measures each mode's peak RSS in a fresh process over $(BENCH_RSS_TOKENS) decode tokens.
 # Measure on a quiet machine: the recipe warns when the 1-minute load average is >= 1.5.
 
 BENCH_DIR := $(BUILD)/bench
@@ -18,6 +20,8 @@ BENCH_TRACE := $(BENCH_DIR)/trace.npz
 BENCH_REPLAY := $(BENCH_DIR)/replay-bundle
 BENCH_KERNEL := $(BENCH_DIR)/kernel-bundle
 BENCH_RESULTS := $(BENCH_DIR)/results.json
+BENCH_POLICIES ?= lru,lfu,edgemoe,hobbit
+BENCH_RSS_TOKENS ?= 64
 BENCH_ARGS ?=
 
 .PHONY: bench bench-models bench-report
@@ -46,7 +50,8 @@ bench: bench-models
 	if awk "BEGIN{exit !($$load >= 1.5)}"; then \
 	  echo "bench: WARNING: load average $$load >= 1.5: other work is running, the figures will be noisy"; fi
 	$(VPY) -m edgemoe_ort.bench.suite --out $(BENCH_RESULTS) --small $(BENCH_SMALL) --large $(BENCH_LARGE) \
-	  --replay $(BENCH_REPLAY) --trace $(BENCH_TRACE) --kernel-bundle $(BENCH_KERNEL) $(BENCH_ARGS)
+	  --replay $(BENCH_REPLAY) --trace $(BENCH_TRACE) --kernel-bundle $(BENCH_KERNEL) \
+	  --policies=$(BENCH_POLICIES) --rss-tokens=$(BENCH_RSS_TOKENS) $(BENCH_ARGS)
 	$(VPY) -m edgemoe_ort.bench.report $(BENCH_RESULTS) docs/benchmarks.md docs/img
 
 bench-report:

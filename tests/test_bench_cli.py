@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
+from edgemoe_ort.bench.cli import bench_app
 from edgemoe_ort.bench.runner import RESULT_FIELDS
 from edgemoe_ort.bundle.testing import make_synthetic_bundle, random_routing
-from edgemoe_ort.cli import bench_app
 
 
 def _trace(path, layers=2, E=8, K=2, prompt=5, steps=6):
@@ -83,3 +84,101 @@ def test_bench_rejects_bad_arguments(tmp_path):
     assert res.exit_code == 2
     res = CliRunner().invoke(bench_app, [str(b.path), "--profile", "nope", "--tokens", "3"])
     assert res.exit_code == 2
+
+
+def _small(tmp_path):
+    b = make_synthetic_bundle(
+        tmp_path / "b", num_layers=2, num_experts=8, hidden=64, intermediate=128, dtype="int4", group_size=32
+    )
+    _trace(tmp_path / "t.npz")
+    return b
+
+
+def _supported(policies):
+    from edgemoe_ort.bench.runner import check_policies
+
+    out = []
+    for p in policies:
+        try:
+            check_policies([p])
+        except ValueError:
+            continue
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--policy", "nope"], "--policy: expected one of"),
+        (["--policies", "lru,nope"], "--policies: expected one of"),
+        (["--policies", "lru,lru"], "more than once"),
+        (["--policies", ""], "--policies"),
+        (["--policies", "none"], "naive"),
+        (["--policy", "lru", "--policies", "lru"], "one of them"),
+        (["--policy", "pinned"], "--frequencies"),
+        (["--policies", "lru", "--modes", "naive"], "--modes"),
+        (["--modes", "naive,bogus"], "--modes"),
+        (["--budgets", "25%,lots"], "--budgets"),
+        (["--rss-tokens", "0"], "--rss-tokens"),
+        (["--trace", "missing.npz"], "--trace"),
+    ],
+)
+def test_bad_flags_fail_before_running(tmp_path, monkeypatch, args, message):
+    """One clear error line, exit status 2, and nothing run (run_bench is never reached)."""
+    import edgemoe_ort.bench.runner as runner
+
+    b = _small(tmp_path)
+
+    def boom(*a, **k):
+        raise AssertionError("run_bench called despite a bad flag")
+
+    monkeypatch.setattr(runner, "run_bench", boom)
+    base = [str(b.path), "--trace", str(tmp_path / "t.npz"), "--tokens", "4"]
+    res = CliRunner().invoke(bench_app, base + args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert lines and lines[0].startswith("error:") and message in res.output, res.output
+
+
+def test_policy_flag_labels_rows_and_rss_runs_64_tokens(tmp_path):
+    b = _small(tmp_path)
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(
+        bench_app,
+        [str(b.path), "--trace", str(tmp_path / "t.npz"), "--budgets", "25%", "--tokens", "6",
+         "--repeats", "1", "--policy", "lru", "--json", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    by = {m["label"]: m for m in r["modes"]}
+    assert "edgemoe[lru]@25%" in by and by["edgemoe[lru]@25%"]["policy"] == "lru"
+    assert by["naive"]["policy"] == "none" and by["inmemory"]["policy"] is None
+    assert r["rss_decode_tokens"] == 64
+    for m in r["modes"]:  # the peak-RSS run decodes 64 tokens (the 6-step trace is cycled)
+        assert m["rss"]["decode_tokens"] == 64, m["label"]
+        assert len(m["rss"]["hwm_per_step"]) == 65
+    assert "edgemoe[lru]@25%: peak RSS" in res.output and ": met" in res.output
+
+
+def test_policies_compared_in_one_run(tmp_path):
+    pols = _supported(["lru", "lfu", "edgemoe", "hobbit"])
+    if len(pols) < 2:
+        pytest.skip(f"the op library runs only {pols}: policies need the new store")
+    b = _small(tmp_path)
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(
+        bench_app,
+        [str(b.path), "--trace", str(tmp_path / "t.npz"), "--budgets", "25%,50%", "--tokens", "6",
+         "--repeats", "2", "--policies", ",".join(pols), "--rss-tokens", "8", "--json", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert r["policies"] == pols
+    edge = [m for m in r["modes"] if m["mode"] == "edgemoe"]
+    assert [m["label"] for m in edge] == [f"edgemoe[{p}]@{bb}" for p in pols for bb in ("25%", "50%")]
+    for m in edge:
+        assert m["runs"] == 2 and m["decode_tokens_per_s"] > 0 and m["policy"] in pols
+        assert m["bytes_read_per_token"] <= next(x for x in r["modes"] if x["mode"] == "naive")[
+            "bytes_read_per_token"
+        ]

@@ -20,6 +20,90 @@ MODE_LABEL = {
     "mmap": "mmap (LRU at budget)",
     "edgemoe": "edgemoe (LRU at budget, O_DIRECT)",
 }
+#: the RSS goal: peak RSS over the post-import baseline <= dense weights + budget + this slack
+RSS_SLACK_BYTES = 64 * 2**20
+
+
+def row_policy(m: dict[str, Any]) -> str | None:
+    """The cache policy of a mode row (results written before rows carried ``policy``: derived)."""
+    if "policy" in m:
+        return m["policy"]
+    return {"inmemory": None, "naive": "none"}.get(m["mode"], "lru")
+
+
+def edgemoe_rows(run: dict[str, Any], budget: str | None = None) -> list[dict[str, Any]]:
+    """The run's edgemoe rows (every policy), optionally only those at ``budget``."""
+    return [m for m in run["modes"] if m["mode"] == "edgemoe" and (budget is None or m["budget"] == budget)]
+
+
+def edgemoe_row(run: dict[str, Any], budget: str, policy: str = "lru") -> dict[str, Any] | None:
+    """The edgemoe row at ``budget`` with ``policy`` (labelled ``edgemoe@B`` or ``edgemoe[P]@B``)."""
+    return next((m for m in edgemoe_rows(run, budget) if row_policy(m) == policy), None)
+
+
+def policies_of(run: dict[str, Any]) -> list[str]:
+    """The edgemoe policies of a run, in run order."""
+    out: list[str] = []
+    for m in edgemoe_rows(run):
+        p = row_policy(m) or "lru"
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def rss_check(run: dict[str, Any], m: dict[str, Any]) -> dict[str, Any] | None:
+    """The RSS goal for one mode row: ``delta`` = peak RSS - post-import baseline (both from the fresh
+    process of :mod:`edgemoe_ort.bench.rss`), ``limit`` = the bundle's dense bytes + the budget + 64 MiB,
+    ``ok`` = delta <= limit. None if the row has no RSS measurement."""
+    rss = m.get("rss") or {}
+    peak, base = m.get("peak_rss_bytes"), rss.get("base_rss_bytes")
+    if not peak or base is None:
+        return None
+    limit = int(run["dense_bytes"]) + int(m.get("budget_bytes") or 0) + RSS_SLACK_BYTES
+    return {
+        "peak": int(peak),
+        "base": int(base),
+        "delta": int(peak) - int(base),
+        "limit": limit,
+        "ok": int(peak) - int(base) <= limit,
+        "decode_tokens": rss.get("decode_tokens"),
+        "hwm_per_step": rss.get("hwm_per_step"),
+        "end_rss": rss.get("end_rss_bytes"),
+    }
+
+
+def _hwm_at(hwm: list[int] | None, base: int, steps: tuple[int, ...] = (8, 16, 32, 64)) -> str:
+    """'Δ after 8/16/32/64 decode tokens: a/b/c/d MiB' from the per-step VmHWM list (index 0 = prefill)."""
+    if not hwm:
+        return ""
+    got = [(n, hwm[n]) for n in steps if n < len(hwm)]
+    if not got:
+        return ""
+    return (
+        "; Δ after " + "/".join(str(n) for n, _ in got) + " decode tokens: "
+        + "/".join(f"{(h - base) / 2**20:.0f}" for _, h in got) + " MiB"
+    )
+
+
+def rss_verdicts(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per budget and edgemoe policy: the RSS goal ``peak RSS <= dense + budget + 64 MiB`` (peak over the
+    post-import baseline), with a one-line ``text``. Empty if the run measured no RSS."""
+    out = []
+    for m in edgemoe_rows(run):
+        c = rss_check(run, m)
+        if c is None:
+            continue
+        n = c["decode_tokens"]
+        text = (
+            f"{m['label']}: peak RSS {c['delta'] / 2**20:,.0f} MiB over the post-import baseline "
+            f"(process peak {c['peak'] / 2**20:,.0f} MiB, {n if n is not None else '?'} decode tokens) "
+            f"<= dense {run['dense_bytes'] / 2**20:,.0f} "
+            f"+ budget {(m.get('budget_bytes') or 0) / 2**20:,.0f} "
+            f"+ 64 MiB = {c['limit'] / 2**20:,.0f} MiB: {'met' if c['ok'] else 'not met'}"
+            + _hwm_at(c["hwm_per_step"], c["base"])
+        )
+        out.append({"label": m["label"], "budget": m["budget"], "policy": row_policy(m), **c, "text": text})
+    return out
 
 
 def _mib(n: float | None) -> str:
@@ -55,10 +139,11 @@ def paired_speedup(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 def mode_table(run: dict[str, Any]) -> str:
+    """The Markdown table of every mode of one run."""
     rows = [
-        "| mode | budget | decode tok/s | prefill tok/s | TTFT s | MB read / tok | hit rate | stall ms / tok "
-        "| peak RSS MiB (Δ over base) | bound ms / tok | ratio to roofline | paired ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | policy | budget | decode tok/s | prefill tok/s | TTFT s | MB read / tok | hit rate "
+        "| stall ms / tok | peak RSS MiB (Δ over base) | bound ms / tok | ratio to roofline | paired ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in run["modes"]:
         rss = m.get("rss") or {}
@@ -69,7 +154,8 @@ def mode_table(run: dict[str, Any]) -> str:
         if m.get("budget_bytes"):
             budget += f" ({_mib(m['budget_bytes'])} MiB)"
         rows.append(
-            f"| {m['mode']} | {budget} | {m['decode_tokens_per_s']:.2f} | {m['prefill_tokens_per_s']:.1f} "
+            f"| {m['mode']} | {row_policy(m) or '–'} | {budget} | {m['decode_tokens_per_s']:.2f} "
+            f"| {m['prefill_tokens_per_s']:.1f} "
             f"| {m['ttft_s']:.2f} | {m['bytes_read_per_token'] / 1e6:.1f} "
             f"| {_f(m['hit_rate'], '{:.0%}')} | {m['stall_s_per_token'] * 1e3:.1f} "
             f"| {_mib(peak)} ({_mib(delta)}) | {m['bound_s_per_token'] * 1e3:.1f} | "
@@ -79,24 +165,54 @@ def mode_table(run: dict[str, Any]) -> str:
 
 
 def headline(run: dict[str, Any], budget: str = "25%") -> dict[str, Any]:
-    by = {(m["mode"], m["budget"]): m for m in run["modes"]}
-    e, n = by.get(("edgemoe", budget)), by.get(("naive", None))
+    """edgemoe (policy lru) at ``budget`` against naive: speed-up (ratio of medians and paired), ratio to
+    roofline (plain and paired) and the RSS goal (``rss_delta``, ``rss_limit``, ``rss_ok``) if measured."""
+    e, n = edgemoe_row(run, budget), next((m for m in run["modes"] if m["mode"] == "naive"), None)
     out: dict[str, Any] = {}
     if e and n and n["decode_tokens_per_s"]:
         out["edgemoe_over_naive"] = e["decode_tokens_per_s"] / n["decode_tokens_per_s"]
         out["edgemoe_over_naive_paired"] = paired_speedup(e, n)
         out["roofline_ratio"] = e["roofline_ratio"]
         out["roofline_ratio_paired"] = paired_ratio(run, e)
-        rss = e.get("rss") or {}
-        if e.get("peak_rss_bytes") and rss.get("base_rss_bytes") is not None:
-            limit = run["dense_bytes"] + (e["budget_bytes"] or 0) + 64 * 2**20
-            out["rss_delta"] = e["peak_rss_bytes"] - rss["base_rss_bytes"]
-            out["rss_limit"] = limit
-            out["rss_ok"] = out["rss_delta"] <= limit
+        c = rss_check(run, e)
+        if c is not None:
+            out["rss_delta"] = c["delta"]
+            out["rss_limit"] = c["limit"]
+            out["rss_ok"] = c["ok"]
     return out
 
 
+def policy_table(run: dict[str, Any]) -> str:
+    """One row per budget and edgemoe policy: speed, speed-up over lru (paired per repeat), cache figures,
+    peak RSS and the RSS goal. Empty string if the run has fewer than two policies."""
+    pols = policies_of(run)
+    if len(pols) < 2:
+        return ""
+    rows = [
+        "| budget | policy | decode tok/s | × lru (paired) | hit rate | MB read / tok | stall ms / tok "
+        "| ratio to roofline (paired) | peak RSS Δ MiB | RSS ≤ dense + budget + 64 MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for b in run["budgets"]:
+        lru = edgemoe_row(run, b, "lru")
+        for m in edgemoe_rows(run, b):
+            c = rss_check(run, m)
+            up = paired_speedup(m, lru) if lru is not None else None
+            verdict = "–"
+            if c is not None:
+                verdict = f"{'met' if c['ok'] else '**not met**'} (≤ {_mib(c['limit'])})"
+            rows.append(
+                f"| {b} | {row_policy(m)} | {m['decode_tokens_per_s']:.2f} | {_f(up)} "
+                f"| {_f(m['hit_rate'], '{:.0%}')} | {m['bytes_read_per_token'] / 1e6:.1f} "
+                f"| {m['stall_s_per_token'] * 1e3:.1f} | {_f(paired_ratio(run, m))} "
+                f"| {_mib(c['delta']) if c else '–'} | {verdict} |"
+            )
+    return "\n".join(rows)
+
+
 def plot_run(name: str, run: dict[str, Any], img_dir: Path) -> list[str]:
+    """Decode tokens/s and ratio to roofline against the budget (one line per mode and edgemoe policy) as
+    ``img_dir/bench-NAME.png``; returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +228,7 @@ def plot_run(name: str, run: dict[str, Any], img_dir: Path) -> list[str]:
         ("decode_tokens_per_s", axes[0], "decode tokens/s"),
         ("roofline_ratio", axes[1], "ratio to roofline (bound / measured)"),
     ):
+        pols = policies_of(run)
         for mode in MODE_ORDER:
             rows = [m for m in run["modes"] if m["mode"] == mode]
             if not rows:
@@ -124,9 +241,16 @@ def plot_run(name: str, run: dict[str, Any], img_dir: Path) -> list[str]:
                     label=MODE_LABEL[mode],
                     color={"inmemory": "k", "naive": "tab:red", "resident": "tab:green"}.get(mode),
                 )
-            else:
-                pts = sorted((xs[m["budget"]], m[key]) for m in rows)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=MODE_LABEL[mode])
+                continue
+            groups = [(MODE_LABEL[mode], rows)]
+            if mode == "edgemoe" and len(pols) > 1:
+                groups = [
+                    (f"edgemoe ({p} at budget, O_DIRECT)", [m for m in rows if (row_policy(m) or "lru") == p])
+                    for p in pols
+                ]
+            for label, grp in groups:
+                pts = sorted((xs[m["budget"]], m[key]) for m in grp)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xlabel("expert cache budget (% of the store)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -144,7 +268,17 @@ def plot_run(name: str, run: dict[str, Any], img_dir: Path) -> list[str]:
     return files
 
 
+def _simd_text(simd: list[str] | None) -> str:
+    """' (CPU has AVX-512, AMX)' / ' (CPU has no AVX-512)' from machine_info's ``simd``; '' if unknown."""
+    if simd is None:
+        return ""
+    amx = any(x.startswith("amx") for x in simd)
+    has = (["AVX-512"] if "avx512f" in simd else []) + (["AMX"] if amx else [])
+    return f" (CPU has {', '.join(has)})" if has else " (CPU has no AVX-512)"
+
+
 def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Path) -> None:
+    """Render ``results`` (see the module doc) as Markdown in ``out_md`` with plots in ``img_dir``."""
     out_md, img_dir = Path(out_md), Path(img_dir)
     rel_img = Path("img") if img_dir.resolve().parent == out_md.resolve().parent else img_dir
     L: list[str] = [
@@ -154,13 +288,28 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
         "",
     ]
     mach = next(iter(results["runs"].values()))["machine"] if results.get("runs") else {}
+    simd = next(
+        (r["machine"]["simd"] for r in results.get("runs", {}).values() if "simd" in r["machine"]), None
+    )
     L += [
         "## Machine",
         "",
         f"- CPU: {mach.get('cpu', '?')} ({mach.get('cpus', '?')} logical CPUs, shared), "
-        f"RAM {mach.get('mem_bytes', 0) / 2**30:.0f} GiB, kernel path `{mach.get('kernel', '?')}`",
+        f"RAM {mach.get('mem_bytes', 0) / 2**30:.0f} GiB, kernel path `{mach.get('kernel', '?')}`"
+        + _simd_text(simd),
         f"- {mach.get('platform', '?')}, Python {mach.get('python', '?')}, onnxruntime "
         f"{mach.get('onnxruntime', '?')}",
+    ]
+    libs = sorted(
+        {
+            str(r["machine"]["library"].get("sha256"))
+            for r in results.get("runs", {}).values()
+            if isinstance(r["machine"].get("library"), dict)
+        }
+    )
+    if libs:
+        L.append(f"- op library sha256 {', '.join(f'`{x}`' for x in libs)} (first 16 hex digits)")
+    L += [
         "- 1-min load average before each run → after it (the run itself keeps ~2 threads busy): "
         + ", ".join(
             f"{n} {r['machine']['loadavg_start'][0]:.2f}→{r.get('loadavg_end', [0])[0]:.2f}"
@@ -185,9 +334,14 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
         "`com.microsoft.QMoE` "
         "(int4/int8, the bundle's quantized bytes, bit-identical weights) or `MoE` (fp32), run by ORT alone.",
         "- Peak RSS: per mode, in a fresh subprocess running one generation "
-        "(`edgemoe_ort.bench.rss`): VmHWM over the "
+        "(`edgemoe_ort.bench.rss`) of the number of decode tokens each section states (64 unless "
+        "said otherwise: RSS that grows with the run length hides in a short run): VmHWM over the "
         "whole process (session creation included). `Δ` = peak − RSS after imports (interpreter + "
-        "numpy + ORT).",
+        "numpy + ORT). The RSS goal, per budget and policy: Δ ≤ dense weights (the bundle's graph files) + "
+        "budget + 64 MiB.",
+        "- Cache policies: with several policies every (policy, budget) pair is its own mode "
+        "`edgemoe[P]@budget`, interleaved with all the others; `× lru (paired)` = the median over repeats "
+        "of lru's time / the policy's time in the same repeat.",
         "- Roofline: `bound = max(compute, bytes read per token / bandwidth)`, compute = our op with every "
         "expert resident (budget 100 %, warmed, 0 misses), bandwidth = O_DIRECT reads of the store "
         "at its blob "
@@ -209,7 +363,12 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
             f"{run['dense_bytes'] / 2**20:.0f} MiB",
             f"- {run['prompt_tokens']} prompt tokens, {run['decode_tokens']} decode tokens, "
             f"{run['repeats']} repeats, "
-            f"{run['io_threads']} I/O threads, intra-op threads {run['threads'] or 'ORT default'}",
+            f"{run['io_threads']} I/O threads, intra-op threads {run['threads'] or 'ORT default'}"
+            + (
+                f"; peak RSS over {run['rss_decode_tokens']} decode tokens"
+                if run.get("rss_decode_tokens") is not None
+                else ""
+            ),
             f"- storage: O_DIRECT {st['bytes_per_s'] / 1e6:.0f} MB/s at {st['block_bytes'] / 2**20:.2f} MiB "
             f"reads (runs {', '.join(f'{x / 1e6:.0f}' for x in st['runs'])}), 4 KiB read "
             f"{st['latency_us']:.0f} µs, "
@@ -226,6 +385,17 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
             "",
         ]
         L += [mode_table(run), ""]
+        pt = policy_table(run)
+        if pt:
+            L += [f"Cache policies ({', '.join(policies_of(run))}), per budget:", "", pt, ""]
+        verdicts = rss_verdicts(run)
+        if verdicts:
+            L += [
+                "Peak RSS per budget (fresh process per mode, "
+                f"{run.get('rss_decode_tokens', verdicts[0]['decode_tokens'] or '?')} decode tokens; "
+                "goal: peak RSS over the post-import baseline ≤ dense + budget + 64 MiB):",
+                "",
+            ] + [f"- {v['text']}" for v in verdicts] + [""]
         h = headline(run)
         if h:
             L += [
@@ -243,6 +413,22 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
             ]
         for f in plot_run(name, run, img_dir):
             L += [f"![{name}]({(rel_img / f).as_posix()})", ""]
+    ph = results.get("policy_hit_rates")
+    if ph:
+        from edgemoe_ort.bench.policies import markdown_table
+
+        L += [
+            "## Cache policies: hit rates on the default model's held-out text",
+            "",
+            "Held-out windows of the default model, prefilled, then decoded one token at a time through the "
+            "KV cache. Hit rates are the op's own counters; the simulator replays the recorded routing and "
+            "must agree exactly; Belady is the offline optimum for the same trace. Frequencies "
+            "(`edgemoe+freq`, `pinned`) are counted on disjoint calibration windows. One table: "
+            "`python -m edgemoe_ort.bench.policies BUNDLE --budget B`.",
+            "",
+        ]
+        for r in ph:
+            L += [f"### budget {r['budget']}", "", markdown_table(r), ""]
     k = results.get("kernels")
     if k:
         L += [

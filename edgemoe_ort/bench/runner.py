@@ -6,7 +6,9 @@ Modes (``Mode.name``):
   ORT's QMoE / MoE), run by ORT alone (MLAS kernels, no custom op);
 - ``naive``: our op, policy ``none`` (every use reads its expert from storage), direct I/O;
 - ``mmap``: our op, LRU cache at the budget, I/O by ``mmap`` + memcpy (page faults do the I/O);
-- ``edgemoe``: our op, LRU cache at the budget, direct I/O.
+- ``edgemoe``: our op, a cache policy (``Mode.policy``, LRU by default) at the budget, direct I/O. With
+  several policies (``run_bench(policies=[...])``) every policy is its own mode ``edgemoe[P]@budget``,
+  interleaved with the others.
 
 Timing runs happen in one process, interleaved: repeat ``r`` runs every mode once, in forward order for even
 ``r`` and reverse order for odd ``r``, so drift (other tenants, thermal) hits every mode alike; medians over
@@ -15,9 +17,10 @@ the prefill, then ``tokens`` decode steps. The decode steps feed a fixed token s
 a reference run), so every mode does exactly the same work.
 
 Peak RSS is process-wide, so it is measured per mode in a fresh subprocess (``python -m
-edgemoe_ort.bench.rss``) that runs one generation: ``peak_rss`` (ru_maxrss, everything incl. the
-interpreter), ``base_rss`` (after imports, before the session) and ``gen_peak_rss`` (peak during the
-generation, VmHWM reset after the session is created).
+edgemoe_ort.bench.rss``) that runs one generation of ``rss_decode_tokens`` decode tokens (64 by default:
+RSS that grows with the run length is hidden by a short run): ``peak_rss`` (VmHWM over the whole process,
+session creation included), ``base_rss`` (after imports, before the session), ``gen_peak_rss`` (peak during
+the generation, VmHWM reset after the session is created) and the VmHWM after every decode token.
 
 Roofline: ``compute_s`` per decode token = our op with everything resident (budget 100 %, cache warmed by
 an untimed pass, 0 misses checked); ``bw`` = O_DIRECT read bandwidth of the store's filesystem at the store's
@@ -45,14 +48,35 @@ import onnxruntime as ort
 from edgemoe_ort.bench.inmemory import convert_bundle_to_inmemory
 from edgemoe_ort.bench.storage import load_profile, odirect_bandwidth
 from edgemoe_ort.bundle import Bundle
-from edgemoe_ort.runtime.ops import RuntimeOptions, kernel_path, open_session, parse_budget
+from edgemoe_ort.runtime.ops import (
+    POLICIES,
+    RuntimeOptions,
+    kernel_path,
+    library_path,
+    open_session,
+    parse_budget,
+)
 
-__all__ = ["Mode", "modes_for", "run_bench", "drop_store_cache", "RESULT_FIELDS"]
+__all__ = [
+    "Mode",
+    "modes_for",
+    "run_bench",
+    "drop_store_cache",
+    "check_policies",
+    "parse_policies",
+    "CACHE_POLICIES",
+    "RESULT_FIELDS",
+]
 
 DEFAULT_BUDGETS = ("10%", "25%", "50%", "100%")
+#: decode tokens of the peak-RSS generation (fresh process per mode)
+DEFAULT_RSS_DECODE_TOKENS = 64
+#: policies an ``edgemoe`` mode may run: every cache policy of the op (``none`` is the ``naive`` mode)
+CACHE_POLICIES = tuple(p for p in POLICIES if p != "none")
 #: every mode result carries these keys (tests check them)
 RESULT_FIELDS = (
     "mode",
+    "policy",
     "budget",
     "budget_bytes",
     "decode_tokens_per_s",
@@ -71,19 +95,44 @@ RESULT_FIELDS = (
 
 @dataclass(frozen=True)
 class Mode:
-    name: str  # inmemory | naive | mmap | edgemoe
+    """One benchmarked configuration: ``name`` (resident | inmemory | naive | mmap | edgemoe), the cache
+    ``budget`` (None: no budget / everything) and, for ``edgemoe``, the cache ``policy`` (None: the default,
+    ``lru``, labelled without a policy; otherwise the label is ``edgemoe[P]@budget``)."""
+
+    name: str  # resident | inmemory | naive | mmap | edgemoe
     budget: str | None = None
+    policy: str | None = None  # edgemoe only: lru | lfu | edgemoe | hobbit | pinned (None = lru)
 
     @property
     def label(self) -> str:
-        return self.name if self.budget is None else f"{self.name}@{self.budget}"
+        """Unique name in a run: ``naive``, ``mmap@25%``, ``edgemoe@25%``, ``edgemoe[lfu]@25%``."""
+        name = self.name if self.policy is None else f"{self.name}[{self.policy}]"
+        return name if self.budget is None else f"{name}@{self.budget}"
+
+    @property
+    def cache_policy(self) -> str | None:
+        """The op's cache policy in this mode (None for the in-memory baseline, which has no store)."""
+        if self.name == "inmemory":
+            return None
+        if self.name == "naive":
+            return "none"
+        if self.name == "edgemoe":
+            return self.policy or "lru"
+        return "lru"
 
     def options(
-        self, *, io_threads: int, threads: int | None, profile: dict[str, Any] | None
+        self,
+        *,
+        io_threads: int,
+        threads: int | None,
+        profile: dict[str, Any] | None,
+        policy_options: dict[str, Any] | None = None,
     ) -> RuntimeOptions:
+        """The RuntimeOptions of this mode. ``policy_options`` (``frequencies``, ``policy_weights``,
+        ``pin_experts``; None values are left out) go to ``edgemoe`` modes only."""
         bw = float(profile["read_bw_bytes_per_s"]) if profile else 0.0
         lat = float(profile["read_latency_us"]) if profile else 0.0
-        common = dict(
+        common: dict[str, Any] = dict(
             io_threads=io_threads, intra_op_threads=threads, throttle_bw=bw, throttle_latency_us=lat
         )
         if self.name == "naive":
@@ -91,17 +140,97 @@ class Mode:
         if self.name == "mmap":
             return RuntimeOptions(policy="lru", io="mmap", budget=self.budget, **common)
         if self.name == "edgemoe":
-            return RuntimeOptions(policy="lru", io="direct", budget=self.budget, **common)
+            extra = {k: v for k, v in (policy_options or {}).items() if v is not None}
+            return RuntimeOptions(
+                policy=self.policy or "lru", io="direct", budget=self.budget, **common, **extra
+            )
         if self.name == "resident":  # the roofline's compute: our op, every used expert cached beforehand
             return RuntimeOptions(policy="lru", io="direct", budget="100%", **common)
         raise ValueError(f"mode {self.name!r} has no RuntimeOptions")
 
 
-def modes_for(budgets: Sequence[str]) -> list[Mode]:
+def modes_for(budgets: Sequence[str], policies: Sequence[str] | None = None) -> list[Mode]:
+    """Every mode of a run: resident, inmemory, naive, mmap at each budget, then edgemoe at each budget —
+    once (policy lru, label ``edgemoe@B``) if ``policies`` is None, else once per policy and budget (label
+    ``edgemoe[P]@B``), grouped by policy."""
     out = [Mode("resident"), Mode("inmemory"), Mode("naive")]
     out += [Mode("mmap", b) for b in budgets]
-    out += [Mode("edgemoe", b) for b in budgets]
+    if policies is None:
+        out += [Mode("edgemoe", b) for b in budgets]
+    else:
+        out += [Mode("edgemoe", b, p) for p in policies for b in budgets]
     return out
+
+
+def parse_policies(text: str | Sequence[str], *, flag: str = "--policies") -> list[str]:
+    """``"lru,lfu"`` (or a list) -> ``["lru", "lfu"]``: known cache policies, no duplicates, at least one.
+    Raises ValueError with one line naming ``flag``."""
+    items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text)]
+    if any(not p for p in items) or not items:
+        raise ValueError(f"{flag}: expected a comma-separated list of policies, found {text!r}")
+    for p in items:
+        if p == "none":
+            raise ValueError(
+                f"{flag}: 'none' is not a cache policy (no cache is the `naive` mode, always measured); "
+                f"expected one of {', '.join(CACHE_POLICIES)}"
+            )
+        if p not in CACHE_POLICIES:
+            raise ValueError(f"{flag}: expected one of {', '.join(CACHE_POLICIES)}, found {p!r}")
+    dup = sorted({p for p in items if items.count(p) > 1})
+    if dup:
+        raise ValueError(f"{flag}: {', '.join(dup)} listed more than once")
+    return items
+
+
+def check_policies(
+    policies: Sequence[str],
+    *,
+    frequencies: str | Path | None = None,
+    policy_weights: str | None = None,
+    pin_experts: int | None = None,
+    flag: str = "--policies",
+) -> None:
+    """Fail early (ValueError, one line) unless every policy can run: names known (:func:`parse_policies`),
+    ``pinned`` given a readable JSON ``frequencies`` file, and the loaded op library accepts the policy (a
+    session on a tiny synthetic bundle is opened per policy: cheap, and it catches a library built before
+    the policy existed before a long benchmark starts)."""
+    import tempfile
+
+    from edgemoe_ort.bundle.testing import make_synthetic_bundle
+
+    parse_policies(list(policies), flag=flag)
+    if frequencies is not None:
+        fp = Path(frequencies).expanduser()
+        try:
+            json.loads(fp.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ValueError(f"--frequencies: cannot read {fp} ({e.strerror or e})") from None
+        except ValueError as e:
+            raise ValueError(f"--frequencies: {fp} is not JSON ({e})") from None
+    elif "pinned" in policies:
+        raise ValueError(f"{flag}: policy 'pinned' needs --frequencies FILE (expert frequencies, JSON)")
+    given = dict(policy_weights=policy_weights, pin_experts=pin_experts)
+    extra = {k: v for k, v in given.items() if v is not None}
+    try:
+        RuntimeOptions(**extra)  # validates the values
+    except TypeError as e:  # a runtime without these options
+        raise ValueError(f"{flag}: this runtime has no such option ({e})") from None
+    with tempfile.TemporaryDirectory(prefix="edgemoe-policy-probe-") as td:
+        b = make_synthetic_bundle(
+            Path(td) / "b", num_layers=1, num_experts=2, top_k=1, hidden=32, intermediate=32
+        )
+        for p in policies:
+            if p == "pinned":  # its frequencies name the benchmarked bundle's experts, not the probe's
+                continue
+            try:
+                sess = open_session(b.graph_path(), b.path, RuntimeOptions(policy=p, **extra))
+            except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(
+                    f"{flag}: the op library {library_path()} cannot run policy {p!r}: {msg} "
+                    "(rebuild it with `make lib`?)"
+                ) from None
+            sess = None  # noqa: F841 - close before the next probe
 
 
 def drop_store_cache(bundle: Bundle) -> None:
@@ -158,7 +287,9 @@ def open_mode(
     threads: int | None,
     profile: dict[str, Any] | None,
     inmem_path: Path | None = None,
+    policy_options: dict[str, Any] | None = None,
 ) -> Any:
+    """A fresh session of ``mode``: a plain ORT session for ``inmemory``, else our op's ExpertSession."""
     if mode.name == "inmemory":
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -169,7 +300,7 @@ def open_mode(
     return open_session(
         bundle.graph_path("decoder"),
         bundle.path,
-        mode.options(io_threads=io_threads, threads=threads, profile=profile),
+        mode.options(io_threads=io_threads, threads=threads, profile=profile, policy_options=policy_options),
     )
 
 
@@ -194,15 +325,25 @@ class ModelWorkload:
 
         return MoEModel(self.bundle, sess, None)
 
-    def reference(self, sess: Any) -> None:
-        """Greedy tokens of this session: the fixed sequence every mode then decodes."""
+    def reference(self, sess: Any, on_step: Callable[[int], None] | None = None) -> None:
+        """Greedy tokens of this session: the fixed sequence every mode then decodes. ``on_step(i)`` is
+        called after the prefill (i = 0) and after decode step i (1 .. tokens - 1)."""
         m = self._model(sess)
         logits, past = m.forward(np.asarray([self.prompt_ids], np.int64))
         out = [int(np.argmax(logits[0, -1]))]
-        for _ in range(self.tokens - 1):
+        if on_step is not None:
+            on_step(0)
+        for i in range(self.tokens - 1):
             logits, past = m.forward(np.asarray([[out[-1]]], np.int64), past)
             out.append(int(np.argmax(logits[0, -1])))
+            if on_step is not None:
+                on_step(i + 1)
         self.forced = out
+
+    def generate(self, sess: Any, on_step: Callable[[int], None] | None = None) -> int:
+        """One generation of ``tokens`` tokens (greedy; the peak-RSS run). Returns the decode steps run."""
+        self.reference(sess, on_step)
+        return self.tokens - 1
 
     def run(self, sess: Any, between: Callable[[], None]) -> tuple[float, list[float]]:
         assert self.forced is not None, "call reference() first"
@@ -223,7 +364,10 @@ class ModelWorkload:
 
 class ReplayWorkload:
     """A stack of OffloadedExpert nodes (``make_moe_graph``) driven by a recorded routing trace (npz from
-    :mod:`edgemoe_ort.bench.trace`): step 0 is the prefill (all prompt tokens), then one step per token."""
+    :mod:`edgemoe_ort.bench.trace`): step 0 is the prefill (all prompt tokens), then one step per token.
+
+    ``tokens`` beyond the trace's length (prefill + recorded decode steps) cycle through its decode steps
+    again (used for the long peak-RSS generation; the timed runs stay within the trace)."""
 
     kind = "replay"
 
@@ -247,17 +391,30 @@ class ReplayWorkload:
                 per.append(((idx + li // L) % E, w))
             self.steps.append(per)
         if tokens is not None:
-            self.steps = self.steps[: 1 + int(tokens) - 1] if tokens > 0 else self.steps[:1]
+            want = max(int(tokens), 1)
+            if want <= len(self.steps) or len(self.steps) < 2:
+                self.steps = self.steps[:want]
+            else:  # cycle the recorded decode steps (not the prefill) up to `want` steps
+                dec = self.steps[1:]
+                self.steps = self.steps[:1] + [dec[i % len(dec)] for i in range(want - 1)]
         self.tokens = len(self.steps)  # prefill produces the first token
         H = int(bundle.layers[0]["hidden"])
         rng = np.random.default_rng(0)
         self.x = [rng.standard_normal((s[0][0].shape[0], H)).astype(np.float32) for s in self.steps]
 
+    def generate(self, sess: Any, on_step: Callable[[int], None] | None = None) -> int:
+        """Every step once (the peak-RSS run); ``on_step(i)`` after step i. Returns the decode steps run."""
+        for s in range(len(self.steps)):
+            sess.run(None, self._feeds(s))
+            if on_step is not None:
+                on_step(s)
+        return len(self.steps) - 1
+
     def prompt_tokens(self) -> int:
         return int(self.steps[0][0][0].shape[0])
 
-    def reference(self, sess: Any) -> None:
-        pass
+    def reference(self, sess: Any, on_step: Callable[[int], None] | None = None) -> None:
+        """Nothing to do: the trace fixes the work."""
 
     def _feeds(self, s: int) -> dict[str, np.ndarray]:
         f = {"X": self.x[s]}
@@ -343,6 +500,7 @@ def summarize(
     prefill_s = _median([r["prefill_s"] for r in runs])
     return {
         "mode": mode.name,
+        "policy": mode.cache_policy,
         "budget": mode.budget,
         "label": mode.label,
         "budget_bytes": budget_bytes,
@@ -367,15 +525,29 @@ def summarize(
     }
 
 
-def measure_rss(bundle_dir: Path, mode: Mode, spec: dict[str, Any]) -> dict[str, Any]:
-    """Peak RSS of one generation of ``mode`` in a fresh subprocess (see edgemoe_ort.bench.rss)."""
+def measure_rss(
+    bundle_dir: Path, mode: Mode, spec: dict[str, Any], timeout_s: float = 1800
+) -> dict[str, Any]:
+    """Peak RSS of one generation of ``mode`` in a fresh subprocess (see edgemoe_ort.bench.rss); on failure
+    ``{"error": last stderr line}``."""
     cmd = [
         sys.executable,
         "-m",
         "edgemoe_ort.bench.rss",
-        json.dumps({**spec, "bundle": str(bundle_dir), "mode": mode.name, "budget": mode.budget}),
+        json.dumps(
+            {
+                **spec,
+                "bundle": str(bundle_dir),
+                "mode": mode.name,
+                "budget": mode.budget,
+                "policy": mode.policy,
+            }
+        ),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
     if out.returncode != 0:
         return {
             "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
@@ -383,7 +555,22 @@ def measure_rss(bundle_dir: Path, mode: Mode, spec: dict[str, Any]) -> dict[str,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def library_fingerprint() -> dict[str, Any]:
+    """Path, size, mtime and sha256 (first 16 hex digits) of the op library sessions load: a run records it
+    at its start and end, so a library rebuilt during a benchmark shows."""
+    import hashlib
+
+    p = library_path()
+    try:
+        st = p.stat()
+        h = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        return {"path": str(p), "error": str(e)}
+    return {"path": str(p), "bytes": st.st_size, "mtime": st.st_mtime, "sha256": h}
+
+
 def machine_info() -> dict[str, Any]:
+    """Platform, CPU, RAM, kernel path, 1-min load average and the op library's fingerprint."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -391,11 +578,17 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "kernel": kernel_path(),
         "loadavg_start": os.getloadavg(),
+        "library": library_fingerprint(),
     }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and "cpu" not in info:
                 info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and "simd" not in info:  # what ORT's MLAS may use beyond AVX2
+                info["simd"] = sorted(
+                    f for f in line.split(":", 1)[1].split() if f.startswith(("avx512", "amx", "avx_vnni"))
+                )
+            if "cpu" in info and "simd" in info:
                 break
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
@@ -435,18 +628,36 @@ def run_bench(
     io_threads: int = 2,
     threads: int | None = None,
     rss: bool = True,
+    rss_decode_tokens: int = DEFAULT_RSS_DECODE_TOKENS,
     modes: Sequence[str] | None = None,
+    policies: Sequence[str] | None = None,
+    frequencies: str | Path | None = None,
+    policy_weights: str | None = None,
+    pin_experts: int | None = None,
     bw_total_bytes: int = 256 << 20,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Run every mode of ``bundle_dir`` (see the module doc) and return the JSON-able result."""
+    """Run every mode of ``bundle_dir`` (see the module doc) and return the JSON-able result.
+
+    ``policies``: None runs one ``edgemoe`` mode per budget with the default policy (lru); a list runs one
+    ``edgemoe[P]@budget`` mode per policy and budget, all interleaved. ``frequencies`` / ``policy_weights``
+    / ``pin_experts`` go to the edgemoe modes' RuntimeOptions. ``rss_decode_tokens``: decode tokens of the
+    peak-RSS generation (one fresh process per mode)."""
     bundle = Bundle.open(bundle_dir)
     prof = load_profile(profile) if profile else None
-    all_modes = modes_for(list(budgets))
+    if policies is not None:
+        policies = parse_policies(list(policies))
+    if rss and rss_decode_tokens < 1:
+        raise ValueError(f"rss_decode_tokens: expected at least 1, found {rss_decode_tokens}")
+    all_modes = modes_for(list(budgets), policies)
     if modes is not None:
         all_modes = [m for m in all_modes if m.name in set(modes) or m.name == "resident"]
     workload = make_workload(bundle, tokens=tokens, prompt_ids=prompt_ids, trace=trace)
-    kw = dict(io_threads=io_threads, threads=threads, profile=prof)
+    given = dict(frequencies=frequencies, policy_weights=policy_weights, pin_experts=pin_experts)
+    policy_options = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
+    kw: dict[str, Any] = dict(
+        io_threads=io_threads, threads=threads, profile=prof, policy_options=policy_options or None
+    )
     result: dict[str, Any] = {
         "bundle": str(bundle.path),
         "workload": workload.kind,
@@ -461,6 +672,8 @@ def run_bench(
         "decode_tokens": max(workload.tokens - 1, 0),
         "repeats": repeats,
         "budgets": list(budgets),
+        "policies": list(policies) if policies is not None else None,
+        "policy_options": policy_options,
         "io_threads": io_threads,
         "threads": threads,
     }
@@ -528,22 +741,30 @@ def run_bench(
 
     # -- peak RSS, one subprocess per mode --------------------
     if rss:
-        log("peak RSS per mode (fresh subprocess each) …")
+        log(f"peak RSS per mode (fresh subprocess each, {rss_decode_tokens} decode tokens) …")
         spec = {
-            "tokens": min(tokens, 8),
+            "tokens": rss_decode_tokens + 1,
             "prompt_ids": getattr(workload, "prompt_ids", None),
             "trace": str(trace) if trace else None,
             "io_threads": io_threads,
             "threads": threads,
             "profile": profile,
+            "policy_options": policy_options,
         }
+        result["rss_decode_tokens"] = rss_decode_tokens
         for row, m in zip(rows, all_modes, strict=True):
+            t = time.perf_counter()
             res = measure_rss(bundle.path, m, spec)
             row["rss"] = res
             row["peak_rss_bytes"] = res.get("peak_rss_bytes")
+            if "error" in res:
+                log(f"  {m.label:16s} RSS run failed: {res['error']}")
+                continue
             log(
                 f"  {m.label:16s} peak {res.get('peak_rss_bytes', 0) / 2**20:.0f} MiB "
-                f"(base {res.get('base_rss_bytes', 0) / 2**20:.0f} MiB)"
+                f"(base {res.get('base_rss_bytes', 0) / 2**20:.0f} MiB, "
+                f"{res.get('decode_tokens')} decode tokens, {time.perf_counter() - t:.0f} s)"
             )
+    result["library_end"] = library_fingerprint()
     result["elapsed_s"] = time.perf_counter() - t_start
     return result

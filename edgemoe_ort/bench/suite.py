@@ -1,9 +1,13 @@
 """Everything ``make bench`` measures, in order, into one JSON file (then :mod:`.report` renders it).
 
     python -m edgemoe_ort.bench.suite --out build/bench/results.json \
-        --small BUNDLE --large BUNDLE [--replay BUNDLE --trace NPZ] [--kernel-bundle DIR] [--profile rpi4]
+        --small BUNDLE --large BUNDLE [--replay BUNDLE --trace NPZ] [--kernel-bundle DIR] [--profile rpi4] \
+        [--policies lru,lfu,edgemoe,hobbit] [--rss-tokens 64]
 
-Each model run is one :func:`edgemoe_ort.bench.runner.run_bench` call (one process, modes interleaved).
+Each model run is one :func:`edgemoe_ort.bench.runner.run_bench` call (one process, modes interleaved);
+every cache policy of ``--policies`` is its own edgemoe mode ``edgemoe[P]@budget`` in every run. Peak RSS
+is measured per mode in a fresh process over ``--rss-tokens`` decode tokens. Every argument is checked
+before anything runs (one ``error:`` line, exit status 2).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgemoe_ort.bench.report import headline
-from edgemoe_ort.bench.runner import run_bench
+from edgemoe_ort.bench.report import edgemoe_row, headline, paired_speedup, policies_of, rss_verdicts
+from edgemoe_ort.bench.runner import check_policies, parse_policies, run_bench
 
 NOTES = [
     "The VM's disk is virtual and the host caches it: O_DIRECT reads (which bypass only the guest's "
@@ -31,11 +35,9 @@ NOTES = [
     "process so "
     "drift hits all of them alike, and every figure is a median; compare modes within a run (ratios), not "
     "absolute tokens/s across runs. The load average at the start/end of each run is printed above.",
-    "The store is on a virtio disk: O_DIRECT reads of multi-MiB blobs run at ~0.6-0.8 GB/s, while "
-    "the page cache "
-    "serves ~12 GB/s, so every mode drops the store's pages before it runs and the edgemoe/naive "
-    "modes read with "
-    "O_DIRECT; mmap mode faults pages in through the page cache (dropped first, and after every copy).",
+    "The page cache serves ~12 GB/s, far above any O_DIRECT figure above, so every mode drops the store's "
+    "pages before it runs and the edgemoe/naive modes read with O_DIRECT; mmap mode faults pages in "
+    "through the page cache (dropped first; readahead around each copy stays cached, outside the budget).",
     "Storage profiles faster than this machine's device (phone UFS 3.1, laptop NVMe) cannot be "
     "emulated here: the "
     "throttle only slows reads down. The throttled run uses the Raspberry Pi 4 SD profile (41 MB/s, 400 µs).",
@@ -54,10 +56,58 @@ def _log(s: str) -> None:
 
 
 def _roofline_verdict(ratio: float) -> str:
+    """The roofline goal (>= 0.87) for a paired ratio; no verdict above 1.05 (the probe was too slow)."""
     if ratio > 1.05:
         # faster than the bound: the store served reads faster than the bandwidth probed before the run
         return "no verdict: above 1, the probe underestimated the storage during the run"
     return "met" if ratio >= 0.87 else "NOT met"
+
+
+def policy_findings(name: str, run: dict[str, Any]) -> list[str]:
+    """Per budget: every policy's decode speed relative to lru (paired per repeat) and hit rate."""
+    pols = policies_of(run)
+    if len(pols) < 2 or "lru" not in pols:
+        return []
+    out = []
+    for b in run["budgets"]:
+        lru = edgemoe_row(run, b, "lru")
+        if lru is None:
+            continue
+        parts = []
+        for p in pols:
+            m = edgemoe_row(run, b, p)
+            if m is None or p == "lru":
+                continue
+            hr = "–" if m["hit_rate"] is None else f"{m['hit_rate']:.0%}"
+            parts.append(f"{p} {paired_speedup(m, lru):.2f}x (hit {hr})")
+        lhr = "–" if lru["hit_rate"] is None else f"{lru['hit_rate']:.0%}"
+        out.append(
+            f"{name}, {b} budget, cache policies vs lru ({lru['decode_tokens_per_s']:.2f} tok/s, hit {lhr}; "
+            f"paired per repeat, > 1 = faster than lru): " + ", ".join(parts)
+        )
+    return out
+
+
+def rss_findings(name: str, run: dict[str, Any]) -> list[str]:
+    """Per budget, one line: every edgemoe policy's peak RSS over the post-import baseline against
+    dense + budget + 64 MiB (dense = the bundle's graph files), with the verdict."""
+    out = []
+    verdicts = rss_verdicts(run)
+    for b in run["budgets"]:
+        vs = [v for v in verdicts if v["budget"] == b]
+        if not vs:
+            continue
+        ok = all(v["ok"] for v in vs)
+        n = sorted({v["decode_tokens"] for v in vs if v["decode_tokens"] is not None})
+        peaks = ", ".join(f"{v['policy']} {v['delta'] / 2**20:,.0f}" for v in vs)
+        miss = [v["label"] for v in vs if not v["ok"]]
+        out.append(
+            f"{name}, {b} budget: peak RSS ≤ dense + budget + 64 MiB = {vs[0]['limit'] / 2**20:,.0f} MiB "
+            f"(dense {run['dense_bytes'] / 2**20:,.0f} MiB from the bundle; peak over the post-import "
+            f"baseline, fresh process, {'/'.join(str(x) for x in n) or '?'} decode tokens: {peaks} MiB): "
+            + ("met" if ok else f"not met ({', '.join(miss)})")
+        )
+    return out
 
 
 def findings(results: dict[str, Any]) -> list[str]:
@@ -78,7 +128,8 @@ def findings(results: dict[str, Any]) -> list[str]:
                 f"{h['roofline_ratio']:.2f}, paired {h['roofline_ratio_paired'] or 0:.2f} (goal ≥ 0.87: "
                 f"{_roofline_verdict(h['roofline_ratio_paired'] or 0)}, paired)"
             )
-            e = next(m for m in large["modes"] if m["mode"] == "edgemoe" and m["budget"] == "25%")
+            e = edgemoe_row(large, "25%")
+            assert e is not None  # headline() found it
             res = next(m for m in large["modes"] if m["mode"] == "resident")
             pairs = list(zip(res["decode_s_per_token_runs"], e["decode_s_per_token_runs"], strict=False))
             med = sorted(pairs, key=lambda p: p[1])[len(pairs) // 2]  # the median repeat of edgemoe@25 %
@@ -95,13 +146,8 @@ def findings(results: dict[str, Any]) -> list[str]:
                 "prefetch yet), so a miss overlaps the compute of the same layer's other experts but not the "
                 "attention or other layers: time ≈ compute + stall. Cross-layer prefetch is the lever."
             )
-            if "rss_delta" in h:
-                out.append(
-                    f"{name}, edgemoe@25 %: peak RSS over the post-import baseline "
-                    f"{h['rss_delta'] / 2**20:.0f} MiB "
-                    f"≤ dense + budget + 64 MiB = {h['rss_limit'] / 2**20:.0f} MiB: "
-                    f"{'met' if h['rss_ok'] else 'NOT met'}"
-                )
+        out += policy_findings(name, large)
+        out += rss_findings(name, large)
     k = results.get("kernels")
     if k:
         for r in k["results"]:
@@ -110,6 +156,25 @@ def findings(results: dict[str, Any]) -> list[str]:
                 f"kernel T={r['T']}: ours / ORT QMoE = {q:.2f}x, ours / MatMulNBits = "
                 f"{r['ours_over_matmulnbits']:.2f}x (goal ≤ 1.25x: {'met' if q <= 1.25 else 'NOT met'})"
             )
+        mach = next((r["machine"] for r in results["runs"].values() if r["machine"].get("simd")), {})
+        simd = mach.get("simd") or []
+        if "avx512f" in simd and mach.get("kernel") == "avx2":
+            out.append(
+                f"kernel ISA: this CPU ({mach.get('cpu', '?')}) has AVX-512 ({', '.join(simd[:6])}"
+                f"{', …' if len(simd) > 6 else ''}), which ORT's MLAS kernels (QMoE, MatMulNBits) use, while "
+                "our op runs its avx2 kernel path: the kernel ratios (and inmemory vs resident) compare "
+                "different instruction sets, not only code"
+            )
+    libs: set[Any] = set()
+    for r in results["runs"].values():
+        for fp in (r["machine"].get("library"), r.get("library_end")):
+            if isinstance(fp, dict):
+                libs.add(fp.get("sha256"))
+    if len(libs) > 1:
+        out.append(
+            f"the op library changed during the benchmark ({len(libs)} different builds: "
+            f"{', '.join(sorted(str(x) for x in libs))}): runs measured different code; compare with care"
+        )
     for name, run in results["runs"].items():
         la = run["machine"]["loadavg_start"][0]
         if la >= 1.5:
@@ -120,7 +185,48 @@ def findings(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
+    """Check the arguments before anything runs (ValueError / FileNotFoundError, one line); returns the
+    parsed ``--policies`` (None if empty: one default lru edgemoe mode per budget)."""
+    from edgemoe_ort.bench.storage import load_profile
+    from edgemoe_ort.bundle import Bundle
+    from edgemoe_ort.runtime.ops import parse_budget
+
+    known = {"small", "small-profile", "large", "large-focus", "large-profile", "replay", "kernels",
+             "policies"}
+    bad = sorted(parts - known)
+    if bad or not parts:
+        raise ValueError(f"--parts: expected a subset of {','.join(sorted(known))}, found {a.parts!r}")
+    for flag in ("small", "large", "replay"):
+        path = getattr(a, flag)
+        if path is not None:
+            b = Bundle.open(path)  # names the missing / bad manifest
+            for x in [v for v in (a.budgets if flag == "small" else a.large_budgets).split(",") if v]:
+                try:
+                    parse_budget(x, b.store_bytes)
+                except ValueError as e:
+                    raise ValueError(f"--{'budgets' if flag == 'small' else 'large-budgets'}: {e}") from None
+    if a.trace is not None and not Path(a.trace).is_file():
+        raise FileNotFoundError(f"--trace: {a.trace}: no such file")
+    for flag in ("profile", "large_profile"):
+        if getattr(a, flag):
+            load_profile(getattr(a, flag))
+    for flag in ("tokens", "large_tokens"):
+        if getattr(a, flag) < 2:
+            raise ValueError(f"--{flag.replace('_', '-')}: expected at least 2, found {getattr(a, flag)}")
+    if a.repeats < 1 or a.focus_repeats < 1:
+        raise ValueError("--repeats / --focus-repeats: expected at least 1")
+    if a.rss_tokens < 1:
+        raise ValueError(f"--rss-tokens: expected at least 1 decode token, found {a.rss_tokens}")
+    if not a.policies.strip():
+        return None
+    pols = parse_policies(a.policies)
+    check_policies(pols, frequencies=a.frequencies, policy_weights=a.policy_weights)
+    return pols
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run the selected parts and write ``--out`` (JSON)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--small")
@@ -148,12 +254,32 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--parts",
-        default="small,small-profile,large,large-focus,large-profile,replay,kernels",
+        default="small,small-profile,large,large-focus,large-profile,replay,kernels,policies",
         help="which parts to run",
     )
     ap.add_argument("--merge", action="store_true", help="update an existing --out file with these parts")
+    ap.add_argument(
+        "--policies",
+        default="lru,lfu,edgemoe,hobbit",
+        help="cache policies compared in every run (each a mode edgemoe[P]@budget); '' = lru only, "
+        "labelled edgemoe@budget",
+    )
+    ap.add_argument("--frequencies", help="expert frequencies (JSON) for the policies that use them")
+    ap.add_argument("--policy-weights", help="hobbit weights, e.g. lru=0.25,lfu=0.25,lhu=0.25,fld=0.25")
+    ap.add_argument(
+        "--rss-tokens",
+        type=int,
+        default=64,
+        help="decode tokens of each peak-RSS run (fresh process per mode)",
+    )
     a = ap.parse_args(argv)
     parts = {p for p in a.parts.split(",") if p}
+    try:
+        policies = _validate(a, parts)
+    except (ValueError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     cmd = " ".join(["python -m edgemoe_ort.bench.suite"] + (argv or sys.argv[1:]))
     results: dict[str, Any] = {
@@ -171,7 +297,15 @@ def main(argv: list[str] | None = None) -> None:
         results = old
     budgets = [b for b in a.budgets.split(",") if b]
     large_budgets = [b for b in a.large_budgets.split(",") if b]
-    common = dict(repeats=a.repeats, threads=a.threads, log=_log)
+    common: dict[str, Any] = dict(
+        repeats=a.repeats,
+        threads=a.threads,
+        log=_log,
+        policies=policies,
+        frequencies=a.frequencies,
+        policy_weights=a.policy_weights,
+        rss_decode_tokens=a.rss_tokens,
+    )
     if a.small and "small" in parts:
         _log(f"== small model: {a.small}")
         results["runs"]["small"] = run_bench(a.small, budgets=budgets, tokens=a.tokens, **common)
@@ -186,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.large and "large-focus" in parts:
         _log(f"== large model, 25 % headline, {a.focus_repeats} repeats")
         results["runs"]["large-25"] = run_bench(
-            a.large, budgets=["25%"], tokens=a.large_tokens, **dict(common, repeats=a.focus_repeats)
+            a.large,
+            budgets=["25%"],
+            tokens=a.large_tokens,
+            **dict(common, repeats=a.focus_repeats, rss="large" not in parts),  # `large` measures RSS
         )
     if a.large and a.large_profile and "large-profile" in parts:
         _log(f"== large model, storage profile {a.large_profile}")
@@ -210,6 +347,14 @@ def main(argv: list[str] | None = None) -> None:
         _log("== kernel micro-benchmark")
         kb = kernel_bundle(a.kernel_bundle)
         results["kernels"] = run_kernel_bench(kb.path, threads=1, log=_log)
+    if a.small and "policies" in parts:
+        from edgemoe_ort.bench.policies import run_policies
+
+        _log("== cache policies on the default model's held-out text (op counters, simulator, Belady)")
+        results["policy_hit_rates"] = [
+            run_policies(a.small, budget=b, tokens=1024, windows=8, io="direct")
+            for b in ("12.5%", "25%", "50%")
+        ]
     results["findings"] = findings(results)
     results["elapsed_s"] = time.time() - results["started"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,268 @@
+"""``edgemoe-bench``: benchmark one bundle side by side (see :mod:`edgemoe_ort.bench.runner`).
+
+    edgemoe-bench BUNDLE --budgets 10%,25%,50% [--policy lfu | --policies lru,lfu,edgemoe,hobbit] \
+        [--profile rpi4] [--json out.json] [--plot out.png]
+
+Every flag is checked before anything runs: a bad value prints one ``error:`` line and exits with status 2.
+Also runnable as ``python -m edgemoe_ort.bench.cli``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+err = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MODE_NAMES = ("inmemory", "naive", "mmap", "edgemoe")
+
+
+def _friendly_errors(fn: F) -> F:
+    """User mistakes (ValueError, missing files, ORT argument errors) -> one ``error:`` line, exit 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from edgemoe_ort.cli import _user_errors  # lazily: edgemoe_ort.cli may re-export this app
+
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fmt_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def validate_args(
+    bundle: Path,
+    *,
+    budgets: str,
+    tokens: int,
+    repeats: int,
+    profile: str | None,
+    trace: Path | None,
+    modes: str | None,
+    policy: str | None,
+    policies: str | None,
+    frequencies: Path | None,
+    policy_weights: str | None,
+    pin_experts: int | None,
+    io_threads: int,
+    threads: int | None,
+    rss: bool,
+    rss_tokens: int,
+) -> dict[str, Any]:
+    """Check every flag (ValueError / FileNotFoundError with one line naming it) and return the parsed
+    values: ``budgets``, ``modes`` (or None), ``policies`` (or None), ``profile`` (dict or None)."""
+    from edgemoe_ort.bench.runner import check_policies, parse_policies
+    from edgemoe_ort.bench.storage import load_profile
+    from edgemoe_ort.bundle import Bundle
+    from edgemoe_ort.runtime.ops import RuntimeOptions, parse_budget
+
+    if tokens < 2:
+        raise ValueError(
+            f"--tokens: expected at least 2 (one prefill token and one decode step), found {tokens}"
+        )
+    if repeats < 1:
+        raise ValueError(f"--repeats: expected at least 1, found {repeats}")
+    if rss and rss_tokens < 1:
+        raise ValueError(f"--rss-tokens: expected at least 1 decode token, found {rss_tokens}")
+    budget_list = _split(budgets)
+    if not budget_list:
+        raise ValueError(f"--budgets: expected a comma-separated list like 10%,25%,256MB, found {budgets!r}")
+    b = Bundle.open(bundle)
+    for x in budget_list:
+        try:
+            parse_budget(x, b.store_bytes)
+        except ValueError as e:
+            raise ValueError(f"--budgets: {e}") from None
+    mode_list = None
+    if modes is not None:
+        mode_list = _split(modes)
+        bad = [m for m in mode_list if m not in MODE_NAMES]
+        if bad or not mode_list:
+            raise ValueError(f"--modes: expected a subset of {','.join(MODE_NAMES)}, found {modes!r}")
+    if policy is not None and policies is not None:
+        raise ValueError("--policy and --policies: give one of them (--policy P is --policies P)")
+    policy_list = None
+    if policy is not None:
+        policy_list = parse_policies([policy], flag="--policy")
+    elif policies is not None:
+        policy_list = parse_policies(policies, flag="--policies")
+    if policy_list is not None and mode_list is not None and "edgemoe" not in mode_list:
+        raise ValueError("--policy/--policies choose the edgemoe mode's policy, but --modes leaves it out")
+    if frequencies is not None and not frequencies.is_file():
+        raise FileNotFoundError(f"--frequencies: {frequencies}: no such file")
+    if policy_list is not None:
+        check_policies(
+            policy_list,
+            frequencies=frequencies,
+            policy_weights=policy_weights,
+            pin_experts=pin_experts,
+            flag="--policy" if policy is not None else "--policies",
+        )
+    elif policy_weights is not None or pin_experts is not None or frequencies is not None:
+        check_policies(
+            ["lru"], frequencies=frequencies, policy_weights=policy_weights, pin_experts=pin_experts
+        )
+    prof = load_profile(profile) if profile else None
+    if trace is not None and not trace.is_file():
+        raise FileNotFoundError(f"--trace: {trace}: no such file")
+    try:
+        RuntimeOptions(io_threads=io_threads, intra_op_threads=threads)
+    except ValueError as e:
+        raise ValueError(f"--io-threads/--threads: {e}") from None
+    return {"budgets": budget_list, "modes": mode_list, "policies": policy_list, "profile": prof}
+
+
+bench_app = typer.Typer(
+    add_completion=False,
+    help="Benchmark a bundle side by side: all-in-memory (ORT QMoE/MoE), naive on-demand, mmap and the"
+    " edgemoe cache at several budgets (and cache policies), interleaved in one process, with the storage"
+    " roofline and the peak RSS of each mode in a fresh process.",
+)
+
+
+@bench_app.command()
+@_friendly_errors
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder")],
+    budgets: Annotated[str, typer.Option(help="comma-separated budgets: 10%,25%,256MB,...")] = (
+        "10%,25%,50%,100%"
+    ),
+    tokens: Annotated[int, typer.Option(help="tokens per generation (decode steps + 1)")] = 16,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="prompt text (token ids if the bundle has no tokenizer)")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="interleaved repeats per mode (median reported)")] = 3,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="storage profile (profiles/NAME.toml): throttle reads to its bandwidth/latency"),
+    ] = None,
+    trace: Annotated[
+        Path | None,
+        typer.Option(help="replay a routing trace (.npz) into a make_moe_graph bundle instead of generating"),
+    ] = None,
+    modes: Annotated[str | None, typer.Option(help="subset: inmemory,naive,mmap,edgemoe")] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(help="cache policy of the edgemoe mode: lru (default), lfu, edgemoe, hobbit, pinned"),
+    ] = None,
+    policies: Annotated[
+        str | None,
+        typer.Option(
+            help="compare several policies in one interleaved run, e.g. lru,lfu,edgemoe,hobbit: each is a "
+            "mode edgemoe[P]@budget"
+        ),
+    ] = None,
+    frequencies: Annotated[
+        Path | None, typer.Option(help="expert frequencies (JSON) for the policies that use them (pinned)")
+    ] = None,
+    policy_weights: Annotated[
+        str | None, typer.Option(help="hobbit weights, e.g. lru=0.25,lfu=0.25,lhu=0.25,fld=0.25")
+    ] = None,
+    pin_experts: Annotated[int | None, typer.Option(help="pinned: how many experts to pin")] = None,
+    threads: Annotated[int | None, typer.Option(help="ORT intra-op threads")] = None,
+    io_threads: Annotated[int, typer.Option(help="I/O threads")] = 2,
+    rss: Annotated[bool, typer.Option(help="measure peak RSS per mode in a fresh subprocess")] = True,
+    rss_tokens: Annotated[
+        int, typer.Option(help="decode tokens of each peak-RSS generation (a short run hides RSS growth)")
+    ] = 64,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the full result as JSON")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write tokens/s and roofline-ratio plots (PNG)")] = None,
+) -> None:
+    """Run the benchmark and print one row per mode (one per policy and budget for edgemoe)."""
+    from rich.table import Table
+
+    from edgemoe_ort.bench.report import rss_verdicts
+    from edgemoe_ort.bench.runner import run_bench
+
+    v = validate_args(
+        bundle, budgets=budgets, tokens=tokens, repeats=repeats, profile=profile, trace=trace, modes=modes,
+        policy=policy, policies=policies, frequencies=frequencies, policy_weights=policy_weights,
+        pin_experts=pin_experts, io_threads=io_threads, threads=threads, rss=rss, rss_tokens=rss_tokens,
+    )
+    prompt_ids = None
+    if prompt_file is not None:
+        from edgemoe_ort.bundle import Bundle
+        from edgemoe_ort.runtime.generate import load_tokenizer
+
+        text = prompt_file.read_text(encoding="utf-8")
+        tok = load_tokenizer(Bundle.open(bundle))
+        if tok is not None:
+            prompt_ids = list(tok.encode(text, add_special_tokens=False).ids)
+        else:
+            try:
+                prompt_ids = [int(t) for t in text.split()]
+            except ValueError:
+                raise ValueError(
+                    f"{prompt_file}: the bundle has no tokenizer: expected whitespace-separated token ids"
+                ) from None
+        if not prompt_ids:
+            raise ValueError(f"{prompt_file}: empty prompt")
+    result = run_bench(
+        bundle, budgets=v["budgets"], tokens=tokens, prompt_ids=prompt_ids, trace=trace, repeats=repeats,
+        profile=profile, io_threads=io_threads, threads=threads, rss=rss, rss_decode_tokens=rss_tokens,
+        modes=v["modes"], policies=v["policies"], frequencies=frequencies, policy_weights=policy_weights,
+        pin_experts=pin_experts, log=lambda s: err.print(f"[dim]{escape(s)}[/]", highlight=False),
+    )
+    table = Table(title=f"{escape(str(bundle))} — {result['decode_tokens']} decode tokens, "
+                        f"median of {repeats}, "
+                        f"roofline bw {result['roofline_bw_bytes_per_s'] / 1e6:.0f} MB/s, "
+                        f"compute {result['compute_s_per_token'] * 1e3:.1f} ms/token")
+    for col in ("mode", "policy", "budget", "decode tok/s", "prefill tok/s", "TTFT s", "MB/tok", "hit",
+                "stall ms/tok", "peak RSS", "ratio to roofline"):
+        table.add_column(col, justify="left" if col in ("mode", "policy", "budget") else "right")
+    for m in result["modes"]:
+        table.add_row(
+            m["mode"], m.get("policy") or "–", m["budget"] or "–", f"{m['decode_tokens_per_s']:.2f}",
+            f"{m['prefill_tokens_per_s']:.1f}",
+            f"{m['ttft_s']:.3f}", f"{m['bytes_read_per_token'] / 1e6:.2f}",
+            "–" if m["hit_rate"] is None else f"{m['hit_rate']:.0%}", f"{m['stall_s_per_token'] * 1e3:.1f}",
+            "–" if m["peak_rss_bytes"] is None else _fmt_bytes(m["peak_rss_bytes"]),
+            f"{m['roofline_ratio']:.2f}",
+        )
+    out.print(table)
+    for line in rss_verdicts(result):
+        out.print(escape(line["text"]), highlight=False)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+    if plot is not None:
+        import shutil
+        import tempfile
+
+        from edgemoe_ort.bench.report import plot_run
+
+        with tempfile.TemporaryDirectory() as td:
+            name = plot_run(bundle.name, result, Path(td))[0]
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(Path(td) / name), plot)
+
+
+if __name__ == "__main__":
+    bench_app()

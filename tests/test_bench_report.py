@@ -1,0 +1,88 @@
+"""The generated benchmark page: rows per cache policy and the per-budget RSS verdicts."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from edgemoe_ort.bench.cli import bench_app
+from edgemoe_ort.bench.report import RSS_SLACK_BYTES, headline, rss_verdicts, write_report
+from edgemoe_ort.bench.suite import findings
+from edgemoe_ort.bundle.testing import make_synthetic_bundle, random_routing
+
+
+def _trace(path, layers=2, E=8, K=2, prompt=5, steps=6):
+    """A routing trace (npz, the format of edgemoe_ort.bench.trace) of random top-K routing."""
+    rng = np.random.default_rng(0)
+    arrays = {"num_layers": np.int64(layers), "num_steps": np.int64(steps), "num_experts": np.int64(E),
+              "top_k": np.int64(K)}
+    for s in range(steps):
+        for li in range(layers):
+            idx, w = random_routing(prompt if s == 0 else 1, E, K, rng)
+            arrays[f"s{s}_l{li}_idx"], arrays[f"s{s}_l{li}_w"] = idx, w
+    np.savez(path, **arrays)
+
+
+def _run(tmp_path):
+    b = make_synthetic_bundle(
+        tmp_path / "b", num_layers=2, num_experts=8, hidden=64, intermediate=128, dtype="int4", group_size=32
+    )
+    _trace(tmp_path / "t.npz")
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(
+        bench_app,
+        [str(b.path), "--trace", str(tmp_path / "t.npz"), "--budgets", "25%,50%", "--tokens", "6",
+         "--repeats", "2", "--policy", "lru", "--rss-tokens", "8", "--json", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    return json.loads(out.read_text())
+
+
+def _with_fake_policy(run, policy="lfu", over_budget="50%"):
+    """Copy the lru rows as another policy (2x slower) and push one of its peaks over the RSS goal."""
+    run = copy.deepcopy(run)
+    extra = []
+    for m in [m for m in run["modes"] if m["mode"] == "edgemoe"]:
+        f = copy.deepcopy(m)
+        f["policy"], f["label"] = policy, f"edgemoe[{policy}]@{m['budget']}"
+        f["decode_s_per_token_runs"] = [2 * t for t in m["decode_s_per_token_runs"]]
+        f["decode_tokens_per_s"] = m["decode_tokens_per_s"] / 2
+        if m["budget"] == over_budget:
+            limit = run["dense_bytes"] + f["budget_bytes"] + RSS_SLACK_BYTES
+            f["peak_rss_bytes"] = f["rss"]["base_rss_bytes"] + limit + (1 << 20)
+        extra.append(f)
+    run["modes"] += extra
+    run["policies"] = ["lru", policy]
+    return run
+
+
+def test_rss_verdict_per_budget_uses_the_bundles_dense_bytes(tmp_path):
+    run = _with_fake_policy(_run(tmp_path))
+    v = {x["label"]: x for x in rss_verdicts(run)}
+    assert set(v) == {"edgemoe[lru]@25%", "edgemoe[lru]@50%", "edgemoe[lfu]@25%", "edgemoe[lfu]@50%"}
+    for x in v.values():
+        row = next(m for m in run["modes"] if m["label"] == x["label"])
+        assert x["limit"] == run["dense_bytes"] + row["budget_bytes"] + 64 * 2**20
+        assert x["delta"] == row["peak_rss_bytes"] - row["rss"]["base_rss_bytes"]
+        assert x["decode_tokens"] == 8
+    assert v["edgemoe[lru]@25%"]["ok"] and "MiB: met" in v["edgemoe[lru]@25%"]["text"]
+    assert not v["edgemoe[lfu]@50%"]["ok"] and "not met" in v["edgemoe[lfu]@50%"]["text"]
+    assert headline(run)["edgemoe_over_naive"] > 0  # the lru row, found by policy
+
+
+def test_report_shows_policy_rows_and_rss_verdicts(tmp_path):
+    run = _with_fake_policy(_run(tmp_path))
+    results = {"runs": {"tiny": run}, "kernels": None, "commands": ["x"], "notes": []}
+    results["findings"] = findings(results)
+    md = tmp_path / "bench.md"
+    write_report(results, md, tmp_path / "img")
+    text = md.read_text()
+    assert "Cache policies (lru, lfu), per budget:" in text
+    assert "| 25% | lfu |" in text and "| 50% | lru |" in text
+    assert "| edgemoe | lfu | 25% (" in text  # the mode table's policy column
+    assert "Peak RSS per budget" in text
+    assert "edgemoe[lfu]@50%: peak RSS" in text and "not met" in text
+    assert (tmp_path / "img" / "bench-tiny.png").stat().st_size > 1000

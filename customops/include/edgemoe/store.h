@@ -85,7 +85,7 @@ class ExpertStore {
   // pass starts when the layer is <= the previous call's) and sets the layer distances policies see;
   // end_call drops the prefetches of `layer` still queued (the layer ran without them: useless now).
   void begin_call(int32_t layer);
-  void end_call(int32_t layer);
+  void end_call(int32_t layer) noexcept;
 
   // Pins (layer, expert), reading it if needed (a demand read: before every prefetch); waits for budget if
   // the cache is full of pinned experts. The returned pin may still be pending: call wait(). A caller that
@@ -115,7 +115,7 @@ class ExpertStore {
   size_t queued_reads() const { return scheduler_->queue_size(); }
 
  private:
-  struct Victims;
+  static uint64_t charge_of(const ExpertRecord& rec);
   std::optional<Pin> request(int32_t layer, int32_t expert, bool block);
   std::shared_ptr<Entry> new_entry(const ExpertKey& key);
   bool try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch);

@@ -4,6 +4,8 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <unistd.h>
+
 #include <cstdio>
 #include <new>
 
@@ -35,7 +37,9 @@ struct ExpertStore::Entry final : ReadTask {
   bool used = false;         // pinned at least once since it was read
   bool by_prefetch = false;  // read started by prefetch()
   bool cached = false;       // in entries_
-  bool accounted = false;    // holds rec->length bytes of reserved_
+  bool accounted = false;    // holds charge bytes of reserved_
+  bool cancelled = false;    // a queued prefetch dropped unread
+  uint64_t charge = 0;       // bytes the entry counts against the budget: its length rounded to whole pages
   std::string error;
 };
 
@@ -47,10 +51,11 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
   for (const auto& l : manifest_.experts)
     for (const auto& r : l)
       if (!largest || r.length > largest->length) largest = &r;
-  if (largest && budget_ < largest->length) {
+  if (largest && budget_ < charge_of(*largest)) {
     throw Error(error_message(mfile, largest->layer, largest->expert, "edgemoe.budget",
                               "budget below the largest expert",
-                              ">= " + std::to_string(largest->length) + " bytes (its length)",
+                              ">= " + std::to_string(charge_of(*largest)) + " bytes (its length" +
+                                  (charge_of(*largest) != largest->length ? ", in whole memory pages" : "") + ")",
                               std::to_string(budget_) + " bytes"));
   }
   if (options_.io_threads < 1 || options_.io_threads > 256)
@@ -117,6 +122,13 @@ ExpertStore::~ExpertStore() {
   stats_->attached = false;
 }
 
+// What an expert costs in memory: its buffer is a mapping of whole pages (4 KiB on x86; 16 or 64 KiB on some
+// arm64 kernels, where a 4096-aligned length is rounded up).
+uint64_t ExpertStore::charge_of(const ExpertRecord& rec) {
+  static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  return (rec.length + page - 1) / page * page;
+}
+
 uint64_t ExpertStore::resident_bytes() const {
   std::lock_guard<std::mutex> lk(mu_);
   return reserved_;
@@ -137,9 +149,9 @@ void ExpertStore::begin_call(int32_t layer) {
   ctx_.current_layer = layer;
 }
 
-void ExpertStore::end_call(int32_t layer) {
+void ExpertStore::end_call(int32_t layer) noexcept {
   std::vector<std::shared_ptr<ReadTask>> dropped;
-  {
+  try {
     std::lock_guard<std::mutex> lk(mu_);
     if (!policy_) return;
     dropped = scheduler_->cancel_if([layer](const ReadTask& t) {
@@ -147,6 +159,7 @@ void ExpertStore::end_call(int32_t layer) {
       return t.priority.kind == ReadPriority::Kind::Prefetch && e.key.layer == layer && e.pins == 0;
     });
     for (const auto& t : dropped) drop_queued_locked(std::static_pointer_cast<Entry>(t));
+  } catch (...) {  // no memory for the list (cancel_if allocates before removing anything): nothing dropped
   }
   if (!dropped.empty()) cv_.notify_all();
 }
@@ -174,7 +187,7 @@ void ExpertStore::drop_queued_locked(const std::shared_ptr<Entry>& e) {
     e->cached = false;
   }
   e->state = Entry::State::Failed;
-  e->error = "prefetch cancelled";
+  e->cancelled = true;  // (no message: nothing here may allocate)
   release_bytes_locked(*e);
   --reads_pending_;
   stats_->prefetch_cancelled.fetch_add(1, std::memory_order_relaxed);
@@ -184,6 +197,7 @@ std::shared_ptr<ExpertStore::Entry> ExpertStore::new_entry(const ExpertKey& key)
   auto e = std::make_shared<Entry>();
   e->key = key;
   e->rec = &manifest_.record(key.layer, key.expert);
+  e->charge = charge_of(*e->rec);
   e->index = manifest_.record_index(key.layer, key.expert);
   return e;
 }
@@ -219,7 +233,7 @@ bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetc
       }
       Candidate c;
       c.key = kv.first;
-      c.bytes = e.rec->length;
+      c.bytes = e.charge;
       c.distance = ((kv.first.layer - ctx_.current_layer - 1) % L + L) % L + 1;
       c.from_prefetch = e.by_prefetch;
       c.used = e.used;
@@ -245,8 +259,8 @@ void ExpertStore::release_bytes_locked(Entry& e) {
   e.buf.reset();  // back to the arena first: mapped expert memory never exceeds the reservations
   if (e.accounted) {
     e.accounted = false;
-    reserved_ -= e.rec->length;
-    stats_->sub_resident(e.rec->length);
+    reserved_ -= e.charge;
+    stats_->sub_resident(e.charge);
   }
 }
 
@@ -302,7 +316,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
         lk.lock();
         continue;  // the cache may have changed meanwhile
       }
-      if (try_reserve_locked(fresh->rec->length, nullptr)) {
+      if (try_reserve_locked(fresh->charge, nullptr)) {
         Entry& e = *fresh;
         e.pins = 1;
         e.used = true;
@@ -323,6 +337,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
         touch_locked(e.index, true);
         stats_->misses.fetch_add(1, std::memory_order_relaxed);
         ++reads_pending_;
+        scheduler_->submit(std::move(slot), fresh);  // under the lock: queued before anyone can see it
         break;
       }
       if (!block) return std::nullopt;
@@ -332,9 +347,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
     }
   }
   account_wait();
-  Pin pin(this, fresh);
-  scheduler_->submit(std::move(slot), std::move(fresh));
-  return pin;
+  return Pin(this, std::move(fresh));
 }
 
 ExpertStore::Pin ExpertStore::acquire(int32_t layer, int32_t expert) {
@@ -357,9 +370,9 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
   std::shared_ptr<Entry> fresh = new_entry(key);  // allocated before any bytes are reserved
   ReadScheduler::Slot slot = ReadScheduler::prepare();
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    std::unique_lock<std::mutex> lk(mu_);
     if (entries_.count(key)) return false;
-    if (!try_reserve_locked(fresh->rec->length, &hint)) {
+    if (!try_reserve_locked(fresh->charge, &hint)) {
       stats_->prefetch_dropped.fetch_add(1, std::memory_order_relaxed);
       return false;
     }
@@ -369,16 +382,18 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
     e.priority = ReadPriority{ReadPriority::Kind::Prefetch, std::max<int32_t>(0, hint.distance), hint.confidence};
     try {
       entries_.emplace(key, fresh);
-    } catch (...) {
+    } catch (...) {  // roll back the reservation (it may have evicted: wake waiters)
       release_bytes_locked(e);
+      lk.unlock();
+      cv_.notify_all();
       throw;
     }
     e.cached = true;
     touch_locked(e.index, false);
     stats_->prefetch_issued.fetch_add(1, std::memory_order_relaxed);
     ++reads_pending_;
+    scheduler_->submit(std::move(slot), std::move(fresh));  // under the lock: an acquire can promote it
   }
-  scheduler_->submit(std::move(slot), std::move(fresh));
   return true;
 }
 
@@ -400,6 +415,9 @@ void ExpertStore::wait_ready(const std::shared_ptr<Entry>& e) {
     stats_->stall_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
   }
   if (e->state == Entry::State::Failed) {
+    if (e->cancelled)
+      throw Error(manifest_.store_path.string() + ": layer " + std::to_string(e->rec->layer) + " expert " +
+                  std::to_string(e->rec->expert) + ": prefetch cancelled");
     if (e->error.empty())  // the reader had no message (or no memory to build one)
       throw Error(manifest_.store_path.string() + ": layer " + std::to_string(e->rec->layer) + " expert " +
                   std::to_string(e->rec->expert) + ": read failed (no error message; out of memory?)");

@@ -8,46 +8,14 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from edgemoe_ort.cli_common import err, friendly_errors, out, user_errors
+from edgemoe_ort.cli_common import fmt_bytes as _fmt_bytes
 from edgemoe_ort.runtime.ops import POLICIES
-
-err = Console(stderr=True)
-out = Console()
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, FileExistsError, PermissionError]
-    try:
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-
-        errors += [ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException,
-                   ort_state.InvalidGraph, ort_state.NoSuchFile]
-    except ImportError:  # pragma: no cover - onnxruntime is a hard dependency
-        pass
-    return tuple(errors)
-
-
-def friendly_errors(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except _user_errors() as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 # --- edgemoe-export --------------------------------------------------------------------------------
 export_app = typer.Typer(
@@ -122,7 +90,7 @@ def run(
                              pin_experts=pin_experts)
     try:
         model = load_model(bundle, options)
-    except _user_errors() as exc:  # name our flags, not the session config keys they map to
+    except user_errors() as exc:  # name our flags, not the session config keys they map to
         msg = _ORT_PREFIX.sub("", str(exc).strip())
         for key, flag in _FLAG_OF_KEY.items():
             msg = msg.replace(key, flag)
@@ -187,14 +155,6 @@ def _check_policy_flags(
             raise ValueError(f"--pin-experts: used by --policy pinned, found --policy {policy}")
         if pin_experts < 0:
             raise ValueError(f"--pin-experts: expected an integer >= 0, found {pin_experts}")
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _print_stats(s: dict[str, Any]) -> None:

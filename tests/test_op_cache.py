@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgemoe_ort.bundle.testing import chain_feeds as feeds
 from edgemoe_ort.bundle.testing import make_synthetic_bundle, random_routing, reference_chain
 from edgemoe_ort.runtime import ops
 from edgemoe_ort.runtime.ops import RuntimeOptions, open_session, store_stats
@@ -19,12 +20,6 @@ from edgemoe_ort.runtime.ops import RuntimeOptions, open_session, store_stats
 MIXED = ["fp32", "fp16", "int8", "int4", "int4", "int8", "fp16", "fp32"]
 
 
-def feeds(X, routing):
-    f = {"X": X}
-    for li, (idx, w) in enumerate(routing):
-        f[f"topk_indices_{li}"] = idx
-        f[f"topk_weights_{li}"] = w
-    return f
 
 
 def sequence(n_calls, num_layers, E, K, seed, hidden=64):

@@ -5,18 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgemoe_ort.bundle.testing import chain_feeds as feeds
 from edgemoe_ort.bundle.testing import make_synthetic_bundle, random_routing, reference_chain
 from edgemoe_ort.runtime.ops import RuntimeOptions, open_session
 
 TOL = {"fp32": 1e-5, "fp16": 1e-4, "int8": 1e-4, "int4": 1e-4, "mixed": 1e-4}
 
 
-def feeds(X, routing):
-    f = {"X": X}
-    for li, (idx, w) in enumerate(routing):
-        f[f"topk_indices_{li}"] = idx
-        f[f"topk_weights_{li}"] = w
-    return f
 
 
 def rel_err(y, ref):

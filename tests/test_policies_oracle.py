@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgemoe_ort.bundle.testing import chain_feeds as feeds
 from edgemoe_ort.bundle.testing import make_synthetic_bundle, random_routing
 from edgemoe_ort.runtime.cachesim import (
     CacheSimulator,
@@ -22,12 +23,6 @@ FORMATS = ["fp32", "fp16", "int8", "int4"]
 L, E, K, HIDDEN = 3, 8, 2, 64
 
 
-def feeds(X, routing):
-    f = {"X": X}
-    for li, (idx, w) in enumerate(routing):
-        f[f"topk_indices_{li}"] = idx
-        f[f"topk_weights_{li}"] = w
-    return f
 
 
 def skewed_routing(T, rng, probs):

@@ -10,47 +10,17 @@ Also runnable as ``python -m edgemoe_ort.bench.cli``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-err = Console(stderr=True)
-out = Console()
-
-F = TypeVar("F", bound=Callable[..., Any])
+from edgemoe_ort.cli_common import err, out
+from edgemoe_ort.cli_common import fmt_bytes as _fmt_bytes
+from edgemoe_ort.cli_common import friendly_errors as _friendly_errors
 
 MODE_NAMES = ("inmemory", "naive", "mmap", "edgemoe")
-
-
-def _friendly_errors(fn: F) -> F:
-    """User mistakes (ValueError, missing files, ORT argument errors) -> one ``error:`` line, exit 2."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from edgemoe_ort.cli import _user_errors  # lazily: edgemoe_ort.cli may re-export this app
-
-        try:
-            return fn(*args, **kwargs)
-        except _user_errors() as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _fmt_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _split(text: str) -> list[str]:

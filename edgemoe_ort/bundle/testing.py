@@ -314,3 +314,12 @@ def random_routing(
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     return idx, p.astype(np.float32)
+
+
+def chain_feeds(X: np.ndarray, routing: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Feeds of the :func:`make_moe_graph` chain: ``X``, ``topk_indices_L``, ``topk_weights_L``."""
+    f = {"X": X}
+    for li, (idx, w) in enumerate(routing):
+        f[f"topk_indices_{li}"] = idx
+        f[f"topk_weights_{li}"] = w
+    return f

@@ -120,6 +120,7 @@ class ExpertStore {
   std::shared_ptr<Entry> new_entry(const ExpertKey& key);
   bool try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch);
   void touch_locked(size_t index, bool access);  // access clock; a use if `access`
+  void insert_locked(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk);
   void evict_locked(const std::shared_ptr<Entry>& e);
   void release_bytes_locked(Entry& e);
   void drop_queued_locked(const std::shared_ptr<Entry>& e);

@@ -255,6 +255,21 @@ bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetc
   return true;
 }
 
+// Publishes a freshly reserved entry in the cache. If that fails (out of memory), the reservation is rolled
+// back and waiters are woken (the reservation may have evicted), then the exception propagates.
+void ExpertStore::insert_locked(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk) {
+  try {
+    entries_.emplace(e->key, e);
+  } catch (...) {
+    release_bytes_locked(*e);
+    lk.unlock();
+    cv_.notify_all();
+    throw;
+  }
+  e->cached = true;
+  touch_locked(e->index, false);
+}
+
 void ExpertStore::release_bytes_locked(Entry& e) {
   e.buf.reset();  // back to the arena first: mapped expert memory never exceeds the reservations
   if (e.accounted) {
@@ -322,18 +337,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
         e.used = true;
         e.accounted = true;
         e.priority = ReadPriority{ReadPriority::Kind::Demand, 0, 1.0f};
-        if (policy_) {
-          try {
-            entries_.emplace(key, fresh);
-          } catch (...) {  // roll back the reservation (it may also have evicted: wake waiters)
-            release_bytes_locked(e);
-            lk.unlock();
-            cv_.notify_all();
-            throw;
-          }
-          e.cached = true;
-          touch_locked(e.index, false);
-        }
+        if (policy_) insert_locked(fresh, lk);
         touch_locked(e.index, true);
         stats_->misses.fetch_add(1, std::memory_order_relaxed);
         ++reads_pending_;
@@ -380,16 +384,7 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
     e.by_prefetch = true;
     e.accounted = true;
     e.priority = ReadPriority{ReadPriority::Kind::Prefetch, std::max<int32_t>(0, hint.distance), hint.confidence};
-    try {
-      entries_.emplace(key, fresh);
-    } catch (...) {  // roll back the reservation (it may have evicted: wake waiters)
-      release_bytes_locked(e);
-      lk.unlock();
-      cv_.notify_all();
-      throw;
-    }
-    e.cached = true;
-    touch_locked(e.index, false);
+    insert_locked(fresh, lk);
     stats_->prefetch_issued.fetch_add(1, std::memory_order_relaxed);
     ++reads_pending_;
     scheduler_->submit(std::move(slot), std::move(fresh));  // under the lock: an acquire can promote it

@@ -15,7 +15,7 @@ import typer
 
 from edgemoe_ort.cli_common import err, friendly_errors, out, user_errors
 from edgemoe_ort.cli_common import fmt_bytes as _fmt_bytes
-from edgemoe_ort.runtime.ops import POLICIES
+from edgemoe_ort.runtime.ops import POLICIES, PREDICTORS
 
 # --- edgemoe-export --------------------------------------------------------------------------------
 export_app = typer.Typer(
@@ -31,10 +31,17 @@ def export(
     bits: Annotated[int, typer.Option(help="expert weight bits: 32, 16, 8 or 4")] = 4,
     group_size: Annotated[int, typer.Option(help="quantization group size (int8/int4)")] = 64,
     force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+    lookahead: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="later MoE layers whose router logits each expert node gets for prefetching (0 = none)",
+        ),
+    ] = 3,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-    from edgemoe_ort.export import export_model
+    from edgemoe_ort.export import export_model_with_report
 
     columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err) as bar:
@@ -45,10 +52,20 @@ def export(
                 tasks[stage] = bar.add_task(stage, total=max(total, 1))
             bar.update(tasks[stage], completed=done, total=max(total, 1))
 
-        path = export_model(
-            model, output, bits=bits, group_size=group_size, force=force, progress=on_progress
+        report = export_model_with_report(
+            model,
+            output,
+            bits=bits,
+            group_size=group_size,
+            force=force,
+            progress=on_progress,
+            lookahead=lookahead,
         )
-    err.print(f"[green]bundle written:[/] {path}")
+    for role, wiring in report.wiring.items():
+        err.print(f"prefetch wiring ({role}, lookahead {wiring.requested}):", highlight=False)
+        for line in wiring.summary():
+            err.print(f"  {line}", highlight=False, markup=False)
+    err.print(f"[green]bundle written:[/] {report.bundle}")
 
 
 # --- edgemoe-run -----------------------------------------------------------------------------------
@@ -80,14 +97,36 @@ def run(
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    predictor: Annotated[
+        str, typer.Option(help="prefetch predictor: " + " | ".join(PREDICTORS))
+    ] = "auto",
+    prefetch_depth: Annotated[int, typer.Option(help="layers to look ahead (adaptive)")] = 2,
+    prefetch_threshold: Annotated[float, typer.Option(help="prefetch experts with p >= this")] = 0.1,
+    profile: Annotated[
+        Path | None, typer.Option(help="routing profile (default: the bundle's profile.json, if any)")
+    ] = None,
+    warm_start: Annotated[
+        str | None, typer.Option(help="'profile' or a --save-resident file: fill the cache at start")
+    ] = None,
+    save_resident: Annotated[
+        Path | None, typer.Option(help="after generating, save the resident experts here (for --warm-start)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="let --save-resident replace an existing file")] = False,
+    show_stats: Annotated[
+        bool, typer.Option("--stats", help="print a per-layer cache and prefetch table")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     from edgemoe_ort.runtime import RuntimeOptions, load_model
 
     _check_policy_flags(policy, frequencies, policy_weights, pin_experts)
+    _check_prefetch_flags(predictor, prefetch_depth, prefetch_threshold, profile, warm_start)
+    if save_resident is not None and save_resident.exists() and not force:
+        raise FileExistsError(f"--save-resident {save_resident}: exists; add --force to replace it")
     options = RuntimeOptions(budget=budget, policy=policy, io=io, io_threads=io_threads,
                              intra_op_threads=threads, frequencies=frequencies, policy_weights=policy_weights,
-                             pin_experts=pin_experts)
+                             pin_experts=pin_experts, predictor=predictor, prefetch_depth=prefetch_depth,
+                             prefetch_threshold=prefetch_threshold, profile=profile, warm_start=warm_start)
     try:
         model = load_model(bundle, options)
     except user_errors() as exc:  # name our flags, not the session config keys they map to
@@ -101,6 +140,8 @@ def run(
         result = model.generate(prompt, **kwargs)
         payload = {"text": result.text, "tokens": result.tokens, "stop_reason": result.stop_reason}
         payload.update(result.stats.as_dict())
+        if save_resident is not None:
+            payload["saved_resident"] = str(model.session.save_resident(save_resident, force=True))
         print(json.dumps(payload))
         return
     out.print(prompt, end="", style="bold", highlight=False)
@@ -108,6 +149,10 @@ def run(
                             **kwargs)
     print()
     _print_stats(result.stats.as_dict())
+    if show_stats:
+        _print_layer_table(result.stats.as_dict().get("cache", {}))
+    if save_resident is not None:
+        err.print(f"resident experts saved: {model.session.save_resident(save_resident, force=True)}")
 
 
 #: session config keys (C++ error messages) -> the edgemoe-run flag that sets them
@@ -119,6 +164,11 @@ _FLAG_OF_KEY = {
     "edgemoe.budget": "--budget",
     "edgemoe.io_threads": "--io-threads",
     "edgemoe.io_mode": "--io",
+    "edgemoe.predictor": "--predictor",
+    "edgemoe.prefetch_depth": "--prefetch-depth",
+    "edgemoe.prefetch_threshold": "--prefetch-threshold",
+    "edgemoe.profile": "--profile",
+    "edgemoe.warm_start": "--warm-start",
 }
 _ORT_PREFIX = re.compile(r"^(\[ONNXRuntimeError\] : \d+ : \w+ : )?(Exception during initialization: )?")
 _WEIGHTS_RE = re.compile(r"^\s*[A-Za-z_]+\s*=\s*[0-9.eE+-]+\s*(,\s*[A-Za-z_]+\s*=\s*[0-9.eE+-]+\s*)*$")
@@ -157,6 +207,46 @@ def _check_policy_flags(
             raise ValueError(f"--pin-experts: expected an integer >= 0, found {pin_experts}")
 
 
+def _check_prefetch_flags(
+    predictor: str, depth: int, threshold: float, profile: Path | None, warm_start: str | None
+) -> None:
+    """One clear line, naming the flag, for prefetch options that cannot work."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"--predictor: expected one of {', '.join(PREDICTORS)}, found {predictor!r}")
+    if not 1 <= depth <= 8:
+        raise ValueError(f"--prefetch-depth: expected an integer in [1, 8], found {depth}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"--prefetch-threshold: expected a probability in (0, 1], found {threshold}")
+    if profile is not None and not profile.is_file():
+        raise FileNotFoundError(f"--profile {profile}: expected a profile.json, found "
+                                f"{'a folder' if profile.exists() else 'nothing'}")
+    if warm_start is not None and warm_start != "profile" and not Path(warm_start).is_file():
+        found = "a folder" if Path(warm_start).exists() else "nothing"
+        raise FileNotFoundError(f"--warm-start {warm_start}: expected 'profile' or a file written by "
+                                f"--save-resident, found {found}")
+
+
+def _print_layer_table(c: dict[str, Any]) -> None:
+    """Per layer (this call): hits, misses, stall, bytes read, prefetches issued / used / hidden behind
+    compute / wasted bytes, precision, recall. Plain aligned text: it never wraps into a mess."""
+    layers = c.get("layers") or []
+    if not layers:
+        return
+    head = ("layer", "hits", "misses", "stall_ms", "read", "pf_issued", "pf_used", "pf_hidden", "pf_wasted",
+            "precision", "recall")
+    rows = [head]
+    for i, lay in enumerate(layers):
+        p = lay.get("prefetch", {})
+        rows.append((str(i), str(lay["hits"]), str(lay["misses"]), f"{lay['stall_s'] * 1e3:.1f}",
+                     _fmt_bytes(lay["bytes_read"]), str(p.get("issued", 0)), str(p.get("used", 0)),
+                     str(p.get("hidden", 0)), _fmt_bytes(p.get("wasted_bytes", 0)),
+                     f"{p.get('precision', 0.0):.2f}", f"{p.get('recall', 0.0):.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        err.print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)), highlight=False,
+                  markup=False, soft_wrap=True)
+
+
 def _print_stats(s: dict[str, Any]) -> None:
     c = s.get("cache", {})
     lines = [
@@ -177,6 +267,13 @@ def _print_stats(s: dict[str, Any]) -> None:
             f"stall {c.get('stall_s', 0.0):.3f} s, io {c.get('io_mode', '?')}"
             f"{' (O_DIRECT)' if c.get('direct_io') else ''}, kernel {c.get('kernel', '?')}"
         )
+        p = c.get("prefetch")
+        if p:
+            lines.append(
+                f"prefetch: issued {p['issued']}, used {p['used']} ({p['hidden']} hidden behind compute), "
+                f"wasted {_fmt_bytes(p['wasted_bytes'])}, precision {p['precision']:.2f}, "
+                f"recall {p['recall']:.2f}"
+            )
     for line in lines:
         err.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
 

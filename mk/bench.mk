@@ -8,6 +8,7 @@
 #   trace.npz                 routing of the default model (models/edgemoe-tiny-mixtral) over 64 greedy tokens
 #   replay-bundle/            24 layers of large synthetic experts (H 1024, I 3584, int4) the trace is replayed into
 #   kernel-bundle/            one layer, 2 experts at H 4096, I 14336, int4 g64 (kernel micro-benchmark)
+#   tiny-bundle/profile.json  the default model's routing profile (edgemoe-profile, 100k tokens of its corpus)
 # `make bench` measures for ~30 min once the models exist (the large export adds ~4-8 min, the replay bundle ~1 min):
 # every run compares the cache policies $(BENCH_POLICIES) (one mode edgemoe[P]@budget each, interleaved) and
 # measures each mode's peak RSS in a fresh process over $(BENCH_RSS_TOKENS) decode tokens.
@@ -43,7 +44,22 @@ $(BENCH_REPLAY)/manifest.json: $(BENCH_TRACE)
 	$(VPY) -m edgemoe_ort.bench.trace replay-bundle $(BENCH_TRACE) $(BENCH_REPLAY) \
 	  --hidden 1024 --intermediate 3584 --layers 24
 
-bench-models: $(LIB) $(BENCH_SMALL)/manifest.json $(BENCH_LARGE)/manifest.json $(BENCH_REPLAY)/manifest.json
+# Prefetch inputs (stacked gates, TokenPrefetch) for bundles exported before the wiring existed (idempotent),
+# and the default model's routing profile (100k tokens of its corpus; edgemoe-profile's library call).
+$(BENCH_DIR)/.wired: $(BENCH_SMALL)/manifest.json $(BENCH_LARGE)/manifest.json edgemoe_ort/bundle/wiring.py | $(LIB)
+	$(VPY) -c "from edgemoe_ort.bundle.wiring import wire_bundle; \
+	  [print(b, r, w.summary()) for b in ('$(BENCH_SMALL)', '$(BENCH_LARGE)') for r, w in wire_bundle(b).items()]"
+	@touch $@
+
+$(BENCH_SMALL)/profile.json: $(BENCH_DIR)/.wired
+	$(VPY) -c "import sys; sys.path.insert(0, '.'); \
+	  from models.eval_default import list_corpus_files, stdlib_root; \
+	  from edgemoe_ort.profile import profile_bundle, write_profile; \
+	  root = stdlib_root(); files = [root / r for r in list_corpus_files(root)]; \
+	  write_profile('$(BENCH_SMALL)', profile_bundle('$(BENCH_SMALL)', files, tokens=100_000), force=True)"
+
+bench-models: $(LIB) $(BENCH_SMALL)/manifest.json $(BENCH_LARGE)/manifest.json $(BENCH_REPLAY)/manifest.json \
+  $(BENCH_DIR)/.wired $(BENCH_SMALL)/profile.json
 
 bench: bench-models
 	@load=$$(cut -d' ' -f1 /proc/loadavg); \

@@ -179,6 +179,29 @@ void apply_throttle_bw(RuntimeConfig& c, const std::string& v) { c.store.throttl
 void apply_throttle_latency(RuntimeConfig& c, const std::string& v) {
   c.store.throttle_latency_us = parse_throttle_latency_us(v);
 }
+void apply_predictor(RuntimeConfig& c, const std::string& v) {
+  if (v != "none" && v != "table" && v != "gates" && v != "token" && v != "auto")
+    throw Error("edgemoe.predictor: expected none, table, gates, token or auto, found '" + v + "'");
+  c.prefetch.predictor = v;
+}
+void apply_profile(RuntimeConfig& c, const std::string& v) {
+  if (v.empty()) throw Error("edgemoe.profile: expected a path to a profile.json, found ''");
+  c.prefetch.profile = v;
+}
+void apply_prefetch_depth(RuntimeConfig& c, const std::string& v) {
+  c.prefetch.depth = static_cast<int32_t>(parse_int("edgemoe.prefetch_depth", v, 1, 8));
+}
+void apply_prefetch_threshold(RuntimeConfig& c, const std::string& v) {
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  if (v.empty() || end != v.c_str() + v.size() || !(x > 0 && x <= 1))
+    throw Error("edgemoe.prefetch_threshold: expected a probability in (0, 1], found '" + v + "'");
+  c.prefetch.threshold = static_cast<float>(x);
+}
+void apply_warm_start(RuntimeConfig& c, const std::string& v) {
+  if (v.empty()) throw Error("edgemoe.warm_start: expected 'profile' or a saved resident-set file, found ''");
+  c.prefetch.warm_start = v;
+}
 }  // namespace
 
 const std::vector<ConfigKey>& config_keys() {
@@ -217,6 +240,20 @@ const std::vector<ConfigKey>& config_keys() {
        apply_throttle_bw, false},
       {"edgemoe.throttle_latency_us", "0 (off)", "emulated per-read latency in microseconds, in `[0, 1e9]`",
        apply_throttle_latency, false},
+      {"edgemoe.predictor", "auto",
+       "which predictor drives prefetching: `none`, `table` (EdgeMoE), `gates` (HOBBIT stacked gates), `token`, "
+       "`auto` (per layer what the profile measured best; `gates` alone without a profile)",
+       apply_predictor, false},
+      {"edgemoe.profile", "bundle's profile.json", "routing profile written by `edgemoe-profile` (absent: no `table`/`token`)",
+       apply_profile, false},
+      {"edgemoe.prefetch_depth", "2", "layers ahead the prefetcher may look when the next layer's experts are resident, `1..8`",
+       apply_prefetch_depth, false},
+      {"edgemoe.prefetch_threshold", "0.1", "prefetch experts predicted with probability >= this, in `(0, 1]`",
+       apply_prefetch_threshold, false},
+      {"edgemoe.warm_start", "(cold)",
+       "`profile` (read the profile's most used experts at session start, in the background) or a resident-set file "
+       "saved by `edgemoe_save_resident`",
+       apply_warm_start, false},
   };
   return table;
 }

@@ -88,7 +88,8 @@ struct Workspace {
 }  // namespace
 
 void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_t* idx, const float* w,
-             int64_t T, int64_t H, int64_t K, float* Y, const ParallelFor& pf) {
+             int64_t T, int64_t H, int64_t K, float* Y, const ParallelFor& pf,
+             const std::function<void()>& after_demands) {
   const Manifest& m = store.manifest();
   const LayerInfo& lay = m.layers.at(static_cast<size_t>(a.layer));
   const int64_t E = lay.num_experts;
@@ -137,7 +138,15 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
       pins[issued++] = std::move(p);
     }
   };
+  bool predicted = !after_demands;
+  auto maybe_predict = [&] {
+    if (!predicted && issued == order.size()) {
+      predicted = true;
+      after_demands();
+    }
+  };
   issue_ahead();
+  maybe_predict();
 
   for (size_t oi = 0; oi < order.size(); ++oi) {
     const int32_t e = order[oi];
@@ -146,6 +155,7 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
       ++issued;
     }
     issue_ahead();
+    maybe_predict();
     const uint8_t* blob = pins[oi]->wait();
     const ExpertView view = make_expert_view(pins[oi]->record(), blob);
 

@@ -2,8 +2,64 @@
 
 #include <map>
 #include <nlohmann/json.hpp>
+#include <unordered_map>
 
 namespace edgemoe {
+
+namespace {
+uint64_t ld(const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); }
+double ratio(uint64_t num, uint64_t den) { return den ? static_cast<double>(num) / static_cast<double>(den) : 0.0; }
+}  // namespace
+
+void LayerCounters::reset() {
+  for (auto* c : {&hits, &misses, &stall_ns, &reads, &bytes_read, &prefetch_issued, &prefetch_issued_bytes,
+                  &prefetch_used, &prefetch_hidden, &prefetch_hidden_bytes, &prefetch_late, &prefetch_wasted,
+                  &prefetch_wasted_bytes, &prefetch_dropped})
+    c->store(0, std::memory_order_relaxed);
+}
+
+nlohmann::ordered_json LayerCounters::to_json() const {
+  nlohmann::ordered_json j;
+  j["hits"] = ld(hits);
+  j["misses"] = ld(misses);
+  j["stall_s"] = static_cast<double>(ld(stall_ns)) * 1e-9;
+  j["reads"] = ld(reads);
+  j["bytes_read"] = ld(bytes_read);
+  const uint64_t used = ld(prefetch_used);
+  // Experts a call needed that were not resident from the cache: read on demand, or prefetched.
+  const uint64_t demand_misses = ld(misses) - std::min(ld(misses), ld(prefetch_late));
+  nlohmann::ordered_json p;
+  p["issued"] = ld(prefetch_issued);
+  p["issued_bytes"] = ld(prefetch_issued_bytes);
+  p["used"] = used;
+  p["hidden"] = ld(prefetch_hidden);
+  p["hidden_bytes"] = ld(prefetch_hidden_bytes);
+  p["late"] = ld(prefetch_late);
+  p["wasted"] = ld(prefetch_wasted);
+  p["wasted_bytes"] = ld(prefetch_wasted_bytes);
+  p["dropped"] = ld(prefetch_dropped);
+  p["precision"] = ratio(used, ld(prefetch_issued));
+  p["recall"] = ratio(used, used + demand_misses);
+  j["prefetch"] = std::move(p);
+  return j;
+}
+
+std::string CallStats::to_json() const {
+  nlohmann::ordered_json j = total.to_json();
+  nlohmann::ordered_json ls = nlohmann::ordered_json::array();
+  for (const auto& l : layers) ls.push_back(l.to_json());
+  j["layers"] = std::move(ls);
+  return j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+}
+
+void StoreStats::count(std::atomic<uint64_t> LayerCounters::*f, int32_t layer, CallStats* sink, uint64_t n) {
+  const size_t l = static_cast<size_t>(layer);
+  if (layer >= 0 && l < layers.size()) (layers[l].*f).fetch_add(n, std::memory_order_relaxed);
+  if (sink) {
+    (sink->total.*f).fetch_add(n, std::memory_order_relaxed);
+    if (layer >= 0 && l < sink->layers.size()) (sink->layers[l].*f).fetch_add(n, std::memory_order_relaxed);
+  }
+}
 
 void StoreStats::add_resident(uint64_t delta) {
   const uint64_t now = resident_bytes.fetch_add(delta, std::memory_order_relaxed) + delta;
@@ -20,13 +76,16 @@ void StoreStats::reset() {
                   &budget_waits, &throttle_ns, &prefetch_cancelled, &prefetch_promoted, &steps}) {
     c->store(0, std::memory_order_relaxed);
   }
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    for (auto& l : layers) l.reset();
+  }
   peak_resident_bytes.store(resident_bytes.load(std::memory_order_relaxed), std::memory_order_relaxed);
   peak_arena_bytes.store(arena_bytes.load(std::memory_order_relaxed), std::memory_order_relaxed);
 }
 
 std::string StoreStats::to_json() const {
   nlohmann::ordered_json j;
-  auto ld = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
   j["hits"] = ld(hits);
   j["misses"] = ld(misses);
   j["reads"] = ld(reads);
@@ -51,6 +110,20 @@ std::string StoreStats::to_json() const {
   j["arena_bytes"] = ld(arena_bytes);
   j["peak_arena_bytes"] = ld(peak_arena_bytes);
   std::lock_guard<std::mutex> lk(mu);
+  {
+    LayerCounters sum;  // the prefetch summary over every layer
+    for (const auto& l : layers)
+      for (auto f : {&LayerCounters::hits, &LayerCounters::misses, &LayerCounters::prefetch_issued,
+                     &LayerCounters::prefetch_issued_bytes, &LayerCounters::prefetch_used,
+                     &LayerCounters::prefetch_hidden, &LayerCounters::prefetch_hidden_bytes,
+                     &LayerCounters::prefetch_late, &LayerCounters::prefetch_wasted,
+                     &LayerCounters::prefetch_wasted_bytes, &LayerCounters::prefetch_dropped})
+        (sum.*f).fetch_add(ld(l.*f), std::memory_order_relaxed);
+    j["prefetch"] = sum.to_json()["prefetch"];
+    nlohmann::ordered_json ls = nlohmann::ordered_json::array();
+    for (const auto& l : layers) ls.push_back(l.to_json());
+    j["layers"] = std::move(ls);
+  }
   j["budget_bytes"] = budget_bytes;
   j["store_bytes"] = store_bytes;
   j["num_experts"] = num_experts;
@@ -94,5 +167,27 @@ std::shared_ptr<StoreStats> stats_find(const std::string& id) {
   auto it = registry().find(id);
   return it == registry().end() ? nullptr : it->second;
 }
+
+namespace {
+std::unordered_map<std::string, std::shared_ptr<CallStats>>& thread_sinks() {
+  thread_local std::unordered_map<std::string, std::shared_ptr<CallStats>> sinks;
+  return sinks;
+}
+}  // namespace
+
+std::shared_ptr<CallStats> thread_stats_begin(const std::string& id, size_t num_layers) {
+  auto s = std::make_shared<CallStats>(num_layers);
+  thread_sinks()[id] = s;
+  return s;
+}
+
+std::shared_ptr<CallStats> thread_stats_current(const std::string& id) {
+  auto& m = thread_sinks();
+  if (m.empty()) return nullptr;
+  auto it = m.find(id);
+  return it == m.end() ? nullptr : it->second;
+}
+
+void thread_stats_end(const std::string& id) { thread_sinks().erase(id); }
 
 }  // namespace edgemoe

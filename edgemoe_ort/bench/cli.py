@@ -42,13 +42,15 @@ def validate_args(
     policy_weights: str | None,
     pin_experts: int | None,
     io_threads: int,
+    predictors: str | None = None,
     threads: int | None,
     rss: bool,
     rss_tokens: int,
 ) -> dict[str, Any]:
     """Check every flag (ValueError / FileNotFoundError with one line naming it) and return the parsed
-    values: ``budgets``, ``modes`` (or None), ``policies`` (or None), ``profile`` (dict or None)."""
-    from edgemoe_ort.bench.runner import check_policies, parse_policies
+    values: ``budgets``, ``modes`` (or None), ``policies`` (or None), ``predictors`` (or None), ``profile``
+    (dict or None)."""
+    from edgemoe_ort.bench.runner import check_policies, parse_policies, parse_predictors
     from edgemoe_ort.bench.storage import load_profile
     from edgemoe_ort.bundle import Bundle
     from edgemoe_ort.runtime.ops import RuntimeOptions, parse_budget
@@ -99,6 +101,17 @@ def validate_args(
         check_policies(
             ["lru"], frequencies=frequencies, policy_weights=policy_weights, pin_experts=pin_experts
         )
+    predictor_list = None
+    if predictors is not None:
+        predictor_list = parse_predictors(predictors)
+        if mode_list is not None and "edgemoe" not in mode_list:
+            raise ValueError("--predictors choose the edgemoe mode's predictor, but --modes leaves it out")
+        needs_profile = [p for p in predictor_list if p in ("table", "token")]
+        if needs_profile and not (bundle / "profile.json").is_file():
+            raise ValueError(
+                f"--predictors {','.join(needs_profile)}: {bundle / 'profile.json'} not found "
+                "(make it with: edgemoe-profile BUNDLE --corpus TEXT)"
+            )
     prof = load_profile(profile) if profile else None
     if trace is not None and not trace.is_file():
         raise FileNotFoundError(f"--trace: {trace}: no such file")
@@ -106,7 +119,13 @@ def validate_args(
         RuntimeOptions(io_threads=io_threads, intra_op_threads=threads)
     except ValueError as e:
         raise ValueError(f"--io-threads/--threads: {e}") from None
-    return {"budgets": budget_list, "modes": mode_list, "policies": policy_list, "profile": prof}
+    return {
+        "budgets": budget_list,
+        "modes": mode_list,
+        "policies": policy_list,
+        "predictors": predictor_list,
+        "profile": prof,
+    }
 
 
 bench_app = typer.Typer(
@@ -156,6 +175,13 @@ def bench(
         str | None, typer.Option(help="hobbit weights, e.g. lru=0.25,lfu=0.25,lhu=0.25,fld=0.25")
     ] = None,
     pin_experts: Annotated[int | None, typer.Option(help="pinned: how many experts to pin")] = None,
+    predictors: Annotated[
+        str | None,
+        typer.Option(
+            help="prefetch predictors to compare, e.g. none,table,gates,token,auto: each is a mode "
+            "edgemoe[P+pred]@budget beside the policies, in the same interleaved run"
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="ORT intra-op threads")] = None,
     io_threads: Annotated[int, typer.Option(help="I/O threads")] = 2,
     rss: Annotated[bool, typer.Option(help="measure peak RSS per mode in a fresh subprocess")] = True,
@@ -175,6 +201,7 @@ def bench(
         bundle, budgets=budgets, tokens=tokens, repeats=repeats, profile=profile, trace=trace, modes=modes,
         policy=policy, policies=policies, frequencies=frequencies, policy_weights=policy_weights,
         pin_experts=pin_experts, io_threads=io_threads, threads=threads, rss=rss, rss_tokens=rss_tokens,
+        predictors=predictors,
     )
     prompt_ids = None
     if prompt_file is not None:
@@ -197,22 +224,26 @@ def bench(
     result = run_bench(
         bundle, budgets=v["budgets"], tokens=tokens, prompt_ids=prompt_ids, trace=trace, repeats=repeats,
         profile=profile, io_threads=io_threads, threads=threads, rss=rss, rss_decode_tokens=rss_tokens,
-        modes=v["modes"], policies=v["policies"], frequencies=frequencies, policy_weights=policy_weights,
+        modes=v["modes"], policies=v["policies"], predictors=v["predictors"], frequencies=frequencies,
+        policy_weights=policy_weights,
         pin_experts=pin_experts, log=lambda s: err.print(f"[dim]{escape(s)}[/]", highlight=False),
     )
     table = Table(title=f"{escape(str(bundle))} — {result['decode_tokens']} decode tokens, "
                         f"median of {repeats}, "
                         f"roofline bw {result['roofline_bw_bytes_per_s'] / 1e6:.0f} MB/s, "
                         f"compute {result['compute_s_per_token'] * 1e3:.1f} ms/token")
-    for col in ("mode", "policy", "budget", "decode tok/s", "prefill tok/s", "TTFT s", "MB/tok", "hit",
-                "stall ms/tok", "peak RSS", "ratio to roofline"):
-        table.add_column(col, justify="left" if col in ("mode", "policy", "budget") else "right")
+    for col in ("mode", "policy", "predictor", "budget", "decode tok/s", "prefill tok/s", "TTFT s", "MB/tok",
+                "hit", "stall ms/tok", "pf precision", "peak RSS", "ratio to roofline"):
+        table.add_column(col, justify="left" if col in ("mode", "policy", "predictor", "budget") else "right")
     for m in result["modes"]:
+        prec = m.get("prefetch_precision")
         table.add_row(
-            m["mode"], m.get("policy") or "–", m["budget"] or "–", f"{m['decode_tokens_per_s']:.2f}",
+            m["mode"], m.get("policy") or "–", m.get("predictor") or "–", m["budget"] or "–",
+            f"{m['decode_tokens_per_s']:.2f}",
             f"{m['prefill_tokens_per_s']:.1f}",
             f"{m['ttft_s']:.3f}", f"{m['bytes_read_per_token'] / 1e6:.2f}",
             "–" if m["hit_rate"] is None else f"{m['hit_rate']:.0%}", f"{m['stall_s_per_token'] * 1e3:.1f}",
+            "–" if prec is None else f"{prec:.2f}",
             "–" if m["peak_rss_bytes"] is None else _fmt_bytes(m["peak_rss_bytes"]),
             f"{m['roofline_ratio']:.2f}",
         )

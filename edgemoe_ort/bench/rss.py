@@ -1,8 +1,9 @@
 """Peak RSS of one mode, in a fresh process: ``python -m edgemoe_ort.bench.rss '<json spec>'``.
 
-The spec (JSON): ``bundle``, ``mode``, ``budget``, ``policy`` (edgemoe modes), ``tokens`` (generation
-length: prefill + ``tokens - 1`` decode steps), ``prompt_ids``, ``trace``, ``io_threads``, ``threads``,
-``profile``, ``policy_options`` (``frequencies`` / ``policy_weights`` / ``pin_experts``).
+The spec (JSON): ``bundle``, ``mode``, ``budget``, ``policy`` and ``predictor`` (edgemoe modes),
+``tokens`` (generation length: prefill + ``tokens - 1`` decode steps), ``prompt_ids``, ``trace``,
+``io_threads``, ``threads``, ``profile``, ``policy_options`` (``frequencies`` / ``policy_weights`` /
+``pin_experts``).
 
 Prints one JSON line: ``base_rss_bytes`` (after imports, before the session), ``session_rss_bytes`` (after
 the session is created), ``gen_peak_rss_bytes`` (peak during the generation: VmHWM reset via
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     base = _status("VmRSS")
     bundle = Bundle.open(spec["bundle"])
     prof = load_profile(spec["profile"]) if spec.get("profile") else None
-    mode = Mode(spec["mode"], spec.get("budget"), spec.get("policy"))
+    mode = Mode(spec["mode"], spec.get("budget"), spec.get("policy"), spec.get("predictor"))
     wl = make_workload(
         bundle, tokens=int(spec["tokens"]), prompt_ids=spec.get("prompt_ids"), trace=spec.get("trace")
     )

@@ -63,6 +63,7 @@ __all__ = [
     "run_bench",
     "drop_store_cache",
     "check_policies",
+    "parse_predictors",
     "parse_policies",
     "CACHE_POLICIES",
     "RESULT_FIELDS",
@@ -102,11 +103,14 @@ class Mode:
     name: str  # resident | inmemory | naive | mmap | edgemoe
     budget: str | None = None
     policy: str | None = None  # edgemoe only: lru | lfu | edgemoe | hobbit | pinned (None = lru)
+    predictor: str | None = None  # edgemoe only: table | gates | token | auto (None = no prefetching)
 
     @property
     def label(self) -> str:
-        """Unique name in a run: ``naive``, ``mmap@25%``, ``edgemoe@25%``, ``edgemoe[lfu]@25%``."""
-        name = self.name if self.policy is None else f"{self.name}[{self.policy}]"
+        """Unique name in a run: ``naive``, ``mmap@25%``, ``edgemoe@25%``, ``edgemoe[lfu]@25%``,
+        ``edgemoe[lfu+auto]@25%``, ``edgemoe[+gates]@25%`` (default policy, predictor gates)."""
+        tag = (self.policy or "") + (f"+{self.predictor}" if self.predictor else "")
+        name = f"{self.name}[{tag}]" if tag else self.name
         return name if self.budget is None else f"{name}@{self.budget}"
 
     @property
@@ -135,12 +139,14 @@ class Mode:
         common: dict[str, Any] = dict(
             io_threads=io_threads, intra_op_threads=threads, throttle_bw=bw, throttle_latency_us=lat
         )
+        common["predictor"] = "none"  # only the edgemoe modes with a predictor prefetch
         if self.name == "naive":
             return RuntimeOptions(policy="none", io="direct", **common)
         if self.name == "mmap":
             return RuntimeOptions(policy="lru", io="mmap", budget=self.budget, **common)
         if self.name == "edgemoe":
             extra = {k: v for k, v in (policy_options or {}).items() if v is not None}
+            common["predictor"] = self.predictor or "none"
             return RuntimeOptions(
                 policy=self.policy or "lru", io="direct", budget=self.budget, **common, **extra
             )
@@ -149,17 +155,35 @@ class Mode:
         raise ValueError(f"mode {self.name!r} has no RuntimeOptions")
 
 
-def modes_for(budgets: Sequence[str], policies: Sequence[str] | None = None) -> list[Mode]:
+def modes_for(
+    budgets: Sequence[str],
+    policies: Sequence[str] | None = None,
+    predictors: Sequence[str] | None = None,
+) -> list[Mode]:
     """Every mode of a run: resident, inmemory, naive, mmap at each budget, then edgemoe at each budget —
     once (policy lru, label ``edgemoe@B``) if ``policies`` is None, else once per policy and budget (label
-    ``edgemoe[P]@B``), grouped by policy."""
+    ``edgemoe[P]@B``), grouped by policy; with ``predictors`` once per policy, predictor and budget
+    (``edgemoe[P+pred]@B``; predictor ``none`` is the mode without prefetching)."""
     out = [Mode("resident"), Mode("inmemory"), Mode("naive")]
     out += [Mode("mmap", b) for b in budgets]
-    if policies is None:
-        out += [Mode("edgemoe", b) for b in budgets]
-    else:
-        out += [Mode("edgemoe", b, p) for p in policies for b in budgets]
+    pols: list[str | None] = list(policies) if policies is not None else [None]
+    preds: list[str | None] = [None if x == "none" else x for x in predictors] if predictors else [None]
+    out += [Mode("edgemoe", b, p, q) for p in pols for q in preds for b in budgets]
     return out
+
+
+def parse_predictors(text: str | Sequence[str], *, flag: str = "--predictors") -> list[str]:
+    """``"none,gates"`` (or a list) -> ``["none", "gates"]``: known predictors, no repeats, at least one."""
+    from edgemoe_ort.runtime.ops import PREDICTORS
+
+    items = [x.strip() for x in (text.split(",") if isinstance(text, str) else text) if x.strip()]
+    bad = [x for x in items if x not in PREDICTORS]
+    if not items or bad or len(set(items)) != len(items):
+        raise ValueError(
+            f"{flag}: expected a comma-separated list of {', '.join(PREDICTORS)} without repeats, "
+            f"found {text!r}"
+        )
+    return items
 
 
 def parse_policies(text: str | Sequence[str], *, flag: str = "--policies") -> list[str]:
@@ -437,8 +461,20 @@ class ReplayWorkload:
 
 
 # --- one timed run --------------------
+_PREFETCH_KEYS = ("issued", "used", "hidden", "wasted", "wasted_bytes")
+
+
+def _flat(st: dict[str, Any]) -> dict[str, Any]:
+    """The stats with the nested ``prefetch`` counters as ``prefetch_<key>``."""
+    p = st.get("prefetch") or {}
+    return {**st, **{f"prefetch_{k}": p.get(k, 0) for k in _PREFETCH_KEYS}}
+
+
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    keys = ("hits", "misses", "reads", "bytes_read", "read_s", "stall_s", "throttle_s", "evictions")
+    keys = ("hits", "misses", "reads", "bytes_read", "read_s", "stall_s", "throttle_s", "evictions") + tuple(
+        f"prefetch_{k}" for k in _PREFETCH_KEYS
+    )
+    a, b = _flat(a), _flat(b)
     return {k: float(b.get(k, 0)) - float(a.get(k, 0)) for k in keys}
 
 
@@ -498,9 +534,19 @@ def summarize(
         hit_rate = _median(hr)
     bound = max(compute_s, bytes_tok / bw if bw else 0.0)
     prefill_s = _median([r["prefill_s"] for r in runs])
+    issued = sum(r["decode_stats"].get("prefetch_issued", 0.0) for r in runs)
+    used = sum(r["decode_stats"].get("prefetch_used", 0.0) for r in runs)
     return {
         "mode": mode.name,
         "policy": mode.cache_policy,
+        "predictor": mode.predictor,
+        "prefetch_precision": used / issued if issued else None,
+        "prefetch_wasted_bytes_per_token": _median(
+            [r["decode_stats"].get("prefetch_wasted_bytes", 0.0) / max(dec_tokens, 1) for r in runs]
+        ),
+        "prefetch_hidden_per_token": _median(
+            [r["decode_stats"].get("prefetch_hidden", 0.0) / max(dec_tokens, 1) for r in runs]
+        ),
         "budget": mode.budget,
         "label": mode.label,
         "budget_bytes": budget_bytes,
@@ -541,6 +587,7 @@ def measure_rss(
                 "mode": mode.name,
                 "budget": mode.budget,
                 "policy": mode.policy,
+                "predictor": mode.predictor,
             }
         ),
     ]
@@ -631,6 +678,7 @@ def run_bench(
     rss_decode_tokens: int = DEFAULT_RSS_DECODE_TOKENS,
     modes: Sequence[str] | None = None,
     policies: Sequence[str] | None = None,
+    predictors: Sequence[str] | None = None,
     frequencies: str | Path | None = None,
     policy_weights: str | None = None,
     pin_experts: int | None = None,
@@ -647,9 +695,11 @@ def run_bench(
     prof = load_profile(profile) if profile else None
     if policies is not None:
         policies = parse_policies(list(policies))
+    if predictors is not None:
+        predictors = parse_predictors(list(predictors))
     if rss and rss_decode_tokens < 1:
         raise ValueError(f"rss_decode_tokens: expected at least 1, found {rss_decode_tokens}")
-    all_modes = modes_for(list(budgets), policies)
+    all_modes = modes_for(list(budgets), policies, predictors)
     if modes is not None:
         all_modes = [m for m in all_modes if m.name in set(modes) or m.name == "resident"]
     workload = make_workload(bundle, tokens=tokens, prompt_ids=prompt_ids, trace=trace)
@@ -673,6 +723,7 @@ def run_bench(
         "repeats": repeats,
         "budgets": list(budgets),
         "policies": list(policies) if policies is not None else None,
+        "predictors": list(predictors) if predictors is not None else None,
         "policy_options": policy_options,
         "io_threads": io_threads,
         "threads": threads,

@@ -193,7 +193,7 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
     from edgemoe_ort.runtime.ops import parse_budget
 
     known = {"small", "small-profile", "large", "large-focus", "large-profile", "replay", "kernels",
-             "policies"}
+             "policies", "prefetch"}
     bad = sorted(parts - known)
     if bad or not parts:
         raise ValueError(f"--parts: expected a subset of {','.join(sorted(known))}, found {a.parts!r}")
@@ -225,6 +225,32 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
     return pols
 
 
+def run_prefetch_part(a: argparse.Namespace, results: dict[str, Any], common: dict[str, Any]) -> None:
+    """The prediction ablation (issue 10), EdgeMoE style: naive -> cache -> best policy -> + prefetch, every
+    predictor beside the policies in one interleaved run per model and storage: the default model on the
+    small-model storage profile (rpi4), the large model unthrottled and on the large-model profile."""
+    from edgemoe_ort.bench.runner import parse_predictors
+
+    preds = parse_predictors(a.predictors)
+    pols = parse_policies(a.prefetch_policies, flag="--prefetch-policies")
+    base = dict(common, policies=pols, rss=False)
+    if a.small:
+        _log(f"== prefetch ablation, small model, storage profile {a.profile}")
+        results["runs"][f"prefetch-small-{a.profile}"] = run_bench(
+            a.small, budgets=["25%"], tokens=max(a.tokens, 24), profile=a.profile,
+            modes=["naive", "edgemoe"], predictors=preds, **base,
+        )
+    if a.large:
+        large_preds = [p for p in preds if p in ("none", "gates", "auto")] or ["none"]
+        for prof in (None, a.large_profile):
+            name = "prefetch-large" + (f"-{prof}" if prof else "")
+            _log(f"== prefetch ablation, large model{', storage profile ' + prof if prof else ''}")
+            results["runs"][name] = run_bench(
+                a.large, budgets=["25%"], tokens=a.large_tokens, profile=prof,
+                modes=["naive", "edgemoe"], predictors=large_preds, **dict(base, policies=["lru"]),
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the selected parts and write ``--out`` (JSON)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -254,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--parts",
-        default="small,small-profile,large,large-focus,large-profile,replay,kernels,policies",
+        default="small,small-profile,large,large-focus,large-profile,replay,kernels,policies,prefetch",
         help="which parts to run",
     )
     ap.add_argument("--merge", action="store_true", help="update an existing --out file with these parts")
@@ -263,6 +289,17 @@ def main(argv: list[str] | None = None) -> None:
         default="lru,lfu,edgemoe,hobbit",
         help="cache policies compared in every run (each a mode edgemoe[P]@budget); '' = lru only, "
         "labelled edgemoe@budget",
+    )
+    ap.add_argument(
+        "--predictors",
+        default="none,table,gates,token,auto",
+        help="prefetch predictors of the `prefetch` part (each a mode edgemoe[P+pred]@25%%); the large model "
+        "has no routing profile, so only none/gates/auto run there",
+    )
+    ap.add_argument(
+        "--prefetch-policies",
+        default="lru,hobbit",
+        help="cache policies the `prefetch` part pairs with every predictor",
     )
     ap.add_argument("--frequencies", help="expert frequencies (JSON) for the policies that use them")
     ap.add_argument("--policy-weights", help="hobbit weights, e.g. lru=0.25,lfu=0.25,lhu=0.25,fld=0.25")
@@ -355,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             run_policies(a.small, budget=b, tokens=1024, windows=8, io="direct")
             for b in ("12.5%", "25%", "50%")
         ]
+    if "prefetch" in parts:
+        run_prefetch_part(a, results, common)
     results["findings"] = findings(results)
     results["elapsed_s"] = time.time() - results["started"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper
 
 from edgemoe_ort.bundle import Bundle
+from edgemoe_ort.profile.routing import RoutingRecorder, write_tapped_graph
 
 __all__ = ["record_trace", "make_replay_bundle", "DEFAULT_PROMPT"]
+
+Past = dict[str, np.ndarray]
 
 DEFAULT_PROMPT = (
     "import os\nimport sys\n\n\ndef read_lines(path):\n    with open(path) as f:\n        return "
@@ -37,31 +36,10 @@ DEFAULT_PROMPT = (
 
 
 def _routing_graph(bundle: Bundle, out_dir: Path) -> tuple[Path, list[tuple[int, str, str]]]:
-    """The decoder graph with every OffloadedExpert node's topk inputs exposed as extra outputs."""
-    model = onnx.load(str(bundle.graph_path("decoder")), load_external_data=True)
-    taps = []
-    existing = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        if node.op_type == "OffloadedExpert" and node.domain == "edgemoe":
-            layer = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "layer")
-            idx, w = node.input[1], node.input[2]
-            taps.append((int(layer), idx, w))
-            for name, et in ((idx, TensorProto.INT64), (w, TensorProto.FLOAT)):
-                if name not in existing:
-                    model.graph.output.append(helper.make_tensor_value_info(name, et, None))
-                    existing.add(name)
-    if not taps:
-        raise ValueError(f"{bundle.graph_path('decoder')}: no OffloadedExpert node")
-    path = out_dir / "model.onnx"
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="model.onnx.data",
-        size_threshold=1024,
-    )
-    return path, sorted(taps)
+    """The decoder graph with every OffloadedExpert node's topk inputs exposed as extra outputs
+    (:func:`edgemoe_ort.profile.routing.write_tapped_graph`), and ``(layer, indices, weights)`` per node."""
+    path, taps = write_tapped_graph(bundle, out_dir)
+    return path, [(t.layer, t.indices, t.weights) for t in taps]
 
 
 def record_trace(
@@ -71,57 +49,32 @@ def record_trace(
     prompt: str | list[int] = DEFAULT_PROMPT,
     tokens: int = 64,
 ) -> dict[str, Any]:
-    """Greedy-generate ``tokens`` tokens from ``prompt`` with the bundle and save the routing of "
-    "every step."""
-    from edgemoe_ort.runtime.generate import MoEModel, load_tokenizer
-    from edgemoe_ort.runtime.ops import ExpertSession, RuntimeOptions, make_session_options
+    """Greedy-generate ``tokens`` tokens from ``prompt`` with the bundle; save the routing of every step."""
+    from edgemoe_ort.runtime.generate import GenerationError, load_tokenizer
 
     bundle = Bundle.open(bundle_dir)
     tok = load_tokenizer(bundle)
-    with tempfile.TemporaryDirectory() as td:
-        path, taps = _routing_graph(bundle, Path(td))
-        opts = RuntimeOptions()
-        so, sid = make_session_options(bundle.path, opts)
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        es = ExpertSession(sess, sid, bundle.path, opts)
-        model = MoEModel(bundle, es, tok)
-        out_names = [o.name for o in sess.get_outputs()]
-        ids = model.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        steps: list[dict[int, tuple[np.ndarray, np.ndarray]]] = []
+    if isinstance(prompt, str):
+        if tok is None:
+            raise GenerationError(f"{bundle.path}: the bundle has no tokenizer; pass token ids instead")
+        ids = list(tok.encode(prompt, add_special_tokens=False).ids)
+    else:
+        ids = [int(t) for t in prompt]
+    steps: list[dict[int, tuple[np.ndarray, np.ndarray]]] = []
+    with RoutingRecorder(bundle) as rec:
 
-        def step(
-            input_ids: np.ndarray, past: dict[str, np.ndarray] | None
-        ) -> tuple[int, dict[str, np.ndarray]]:
-            # MoEModel.forward keeps only logits/present; run the session ourselves to keep the taps too.
-            batch, seq = input_ids.shape
-            past = past if past is not None else model._empty_past(batch)
-            past_len = next(iter(past.values())).shape[2] if past else 0
-            feeds: dict[str, np.ndarray] = {"input_ids": input_ids}
-            names = [i.name for i in sess.get_inputs()]
-            if "attention_mask" in names:
-                feeds["attention_mask"] = np.ones((batch, past_len + seq), np.int64)
-            if "position_ids" in names:
-                feeds["position_ids"] = np.arange(past_len, past_len + seq, dtype=np.int64)[None, :]
-            feeds.update(past)
-            res = dict(zip(out_names, sess.run(None, feeds), strict=True))
-            rec = {}
-            for layer, idx, w in taps:
-                k = res[idx].shape[-1]
-                rec[layer] = (
-                    res[idx].reshape(-1, k).astype(np.int64),
-                    res[w].reshape(-1, k).astype(np.float32),
-                )
-            steps.append(rec)
-            present = {n: res[n.replace("past_key_values.", "present.")] for n, _, _ in model._past_specs}
-            return int(np.argmax(res["logits"][0, -1])), present
+        def step(input_ids: np.ndarray, past: Past | None) -> tuple[int, Past]:
+            res = rec.forward(input_ids, past)
+            steps.append({layer: (r.indices, r.weights) for layer, r in res.routing.items()})
+            return int(np.argmax(res.logits[0, -1])), res.present
 
         nxt, past = step(np.asarray([ids], np.int64), None)
         generated = [nxt]
         for _ in range(tokens - 1):
             nxt, past = step(np.asarray([[nxt]], np.int64), past)
             generated.append(nxt)
-        sess = None  # noqa: F841 - release the session before the bundle's temp graph goes
-    L = len(taps)
+        layers = [t.layer for t in rec.taps]
+    L = len(layers)
     arrays: dict[str, Any] = {
         "num_layers": np.int64(L),
         "num_steps": np.int64(len(steps)),
@@ -129,18 +82,19 @@ def record_trace(
         "top_k": np.int64(int(bundle.layers[0]["top_k"])),
         "source": np.array(str(bundle.path)),
     }
-    for s, rec in enumerate(steps):
-        for li, (layer, _, _) in enumerate(taps):
-            arrays[f"s{s}_l{li}_idx"], arrays[f"s{s}_l{li}_w"] = rec[layer]
+    for s, rec_s in enumerate(steps):
+        for li, layer in enumerate(layers):
+            arrays[f"s{s}_l{li}_idx"], arrays[f"s{s}_l{li}_w"] = rec_s[layer]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
+    text = tok.decode(generated, skip_special_tokens=True) if tok else " ".join(map(str, generated))
     return {
         "trace": str(out),
         "layers": L,
         "steps": len(steps),
         "prompt_tokens": len(ids),
-        "text": model.decode(generated),
+        "text": text,
     }
 
 

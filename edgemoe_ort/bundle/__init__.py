@@ -1,4 +1,5 @@
-"""Bundle format v1 (docs/bundle-format.md): writer, reader/validator, test fixtures (``.testing``)."""
+"""Bundle format v1 (docs/bundle-format.md): writer, reader/validator, test fixtures (``.testing``), the
+prefetch wiring of exported graphs (``.wiring``)."""
 
 from .errors import BundleError, BundleExistsError
 from .format import ALIGNMENT, FORMAT, FORMAT_VERSION, MANIFEST, STORE_FILE, TENSOR_ALIGNMENT

@@ -47,17 +47,30 @@ def make_moe_graph(
     manifest: str = MANIFEST,
     alpha: float | None = None,
     limit: float | None = None,
+    lookahead: int = 0,
+    token_ids: bool = False,
 ) -> onnx.ModelProto:
     """A graph chaining one ``OffloadedExpert`` node per MoE layer.
 
     Inputs ``X`` float ``[T, H]`` (``T`` dynamic) and, per layer ``l``, ``topk_indices_{l}`` int64 ``[T, K]``
     and ``topk_weights_{l}`` float ``[T, K]``; output ``Y`` float ``[T, H]``.
     ``Y_l = OffloadedExpert(Y_{l-1}, topk_indices_l, topk_weights_l)`` with ``Y_{-1} = X``.
+
+    ``lookahead`` > 0 adds, after those, an input ``next_logits_{l}`` float ``[T, P_l, E]`` wired as input 3
+    (``next_router_logits``) of every node that has a later layer: ``P_l = min(lookahead, later layers)``,
+    lowered where a later layer's ``num_experts`` differs from the next layer's, ``E`` = the next layer's
+    ``num_experts``. ``token_ids`` adds an input ``token_ids`` int64 ``[T]``, a ``TokenPrefetch`` node reading
+    it, first in the node list (``manifest`` as the other nodes), and that node's output as an extra graph
+    output ``token_ids_out`` (so that ORT keeps the node). Either one makes the graph import
+    ``("edgemoe", 2)``; the defaults give the opset-1 graph.
     """
     if not layers:
         raise ValueError("make_moe_graph needs at least one layer")
+    if lookahead < 0:
+        raise ValueError(f"lookahead must be >= 0, found {lookahead}")
     hidden = int(layers[0]["hidden"])
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", hidden])]
+    extra_inputs = []
     nodes = []
     prev = "X"
     for i, lay in enumerate(layers):
@@ -81,22 +94,37 @@ def make_moe_graph(
                 attrs["alpha"] = float(alpha)
             if limit is not None:
                 attrs["limit"] = float(limit)
+        node_inputs = [prev, f"topk_indices_{li}", f"topk_weights_{li}"]
+        later = layers[i + 1 : i + 1 + lookahead]
+        if later:
+            e = int(later[0]["num_experts"])
+            p = next((j for j, nxt in enumerate(later) if int(nxt["num_experts"]) != e), len(later))
+            name = f"next_logits_{li}"
+            extra_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["T", p, e]))
+            node_inputs.append(name)
         nodes.append(
             helper.make_node(
-                "OffloadedExpert",
-                [prev, f"topk_indices_{li}", f"topk_weights_{li}"],
-                [out],
-                name=f"moe_{li}",
-                domain="edgemoe",
-                **attrs,
+                "OffloadedExpert", node_inputs, [out], name=f"moe_{li}", domain="edgemoe", **attrs
             )
         )
         prev = out
     outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", hidden])]
-    graph = helper.make_graph(nodes, "edgemoe_synthetic", inputs, outputs)
+    if token_ids:
+        extra_inputs.append(helper.make_tensor_value_info("token_ids", TensorProto.INT64, ["T"]))
+        outputs.append(helper.make_tensor_value_info("token_ids_out", TensorProto.INT64, ["T"]))
+        token_node = helper.make_node(
+            "TokenPrefetch",
+            ["token_ids"],
+            ["token_ids_out"],
+            name="token_prefetch",
+            domain="edgemoe",
+            manifest=manifest,
+        )
+        nodes.insert(0, token_node)
+    graph = helper.make_graph(nodes, "edgemoe_synthetic", inputs + extra_inputs, outputs)
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgemoe", 1)],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgemoe", 2 if extra_inputs else 1)],
         producer_name="edgemoe-ort-testing",
     )
     model.ir_version = 8  # opset 17's IR version: loadable by every ORT we support
@@ -119,9 +147,12 @@ def make_synthetic_bundle(
     seed: int = 0,
     family: str = "synthetic",
     force: bool = False,
+    lookahead: int = 0,
+    token_ids: bool = False,
 ) -> Bundle:
     """Write a bundle of random experts (weights ~ N(0, 1/sqrt(in))) plus a ``model.onnx`` chaining one
-    ``OffloadedExpert`` node per layer (see :func:`make_moe_graph`). Returns the opened bundle.
+    ``OffloadedExpert`` node per layer (see :func:`make_moe_graph`, which gets ``lookahead`` and
+    ``token_ids``). Returns the opened bundle.
 
     ``dtype``: one format for every expert; a list indexed by expert (same for every layer); a list of
     lists indexed ``[layer][expert]``; or a callable ``(layer, expert) -> dtype``.
@@ -170,7 +201,7 @@ def make_synthetic_bundle(
             )
             for li in range(num_layers)
         ]
-        w.add_graph("decoder", make_moe_graph(layers))
+        w.add_graph("decoder", make_moe_graph(layers, lookahead=lookahead, token_ids=token_ids))
     return Bundle.open(path)
 
 
@@ -316,10 +347,21 @@ def random_routing(
     return idx, p.astype(np.float32)
 
 
-def chain_feeds(X: np.ndarray, routing: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Feeds of the :func:`make_moe_graph` chain: ``X``, ``topk_indices_L``, ``topk_weights_L``."""
+def chain_feeds(
+    X: np.ndarray,
+    routing: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    next_logits: dict[int, np.ndarray] | None = None,
+    token_ids: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Feeds of the :func:`make_moe_graph` chain: ``X``, ``topk_indices_L``, ``topk_weights_L``, and when
+    given ``next_logits_L`` (``{layer: [T, P, E] float32}``) and ``token_ids`` (int64 ``[T]``)."""
     f = {"X": X}
     for li, (idx, w) in enumerate(routing):
         f[f"topk_indices_{li}"] = idx
         f[f"topk_weights_{li}"] = w
+    for li, logits in (next_logits or {}).items():
+        f[f"next_logits_{li}"] = logits
+    if token_ids is not None:
+        f["token_ids"] = token_ids
     return f

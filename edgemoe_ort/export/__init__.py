@@ -8,10 +8,17 @@ The pipeline, one module per stage:
    weights extracted to the canonical bundle layout;
 3. :mod:`.wrappers` + :mod:`.trace` — flat-KV-cache wrappers traced by the dynamo exporter, the op translated
    to one ``edgemoe.OffloadedExpert`` node per MoE layer (:mod:`.schema`), graphs checked;
-4. :mod:`.api`      — ``export_model`` writes the bundle with :class:`edgemoe_ort.bundle.BundleWriter`.
+4. :mod:`.api`      — ``export_model`` wires the prefetch inputs (:mod:`edgemoe_ort.bundle.wiring`) and writes
+   the bundle with :class:`edgemoe_ort.bundle.BundleWriter`.
 """
 
-from edgemoe_ort.export.api import BITS_TO_DTYPE, ExportReport, export_model, export_model_with_report
+from edgemoe_ort.export.api import (
+    BITS_TO_DTYPE,
+    DEFAULT_LOOKAHEAD,
+    ExportReport,
+    export_model,
+    export_model_with_report,
+)
 from edgemoe_ort.export.load import LoadedModel, load_model
 from edgemoe_ort.export.patch import PatchedModel, patch_model
 from edgemoe_ort.export.recipes import UnsupportedModelError, load_recipe, supported_model_types
@@ -19,6 +26,7 @@ from edgemoe_ort.export.trace import ExportCheckError
 
 __all__ = [
     "BITS_TO_DTYPE",
+    "DEFAULT_LOOKAHEAD",
     "ExportCheckError",
     "ExportReport",
     "LoadedModel",

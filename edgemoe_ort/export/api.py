@@ -12,6 +12,7 @@ import numpy as np
 from transformers import AutoConfig
 
 from edgemoe_ort.bundle import BundleWriter
+from edgemoe_ort.bundle.wiring import WiringReport, wire_prefetch_inputs
 from edgemoe_ort.export.load import checkpoint_config, load_model
 from edgemoe_ort.export.patch import patch_model
 from edgemoe_ort.export.recipes import load_recipe
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 #: ``bits`` -> expert dtype of the bundle
 BITS_TO_DTYPE = {4: "int4", 8: "int8", 16: "fp16", 32: "fp32"}
+
+#: default ``lookahead``: later layers whose router logits each OffloadedExpert node gets as input 3
+DEFAULT_LOOKAHEAD = 3
 
 #: ``progress(stage, done, total)``: stage is one of "load", "patch", "trace", "experts", "write"
 Progress = Callable[[str, int, int], None]
@@ -35,6 +39,8 @@ class ExportReport:
     dtype: str
     seconds: dict[str, float] = field(default_factory=dict)
     graphs: list[GraphReport] = field(default_factory=list)
+    #: per graph role, what :func:`~edgemoe_ort.bundle.wiring.wire_prefetch_inputs` wired (empty: lookahead 0)
+    wiring: dict[str, WiringReport] = field(default_factory=dict)
 
 
 def export_model(
@@ -45,6 +51,7 @@ def export_model(
     group_size: int = 64,
     force: bool = False,
     progress: Progress | None = None,
+    lookahead: int = DEFAULT_LOOKAHEAD,
 ) -> Path:
     """Export a HF MoE checkpoint (hub id or local folder) to a bundle folder and return its path.
 
@@ -52,9 +59,19 @@ def export_model(
     expert quantized to ``bits`` (4, 8, 16 = fp16, 32 = fp32) with ``group_size``, the tokenizer if the
     checkpoint has one, and the checkpoint's config. An existing ``out_dir`` is refused unless ``force``
     (checked before anything is loaded); a failed export leaves ``out_dir`` untouched.
+
+    ``lookahead`` > 0 wires HOBBIT's stacked gates: each node gets the router logits of up to ``lookahead``
+    later MoE layers of its graph, computed on its own input, as input 3, and the first node of the decoder
+    gets ``input_ids`` as input 4 (opset 2, docs/op-contract.md); 0 keeps the 3-input opset-1 nodes.
     """
     return export_model_with_report(
-        model_id_or_path, out_dir, bits=bits, group_size=group_size, force=force, progress=progress
+        model_id_or_path,
+        out_dir,
+        bits=bits,
+        group_size=group_size,
+        force=force,
+        progress=progress,
+        lookahead=lookahead,
     ).bundle
 
 
@@ -66,10 +83,13 @@ def export_model_with_report(
     group_size: int = 64,
     force: bool = False,
     progress: Progress | None = None,
+    lookahead: int = DEFAULT_LOOKAHEAD,
 ) -> ExportReport:
-    """:func:`export_model`, returning timings and graph statistics as well."""
+    """:func:`export_model`, returning timings, graph statistics and the prefetch wiring as well."""
     if bits not in BITS_TO_DTYPE:
         raise ValueError(f"bits must be one of {sorted(BITS_TO_DTYPE)}, found {bits!r}")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        raise ValueError(f"lookahead must be an integer >= 0, found {lookahead!r}")
     dtype = BITS_TO_DTYPE[bits]
 
     def tick(stage: str, done: int, total: int) -> None:
@@ -77,6 +97,7 @@ def export_model_with_report(
             progress(stage, done, total)
 
     seconds: dict[str, float] = {}
+    wiring: dict[str, WiringReport] = {}
     t0 = time.perf_counter()
     model_type = AutoConfig.from_pretrained(str(model_id_or_path)).model_type
     load_recipe(model_type)  # unsupported families fail here, before anything heavy
@@ -135,6 +156,10 @@ def export_model_with_report(
             t = time.perf_counter()
             tick("write", 0, 1)
             for plan, proto, _ in graphs:
+                if lookahead > 0:
+                    wiring[plan.role] = wire_prefetch_inputs(
+                        proto, lookahead=lookahead, token_ids="input_ids" if plan.role == "decoder" else None
+                    )
                 writer.add_graph(plan.role, proto)
             if loaded.tokenizer_dir is not None and (loaded.tokenizer_dir / "tokenizer.json").is_file():
                 writer.add_tokenizer(loaded.tokenizer_dir)
@@ -144,6 +169,9 @@ def export_model_with_report(
     seconds["total"] = time.perf_counter() - t0
     tick("write", 1, 1)
     log.info("exported %s to %s in %.1fs", model_id_or_path, out, seconds["total"])
+    for role, r in wiring.items():
+        for line in r.summary():
+            log.info("prefetch wiring (%s): %s", role, line)
     return ExportReport(
         bundle=out.absolute(),
         family=model_type,
@@ -152,6 +180,7 @@ def export_model_with_report(
         dtype=dtype,
         seconds=seconds,
         graphs=[r for _, _, r in graphs],
+        wiring=wiring,
     )
 
 

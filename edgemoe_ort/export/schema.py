@@ -1,8 +1,14 @@
-"""ONNX schema of the ``edgemoe::OffloadedExpert`` node (docs/op-contract.md).
+"""ONNX schemas of the ``edgemoe::OffloadedExpert`` and ``edgemoe::TokenPrefetch`` nodes
+(docs/op-contract.md).
 
-The schema only exists host-side, so that onnx / onnxscript know the node's inputs and attributes while the
-graph is built and checked (without it the dynamo exporter fails with "Attribute OffloadedExpert not found").
-ONNX Runtime never sees it: the op itself lives in ``libedgemoe_customops.so``.
+The schemas only exist host-side, so that onnx / onnxscript know the nodes' inputs and attributes while the
+graph is built and checked (without them the dynamo exporter fails with "Attribute OffloadedExpert not
+found"). ONNX Runtime never sees them: the ops themselves live in ``libedgemoe_customops.so``.
+
+``OffloadedExpert`` has two versions: 1 (``X``, ``topk_indices``, ``topk_weights``; what the tracer emits) and
+2, which adds the optional input 3 ``next_router_logits``. ``TokenPrefetch`` (since version 2) is the identity
+on the graph's int64 token ids, placed before the embedding. Both opset-2 additions are wired after tracing by
+:func:`edgemoe_ort.bundle.wiring.wire_prefetch_inputs`.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from onnx.defs import OpSchema
 
 DOMAIN = "edgemoe"
 OP_TYPE = "OffloadedExpert"
-OPSET_VERSION = 1
+TOKEN_OP_TYPE = "TokenPrefetch"
+OPSET_VERSION = 1  # the version the tracer emits (3 inputs)
+PREFETCH_OPSET_VERSION = 2  # OffloadedExpert + optional input 3 (next_router_logits); TokenPrefetch
 MANIFEST_DEFAULT = "manifest.json"
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -25,20 +33,32 @@ def _attr(name: str, kind: OpSchema.AttrType, doc: str, default: object | None =
     return OpSchema.Attribute(name, default, doc)
 
 
-def build_schema() -> OpSchema:
-    """The ``OpSchema`` of ``edgemoe.OffloadedExpert`` version 1."""
+def build_schema(version: int = OPSET_VERSION) -> OpSchema:
+    """The ``OpSchema`` of ``edgemoe.OffloadedExpert`` ``version`` (1, or 2 with the optional input 3)."""
+    if version not in (OPSET_VERSION, PREFETCH_OPSET_VERSION):
+        raise ValueError(f"OffloadedExpert schema version {version!r}: expected 1 or 2")
     t = OpSchema.AttrType
+    inputs = [
+        OpSchema.FormalParameter("X", "T", "hidden states [..., H]"),
+        OpSchema.FormalParameter("topk_indices", "tensor(int64)", "selected experts [..., K]; -1 = none"),
+        OpSchema.FormalParameter("topk_weights", "T", "routing weights [..., K]"),
+    ]
+    if version >= PREFETCH_OPSET_VERSION:
+        inputs.append(
+            OpSchema.FormalParameter(
+                "next_router_logits",
+                "T",
+                "[T, P, E]: row j = raw router logits of manifest layer layer+1+j on this node's X",
+                param_option=OpSchema.FormalParameterOption.Optional,
+            )
+        )
     return OpSchema(
         OP_TYPE,
         DOMAIN,
-        OPSET_VERSION,
+        version,
         "Routed experts of one MoE layer, streamed from the bundle's expert store: "
         "Y[t] = sum_k topk_weights[t,k] * expert_{layer, topk_indices[t,k]}(X[t]); index -1 contributes 0.",
-        inputs=[
-            OpSchema.FormalParameter("X", "T", "hidden states [..., H]"),
-            OpSchema.FormalParameter("topk_indices", "tensor(int64)", "selected experts [..., K]; -1 = none"),
-            OpSchema.FormalParameter("topk_weights", "T", "routing weights [..., K]"),
-        ],
+        inputs=inputs,
         outputs=[OpSchema.FormalParameter("Y", "T", "weighted sum of the selected experts' outputs")],
         type_constraints=[("T", ["tensor(float)"], "float32 activations")],
         attributes=[
@@ -59,8 +79,49 @@ def build_schema() -> OpSchema:
     )
 
 
+def _identity_inference(ctx: onnx.shape_inference.InferenceContext) -> None:
+    t = ctx.get_input_type(0)
+    if t is not None:
+        ctx.set_output_type(0, t)
+
+
+def build_token_prefetch_schema() -> OpSchema:
+    """The ``OpSchema`` of ``edgemoe.TokenPrefetch`` (since version 2): ``ids' = TokenPrefetch(ids)``, output
+    type and shape = the input's (when this onnx lets Python define shape inference)."""
+    schema = OpSchema(
+        TOKEN_OP_TYPE,
+        DOMAIN,
+        PREFETCH_OPSET_VERSION,
+        "The identity on int64 token ids of any shape; hands them to the expert store's prefetcher "
+        "(placed between the graph input input_ids and its consumers, so it runs before the embedding).",
+        inputs=[OpSchema.FormalParameter("token_ids", "tensor(int64)", "token ids, any shape")],
+        outputs=[OpSchema.FormalParameter("token_ids_out", "tensor(int64)", "the same ids, same shape")],
+        attributes=[
+            _attr(
+                "manifest",
+                OpSchema.AttrType.STRING,
+                "manifest path relative to the bundle (the OffloadedExpert nodes' store)",
+                onnx.helper.make_attribute("manifest", MANIFEST_DEFAULT),
+            ),
+        ],
+    )
+    if hasattr(schema, "set_type_and_shape_inference_function"):
+        schema.set_type_and_shape_inference_function(_identity_inference)
+    return schema
+
+
+def _registered(op_type: str, version: int) -> bool:
+    return (
+        onnx.defs.has(op_type, version, DOMAIN)
+        and onnx.defs.get_schema(op_type, version, DOMAIN).since_version == version
+    )
+
+
 def register_schema() -> None:
-    """Register the schema with onnx once per process (idempotent)."""
-    if onnx.defs.has(OP_TYPE, DOMAIN):
-        return
-    onnx.defs.register_schema(build_schema())
+    """Register the schemas with onnx once per process (idempotent): ``OffloadedExpert`` 1 and 2,
+    ``TokenPrefetch`` 2."""
+    for version in (OPSET_VERSION, PREFETCH_OPSET_VERSION):
+        if not _registered(OP_TYPE, version):
+            onnx.defs.register_schema(build_schema(version))
+    if not _registered(TOKEN_OP_TYPE, PREFETCH_OPSET_VERSION):
+        onnx.defs.register_schema(build_token_prefetch_schema())

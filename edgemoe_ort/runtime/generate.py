@@ -24,6 +24,23 @@ from edgemoe_ort.runtime.ops import (
 )
 
 
+def decoder_feeds(
+    input_ids: np.ndarray, past: dict[str, np.ndarray], input_names: Any
+) -> dict[str, np.ndarray]:
+    """The feeds of one decoder pass of ``input_ids [B, S]`` after ``past`` (the KV cache, possibly empty):
+    ``attention_mask`` of ones and ``position_ids`` from the past length, where the graph has them."""
+    batch, seq = input_ids.shape
+    past_len = next(iter(past.values())).shape[2] if past else 0
+    feeds: dict[str, np.ndarray] = {"input_ids": input_ids}
+    if "attention_mask" in input_names:
+        feeds["attention_mask"] = np.ones((batch, past_len + seq), np.int64)
+    if "position_ids" in input_names:
+        feeds["position_ids"] = np.broadcast_to(
+            np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)
+        ).copy()
+    feeds.update(past)
+    return feeds
+
 class GenerationError(ValueError):
     """A request the loaded bundle cannot serve (bad prompt, bad sampling parameters, ...)."""
 
@@ -193,7 +210,7 @@ class _Generator:
         if not prompt_ids:
             raise GenerationError("the prompt is empty (no tokens)")
         rng = np.random.default_rng(seed)
-        self.session.reset_stats()
+        self.session.begin_call_stats()
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         t0 = time.perf_counter()
         logits, state = self._start(prompt_ids)
@@ -227,7 +244,7 @@ class _Generator:
         stats.decode_s = time.perf_counter() - t1
         stats.generated_tokens = len(tokens)
         stats.peak_rss_bytes = peak_rss_bytes()
-        stats.cache = self.session.stats()
+        stats.cache = self.session.call_stats()
         if result is not None:
             result.append(GenerationResult(text_so_far, tokens, stats, stop_reason))
 
@@ -293,17 +310,8 @@ class MoEModel(_Generator):
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise GenerationError(f"input_ids must be [batch, seq], found shape {input_ids.shape}")
-        batch, seq = input_ids.shape
-        past = past if past is not None else self._empty_past(batch)
-        past_len = next(iter(past.values())).shape[2] if past else 0
-        feeds: dict[str, np.ndarray] = {"input_ids": input_ids}
-        if "attention_mask" in self._input_names:
-            feeds["attention_mask"] = np.ones((batch, past_len + seq), np.int64)
-        if "position_ids" in self._input_names:
-            feeds["position_ids"] = np.broadcast_to(
-                np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)
-            ).copy()
-        feeds.update(past)
+        past = past if past is not None else self._empty_past(input_ids.shape[0])
+        feeds = decoder_feeds(input_ids, past, self._input_names)
         outputs = self.session.run(None, feeds)
         named = dict(zip(self._output_names, outputs, strict=True))
         present = {

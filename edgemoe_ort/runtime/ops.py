@@ -23,6 +23,7 @@ __all__ = [
     "ENV_LIB",
     "IO_MODES",
     "POLICIES",
+    "PREDICTORS",
     "ExpertSession",
     "RuntimeOptions",
     "kernel_path",
@@ -42,6 +43,8 @@ __all__ = [
 ENV_LIB = "EDGEMOE_CUSTOMOPS_LIB"
 LIB_NAME = "libedgemoe_customops.so"
 POLICIES = ("lru", "lfu", "edgemoe", "hobbit", "pinned", "none")
+PREDICTORS = ("none", "table", "gates", "token", "auto")
+MAX_PREFETCH_DEPTH = 8
 IO_MODES = ("direct", "buffered", "mmap")
 MAX_IO_THREADS = 256
 
@@ -96,6 +99,16 @@ def _lib() -> ctypes.CDLL:
             for fn in (lib.edgemoe_config_keys_json, lib.edgemoe_policies_json):
                 fn.argtypes = [ctypes.c_char_p, ctypes.c_int64]
                 fn.restype = ctypes.c_int64
+            lib.edgemoe_thread_stats_begin.argtypes = [ctypes.c_char_p]
+            lib.edgemoe_thread_stats_begin.restype = ctypes.c_int64
+            lib.edgemoe_thread_stats_json.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]
+            lib.edgemoe_thread_stats_json.restype = ctypes.c_int64
+            lib.edgemoe_thread_stats_end.argtypes = [ctypes.c_char_p]
+            lib.edgemoe_thread_stats_end.restype = None
+            lib.edgemoe_save_resident.argtypes = [
+                ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64
+            ]
+            lib.edgemoe_save_resident.restype = ctypes.c_int64
             _libs[path] = lib
         return lib
 
@@ -158,6 +171,12 @@ class RuntimeOptions:
     # Storage emulation (edgemoe.throttle_*): a read takes max(real, latency + bytes / bw); 0 = off.
     throttle_bw: float = 0  # bytes per second, shared by all I/O threads (one device)
     throttle_latency_us: float = 0  # per read
+    # Prediction and prefetch (edgemoe.predictor etc.; docs/op-contract.md, "Prediction and prefetch").
+    predictor: str = "auto"  # none | table | gates | token | auto
+    profile: str | Path | None = None  # routing profile (None: the bundle's profile.json if present)
+    prefetch_depth: int = 2  # layers ahead, when the next layer's predicted experts are resident
+    prefetch_threshold: float = 0.1  # prefetch experts predicted with probability >= this
+    warm_start: str | Path | None = None  # "profile" or a resident set saved by ExpertSession.save_resident
 
     def __post_init__(self) -> None:
         self.validate()
@@ -202,6 +221,23 @@ class RuntimeOptions:
                 raise ValueError(f"{name}: expected a bool, found {getattr(self, name)!r}")
         if not isinstance(self.verify_checksums, bool):
             raise ValueError(f"verify_checksums: expected a bool, found {self.verify_checksums!r}")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(
+                f"predictor: expected one of {', '.join(PREDICTORS)}, found {self.predictor!r}"
+            )
+        if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or not (
+            1 <= self.prefetch_depth <= MAX_PREFETCH_DEPTH
+        ):
+            raise ValueError(
+                f"prefetch_depth: expected an int in [1, {MAX_PREFETCH_DEPTH}], found {self.prefetch_depth!r}"
+            )
+        t = self.prefetch_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
+            raise ValueError(f"prefetch_threshold: expected a probability in (0, 1], found {t!r}")
+        for name in ("profile", "warm_start"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (str, Path)) or not str(v)):
+                raise ValueError(f"{name}: expected None or a path, found {v!r}")
         if self.intra_op_threads is not None and (
             isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int)
             or self.intra_op_threads < 1
@@ -253,6 +289,14 @@ def session_config_entries(bundle_dir: Path, options: RuntimeOptions, store_id: 
         entries["edgemoe.throttle_bw"] = repr(float(options.throttle_bw))
     if options.throttle_latency_us:
         entries["edgemoe.throttle_latency_us"] = repr(float(options.throttle_latency_us))
+    entries["edgemoe.predictor"] = options.predictor
+    entries["edgemoe.prefetch_depth"] = str(options.prefetch_depth)
+    entries["edgemoe.prefetch_threshold"] = repr(float(options.prefetch_threshold))
+    if options.profile is not None:
+        entries["edgemoe.profile"] = str(Path(options.profile).expanduser().resolve())
+    if options.warm_start is not None:
+        ws = str(options.warm_start)
+        entries["edgemoe.warm_start"] = ws if ws == "profile" else str(Path(ws).expanduser().resolve())
     return entries
 
 
@@ -372,10 +416,51 @@ class ExpertSession:
         return self.session.run(output_names, input_feed, run_options)
 
     def stats(self) -> dict[str, Any]:
+        """Counters of the whole store since the session opened (or the last :meth:`reset_stats`)."""
         return store_stats(self.store_id)
 
     def reset_stats(self) -> None:
+        """Zeroes the store-wide counters (not safe while other threads use the session: prefer
+        :meth:`begin_call_stats`)."""
         reset_store_stats(self.store_id)
+
+    def begin_call_stats(self) -> None:
+        """Start counting this thread's hits, misses, stalls, reads and prefetches on this store (right per
+        call while other threads share the session)."""
+        if _lib().edgemoe_thread_stats_begin(self.store_id.encode()) < 0:
+            raise KeyError(
+                f"no edgemoe store with id {self.store_id!r} (the session has no OffloadedExpert node?)"
+            )
+
+    def call_stats(self) -> dict[str, Any]:
+        """The store's counters with this thread's call counters (since :meth:`begin_call_stats`) in place of
+        the store-wide ones: ``hits``, ``misses``, ``stall_s``, ``reads``, ``bytes_read``, ``prefetch``
+        {issued, used, hidden, late, wasted, wasted_bytes, dropped, precision, recall} and ``layers``."""
+        st = self.stats()
+        lib, sid = _lib(), self.store_id.encode()
+        n = lib.edgemoe_thread_stats_json(sid, None, 0)
+        if n < 0:
+            return st
+        while True:
+            buf = ctypes.create_string_buffer(n + 1)
+            m = lib.edgemoe_thread_stats_json(sid, buf, n + 1)
+            if 0 <= m <= n:
+                break
+            n = m
+        st.update(json.loads(buf.value.decode()))
+        return st
+
+    def save_resident(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write the experts resident now to ``path`` (keyed by the bundle's identity) for
+        ``RuntimeOptions(warm_start=path)`` in a later session. Refuses to replace an existing file unless
+        ``force``."""
+        p = Path(path).expanduser().resolve()
+        if p.exists() and not force:
+            raise FileExistsError(f"{p}: exists; pass force=True (--force) to replace it")
+        err = ctypes.create_string_buffer(1024)
+        if _lib().edgemoe_save_resident(self.store_id.encode(), str(p).encode(), err, len(err)) != 0:
+            raise OSError(err.value.decode(errors="replace") or f"{p}: could not save the resident set")
+        return p
 
     def get_inputs(self) -> list[Any]:
         return self.session.get_inputs()

@@ -24,6 +24,16 @@ EDGEMOE_EXPORT void edgemoe_store_reset_stats(const char* store_id);
 EDGEMOE_EXPORT int64_t edgemoe_config_keys_json(char* buf, int64_t len);
 /* The cache policies as a JSON array [{"name", "doc"}, ...], written the same way. */
 EDGEMOE_EXPORT int64_t edgemoe_policies_json(char* buf, int64_t len);
+/* Per-thread call statistics (right while other threads share the store): begin starts counting the calling
+   thread's acquires, reads and prefetches on `store_id` (0, or -1 for an unknown store id); json writes them
+   like edgemoe_store_stats_json ({"hits", ..., "prefetch": {...}, "layers": [...]}; -1 if not begun); end
+   stops. */
+EDGEMOE_EXPORT int64_t edgemoe_thread_stats_begin(const char* store_id);
+EDGEMOE_EXPORT int64_t edgemoe_thread_stats_json(const char* store_id, char* buf, int64_t len);
+EDGEMOE_EXPORT void edgemoe_thread_stats_end(const char* store_id);
+/* Saves the resident experts of the live session(s) of `store_id` to `path` (for edgemoe.warm_start). 0 on
+   success; -1 with a NUL-terminated message in err (if err_len > 0). */
+EDGEMOE_EXPORT int64_t edgemoe_save_resident(const char* store_id, const char* path, char* err, int64_t err_len);
 /* "avx2", "neon" or "scalar": the kernel path gemm_rows dispatches to. */
 EDGEMOE_EXPORT const char* edgemoe_kernel_path(void);
 

@@ -30,11 +30,21 @@ struct StoreOptions {
   double throttle_latency_us = 0;  // per read: [0, kMaxThrottleLatencyUs]
 };
 
+// Prediction and prefetch (prefetcher.h) and warm start (warm_start.h).
+struct PrefetchOptions {
+  std::string predictor = "auto";  // none | table | gates | token | auto
+  std::string profile;             // routing profile path; "" = <bundle>/profile.json if it exists
+  int32_t depth = 2;               // adaptive lookahead in layers, [1, 8]
+  float threshold = 0.1f;          // prefetch an expert predicted with probability >= threshold, (0, 1]
+  std::string warm_start;          // "" (cold) | "profile" | a resident-set file saved by edgemoe_save_resident
+};
+
 // What one registration of the library is configured with.
 struct RuntimeConfig {
   std::string bundle_dir;
   std::string budget;  // "" = whole store (resolved against the store size when the store opens)
   StoreOptions store;
+  PrefetchOptions prefetch;
 };
 
 struct ConfigKey {

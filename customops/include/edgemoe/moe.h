@@ -31,7 +31,10 @@ ParallelFor serial_parallel_for();
 // issued ahead (non-blocking acquires, in that order, stopping at the first that does not fit) so I/O
 // overlaps compute. The result does not depend on the order: each (token, slot) output is computed into
 // its own row and reduced in slot order. Throws edgemoe::Error for bad indices or store failures.
+// `after_demands` (optional) runs once every expert of this call has its read queued or is pinned (the
+// prefetcher: its reads then never take budget or I/O ahead of this layer's own).
 void run_moe(ExpertStore& store, const MoeAttrs& attrs, const float* X, const int64_t* idx, const float* w,
-             int64_t T, int64_t H, int64_t K, float* Y, const ParallelFor& parallel_for);
+             int64_t T, int64_t H, int64_t K, float* Y, const ParallelFor& parallel_for,
+             const std::function<void()>& after_demands = {});
 
 }  // namespace edgemoe

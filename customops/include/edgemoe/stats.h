@@ -6,8 +6,39 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
 
 namespace edgemoe {
+
+// Counters of one MoE layer, or of one thread's calls (CallStats): what acquires and prefetches of that layer
+// did. Summed over layers they equal the store-wide counters of the same name.
+struct LayerCounters {
+  std::atomic<uint64_t> hits{0}, misses{0}, stall_ns{0}, reads{0}, bytes_read{0};
+  std::atomic<uint64_t> prefetch_issued{0}, prefetch_issued_bytes{0};
+  std::atomic<uint64_t> prefetch_used{0};    // prefetched experts used at least once (read done or not)
+  std::atomic<uint64_t> prefetch_hidden{0};  // ... whose read had completed at first use (hidden behind compute)
+  std::atomic<uint64_t> prefetch_hidden_bytes{0};
+  std::atomic<uint64_t> prefetch_late{0};    // ... still being read at first use
+  std::atomic<uint64_t> prefetch_wasted{0}, prefetch_wasted_bytes{0};  // evicted or cancelled before any use
+  std::atomic<uint64_t> prefetch_dropped{0};  // refused: no room without waiting
+
+  void reset();
+  // {"hits", ..., "prefetch": {"issued", "used", "hidden", "late", "wasted", "wasted_bytes", "dropped",
+  //  "precision", "recall"}}
+  nlohmann::ordered_json to_json() const;
+};
+
+// Counters of the calls one thread made on one store, between edgemoe_thread_stats_begin and _json (C API):
+// right per call even while other threads share the store. Reads and waste are charged to the thread that
+// started the read.
+struct CallStats {
+  explicit CallStats(size_t num_layers) : layers(num_layers) {}
+  LayerCounters total;
+  std::vector<LayerCounters> layers;
+  std::string to_json() const;
+};
 
 struct StoreStats {
   // Counters (relaxed atomics; a snapshot is not a consistent cut across counters while running).
@@ -46,6 +77,11 @@ struct StoreStats {
 
   std::atomic<bool> attached{false};  // a live store updates these counters
 
+  // Per-layer counters (sized under mu by the store when it attaches, before any count).
+  std::vector<LayerCounters> layers;
+  // Adds n to field f of layer `layer` here and in `sink` (the calling thread's CallStats, may be null).
+  void count(std::atomic<uint64_t> LayerCounters::*f, int32_t layer, CallStats* sink, uint64_t n = 1);
+
   void add_resident(uint64_t delta);  // also raises the peak
   void sub_resident(uint64_t delta);
   void reset();                       // zeroes the counters; peak := current resident bytes
@@ -56,5 +92,11 @@ struct StoreStats {
 // fresh one otherwise: the newest store wins), marked attached.
 std::shared_ptr<StoreStats> stats_attach(const std::string& id);
 std::shared_ptr<StoreStats> stats_find(const std::string& id);
+
+// The calling thread's CallStats for store `id`: begin creates a fresh one (sized for `num_layers`), current
+// returns it (null if the thread never began one for that id), end forgets it.
+std::shared_ptr<CallStats> thread_stats_begin(const std::string& id, size_t num_layers);
+std::shared_ptr<CallStats> thread_stats_current(const std::string& id);
+void thread_stats_end(const std::string& id);
 
 }  // namespace edgemoe

@@ -104,6 +104,10 @@ class ExpertStore {
   void drain();
   // True if (layer, expert) is resident, in flight or queued (a snapshot).
   bool is_resident(int32_t layer, int32_t expert) const;
+  // The fully read experts, most recently used first (a snapshot).
+  std::vector<ExpertKey> resident_keys() const;
+  // What an expert of `length` bytes costs against the budget: whole memory pages.
+  static uint64_t charge_of(uint64_t length);
 
   const Manifest& manifest() const { return manifest_; }
   const StoreOptions& options() const { return options_; }
@@ -115,7 +119,7 @@ class ExpertStore {
   size_t queued_reads() const { return scheduler_->queue_size(); }
 
  private:
-  static uint64_t charge_of(const ExpertRecord& rec);
+  static uint64_t charge_of(const ExpertRecord& rec) { return charge_of(rec.length); }
   std::optional<Pin> request(int32_t layer, int32_t expert, bool block);
   std::shared_ptr<Entry> new_entry(const ExpertKey& key);
   bool try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch);

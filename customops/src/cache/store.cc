@@ -39,6 +39,7 @@ struct ExpertStore::Entry final : ReadTask {
   bool cached = false;       // in entries_
   bool accounted = false;    // holds charge bytes of reserved_
   bool cancelled = false;    // a queued prefetch dropped unread
+  std::shared_ptr<CallStats> sink;  // counters of the thread that started the read (may be null)
   uint64_t charge = 0;       // bytes the entry counts against the budget: its length rounded to whole pages
   std::string error;
 };
@@ -100,6 +101,7 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
       stats_->throttle_bw = options_.throttle_bw;
       stats_->throttle_latency_us = options_.throttle_latency_us;
       stats_->mlock = options_.arena.mlock;
+      stats_->layers = std::vector<LayerCounters>(manifest_.layers.size());
     }
     stats_->resident_bytes = 0;
     scheduler_ = std::make_unique<ReadScheduler>(options_.io_threads, [this](const std::shared_ptr<ReadTask>& t) {
@@ -124,9 +126,23 @@ ExpertStore::~ExpertStore() {
 
 // What an expert costs in memory: its buffer is a mapping of whole pages (4 KiB on x86; 16 or 64 KiB on some
 // arm64 kernels, where a 4096-aligned length is rounded up).
-uint64_t ExpertStore::charge_of(const ExpertRecord& rec) {
+uint64_t ExpertStore::charge_of(uint64_t length) {
   static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  return (rec.length + page - 1) / page * page;
+  return (length + page - 1) / page * page;
+}
+
+std::vector<ExpertKey> ExpertStore::resident_keys() const {
+  std::vector<std::pair<uint64_t, ExpertKey>> v;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (const auto& kv : entries_)
+      if (kv.second->state == Entry::State::Ready) v.emplace_back(usage_[kv.second->index].last_use, kv.first);
+  }
+  std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::vector<ExpertKey> out;
+  out.reserve(v.size());
+  for (const auto& x : v) out.push_back(x.second);
+  return out;
 }
 
 uint64_t ExpertStore::resident_bytes() const {
@@ -283,7 +299,11 @@ void ExpertStore::evict_locked(const std::shared_ptr<Entry>& e) {
   entries_.erase(e->key);
   e->cached = false;
   stats_->evictions.fetch_add(1, std::memory_order_relaxed);
-  if (e->by_prefetch && !e->used) stats_->prefetch_wasted.fetch_add(1, std::memory_order_relaxed);
+  if (e->by_prefetch && !e->used) {
+    stats_->prefetch_wasted.fetch_add(1, std::memory_order_relaxed);
+    stats_->count(&LayerCounters::prefetch_wasted, e->key.layer, e->sink.get());
+    stats_->count(&LayerCounters::prefetch_wasted_bytes, e->key.layer, e->sink.get(), e->rec->length);
+  }
   release_bytes_locked(*e);
 }
 
@@ -291,8 +311,12 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
   const ExpertKey key{layer, expert};
   const auto t0 = Clock::now();
   bool waited = false;
+  const std::shared_ptr<CallStats> sink = thread_stats_current(options_.store_id);
   auto account_wait = [&] {
-    if (waited) stats_->stall_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
+    if (!waited) return;
+    const uint64_t ns = ns_since(t0);
+    stats_->stall_ns.fetch_add(ns, std::memory_order_relaxed);
+    stats_->count(&LayerCounters::stall_ns, layer, sink.get(), ns);
   };
   std::shared_ptr<Entry> fresh;  // allocated before any bytes are reserved
   ReadScheduler::Slot slot;
@@ -307,12 +331,23 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
           touch_locked(e->index, true);
           ++e->pins;
           const bool first_prefetched_use = e->by_prefetch && !e->used;
+          CallStats* issuer = e->sink.get();  // prefetch outcomes go to the thread that issued it
+          if (first_prefetched_use) stats_->count(&LayerCounters::prefetch_used, layer, issuer);
           if (e->state == Entry::State::Ready) {
             stats_->hits.fetch_add(1, std::memory_order_relaxed);
-            if (first_prefetched_use) stats_->prefetch_hits.fetch_add(1, std::memory_order_relaxed);
+            stats_->count(&LayerCounters::hits, layer, sink.get());
+            if (first_prefetched_use) {
+              stats_->prefetch_hits.fetch_add(1, std::memory_order_relaxed);
+              stats_->count(&LayerCounters::prefetch_hidden, layer, issuer);
+              stats_->count(&LayerCounters::prefetch_hidden_bytes, layer, issuer, e->rec->length);
+            }
           } else {
             stats_->misses.fetch_add(1, std::memory_order_relaxed);
-            if (first_prefetched_use) stats_->prefetch_late.fetch_add(1, std::memory_order_relaxed);
+            stats_->count(&LayerCounters::misses, layer, sink.get());
+            if (first_prefetched_use) {
+              stats_->prefetch_late.fetch_add(1, std::memory_order_relaxed);
+              stats_->count(&LayerCounters::prefetch_late, layer, issuer);
+            }
             // Someone waits for it now: a queued prefetch becomes a demand read.
             if (e->priority.kind == ReadPriority::Kind::Prefetch &&
                 scheduler_->promote(*e, ReadPriority{ReadPriority::Kind::Demand, 0, 1.0f}))
@@ -337,9 +372,11 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
         e.used = true;
         e.accounted = true;
         e.priority = ReadPriority{ReadPriority::Kind::Demand, 0, 1.0f};
+        e.sink = sink;
         if (policy_) insert_locked(fresh, lk);
         touch_locked(e.index, true);
         stats_->misses.fetch_add(1, std::memory_order_relaxed);
+        stats_->count(&LayerCounters::misses, layer, sink.get());
         ++reads_pending_;
         scheduler_->submit(std::move(slot), fresh);  // under the lock: queued before anyone can see it
         break;
@@ -373,14 +410,19 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
   }
   std::shared_ptr<Entry> fresh = new_entry(key);  // allocated before any bytes are reserved
   ReadScheduler::Slot slot = ReadScheduler::prepare();
+  std::shared_ptr<CallStats> sink = thread_stats_current(options_.store_id);
   {
     std::unique_lock<std::mutex> lk(mu_);
     if (entries_.count(key)) return false;
     if (!try_reserve_locked(fresh->charge, &hint)) {
       stats_->prefetch_dropped.fetch_add(1, std::memory_order_relaxed);
+      stats_->count(&LayerCounters::prefetch_dropped, layer, sink.get());
       return false;
     }
     Entry& e = *fresh;
+    stats_->count(&LayerCounters::prefetch_issued, layer, sink.get());
+    stats_->count(&LayerCounters::prefetch_issued_bytes, layer, sink.get(), e.rec->length);
+    e.sink = std::move(sink);
     e.by_prefetch = true;
     e.accounted = true;
     e.priority = ReadPriority{ReadPriority::Kind::Prefetch, std::max<int32_t>(0, hint.distance), hint.confidence};
@@ -407,7 +449,9 @@ void ExpertStore::wait_ready(const std::shared_ptr<Entry>& e) {
   if (e->state == Entry::State::Loading) {
     const auto t0 = Clock::now();
     cv_.wait(lk, [&] { return e->state != Entry::State::Loading; });
-    stats_->stall_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
+    const uint64_t ns = ns_since(t0);
+    stats_->stall_ns.fetch_add(ns, std::memory_order_relaxed);
+    stats_->count(&LayerCounters::stall_ns, e->key.layer, thread_stats_current(options_.store_id).get(), ns);
   }
   if (e->state == Entry::State::Failed) {
     if (e->cancelled)
@@ -434,6 +478,8 @@ void ExpertStore::read_entry(const std::shared_ptr<Entry>& e) noexcept {
     stats_->read_ns.fetch_add(ns_since(t0), std::memory_order_relaxed);
     stats_->reads.fetch_add(1, std::memory_order_relaxed);
     stats_->bytes_read.fetch_add(rec.length, std::memory_order_relaxed);
+    stats_->count(&LayerCounters::reads, rec.layer, e->sink.get());
+    stats_->count(&LayerCounters::bytes_read, rec.layer, e->sink.get(), rec.length);
     if (options_.verify_checksums) {
       bool need;
       {

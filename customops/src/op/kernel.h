@@ -17,9 +17,16 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
+// Inputs of OffloadedExpert (docs/op-contract.md, "Node"): 3 required, then the optional stacked router
+// logits of the next layers (opset 2).
+constexpr size_t kRequiredInputs = 3;
+constexpr size_t kNextLogitsInput = 3;
+constexpr size_t kMaxInputs = 4;
+
 // --- kernel ------------------------------------------------------------------------------------------------
 struct OffloadedExpertKernel {
-  std::shared_ptr<ExpertStore> store;
+  std::shared_ptr<Engine> engine;
+  ExpertStore* store = nullptr;
   MoeAttrs attrs;
   int64_t hidden = 0;
 
@@ -28,11 +35,42 @@ struct OffloadedExpertKernel {
            attrs.node_name + "'";
   }
 
+  // Input 3 checked against X and the manifest; fills P, E (P = 0 if absent).
+  OrtStatusPtr next_logits(Ort::KernelContext& ctx, int64_t T, LayerSignals* sig) const {
+    if (ctx.GetInputCount() <= kNextLogitsInput) return nullptr;
+    Ort::ConstValue v = ctx.GetInput(kNextLogitsInput);
+    if (!v) return nullptr;
+    const std::vector<int64_t> s = v.GetTensorTypeAndShapeInfo().GetShape();
+    const Manifest& m = store->manifest();
+    const int64_t later = static_cast<int64_t>(m.layers.size()) - attrs.layer - 1;
+    auto bad = [&](const std::string& expected) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         where() + ": next_router_logits shape: expected " + expected + ", found " + shape_str(s));
+    };
+    if (s.size() < 2) return bad("[T, P, E]");
+    int64_t lead = 1;
+    for (size_t i = 0; i + 2 < s.size(); ++i) lead *= s[i];
+    const int64_t P = s[s.size() - 2], E = s.back();
+    if (lead != T) return bad("leading dims holding the " + std::to_string(T) + " tokens of X, then [P, E]");
+    if (P < 1 || P > later)
+      return bad("P in [1, " + std::to_string(later) + "] (the MoE layers after layer " + std::to_string(attrs.layer) + ")");
+    for (int64_t j = 0; j < P; ++j) {
+      const int64_t want = m.layers[static_cast<size_t>(attrs.layer + 1 + j)].num_experts;
+      if (E != want) return bad("E = " + std::to_string(want) + " (num_experts of layer " + std::to_string(attrs.layer + 1 + j) + ")");
+    }
+    sig->next_logits = v.GetTensorData<float>();
+    sig->P = P;
+    sig->E = E;
+    return nullptr;
+  }
+
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
     try {
       Ort::KernelContext ctx(context);
-      if (ctx.GetInputCount() != 3 || ctx.GetOutputCount() != 1)
-        return make_status(ORT_INVALID_ARGUMENT, where() + ": expected 3 inputs and 1 output");
+      if (ctx.GetInputCount() < kRequiredInputs || ctx.GetInputCount() > kMaxInputs || ctx.GetOutputCount() != 1)
+        return make_status(ORT_INVALID_ARGUMENT, where() + ": expected 3 or 4 inputs and 1 output, found " +
+                                                     std::to_string(ctx.GetInputCount()) + " inputs and " +
+                                                     std::to_string(ctx.GetOutputCount()) + " outputs");
       Ort::ConstValue X = ctx.GetInput(0);
       Ort::ConstValue idx = ctx.GetInput(1);
       Ort::ConstValue wts = ctx.GetInput(2);
@@ -51,6 +89,8 @@ struct OffloadedExpertKernel {
       if (ws != is) return bad("topk_weights shape", "the shape of topk_indices " + shape_str(is), shape_str(ws));
       int64_t T = 1;
       for (size_t i = 0; i + 1 < xs.size(); ++i) T *= xs[i];
+      LayerSignals sig;
+      if (OrtStatusPtr st = next_logits(ctx, T, &sig)) return st;
       Ort::UnownedValue Y = ctx.GetOutput(0, xs);
       if (T == 0) return nullptr;
       ParallelFor pf = [&ctx](size_t total, const std::function<void(size_t)>& fn) {
@@ -61,8 +101,17 @@ struct OffloadedExpertKernel {
         ctx.ParallelFor([](void* d, size_t i) { (*static_cast<const std::function<void(size_t)>*>(d))(i); }, total,
                         0, const_cast<void*>(static_cast<const void*>(&fn)));
       };
-      run_moe(*store, attrs, X.GetTensorData<float>(), idx.GetTensorData<int64_t>(), wts.GetTensorData<float>(), T,
-              hidden, K, Y.GetTensorMutableData<float>(), pf);
+      const int64_t* ip = idx.GetTensorData<int64_t>();
+      std::function<void()> predict;
+      if (Prefetcher* pre = engine->prefetcher()) {
+        sig.layer = attrs.layer;
+        sig.idx = ip;
+        sig.T = T;
+        sig.K = K;
+        predict = [pre, &sig] { pre->on_layer(sig); };
+      }
+      run_moe(*store, attrs, X.GetTensorData<float>(), ip, wts.GetTensorData<float>(), T, hidden, K,
+              Y.GetTensorMutableData<float>(), pf, predict);
       return nullptr;
     } catch (const Ort::Exception& ex) {
       return make_status(ex.GetOrtErrorCode(), where() + ": " + ex.what());
@@ -80,9 +129,12 @@ struct OffloadedExpertOp : Ort::CustomOpBase<OffloadedExpertOp, OffloadedExpertK
   explicit OffloadedExpertOp(std::shared_ptr<StoreGroup> g) : group(std::move(g)) {}
 
   const char* GetName() const { return kOpName; }
-  size_t GetInputTypeCount() const { return 3; }
+  size_t GetInputTypeCount() const { return kMaxInputs; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < kRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
@@ -94,7 +146,8 @@ struct OffloadedExpertOp : Ort::CustomOpBase<OffloadedExpertOp, OffloadedExpertK
       if (OrtStatus* st = read_attributes(api, info, &n)) return st;
       node = n.node;
       auto kernel = std::make_unique<OffloadedExpertKernel>();
-      kernel->store = group->get(n.manifest);
+      kernel->engine = group->get(n.manifest);
+      kernel->store = &kernel->engine->store();
       if (OrtStatus* st = check_attributes(n, kernel->store->manifest(), &kernel->attrs, &kernel->hidden)) return st;
       *op_kernel = kernel.release();  // owned by ORT, freed through KernelDestroy
       return nullptr;

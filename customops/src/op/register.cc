@@ -1,5 +1,6 @@
 // RegisterCustomOps: reads the edgemoe.* session config entries (through the table in edgemoe/config.h) and
-// adds the "edgemoe" domain with OffloadedExpert to the SessionOptions. No exception crosses the C boundary.
+// adds the "edgemoe" domain with OffloadedExpert and TokenPrefetch to the SessionOptions. No exception
+// crosses the C boundary.
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -7,6 +8,7 @@
 #include "edgemoe/c_api.h"
 #include "edgemoe/config.h"
 #include "kernel.h"
+#include "token_prefetch.h"
 #include "ort.h"
 
 namespace edgemoe {
@@ -14,8 +16,9 @@ namespace {
 
 // Domains and ops must outlive every session using them: kept for the life of the process.
 struct Registration {
-  explicit Registration(std::shared_ptr<StoreGroup> g) : op(std::move(g)), domain(kDomain) {}
+  explicit Registration(const std::shared_ptr<StoreGroup>& g) : op(g), token_op(g), domain(kDomain) {}
   OffloadedExpertOp op;
+  TokenPrefetchOp token_op;
   Ort::CustomOpDomain domain;
 };
 
@@ -68,6 +71,7 @@ extern "C" EDGEMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOp
         [&](const char* key, std::string* v) { return config_entry(*api, options, key, v); });
     auto reg = std::make_unique<Registration>(std::make_shared<StoreGroup>(std::move(cfg)));
     reg->domain.Add(&reg->op);
+    reg->domain.Add(&reg->token_op);
     Ort::ThrowOnError(api->AddCustomOpDomain(options, reg->domain));
     std::lock_guard<std::mutex> lk(registrations_mu());
     registrations().push_back(std::move(reg));

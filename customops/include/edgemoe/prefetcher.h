@@ -1,0 +1,76 @@
+// The predictive prefetcher (docs/op-contract.md, "Prediction and prefetch"): turns what a forward pass has
+// seen so far into reads of the experts the next layers will need, issued while the current layer computes.
+//
+// Predictors (each gives, per token, a probability that an expert is among the target layer's K chosen):
+//   table  EdgeMoE: P(E_t | experts the token chose at t-1 and t-2), from the profile, backing off to t-1 alone
+//          and then to the expert frequencies;
+//   gates  HOBBIT's stacked gates: softmax of the target layer's router applied to the current layer's input
+//          (the graph computes it: input 3 of OffloadedExpert);
+//   token  P(E_t | token id), from the profile; known at token start (the TokenPrefetch node), so it can read
+//          every layer's experts before layer 0 runs;
+//   auto   per target layer, the combination (mean) of the predictors the profile measured best.
+// A batch of T tokens needs expert e with q(e) = 1 - prod_t (1 - p_t(e)). Per target layer the up to K
+// experts with q >= threshold are prefetched (confidence q, distance in layers) and protected from eviction
+// by lower-confidence prefetches until the next call replaces the protections. Adaptive depth (HOBBIT): when
+// every expert predicted for layer l+1 is already resident, layer l+2 is predicted too, up to `depth`.
+//
+// State per forward pass is kept per calling thread (ORT runs a session's nodes on the thread that called
+// Run), so sessions and threads sharing one store do not mix their histories.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "edgemoe/config.h"
+#include "edgemoe/profile.h"
+#include "edgemoe/store.h"
+
+namespace edgemoe {
+
+// What one OffloadedExpert call offers the predictors.
+struct LayerSignals {
+  int32_t layer = 0;
+  const int64_t* idx = nullptr;  // [T, K] experts chosen at this layer (-1 = none)
+  int64_t T = 0, K = 0;
+  const float* next_logits = nullptr;  // [T, P, E] stacked router logits of layers layer+1.., or null
+  int64_t P = 0, E = 0;
+};
+
+class Prefetcher {
+ public:
+  // `profile` may be empty (then only `gates` can predict). Throws edgemoe::Error if options.predictor needs
+  // a profile that is missing.
+  Prefetcher(ExpertStore& store, const PrefetchOptions& options, std::optional<RoutingProfile> profile);
+  ~Prefetcher();
+  Prefetcher(const Prefetcher&) = delete;
+  Prefetcher& operator=(const Prefetcher&) = delete;
+
+  // A forward pass starts with these tokens (TokenPrefetch node).
+  void on_tokens(const int64_t* ids, int64_t n);
+  // A layer's experts are known and its demand reads queued: predict and prefetch the next layers.
+  void on_layer(const LayerSignals& s);
+
+  bool uses_gates() const { return (modes_ & kPredictGates) != 0; }
+  const std::optional<RoutingProfile>& profile() const { return profile_; }
+  const PrefetchOptions& options() const { return options_; }
+
+ private:
+  struct Stream;
+  Stream& stream();
+  uint32_t members(int32_t target, int32_t depth, const LayerSignals* s, const Stream& st) const;
+  // q over experts of `target` from the predictors in `bits`; false if none could contribute.
+  bool predict(int32_t target, int32_t depth, uint32_t bits, const LayerSignals* s, const Stream& st,
+               std::vector<float>& q) const;
+  // Prefetches the selection for `target`; true if every selected expert was already resident.
+  bool issue(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st);
+
+  ExpertStore& store_;
+  PrefetchOptions options_;
+  std::optional<RoutingProfile> profile_;
+  uint32_t modes_ = 0;  // PredictorBit set allowed by options.predictor
+  bool auto_ = false;
+  uint64_t id_ = 0;  // key of this prefetcher's per-thread streams
+};
+
+}  // namespace edgemoe

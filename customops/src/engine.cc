@@ -1,0 +1,69 @@
+#include "edgemoe/engine.h"
+
+#include <filesystem>
+#include <map>
+#include <mutex>
+
+#include "edgemoe/warm_start.h"
+
+namespace edgemoe {
+
+namespace {
+std::optional<RoutingProfile> open_profile(const Manifest& m, const PrefetchOptions& o) {
+  const bool needed = o.predictor != "none" || o.warm_start == "profile";
+  if (!needed) return std::nullopt;
+  std::string path = o.profile;
+  if (path.empty()) {
+    const std::filesystem::path def = m.bundle_dir / "profile.json";
+    std::error_code ec;
+    if (!std::filesystem::exists(def, ec)) return std::nullopt;
+    path = def.string();
+  } else if (std::filesystem::path(path).is_relative()) {
+    path = (m.bundle_dir / path).string();
+  }
+  return load_profile(path, m);
+}
+
+std::mutex& registry_mu() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<std::string, std::weak_ptr<Engine>>& registry() {
+  static std::map<std::string, std::weak_ptr<Engine>> r;
+  return r;
+}
+}  // namespace
+
+Engine::Engine(Manifest manifest, const RuntimeConfig& cfg) {
+  const PrefetchOptions& po = cfg.prefetch;
+  std::optional<RoutingProfile> profile = open_profile(manifest, po);
+  std::vector<ExpertKey> warm;
+  if (!po.warm_start.empty()) {
+    if (po.warm_start == "profile" && !profile)
+      throw Error("edgemoe.warm_start: 'profile' needs the bundle's routing profile, but there is none (expected " +
+                  (manifest.bundle_dir / "profile.json").string() +
+                  "; make one with: edgemoe-profile BUNDLE --corpus TEXT)");
+    warm = warm_set(po.warm_start, manifest, profile ? &*profile : nullptr);
+  }
+  StoreOptions so = cfg.store;
+  so.budget_bytes = parse_budget(cfg.budget, manifest.store_size);
+  store_ = std::make_unique<ExpertStore>(std::move(manifest), so);
+  if (po.predictor != "none") prefetcher_ = std::make_unique<Prefetcher>(*store_, po, std::move(profile));
+  if (!warm.empty()) warm_start(*store_, warm);
+}
+
+Engine::~Engine() = default;
+
+std::shared_ptr<Engine> find_engine(const std::string& store_id) {
+  std::lock_guard<std::mutex> lk(registry_mu());
+  auto it = registry().find(store_id);
+  return it == registry().end() ? nullptr : it->second.lock();
+}
+
+void publish_engine(const std::string& store_id, const std::shared_ptr<Engine>& e) {
+  std::lock_guard<std::mutex> lk(registry_mu());
+  for (auto it = registry().begin(); it != registry().end();) it = it->second.expired() ? registry().erase(it) : std::next(it);
+  registry()[store_id] = e;
+}
+
+}  // namespace edgemoe

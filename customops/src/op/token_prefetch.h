@@ -1,0 +1,89 @@
+// The TokenPrefetch op (docs/op-contract.md, "TokenPrefetch"): the identity on the graph's token ids,
+// wired before the embedding so that it runs first; it hands the ids to the engine's prefetcher, which reads
+// the experts the token table predicts for every layer before layer 0 runs.
+#pragma once
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "ort.h"
+#include "store_group.h"
+
+namespace edgemoe {
+
+constexpr const char* kTokenPrefetchName = "TokenPrefetch";
+
+struct TokenPrefetchKernel {
+  std::shared_ptr<Engine> engine;
+  std::string node;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
+    const std::string where = std::string(kTokenPrefetchName) + " node '" + node + "'";
+    try {
+      Ort::KernelContext ctx(context);
+      if (ctx.GetInputCount() != 1 || ctx.GetOutputCount() != 1)
+        return make_status(ORT_INVALID_ARGUMENT, where + ": expected 1 input and 1 output");
+      Ort::ConstValue ids = ctx.GetInput(0);
+      const auto info = ids.GetTensorTypeAndShapeInfo();
+      const size_t n = info.GetElementCount();
+      Ort::UnownedValue out = ctx.GetOutput(0, info.GetShape());
+      const int64_t* src = ids.GetTensorData<int64_t>();
+      if (n) std::memcpy(out.GetTensorMutableData<int64_t>(), src, n * sizeof(int64_t));
+      if (Prefetcher* p = engine->prefetcher()) p->on_tokens(src, static_cast<int64_t>(n));
+      return nullptr;
+    } catch (const Ort::Exception& ex) {
+      return make_status(ex.GetOrtErrorCode(), where + ": " + ex.what());
+    } catch (const std::bad_alloc&) {
+      return make_status(ORT_FAIL, where + ": out of memory");
+    } catch (const std::exception& ex) {
+      return make_status(ORT_FAIL, where + ": " + ex.what());
+    } catch (...) {
+      return make_status(ORT_FAIL, where + ": unknown error");
+    }
+  }
+};
+
+struct TokenPrefetchOp : Ort::CustomOpBase<TokenPrefetchOp, TokenPrefetchKernel, true> {
+  explicit TokenPrefetchOp(std::shared_ptr<StoreGroup> g) : group(std::move(g)) {}
+
+  const char* GetName() const { return kTokenPrefetchName; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64; }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** op_kernel) const noexcept {
+    std::string node = "?";
+    try {
+      node = Ort::ConstKernelInfo(info).GetNodeName();
+      std::string manifest = "manifest.json";
+      size_t size = 0;
+      if (OrtStatus* st = api.KernelInfoGetAttribute_string(info, "manifest", nullptr, &size)) {
+        api.ReleaseStatus(st);
+      } else {
+        std::string s(size, '\0');
+        if (OrtStatus* st2 = api.KernelInfoGetAttribute_string(info, "manifest", s.data(), &size)) {
+          api.ReleaseStatus(st2);
+        } else {
+          s.resize(size > 0 ? size - 1 : 0);
+          manifest = std::move(s);
+        }
+      }
+      auto kernel = std::make_unique<TokenPrefetchKernel>();
+      kernel->engine = group->get(manifest);
+      kernel->node = node;
+      *op_kernel = kernel.release();  // owned by ORT, freed through KernelDestroy
+      return nullptr;
+    } catch (const std::bad_alloc&) {
+      return make_status(ORT_FAIL, std::string(kTokenPrefetchName) + " node '" + node + "': out of memory");
+    } catch (const std::exception& ex) {
+      return make_status(ORT_FAIL, ex.what());
+    } catch (...) {
+      return make_status(ORT_FAIL, std::string(kTokenPrefetchName) + " node '" + node + "': unknown error");
+    }
+  }
+
+  std::shared_ptr<StoreGroup> group;
+};
+
+}  // namespace edgemoe

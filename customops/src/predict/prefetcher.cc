@@ -1,0 +1,232 @@
+#include "edgemoe/prefetcher.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <unordered_map>
+
+namespace edgemoe {
+
+namespace {
+std::atomic<uint64_t> next_prefetcher_id{1};
+
+// The sorted experts of token t of a [T, K] index tensor (-1 entries dropped).
+std::vector<int32_t> token_set(const int64_t* idx, int64_t t, int64_t K) {
+  std::vector<int32_t> s;
+  for (int64_t k = 0; k < K; ++k)
+    if (idx[t * K + k] >= 0) s.push_back(static_cast<int32_t>(idx[t * K + k]));
+  std::sort(s.begin(), s.end());
+  s.erase(std::unique(s.begin(), s.end()), s.end());
+  return s;
+}
+
+// Multiplies (1 - p) into keep[e] for a sparse distribution (unlisted experts: p = 0).
+void absorb(const SparseDist& d, std::vector<double>& keep) {
+  for (const auto& [e, p] : d)
+    if (static_cast<size_t>(e) < keep.size()) keep[static_cast<size_t>(e)] *= 1.0 - static_cast<double>(p);
+}
+void absorb(const std::vector<float>& p, std::vector<double>& keep) {
+  for (size_t e = 0; e < keep.size() && e < p.size(); ++e) keep[e] *= 1.0 - static_cast<double>(p[e]);
+}
+}  // namespace
+
+struct Prefetcher::Stream {
+  int32_t last_layer = -1;
+  // The previous call of this pass: its layer and the per-token expert sets.
+  int32_t prev_layer = -1;
+  std::vector<std::vector<int32_t>> prev_sets;
+  // token predictor: per layer the batch distribution q (empty = no token signal this pass)
+  std::vector<std::vector<float>> token_q;
+  // What this pass predicted and has not run yet: per layer (expert, q).
+  std::vector<std::vector<std::pair<int32_t, float>>> predicted;
+
+  void reset(size_t L) {
+    last_layer = -1;
+    prev_layer = -1;
+    prev_sets.clear();
+    token_q.assign(L, {});
+    predicted.assign(L, {});
+  }
+};
+
+Prefetcher::Prefetcher(ExpertStore& store, const PrefetchOptions& options, std::optional<RoutingProfile> profile)
+    : store_(store), options_(options), profile_(std::move(profile)), id_(next_prefetcher_id.fetch_add(1)) {
+  const std::string& p = options_.predictor;
+  if (p == "auto") {
+    auto_ = true;
+    modes_ = kPredictGates | (profile_ ? (kPredictTable | kPredictToken) : 0u);
+  } else if (p == "none") {
+    modes_ = 0;
+  } else {
+    modes_ = predictor_bit(p);
+    if (!modes_) throw Error("edgemoe.predictor: expected none, table, gates, token or auto, found '" + p + "'");
+    if (modes_ != kPredictGates && !profile_)
+      throw Error("edgemoe.predictor: '" + p + "' reads the bundle's routing profile, but there is none (expected " +
+                  (store_.manifest().bundle_dir / "profile.json").string() +
+                  " or edgemoe.profile; make one with: edgemoe-profile BUNDLE --corpus TEXT)");
+  }
+  if (!(options_.threshold > 0.0f && options_.threshold <= 1.0f))
+    throw Error("edgemoe.prefetch_threshold: expected a probability in (0, 1], found " +
+                std::to_string(options_.threshold));
+}
+
+Prefetcher::~Prefetcher() = default;
+
+Prefetcher::Stream& Prefetcher::stream() {
+  // One stream per (thread, prefetcher); ids are never reused, so a dead prefetcher's entry is only stale.
+  thread_local std::unordered_map<uint64_t, std::unique_ptr<Stream>> streams;
+  auto& s = streams[id_];
+  if (!s) {
+    if (streams.size() > 64) {  // bound what dead prefetchers leave behind on a long-lived thread
+      for (auto it = streams.begin(); it != streams.end();) it = it->first != id_ ? streams.erase(it) : std::next(it);
+    }
+    s = std::make_unique<Stream>();
+    s->reset(store_.manifest().layers.size());
+  }
+  return *s;
+}
+
+uint32_t Prefetcher::members(int32_t target, int32_t depth, const LayerSignals* s, const Stream& st) const {
+  uint32_t avail = 0;
+  if (profile_ && s && depth == 1 && target >= 1) avail |= kPredictTable;
+  if (s && s->next_logits && depth - 1 < s->P) avail |= kPredictGates;
+  if (!st.token_q[static_cast<size_t>(target)].empty()) avail |= kPredictToken;
+  uint32_t want = modes_;
+  if (auto_ && profile_) {
+    want = profile_->layers[static_cast<size_t>(target)].auto_members;
+    // The best combination may need a signal this call lacks (e.g. table beyond l+1): use what is there.
+    if (!(want & avail)) want = modes_;
+  }
+  return want & avail;
+}
+
+bool Prefetcher::predict(int32_t target, int32_t depth, uint32_t bits, const LayerSignals* s, const Stream& st,
+                         std::vector<float>& q) const {
+  const LayerInfo& info = store_.manifest().layers[static_cast<size_t>(target)];
+  const size_t E = static_cast<size_t>(info.num_experts);
+  q.assign(E, 0.0f);
+  int members = 0;
+  if (bits & kPredictTable) {
+    const LayerProfile& lp = profile_->layers[static_cast<size_t>(target)];
+    std::vector<double> keep(E, 1.0);
+    const bool have2 = st.prev_layer == s->layer - 1 && static_cast<int64_t>(st.prev_sets.size()) == s->T;
+    for (int64_t t = 0; t < s->T; ++t) {
+      const std::vector<int32_t> cur = token_set(s->idx, t, s->K);
+      const SparseDist* d = nullptr;
+      if (have2) {
+        auto it = lp.order2.find(RoutingProfile::key(st.prev_sets[static_cast<size_t>(t)], cur));
+        if (it != lp.order2.end()) d = &it->second;
+      }
+      if (!d) {
+        auto it = lp.order1.find(RoutingProfile::key(cur));
+        if (it != lp.order1.end()) d = &it->second;
+      }
+      if (d) absorb(*d, keep);
+      else absorb(lp.prior, keep);
+    }
+    for (size_t e = 0; e < E; ++e) q[e] += static_cast<float>(1.0 - keep[e]);
+    ++members;
+  }
+  if (bits & kPredictGates) {
+    if (static_cast<size_t>(s->E) == E) {
+      std::vector<double> keep(E, 1.0), p(E);
+      for (int64_t t = 0; t < s->T; ++t) {
+        const float* z = s->next_logits + (t * s->P + (depth - 1)) * s->E;
+        double mx = -INFINITY;
+        for (size_t e = 0; e < E; ++e) mx = std::max(mx, static_cast<double>(z[e]));
+        if (!std::isfinite(mx)) continue;
+        double sum = 0;
+        for (size_t e = 0; e < E; ++e) sum += (p[e] = std::exp(static_cast<double>(z[e]) - mx));
+        for (size_t e = 0; e < E; ++e) keep[e] *= 1.0 - p[e] / sum;
+      }
+      for (size_t e = 0; e < E; ++e) q[e] += static_cast<float>(1.0 - keep[e]);
+      ++members;
+    }
+  }
+  if (bits & kPredictToken) {
+    const std::vector<float>& tq = st.token_q[static_cast<size_t>(target)];
+    for (size_t e = 0; e < E && e < tq.size(); ++e) q[e] += tq[e];
+    ++members;
+  }
+  if (members == 0) return false;
+  for (auto& v : q) v = std::min(1.0f, v / static_cast<float>(members));
+  return true;
+}
+
+bool Prefetcher::issue(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st) {
+  const int64_t K = store_.manifest().layers[static_cast<size_t>(target)].top_k;
+  std::vector<int32_t> order(q.size());
+  for (size_t e = 0; e < q.size(); ++e) order[e] = static_cast<int32_t>(e);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return q[a] > q[b]; });
+  auto& pred = st.predicted[static_cast<size_t>(target)];
+  pred.clear();
+  bool all_resident = true;
+  for (int64_t i = 0; i < K && i < static_cast<int64_t>(order.size()); ++i) {
+    const int32_t e = order[static_cast<size_t>(i)];
+    const float c = q[static_cast<size_t>(e)];
+    if (!(c >= options_.threshold)) break;
+    pred.emplace_back(e, c);
+    if (store_.is_resident(target, e)) continue;
+    all_resident = false;
+    store_.prefetch(target, e, PrefetchHint{distance, c});
+  }
+  return all_resident;
+}
+
+void Prefetcher::on_tokens(const int64_t* ids, int64_t n) {
+  Stream& st = stream();
+  const size_t L = store_.manifest().layers.size();
+  st.reset(L);
+  if (!(modes_ & kPredictToken) || !profile_ || n <= 0) return;
+  for (size_t l = 0; l < L; ++l) {
+    const LayerProfile& lp = profile_->layers[l];
+    std::vector<double> keep(static_cast<size_t>(lp.num_experts), 1.0);
+    for (int64_t t = 0; t < n; ++t) {
+      auto it = lp.tokens.find(ids[t]);
+      if (it != lp.tokens.end()) absorb(it->second, keep);
+      else absorb(lp.prior, keep);
+    }
+    st.token_q[l].resize(keep.size());
+    for (size_t e = 0; e < keep.size(); ++e) st.token_q[l][e] = static_cast<float>(1.0 - keep[e]);
+  }
+  // Token start: read what the token alone predicts for the layers that will use it (auto: where the profile
+  // chose the token table; token: every layer), nearest layer first.
+  std::vector<float> q;
+  std::vector<std::pair<ExpertKey, float>> protect;
+  for (size_t l = 0; l < L; ++l) {
+    const int32_t t = static_cast<int32_t>(l);
+    if (auto_ && !(profile_->layers[l].auto_members & kPredictToken)) continue;
+    if (auto_ && t > 0) continue;  // auto: later layers are predicted at the layer before, with more signals
+    if (!predict(t, 1, kPredictToken, nullptr, st, q)) continue;
+    issue(t, t, q, st);
+    for (const auto& [e, c] : st.predicted[l]) protect.emplace_back(ExpertKey{t, e}, c);
+  }
+  store_.protect(protect);
+}
+
+void Prefetcher::on_layer(const LayerSignals& s) {
+  if (!modes_) return;
+  Stream& st = stream();
+  const int32_t L = static_cast<int32_t>(store_.manifest().layers.size());
+  if (s.layer <= st.last_layer) st.reset(static_cast<size_t>(L));  // a new pass without a TokenPrefetch node
+  st.last_layer = s.layer;
+  st.predicted[static_cast<size_t>(s.layer)].clear();
+  std::vector<float> q;
+  for (int32_t d = 1; d <= options_.depth && s.layer + d < L; ++d) {
+    const int32_t target = s.layer + d;
+    const uint32_t bits = members(target, d, &s, st);
+    if (!bits || !predict(target, d, bits, &s, st, q)) break;
+    if (!issue(target, d, q, st)) break;  // adaptive depth: look further only while everything is resident
+  }
+  std::vector<std::pair<ExpertKey, float>> protect;
+  for (int32_t t = s.layer + 1; t < L; ++t)
+    for (const auto& [e, c] : st.predicted[static_cast<size_t>(t)]) protect.emplace_back(ExpertKey{t, e}, c);
+  store_.protect(protect);
+  // This call's experts become the "previous layer" of the next call's table lookup.
+  st.prev_sets.resize(static_cast<size_t>(s.T));
+  for (int64_t t = 0; t < s.T; ++t) st.prev_sets[static_cast<size_t>(t)] = token_set(s.idx, t, s.K);
+  st.prev_layer = s.layer;
+}
+
+}  // namespace edgemoe

@@ -100,8 +100,8 @@ def run(
     predictor: Annotated[
         str, typer.Option(help="prefetch predictor: " + " | ".join(PREDICTORS))
     ] = "auto",
-    prefetch_depth: Annotated[int, typer.Option(help="layers to look ahead (adaptive)")] = 2,
-    prefetch_threshold: Annotated[float, typer.Option(help="prefetch experts with p >= this")] = 0.1,
+    prefetch_depth: Annotated[int, typer.Option(help="layers to look ahead (adaptive)")] = 1,
+    prefetch_threshold: Annotated[float, typer.Option(help="prefetch experts with p >= this")] = 0.3,
     profile: Annotated[
         Path | None, typer.Option(help="routing profile (default: the bundle's profile.json, if any)")
     ] = None,

@@ -246,9 +246,9 @@ const std::vector<ConfigKey>& config_keys() {
        apply_predictor, false},
       {"edgemoe.profile", "bundle's profile.json", "routing profile written by `edgemoe-profile` (absent: no `table`/`token`)",
        apply_profile, false},
-      {"edgemoe.prefetch_depth", "2", "layers ahead the prefetcher may look when the next layer's experts are resident, `1..8`",
+      {"edgemoe.prefetch_depth", "1", "layers ahead the prefetcher may look when the next layer's experts are resident, `1..8`",
        apply_prefetch_depth, false},
-      {"edgemoe.prefetch_threshold", "0.1", "prefetch experts predicted with probability >= this, in `(0, 1]`",
+      {"edgemoe.prefetch_threshold", "0.3", "prefetch experts predicted with probability >= this, in `(0, 1]`",
        apply_prefetch_threshold, false},
       {"edgemoe.warm_start", "(cold)",
        "`profile` (read the profile's most used experts at session start, in the background) or a resident-set file "

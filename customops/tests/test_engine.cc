@@ -177,7 +177,7 @@ static void test_prefetch_protection() {
   { ExpertStore::Pin p = s.acquire(0, 0); CHECK(blob_ok(p)); }
   { ExpertStore::Pin p = s.acquire(0, 1); CHECK(blob_ok(p)); }
   s.protect({{{0, 0}, 0.9f}});
-  CHECK(s.prefetch(0, 2, PrefetchHint{1, 0.5f}));  // may evict only the unprotected 1
+  CHECK(s.prefetch(0, 2, PrefetchHint{1, 0.5f}));  // may evict only 1, which the prediction left out
   s.drain();
   CHECK(s.is_resident(0, 0) && !s.is_resident(0, 1) && s.is_resident(0, 2));
   s.protect({{{0, 0}, 0.9f}, {{0, 2}, 0.6f}});

@@ -178,6 +178,23 @@ static void test_prefetch_under_budget_with_protection() {
   s.drain();
   CHECK(s.stats()->peak_resident_bytes.load() <= 3 * L);
   CHECK(s.stats()->peak_arena_bytes.load() <= 3 * L);
+  // A full cache of layer-0 experts: a prefetch for layer 1, however sure, never takes another layer's room.
+  ExpertStore s2(load_manifest(b.dir), opts(2 * L));
+  { ExpertStore::Pin p = s2.acquire(0, 0); CHECK(blob_ok(p)); }
+  { ExpertStore::Pin p = s2.acquire(0, 1); CHECK(blob_ok(p)); }
+  CHECK(!s2.prefetch(1, 0, PrefetchHint{1, 1.0f}));
+  CHECK(s2.is_resident(0, 0) && s2.is_resident(0, 1));
+  // Within its layer it swaps out the expert predicted less likely.
+  s2.protect({{{0, 0}, 0.9f}, {{0, 1}, 0.1f}});
+  CHECK(s2.prefetch(0, 2, PrefetchHint{1, 0.6f}));
+  s2.drain();
+  CHECK(s2.is_resident(0, 0) && !s2.is_resident(0, 1) && s2.is_resident(0, 2));
+  s2.protect({{{1, 0}, 0.9f}});  // layer 0 not predicted at all: its residents count 0.5
+  CHECK(!s2.prefetch(0, 3, PrefetchHint{1, 0.4f}));
+  CHECK(s2.prefetch(0, 3, PrefetchHint{1, 0.7f}));
+  s2.drain();
+  s2.protect({{{0, 3}, 0.9f}});  // layer 0 predicted: an expert left out of it counts 0
+  CHECK(s2.prefetch(0, 1, PrefetchHint{1, 0.05f}));
 }
 
 // Counters per layer sum to the store's; per-thread counters see only their own thread's calls.

@@ -36,15 +36,29 @@ def edgemoe_rows(run: dict[str, Any], budget: str | None = None) -> list[dict[st
     return [m for m in run["modes"] if m["mode"] == "edgemoe" and (budget is None or m["budget"] == budget)]
 
 
-def edgemoe_row(run: dict[str, Any], budget: str, policy: str = "lru") -> dict[str, Any] | None:
-    """The edgemoe row at ``budget`` with ``policy`` (labelled ``edgemoe@B`` or ``edgemoe[P]@B``)."""
-    return next((m for m in edgemoe_rows(run, budget) if row_policy(m) == policy), None)
+def edgemoe_row(
+    run: dict[str, Any], budget: str, policy: str = "lru", predictor: str | None = None
+) -> dict[str, Any] | None:
+    """The edgemoe row at ``budget`` with ``policy`` and ``predictor`` (None: no prefetching; labelled
+    ``edgemoe@B``, ``edgemoe[P]@B`` or ``edgemoe[P+pred]@B``)."""
+    return next(
+        (m for m in edgemoe_rows(run, budget) if row_policy(m) == policy and m.get("predictor") == predictor),
+        None,
+    )
+
+
+def row_config(m: dict[str, Any]) -> str:
+    """``policy`` or ``policy + predictor`` of a row (``–`` for the in-memory baseline)."""
+    pol = row_policy(m) or "–"
+    return f"{pol} + {m['predictor']}" if m.get("predictor") else pol
 
 
 def policies_of(run: dict[str, Any]) -> list[str]:
-    """The edgemoe policies of a run, in run order."""
+    """The edgemoe policies of a run, in run order (rows without prefetching)."""
     out: list[str] = []
     for m in edgemoe_rows(run):
+        if m.get("predictor"):
+            continue
         p = row_policy(m) or "lru"
         if p not in out:
             out.append(p)
@@ -80,8 +94,11 @@ def _hwm_at(hwm: list[int] | None, base: int, steps: tuple[int, ...] = (8, 16, 3
     if not got:
         return ""
     return (
-        "; Δ after " + "/".join(str(n) for n, _ in got) + " decode tokens: "
-        + "/".join(f"{(h - base) / 2**20:.0f}" for _, h in got) + " MiB"
+        "; Δ after "
+        + "/".join(str(n) for n, _ in got)
+        + " decode tokens: "
+        + "/".join(f"{(h - base) / 2**20:.0f}" for _, h in got)
+        + " MiB"
     )
 
 
@@ -141,8 +158,9 @@ def paired_speedup(a: dict[str, Any], b: dict[str, Any]) -> float:
 def mode_table(run: dict[str, Any]) -> str:
     """The Markdown table of every mode of one run."""
     rows = [
-        "| mode | policy | budget | decode tok/s | prefill tok/s | TTFT s | MB read / tok | hit rate "
-        "| stall ms / tok | peak RSS MiB (Δ over base) | bound ms / tok | ratio to roofline | paired ratio |",
+        "| mode | policy (+ predictor) | budget | decode tok/s | prefill tok/s | TTFT s | MB read / tok "
+        "| hit rate | stall ms / tok | peak RSS MiB (Δ over base) | bound ms / tok | ratio to roofline "
+        "| paired ratio |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in run["modes"]:
@@ -154,7 +172,7 @@ def mode_table(run: dict[str, Any]) -> str:
         if m.get("budget_bytes"):
             budget += f" ({_mib(m['budget_bytes'])} MiB)"
         rows.append(
-            f"| {m['mode']} | {row_policy(m) or '–'} | {budget} | {m['decode_tokens_per_s']:.2f} "
+            f"| {m['mode']} | {row_config(m)} | {budget} | {m['decode_tokens_per_s']:.2f} "
             f"| {m['prefill_tokens_per_s']:.1f} "
             f"| {m['ttft_s']:.2f} | {m['bytes_read_per_token'] / 1e6:.1f} "
             f"| {_f(m['hit_rate'], '{:.0%}')} | {m['stall_s_per_token'] * 1e3:.1f} "
@@ -196,6 +214,8 @@ def policy_table(run: dict[str, Any]) -> str:
     for b in run["budgets"]:
         lru = edgemoe_row(run, b, "lru")
         for m in edgemoe_rows(run, b):
+            if m.get("predictor"):
+                continue
             c = rss_check(run, m)
             up = paired_speedup(m, lru) if lru is not None else None
             verdict = "–"
@@ -207,6 +227,68 @@ def policy_table(run: dict[str, Any]) -> str:
                 f"| {m['stall_s_per_token'] * 1e3:.1f} | {_f(paired_ratio(run, m))} "
                 f"| {_mib(c['delta']) if c else '–'} | {verdict} |"
             )
+    return "\n".join(rows)
+
+
+def prefetch_table(run: dict[str, Any], budget: str = "25%") -> str:
+    """The ablation of one prefetch run, EdgeMoE style: naive -> cache (lru) -> best policy -> + each
+    predictor, with speed-up over naive and over lru without prefetching (paired per repeat), stall, ratio to
+    roofline (paired), prefetch precision, hidden reads and wasted bytes per token."""
+    naive = next((m for m in run["modes"] if m["mode"] == "naive"), None)
+    lru = edgemoe_row(run, budget, "lru")
+    rows = [
+        "| configuration | decode tok/s | × naive | × lru, no prefetch | hit rate | stall ms / tok "
+        "| ratio to roofline (paired) | prefetch precision | hidden reads / tok | wasted MB / tok |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in ([naive] if naive else []) + edgemoe_rows(run, budget):
+        rows.append(
+            f"| {'naive (no cache)' if m is naive else row_config(m)} | {m['decode_tokens_per_s']:.2f} "
+            f"| {_f(paired_speedup(m, naive) if naive else None)} "
+            f"| {_f(paired_speedup(m, lru) if lru and m is not naive else None)} "
+            f"| {_f(m['hit_rate'], '{:.0%}')} | {m['stall_s_per_token'] * 1e3:.1f} "
+            f"| {m['roofline_ratio']:.2f} ({_f(paired_ratio(run, m))}) "
+            f"| {_f(m.get('prefetch_precision'))} | {_f(m.get('prefetch_hidden_per_token'), '{:.1f}')} "
+            f"| {_f((m.get('prefetch_wasted_bytes_per_token') or 0) / 1e6, '{:.2f}')} |"
+        )
+    return "\n".join(rows)
+
+
+def prefetch_verdicts(name: str, run: dict[str, Any], budget: str = "25%") -> list[str]:
+    """The issue's goals for one prefetch run: the best prediction row against the same policy without
+    prediction (stall, speed) and its ratio to roofline."""
+    rows = [m for m in edgemoe_rows(run, budget) if m.get("predictor")]
+    if not rows:
+        return []
+    best = max(rows, key=lambda m: m["decode_tokens_per_s"])
+    base = edgemoe_row(run, budget, row_policy(best) or "lru")
+    lru = edgemoe_row(run, budget, "lru")
+    out = [
+        f"best with prediction: {row_config(best)}: {best['decode_tokens_per_s']:.2f} tok/s, ratio to "
+        f"roofline {best['roofline_ratio']:.2f} (paired {_f(paired_ratio(run, best))}; goal ≥ 0.9: "
+        f"{'met' if best['roofline_ratio'] >= 0.9 else '**not met**'})"
+    ]
+    if base is not None:
+        s0, s1 = base["stall_s_per_token"], best["stall_s_per_token"]
+        out.append(
+            f"stall per token {s1 * 1e3:.1f} ms vs {s0 * 1e3:.1f} ms without prediction (same policy; "
+            f"goal: at least halved: {'met' if s1 <= s0 / 2 else '**not met**'})"
+        )
+    if lru is not None:
+        up = paired_speedup(best, lru)
+        goal = f" (goal on the storage-bound small model: ≥ 1.3: {'met' if up >= 1.3 else '**not met**'})"
+        out.append(f"× lru without prediction (paired): {up:.2f}{goal if 'small' in name else ''}")
+    return out
+
+
+def recall_table(recall: dict[str, list[float | None]], auto: list[list[str]] | None) -> str:
+    """Held-out recall@K per predictor (and mean of predictors) per layer, from a bundle's profile."""
+    n = max(len(v) for v in recall.values())
+    rows = ["| predictor | " + " | ".join(f"layer {i}" for i in range(n)) + " |", "|---|" + "---:|" * n]
+    for name, vals in recall.items():
+        rows.append(f"| {name} | " + " | ".join(_f(v, "{:.3f}") for v in vals) + " |")
+    if auto:
+        rows.append("| **auto** (chosen) | " + " | ".join("+".join(a) for a in auto) + " |")
     return "\n".join(rows)
 
 
@@ -385,17 +467,29 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
             "",
         ]
         L += [mode_table(run), ""]
+        if run.get("predictors"):
+            L += [
+                "Ablation (naive → cache → policy → + prediction), paired per repeat:",
+                "",
+                prefetch_table(run),
+                "",
+            ]
+            L += [f"- {v}" for v in prefetch_verdicts(name, run)] + [""]
         pt = policy_table(run)
         if pt:
             L += [f"Cache policies ({', '.join(policies_of(run))}), per budget:", "", pt, ""]
         verdicts = rss_verdicts(run)
         if verdicts:
-            L += [
-                "Peak RSS per budget (fresh process per mode, "
-                f"{run.get('rss_decode_tokens', verdicts[0]['decode_tokens'] or '?')} decode tokens; "
-                "goal: peak RSS over the post-import baseline ≤ dense + budget + 64 MiB):",
-                "",
-            ] + [f"- {v['text']}" for v in verdicts] + [""]
+            L += (
+                [
+                    "Peak RSS per budget (fresh process per mode, "
+                    f"{run.get('rss_decode_tokens', verdicts[0]['decode_tokens'] or '?')} decode tokens; "
+                    "goal: peak RSS over the post-import baseline ≤ dense + budget + 64 MiB):",
+                    "",
+                ]
+                + [f"- {v['text']}" for v in verdicts]
+                + [""]
+            )
         h = headline(run)
         if h:
             L += [
@@ -413,6 +507,64 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
             ]
         for f in plot_run(name, run, img_dir):
             L += [f"![{name}]({(rel_img / f).as_posix()})", ""]
+    pp = results.get("prefetch_profile")
+    if pp:
+        L += [
+            "## Prediction: held-out recall of every predictor (default model)",
+            "",
+            f"Recall@K (K = 2: the share of a token's two experts among the predictor's two best guesses) on "
+            f"the held-out {pp['corpus']['heldout_tokens']} tokens of `{pp['bundle']}/profile.json` "
+            f"(tables fitted on {pp['corpus']['train_tokens']} tokens; `edgemoe-profile`). "
+            "Layer 0 can only be "
+            "predicted from the token (before it runs); `gates` = the layer's router on the previous layer's "
+            "MoE input; a `+` is the mean of the members' probabilities.",
+            "",
+            recall_table(pp["recall"], pp.get("auto")),
+            "",
+            "Reading the ablations above: where storage bounds the token (the small model on rpi4, the "
+            "large model on jetson-emmc) compute is a small part of it, so overlap can hide at "
+            "most that part, while "
+            "every wrong guess is a read the device still serves and every swap evicts an expert the cache "
+            "would have kept for later tokens (compare hit rate and MB read per token with and without a "
+            "predictor). Where compute could hide reads (the large model unthrottled), that model has random "
+            "weights: its routers give nearly flat softmaxes, so few guesses pass the threshold and many of "
+            "those are wrong (the precision column). The rules that keep prediction from hurting (a prefetch "
+            "swaps only within its layer, only a less likely expert, and takes its victim's recency) are in "
+            "docs/op-contract.md.",
+            "",
+        ]
+        best = [
+            max((v[i] for v in pp["recall"].values() if v[i] is not None), default=None)
+            for i in range(len(next(iter(pp["recall"].values()))))
+        ]
+        ok = all(b is not None and b >= 0.85 for b in best)
+        L += [
+            f"- Goal (best predictor ≥ 0.85 at every layer): {'met' if ok else '**not met**'} "
+            f"(best per layer {', '.join(_f(b, '{:.3f}') for b in best)}).",
+            "",
+        ]
+    ws = results.get("warm_start")
+    if ws:
+        L += [
+            "## Warm start",
+            "",
+            f"`{ws['bundle']}` at {ws['budget']}, storage profile {ws['profile']}, "
+            f"policy {ws['policy']}: the "
+            f"prompt and {ws['tokens']} generated tokens in a fresh session, cold vs `--warm-start profile`, "
+            f"median of {ws['repeats']} (`python -m edgemoe_ort.bench.warmstart`). `idle` = seconds between "
+            "opening the session and the prompt, while the warm reads run in the background.",
+            "",
+            "| idle s | cold stall s | warm stall s | cold wall s | warm wall s | cold misses "
+            "| warm misses |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in ws["runs"]:
+            c, w = r["cold"], r["warm"]
+            L.append(
+                f"| {r['idle_s']:g} | {c['stall_s']:.3f} | {w['stall_s']:.3f} | {c['wall_s']:.3f} "
+                f"| {w['wall_s']:.3f} | {c['misses']:.0f} | {w['misses']:.0f} |"
+            )
+        L += [""]
     ph = results.get("policy_hit_rates")
     if ph:
         from edgemoe_ort.bench.policies import markdown_table

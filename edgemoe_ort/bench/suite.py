@@ -235,11 +235,21 @@ def run_prefetch_part(a: argparse.Namespace, results: dict[str, Any], common: di
     pols = parse_policies(a.prefetch_policies, flag="--prefetch-policies")
     base = dict(common, policies=pols, rss=False)
     if a.small:
+        from edgemoe_ort.bench.warmstart import measure_warm_start
+        from edgemoe_ort.bundle.profile import read_profile
+
+        doc = read_profile(a.small)  # the held-out recall every predictor reached on the default model
+        results["prefetch_profile"] = {
+            "bundle": str(a.small), "corpus": doc["corpus"], "recall": doc["heldout"]["recall"],
+            "auto": doc["auto"],
+        }
         _log(f"== prefetch ablation, small model, storage profile {a.profile}")
         results["runs"][f"prefetch-small-{a.profile}"] = run_bench(
             a.small, budgets=["25%"], tokens=max(a.tokens, 24), profile=a.profile,
             modes=["naive", "edgemoe"], predictors=preds, **base,
         )
+        _log(f"== warm start vs cold, small model, storage profile {a.profile}")
+        results["warm_start"] = measure_warm_start(a.small, profile=a.profile)
     if a.large:
         large_preds = [p for p in preds if p in ("none", "gates", "auto")] or ["none"]
         for prof in (None, a.large_profile):

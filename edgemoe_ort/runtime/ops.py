@@ -174,8 +174,8 @@ class RuntimeOptions:
     # Prediction and prefetch (edgemoe.predictor etc.; docs/op-contract.md, "Prediction and prefetch").
     predictor: str = "auto"  # none | table | gates | token | auto
     profile: str | Path | None = None  # routing profile (None: the bundle's profile.json if present)
-    prefetch_depth: int = 2  # layers ahead, when the next layer's predicted experts are resident
-    prefetch_threshold: float = 0.1  # prefetch experts predicted with probability >= this
+    prefetch_depth: int = 1  # layers ahead, when the next layer's predicted experts are resident
+    prefetch_threshold: float = 0.3  # prefetch experts predicted with probability >= this
     warm_start: str | Path | None = None  # "profile" or a resident set saved by ExpertSession.save_resident
 
     def __post_init__(self) -> None:

@@ -34,8 +34,8 @@ struct StoreOptions {
 struct PrefetchOptions {
   std::string predictor = "auto";  // none | table | gates | token | auto
   std::string profile;             // routing profile path; "" = <bundle>/profile.json if it exists
-  int32_t depth = 2;               // adaptive lookahead in layers, [1, 8]
-  float threshold = 0.1f;          // prefetch an expert predicted with probability >= threshold, (0, 1]
+  int32_t depth = 1;               // adaptive lookahead in layers, [1, 8]
+  float threshold = 0.3f;          // prefetch an expert predicted with probability >= threshold, (0, 1]
   std::string warm_start;          // "" (cold) | "profile" | a resident-set file saved by edgemoe_save_resident
 };
 

@@ -10,8 +10,10 @@
 //          every layer's experts before layer 0 runs;
 //   auto   per target layer, the combination (mean) of the predictors the profile measured best.
 // A batch of T tokens needs expert e with q(e) = 1 - prod_t (1 - p_t(e)). Per target layer the up to K
-// experts with q >= threshold are prefetched (confidence q, distance in layers) and protected from eviction
-// by lower-confidence prefetches until the next call replaces the protections. Adaptive depth (HOBBIT): when
+// experts with q >= threshold are prefetched (confidence q, distance in layers). Every expert of a predicted
+// layer is protected with its q (and, where no layer before has predicted yet, with the token table's q): a
+// prefetch evicts only experts less likely than itself, demand reads evict the least likely first. The
+// protections are replaced at every call. Adaptive depth (HOBBIT): when
 // every expert predicted for layer l+1 is already resident, layer l+2 is predicted too, up to `depth`.
 //
 // State per forward pass is kept per calling thread (ORT runs a session's nodes on the thread that called
@@ -62,8 +64,19 @@ class Prefetcher {
   // q over experts of `target` from the predictors in `bits`; false if none could contribute.
   bool predict(int32_t target, int32_t depth, uint32_t bits, const LayerSignals* s, const Stream& st,
                std::vector<float>& q) const;
-  // Prefetches the selection for `target`; true if every selected expert was already resident.
-  bool issue(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st);
+  struct Read {
+    int32_t layer, expert, distance;
+    float confidence;
+  };
+  // Remembers q as the protections of `target` and appends the reads of its selection (the up to K most
+  // likely with q >= threshold that are not resident); true if every selected expert was resident.
+  bool select(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st,
+              std::vector<Read>& reads) const;
+  void issue(const std::vector<Read>& reads);
+  void remember(int32_t target, const std::vector<float>& q, Stream& st) const;
+  // What the store should keep for the layers after `after`: each layer's predicted distribution, or the
+  // token table's where the layer is not predicted yet.
+  std::vector<std::pair<ExpertKey, float>> protections(int32_t after, const Stream& st) const;
 
   ExpertStore& store_;
   PrefetchOptions options_;

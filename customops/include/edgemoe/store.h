@@ -95,10 +95,13 @@ class ExpertStore {
   std::optional<Pin> try_acquire(int32_t layer, int32_t expert);
   // Queues a read of (layer, expert) and returns at once. No-op (false) if it is resident or in flight, if
   // the cache is disabled (policy none), or if room cannot be made without waiting: a prefetch evicts only
-  // fully read, unpinned experts whose protection is below its confidence (never a pinned, in-flight or more
-  // likely one).
+  // fully read, unpinned experts of the same layer whose protection is below its confidence (never a pinned,
+  // in-flight or more likely one, never another layer's).
   bool prefetch(int32_t layer, int32_t expert, PrefetchHint hint = {});
   // Replaces the set of protected experts (predicted for the layers about to run) with their confidences.
+  // A prefetch evicts only experts of its own layer that are less likely than itself, least likely first: an
+  // expert left out of its layer's list counts 0, one of a layer without any 0.5. Demand reads evict in the
+  // policy's order.
   void protect(const std::vector<std::pair<ExpertKey, float>>& predicted);
   // Blocks until every read queued or in flight at the call has completed (or was cancelled).
   void drain();
@@ -122,7 +125,9 @@ class ExpertStore {
   static uint64_t charge_of(const ExpertRecord& rec) { return charge_of(rec.length); }
   std::optional<Pin> request(int32_t layer, int32_t expert, bool block);
   std::shared_ptr<Entry> new_entry(const ExpertKey& key);
-  bool try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch);
+  // oldest_victim (prefetch): set to the smallest last_use among the evicted, 0 left if none was evicted.
+  bool try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch, int32_t layer = -1,
+                          uint64_t* oldest_victim = nullptr);
   void touch_locked(size_t index, bool access);  // access clock; a use if `access`
   void insert_locked(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk);
   void evict_locked(const std::shared_ptr<Entry>& e);
@@ -145,6 +150,7 @@ class ExpertStore {
   std::condition_variable cv_;  // entry state changes, unpins, freed bytes
   std::unordered_map<ExpertKey, std::shared_ptr<Entry>, ExpertKeyHash> entries_;
   std::unordered_map<ExpertKey, float, ExpertKeyHash> protected_;
+  std::vector<uint8_t> protected_layers_;  // per layer: 1 if protect() listed any expert of it
   std::vector<UsageRecord> usage_;  // per record index
   std::vector<uint8_t> verified_;   // per record index
   uint64_t reserved_ = 0;

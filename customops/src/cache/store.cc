@@ -15,6 +15,7 @@ namespace edgemoe {
 
 namespace {
 using Clock = std::chrono::steady_clock;
+constexpr float kUnpredictedResident = 0.5f;
 uint64_t ns_since(Clock::time_point t0) {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
 }
@@ -187,12 +188,16 @@ void ExpertStore::drain() {
 
 void ExpertStore::protect(const std::vector<std::pair<ExpertKey, float>>& predicted) {
   std::unordered_map<ExpertKey, float, ExpertKeyHash> next;
+  std::vector<uint8_t> layers(manifest_.layers.size(), 0);
   for (const auto& kv : predicted) {
     float& c = next[kv.first];
     c = std::max(c, kv.second);
+    if (kv.first.layer >= 0 && static_cast<size_t>(kv.first.layer) < layers.size())
+      layers[static_cast<size_t>(kv.first.layer)] = 1;
   }
   std::lock_guard<std::mutex> lk(mu_);
   protected_.swap(next);
+  protected_layers_.swap(layers);
 }
 
 // A queued prefetch that will never run: out of the cache, its bytes returned.
@@ -229,9 +234,10 @@ void ExpertStore::touch_locked(size_t index, bool access) {
 }
 
 // Reserves `bytes`, evicting if needed. All or nothing: the victims are chosen first (lowest keep-score
-// first, by the policy) and evicted only if together they make enough room. A prefetch evicts only entries
-// protected below its confidence.
-bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch) {
+// first, by the policy) and evicted only if together they make enough room. A prefetch evicts only entries of
+// its own `layer` predicted less likely than its confidence, least likely first.
+bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch, int32_t layer,
+                                     uint64_t* oldest_victim) {
   if (bytes > budget_) return false;
   if (reserved_ + bytes > budget_) {
     if (!policy_) return false;
@@ -240,13 +246,25 @@ bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetc
     std::vector<std::shared_ptr<Entry>> owners;
     cands.reserve(entries_.size());
     const int32_t L = ctx_.num_layers;
+    std::vector<float> protection;  // per candidate (prefetch only): its predicted probability of use
+    protection.reserve(entries_.size());
     for (const auto& kv : entries_) {
       const Entry& e = *kv.second;
       if (e.pins != 0 || e.state != Entry::State::Ready) continue;
-      if (prefetch) {
+      // Probability of use soon: the prediction where there is one; 0 for an expert its layer's prediction
+      // left out (below any listed probability); kUnpredictedResident in a layer nobody predicted (a resident
+      // expert is as likely as not to be reused: the default model reuses 51% of the previous token's).
+      float prot = kUnpredictedResident;
+      if (prefetch && !protected_.empty()) {
         auto p = protected_.find(kv.first);
-        if (p != protected_.end() && !(p->second < prefetch->confidence)) continue;
+        if (p != protected_.end()) prot = p->second;
+        else if (protected_layers_[static_cast<size_t>(kv.first.layer)]) prot = 0.0f;
       }
+      // A prefetch only swaps within its own layer: it evicts an expert of that layer predicted less likely
+      // than itself. Taking room from another layer would shift what every later layer keeps, and under
+      // recency policies the access order of a forward pass turns one such eviction into a chain of misses.
+      if (prefetch && (kv.first.layer != layer || !(prot < prefetch->confidence))) continue;
+      if (prefetch) protection.push_back(prot);
       Candidate c;
       c.key = kv.first;
       c.bytes = e.charge;
@@ -256,14 +274,31 @@ bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetc
       c.usage = usage_[e.index];
       cands.push_back(c);
     }
-    std::sort(cands.begin(), cands.end(),
-              [&](const Candidate& a, const Candidate& b) { return policy_->evict_before(a, b, ctx_); });
+    auto by_policy = [&](const Candidate& a, const Candidate& b) { return policy_->evict_before(a, b, ctx_); };
+    if (!prefetch) {
+      std::sort(cands.begin(), cands.end(), by_policy);
+    } else {  // the least likely first, then the policy's order
+      std::vector<size_t> order(cands.size());
+      for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+      std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+        if (protection[a] != protection[b]) return protection[a] < protection[b];
+        return by_policy(cands[a], cands[b]);
+      });
+      std::vector<Candidate> sorted;
+      sorted.reserve(cands.size());
+      for (size_t i : order) sorted.push_back(cands[i]);
+      cands.swap(sorted);
+    }
     uint64_t freed = 0;
     size_t n = 0;
     while (freed < need && n < cands.size()) freed += cands[n++].bytes;
     if (freed < need) return false;
     owners.reserve(n);
     for (size_t i = 0; i < n; ++i) owners.push_back(entries_.at(cands[i].key));
+    if (oldest_victim) {
+      *oldest_victim = UINT64_MAX;
+      for (const auto& e : owners) *oldest_victim = std::min(*oldest_victim, usage_[e->index].last_use);
+    }
     for (const auto& e : owners) evict_locked(e);
   }
   reserved_ += bytes;
@@ -414,7 +449,8 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
   {
     std::unique_lock<std::mutex> lk(mu_);
     if (entries_.count(key)) return false;
-    if (!try_reserve_locked(fresh->charge, &hint)) {
+    uint64_t victim_last_use = 0;  // 0: no eviction was needed
+    if (!try_reserve_locked(fresh->charge, &hint, layer, &victim_last_use)) {
       stats_->prefetch_dropped.fetch_add(1, std::memory_order_relaxed);
       stats_->count(&LayerCounters::prefetch_dropped, layer, sink.get());
       return false;
@@ -427,6 +463,10 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
     e.accounted = true;
     e.priority = ReadPriority{ReadPriority::Kind::Prefetch, std::max<int32_t>(0, hint.distance), hint.confidence};
     insert_locked(fresh, lk);
+    // A prefetch that evicted enters the cache in its victim's place in the recency order: if the guess was
+    // wrong, the layer's next miss evicts it again instead of an expert of a later layer (under LRU, one
+    // extra expert per forward pass otherwise shifts every layer's residents: a chain of misses).
+    if (victim_last_use) usage_[e.index].last_use = victim_last_use;
     stats_->prefetch_issued.fetch_add(1, std::memory_order_relaxed);
     ++reads_pending_;
     scheduler_->submit(std::move(slot), std::move(fresh));  // under the lock: an acquire can promote it

@@ -10,6 +10,9 @@ namespace edgemoe {
 
 namespace {
 std::atomic<uint64_t> next_prefetcher_id{1};
+// Predicted probabilities below this are left out of the protections (the store counts a left-out expert of
+// a predicted layer as 0): with many experts per layer the list stays short.
+constexpr float kMinProtection = 0.02f;
 
 // The sorted experts of token t of a [T, K] index tensor (-1 entries dropped).
 std::vector<int32_t> token_set(const int64_t* idx, int64_t t, int64_t K) {
@@ -154,24 +157,54 @@ bool Prefetcher::predict(int32_t target, int32_t depth, uint32_t bits, const Lay
   return true;
 }
 
-bool Prefetcher::issue(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st) {
+bool Prefetcher::select(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st,
+                        std::vector<Read>& reads) const {
   const int64_t K = store_.manifest().layers[static_cast<size_t>(target)].top_k;
   std::vector<int32_t> order(q.size());
   for (size_t e = 0; e < q.size(); ++e) order[e] = static_cast<int32_t>(e);
   std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return q[a] > q[b]; });
-  auto& pred = st.predicted[static_cast<size_t>(target)];
-  pred.clear();
+  // Every expert of the target layer is protected with its probability, not only the ones read: a resident
+  // expert of that layer is as likely to be needed as its probability says, and a prefetch may only replace
+  // one that is less likely than itself.
+  remember(target, q, st);
   bool all_resident = true;
   for (int64_t i = 0; i < K && i < static_cast<int64_t>(order.size()); ++i) {
     const int32_t e = order[static_cast<size_t>(i)];
     const float c = q[static_cast<size_t>(e)];
     if (!(c >= options_.threshold)) break;
-    pred.emplace_back(e, c);
     if (store_.is_resident(target, e)) continue;
     all_resident = false;
-    store_.prefetch(target, e, PrefetchHint{distance, c});
+    reads.push_back(Read{target, e, distance, c});
   }
   return all_resident;
+}
+
+void Prefetcher::issue(const std::vector<Read>& reads) {
+  for (const Read& r : reads) store_.prefetch(r.layer, r.expert, PrefetchHint{r.distance, r.confidence});
+}
+
+void Prefetcher::remember(int32_t target, const std::vector<float>& q, Stream& st) const {
+  auto& pred = st.predicted[static_cast<size_t>(target)];
+  pred.clear();
+  for (size_t e = 0; e < q.size(); ++e)
+    if (q[e] >= kMinProtection) pred.emplace_back(static_cast<int32_t>(e), std::min(1.0f, q[e]));
+}
+
+std::vector<std::pair<ExpertKey, float>> Prefetcher::protections(int32_t after, const Stream& st) const {
+  std::vector<std::pair<ExpertKey, float>> out;
+  const int32_t L = static_cast<int32_t>(store_.manifest().layers.size());
+  for (int32_t t = after + 1; t < L; ++t) {
+    const auto& pred = st.predicted[static_cast<size_t>(t)];
+    if (!pred.empty()) {
+      for (const auto& [e, c] : pred) out.emplace_back(ExpertKey{t, e}, c);
+      continue;
+    }
+    // Not predicted (yet) by the layer before: the token table's guess still keeps its experts (no read).
+    const auto& tq = st.token_q[static_cast<size_t>(t)];
+    for (size_t e = 0; e < tq.size(); ++e)
+      if (tq[e] >= kMinProtection) out.emplace_back(ExpertKey{t, static_cast<int32_t>(e)}, std::min(1.0f, tq[e]));
+  }
+  return out;
 }
 
 void Prefetcher::on_tokens(const int64_t* ids, int64_t n) {
@@ -193,16 +226,16 @@ void Prefetcher::on_tokens(const int64_t* ids, int64_t n) {
   // Token start: read what the token alone predicts for the layers that will use it (auto: where the profile
   // chose the token table; token: every layer), nearest layer first.
   std::vector<float> q;
-  std::vector<std::pair<ExpertKey, float>> protect;
+  std::vector<Read> reads;
   for (size_t l = 0; l < L; ++l) {
     const int32_t t = static_cast<int32_t>(l);
     if (auto_ && !(profile_->layers[l].auto_members & kPredictToken)) continue;
     if (auto_ && t > 0) continue;  // auto: later layers are predicted at the layer before, with more signals
     if (!predict(t, 1, kPredictToken, nullptr, st, q)) continue;
-    issue(t, t, q, st);
-    for (const auto& [e, c] : st.predicted[l]) protect.emplace_back(ExpertKey{t, e}, c);
+    select(t, t, q, st, reads);
   }
-  store_.protect(protect);
+  store_.protect(protections(-1, st));  // before the reads: they may only replace less likely experts
+  issue(reads);
 }
 
 void Prefetcher::on_layer(const LayerSignals& s) {
@@ -213,16 +246,15 @@ void Prefetcher::on_layer(const LayerSignals& s) {
   st.last_layer = s.layer;
   st.predicted[static_cast<size_t>(s.layer)].clear();
   std::vector<float> q;
+  std::vector<Read> reads;
   for (int32_t d = 1; d <= options_.depth && s.layer + d < L; ++d) {
     const int32_t target = s.layer + d;
     const uint32_t bits = members(target, d, &s, st);
     if (!bits || !predict(target, d, bits, &s, st, q)) break;
-    if (!issue(target, d, q, st)) break;  // adaptive depth: look further only while everything is resident
+    if (!select(target, d, q, st, reads)) break;  // adaptive depth: further only while all is resident
   }
-  std::vector<std::pair<ExpertKey, float>> protect;
-  for (int32_t t = s.layer + 1; t < L; ++t)
-    for (const auto& [e, c] : st.predicted[static_cast<size_t>(t)]) protect.emplace_back(ExpertKey{t, e}, c);
-  store_.protect(protect);
+  store_.protect(protections(s.layer, st));  // before the reads: they may only replace less likely experts
+  issue(reads);
   // This call's experts become the "previous layer" of the next call's table lookup.
   st.prev_sets.resize(static_cast<size_t>(s.T));
   for (int64_t t = 0; t < s.T; ++t) st.prev_sets[static_cast<size_t>(t)] = token_set(s.idx, t, s.K);

@@ -188,7 +188,7 @@ def run_policies(
     with tempfile.TemporaryDirectory() as td:
         graph, taps = _routing_graph(bundle, Path(td))
         say(f"recording the routing of {windows} x ({prompt} prompt + {per_window} decode) held-out tokens")
-        rec = _TappedModel(bundle, graph, RuntimeOptions(budget=None, io=io))
+        rec = _TappedModel(bundle, graph, RuntimeOptions(budget=None, io=io, predictor="none"))
         trace = _calls(rec.run_windows(eval_windows, prompt, taps))
         calib = _calls(rec.run_windows(calib_windows, prompt, taps))
         del rec
@@ -211,7 +211,8 @@ def run_policies(
                 "routing_identical": None,
             }
             if not sim_only:
-                m = _TappedModel(bundle, graph, RuntimeOptions(budget=budget_bytes, io=io, **kw))
+                opts = RuntimeOptions(budget=budget_bytes, io=io, predictor="none", **kw)
+                m = _TappedModel(bundle, graph, opts)
                 seen = _calls(m.run_windows(eval_windows, prompt, taps))
                 st = m.es.stats()
                 del m

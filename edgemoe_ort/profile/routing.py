@@ -164,7 +164,7 @@ class RoutingRecorder:
         self._tmp = tempfile.TemporaryDirectory(prefix="edgemoe-taps-")
         try:
             graph, self.taps = write_tapped_graph(self.bundle, self._tmp.name)
-            options = options if options is not None else RuntimeOptions()
+            options = options if options is not None else RuntimeOptions(predictor="none")
             so, sid = make_session_options(self.bundle.path, options)
             sess = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
             self.session = ExpertSession(sess, sid, self.bundle.path, options)

@@ -11,10 +11,11 @@
 //   auto   per target layer, the combination (mean) of the predictors the profile measured best.
 // A batch of T tokens needs expert e with q(e) = 1 - prod_t (1 - p_t(e)). Per target layer the up to K
 // experts with q >= threshold are prefetched (confidence q, distance in layers). Every expert of a predicted
-// layer is protected with its q (and, where no layer before has predicted yet, with the token table's q): a
-// prefetch evicts only experts less likely than itself, demand reads evict the least likely first. The
-// protections are replaced at every call. Adaptive depth (HOBBIT): when
-// every expert predicted for layer l+1 is already resident, layer l+2 is predicted too, up to `depth`.
+// layer with q >= 0.02 is protected with its q (and, where no layer before has predicted yet, with the token
+// table's q): a prefetch swaps out only an expert of its own layer less likely than itself; demand reads
+// evict in the policy's order. The protections are replaced at every call. Adaptive depth (HOBBIT): when at
+// least one expert of layer l+1 is predicted above the threshold and every such expert is resident, layer
+// l+2 is predicted too, up to `depth`.
 //
 // State per forward pass is kept per calling thread (ORT runs a session's nodes on the thread that called
 // Run), so sessions and threads sharing one store do not mix their histories.

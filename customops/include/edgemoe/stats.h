@@ -21,7 +21,7 @@ struct LayerCounters {
   std::atomic<uint64_t> prefetch_hidden{0};  // ... whose read had completed at first use (hidden behind compute)
   std::atomic<uint64_t> prefetch_hidden_bytes{0};
   std::atomic<uint64_t> prefetch_late{0};    // ... still being read at first use
-  std::atomic<uint64_t> prefetch_wasted{0}, prefetch_wasted_bytes{0};  // evicted or cancelled before any use
+  std::atomic<uint64_t> prefetch_wasted{0}, prefetch_wasted_bytes{0};  // evicted before any use
   std::atomic<uint64_t> prefetch_dropped{0};  // refused: no room without waiting
 
   void reset();

@@ -102,7 +102,8 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
       stats_->throttle_bw = options_.throttle_bw;
       stats_->throttle_latency_us = options_.throttle_latency_us;
       stats_->mlock = options_.arena.mlock;
-      stats_->layers = std::vector<LayerCounters>(manifest_.layers.size());
+      if (stats_->layers.size() != manifest_.layers.size())  // a reattached id keeps its per-layer counters
+        stats_->layers = std::vector<LayerCounters>(manifest_.layers.size());
     }
     stats_->resident_bytes = 0;
     scheduler_ = std::make_unique<ReadScheduler>(options_.io_threads, [this](const std::shared_ptr<ReadTask>& t) {

@@ -168,15 +168,17 @@ bool Prefetcher::select(int32_t target, int32_t distance, const std::vector<floa
   // one that is less likely than itself.
   remember(target, q, st);
   bool all_resident = true;
+  int64_t selected = 0;
   for (int64_t i = 0; i < K && i < static_cast<int64_t>(order.size()); ++i) {
     const int32_t e = order[static_cast<size_t>(i)];
     const float c = q[static_cast<size_t>(e)];
     if (!(c >= options_.threshold)) break;
+    ++selected;
     if (store_.is_resident(target, e)) continue;
     all_resident = false;
     reads.push_back(Read{target, e, distance, c});
   }
-  return all_resident;
+  return selected > 0 && all_resident;  // nothing confident enough: no reason to look further
 }
 
 void Prefetcher::issue(const std::vector<Read>& reads) {

@@ -35,11 +35,14 @@ std::vector<ExpertKey> warm_set(const std::string& spec, const Manifest& m, cons
   if (!S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) > kMaxFileBytes)
     throw fail("file", "a regular file of at most 64 MiB", "another file");
   std::ifstream in(path, std::ios::binary);
+  if (!in) throw fail("file", "a readable file", "an unreadable one");
   std::stringstream ss;
   ss << in.rdbuf();
   nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, false);
   if (j.is_discarded() || !j.is_object()) throw fail("file", "a JSON object", "something else");
-  if (j.value("format", "") != kFormat) throw fail("format", std::string("\"") + kFormat + "\"", "another value");
+  const auto fmt = j.find("format");
+  if (fmt == j.end() || !fmt->is_string() || fmt->get<std::string>() != kFormat)
+    throw fail("format", std::string("\"") + kFormat + "\"", "another value");
   const std::string want = manifest_identity(m);
   const auto id = j.find("manifest_xxh3");
   if (id == j.end() || !id->is_string() || id->get<std::string>() != want)

@@ -1,6 +1,6 @@
 """Command-line entry points: edgemoe-export, edgemoe-run, edgemoe-inspect.
 
-User mistakes print one clear line and exit non-zero; tracebacks are for our bugs only.
+User mistakes print one clear line and exit with status 2; tracebacks are for our bugs only (and ``-v``).
 """
 
 from __future__ import annotations
@@ -9,28 +9,51 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from edgemoe_ort.cli_common import err, friendly_errors, out, user_errors
+from edgemoe_ort.cli_common import (
+    CONTEXT_SETTINGS,
+    QuietOption,
+    VerboseOption,
+    VersionOption,
+    check_output_file,
+    command_kwargs,
+    err,
+    friendly_errors,
+    info,
+    make_parents,
+    out,
+    output,
+    print_table,
+    write_output_file,
+)
 from edgemoe_ort.cli_common import fmt_bytes as _fmt_bytes
-from edgemoe_ort.runtime.ops import POLICIES, PREDICTORS
+from edgemoe_ort.runtime.ops import POLICIES, PREDICTORS, ROUTING_RULES
 
 # --- edgemoe-export --------------------------------------------------------------------------------
-export_app = typer.Typer(
-    add_completion=False, help="Export a HuggingFace MoE checkpoint to an edgemoe bundle."
-)
+export_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS)
 
 
-@export_app.command()
+@export_app.command(**command_kwargs(
+    "Export a HuggingFace MoE checkpoint (a local folder, or a hub id) to an edgemoe bundle: the dense ONNX "
+    "graph(s) with one OffloadedExpert node per MoE layer, and every routed expert quantized into an expert "
+    "store on disk. An existing output folder is replaced only with --force, and only if it is an edgemoe "
+    "bundle holding nothing else.",
+    ["edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny",
+     "edgemoe-export mistralai/Mixtral-8x7B-v0.1 -o bundles/mixtral-int4 --bits 4 --group-size 64",
+     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny --bits 8 --force"],
+))
 @friendly_errors
 def export(
-    model: Annotated[str, typer.Argument(help="HF hub id or local checkpoint folder")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="bundle folder to create")],
+    model: Annotated[str, typer.Argument(help="local checkpoint folder (config.json + weights) or hub id")],
+    output_dir: Annotated[Path, typer.Option("-o", "--output", help="bundle folder to create")],
     bits: Annotated[int, typer.Option(help="expert weight bits: 32, 16, 8 or 4")] = 4,
     group_size: Annotated[int, typer.Option(help="quantization group size (int8/int4)")] = 64,
-    force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+    force: Annotated[
+        bool, typer.Option(help="replace an existing bundle (only an edgemoe bundle that holds nothing else)")
+    ] = False,
     lookahead: Annotated[
         int,
         typer.Option(
@@ -38,47 +61,100 @@ def export(
             help="later MoE layers whose router logits each expert node gets for prefetching (0 = none)",
         ),
     ] = 3,
+    version: VersionOption = False,
+    verbose: VerboseOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+    from edgemoe_ort.bundle.errors import BundleError
+    from edgemoe_ort.bundle.writer import check_target
+    from edgemoe_ort.hub import check_source
+
+    if bits not in (4, 8, 16, 32):
+        raise ValueError(f"--bits: expected 4, 8, 16 or 32, found {bits}")
+    if group_size < 1:
+        raise ValueError(f"--group-size: expected an integer >= 1, found {group_size}")
+    try:  # all before torch is even imported
+        check_target(output_dir, force=force)
+    except BundleError as exc:
+        raise ValueError(f"--output {exc}") from None
+    source = check_source(model)  # the hub is asked here only; the export takes its answer
+    make_parents(output_dir, "--output")
     from edgemoe_ort.export import export_model_with_report
 
     columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err) as bar:
-        tasks: dict[str, TaskID] = {}
+    bar = Progress(*columns, console=err, disable=output.quiet)
+    tasks: dict[str, TaskID] = {}
 
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=max(total, 1))
-            bar.update(tasks[stage], completed=done, total=max(total, 1))
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # at the first stage: an error before it is one line, with no empty bar before it
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=max(total, 1))
+        bar.update(tasks[stage], completed=done, total=max(total, 1))
 
+    try:
         report = export_model_with_report(
-            model,
-            output,
+            source,
+            output_dir,
             bits=bits,
             group_size=group_size,
             force=force,
             progress=on_progress,
             lookahead=lookahead,
         )
-    for role, wiring in report.wiring.items():
-        err.print(f"prefetch wiring ({role}, lookahead {wiring.requested}):", highlight=False)
-        for line in wiring.summary():
-            err.print(f"  {line}", highlight=False, markup=False)
-    err.print(f"[green]bundle written:[/] {report.bundle}")
+    finally:
+        if tasks:
+            bar.stop()
+    if not output.quiet:
+        for role, wiring in report.wiring.items():
+            err.print(f"prefetch wiring ({role}, lookahead {wiring.requested}):", highlight=False)
+            for line in wiring.summary():
+                err.print(f"  {line}", highlight=False, markup=False)
+        for role, routed in report.routing.items():
+            err.print(f"cache-aware routing ({role}):", highlight=False)
+            for line in routed.summary():
+                err.print(f"  {line}", highlight=False, markup=False)
+    info(f"[green]bundle written:[/] {report.bundle}")
 
 
 # --- edgemoe-run -----------------------------------------------------------------------------------
-run_app = typer.Typer(add_completion=False, help="Generate text from a bundle under a memory budget.")
+run_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS)
 
 
-@run_app.command()
+@run_app.command(**command_kwargs(
+    "Generate text from a bundle with its experts on flash, in a cache of at most --budget bytes. The prompt "
+    "and the generated text go to stdout, statistics to stderr (--json: one JSON object on stdout, "
+    "docs/json-output.md). Generation stops at the end-of-sequence token, a --stop string, --max-new-tokens "
+    "or the model's context. Ctrl-C stops it and prints what was measured so far.",
+    ["edgemoe-run bundles/tiny --prompt 'def fibonacci(n):' --max-new-tokens 48 --budget 25%",
+     "edgemoe-run bundles/tiny --prompt-file prompt.txt --budget auto --temperature 0.8 --top-k 40 --seed 1",
+     "echo 'import os' | edgemoe-run bundles/tiny --prompt - --stop '\\n\\n' --json",
+     "edgemoe-run bundles/switch --ids 5,17,42,9 --max-new-tokens 16   # a bundle without a tokenizer"],
+))
 @friendly_errors
 def run(
-    bundle: Annotated[Path, typer.Argument(help="bundle folder")],
-    prompt: Annotated[str, typer.Option(help="prompt text")],
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
-    budget: Annotated[str | None, typer.Option(help="expert cache budget: bytes, 256MB, 1GiB or 25%")] = None,
+    bundle: Annotated[Path, typer.Argument(help="bundle folder (made by edgemoe-export)")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="prompt text; - reads it from stdin")
+    ] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option("--prompt-file", "-f", help="read the prompt from this UTF-8 file")
+    ] = None,
+    ids: Annotated[
+        str | None,
+        typer.Option(help="the prompt as token ids, e.g. 1,2,3 (bundles without a tokenizer, e.g. Switch)"),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", help="at most this many new tokens (and never past the "
+                          "model's context)")
+    ] = 64,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="expert cache budget: bytes, 256MB, 1GiB, 25% (of the store), or auto (the largest "
+                     "that fits the available memory)", show_default="the whole store"),
+    ] = None,
     io: Annotated[str, typer.Option(help="direct | buffered | mmap")] = "direct",
     policy: Annotated[str, typer.Option(help="cache policy: " + " | ".join(POLICIES))] = "lru",
     frequencies: Annotated[
@@ -93,10 +169,19 @@ def run(
         typer.Option(help="pinned: how many of the most frequent experts (default: as many as fit)"),
     ] = None,
     io_threads: Annotated[int, typer.Option(help="I/O threads")] = 2,
-    threads: Annotated[int | None, typer.Option(help="compute threads (ORT intra-op)")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="compute threads (ORT intra-op)", show_default="ORT's, one per core")
+    ] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens (0 = all)")] = 0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="> 1 makes tokens already in the prompt or output less likely (1 = off)")
+    ] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed", show_default="random")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="stop before this text; repeatable")
+    ] = None,
     predictor: Annotated[
         str, typer.Option(help="prefetch predictor: " + " | ".join(PREDICTORS))
     ] = "auto",
@@ -108,6 +193,16 @@ def run(
     warm_start: Annotated[
         str | None, typer.Option(help="'profile' or a --save-resident file: fill the cache at start")
     ] = None,
+    routing: Annotated[
+        str, typer.Option(help=" | ".join(ROUTING_RULES) + ": exact = the router's own top-k; cache-prior "
+                          "prefers resident experts by lambda x the layer's logit range; max-rank takes "
+                          "resident experts from the true top-M (docs/op-contract.md)")
+    ] = "exact",
+    routing_lambda: Annotated[float, typer.Option(help="cache-prior: the bias lambda")] = 0.5,
+    routing_keep: Annotated[int, typer.Option(help="J: the true top experts always kept")] = 1,
+    routing_window: Annotated[
+        int, typer.Option(help="max-rank: M, the true top-M a resident expert may come from (0 = 2k)")
+    ] = 0,
     save_resident: Annotated[
         Path | None, typer.Option(help="after generating, save the resident experts here (for --warm-start)")
     ] = None,
@@ -115,62 +210,157 @@ def run(
     show_stats: Annotated[
         bool, typer.Option("--stats", help="print a per-layer cache and prefetch table")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object (docs/json-output.md)")
+    ] = False,
+    version: VersionOption = False,
+    verbose: VerboseOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     from edgemoe_ort.runtime import RuntimeOptions, load_model
+    from edgemoe_ort.runtime.generate import check_generation_args
 
     _check_policy_flags(policy, frequencies, policy_weights, pin_experts)
     _check_prefetch_flags(predictor, prefetch_depth, prefetch_threshold, profile, warm_start)
-    if save_resident is not None and save_resident.exists() and not force:
-        raise FileExistsError(f"--save-resident {save_resident}: exists; add --force to replace it")
+    for flag, v in (("--io-threads", io_threads), ("--threads", threads)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: expected an integer >= 1, found {v}")
+    stops = check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                  stop=stop or ())
+    source = _prompt_source(prompt, prompt_file, ids)
+    if budget is not None and budget.strip().lower() == "auto":
+        budget = str(_auto_budget(bundle))
+    elif budget is not None:
+        from edgemoe_ort.runtime.ops import parse_budget
+
+        try:
+            parse_budget(budget, 1 << 50)
+        except ValueError as exc:
+            raise ValueError(f"--{exc}; or auto") from None
+    check_output_file(save_resident, "--save-resident", force=force)  # the last check: it makes folders
     options = RuntimeOptions(budget=budget, policy=policy, io=io, io_threads=io_threads,
                              intra_op_threads=threads, frequencies=frequencies, policy_weights=policy_weights,
                              pin_experts=pin_experts, predictor=predictor, prefetch_depth=prefetch_depth,
-                             prefetch_threshold=prefetch_threshold, profile=profile, warm_start=warm_start)
+                             prefetch_threshold=prefetch_threshold, profile=profile, warm_start=warm_start,
+                             routing=routing, routing_lambda=routing_lambda, routing_keep=routing_keep,
+                             routing_window=routing_window)
     try:
         model = load_model(bundle, options)
-    except user_errors() as exc:  # name our flags, not the session config keys they map to
-        msg = _ORT_PREFIX.sub("", str(exc).strip())
-        for key, flag in _FLAG_OF_KEY.items():
-            msg = msg.replace(key, flag)
-        raise ValueError(msg) from None
+    except KeyboardInterrupt:
+        _interrupted_before_generation()
+    try:
+        prompt_ids = model.prompt_ids(source)  # empty, outside the vocabulary or past the context: fails here
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("prompt:", "--ids:", 1) if ids is not None else str(exc)) from None
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  seed=seed)
+                                  top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stops)
+    results: list[Any] = []
+    interrupted = False
+    pieces = model.stream(prompt_ids, result=results, **kwargs)
+    try:
+        if as_json:
+            for _ in pieces:
+                pass
+        else:
+            if not output.quiet:
+                shown = source if isinstance(source, str) else model.decode(prompt_ids) + " "
+                out.print(shown, end="", style="bold", highlight=False, markup=False)
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print()
+    except KeyboardInterrupt:
+        interrupted = True
+        if not results:  # interrupted here, not inside the generator: let it record what it has
+            try:
+                pieces.throw(KeyboardInterrupt())
+            except (KeyboardInterrupt, StopIteration):
+                pass
+        if not results:  # the generator had not started: nothing was generated or measured
+            if not as_json and not output.quiet:
+                print()
+            _interrupted_before_generation()
+        if not as_json:
+            print()
+    result = results[0]
+    payload: dict[str, Any] = {"text": result.text, "tokens": result.tokens,
+                               "stop_reason": result.stop_reason, "context_tokens": model.context_length}
+    payload.update(result.stats.as_dict())
+    if save_resident is not None and not interrupted:
+        saved: list[Path] = []  # without --force, write_output_file has made the file: replace that one
+        write_output_file(save_resident, "--save-resident", force=force,
+                          write=lambda p: saved.append(model.session.save_resident(p, force=True)))
+        payload["saved_resident"] = str(saved[0])
     if as_json:
-        result = model.generate(prompt, **kwargs)
-        payload = {"text": result.text, "tokens": result.tokens, "stop_reason": result.stop_reason}
-        payload.update(result.stats.as_dict())
-        if save_resident is not None:
-            payload["saved_resident"] = str(model.session.save_resident(save_resident, force=True))
         print(json.dumps(payload))
-        return
-    out.print(prompt, end="", style="bold", highlight=False)
-    result = model.generate(prompt, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
-                            **kwargs)
-    print()
-    _print_stats(result.stats.as_dict())
-    if show_stats:
-        _print_layer_table(result.stats.as_dict().get("cache", {}))
-    if save_resident is not None:
-        err.print(f"resident experts saved: {model.session.save_resident(save_resident, force=True)}")
+    elif not output.quiet:
+        if interrupted:
+            err.print(f"[yellow]interrupted[/] after {len(result.tokens)} generated tokens; measured so far:",
+                      highlight=False)
+        elif result.stop_reason == "context":
+            err.print(f"[yellow]stopped at the model's context:[/] {model.context_length} tokens (prompt "
+                      f"{len(prompt_ids)} + {len(result.tokens)} generated)", highlight=False)
+        _print_stats(result.stats.as_dict())
+        if show_stats:
+            _print_layer_table(result.stats.as_dict().get("cache", {}))
+        if "saved_resident" in payload:
+            err.print(f"resident experts saved: {payload['saved_resident']}")
+    if interrupted:
+        raise typer.Exit(code=130)
 
 
-#: session config keys (C++ error messages) -> the edgemoe-run flag that sets them
-_FLAG_OF_KEY = {
-    "edgemoe.frequencies": "--frequencies",
-    "edgemoe.policy_weights": "--policy-weights",
-    "edgemoe.pin_experts": "--pin-experts",
-    "edgemoe.policy": "--policy",
-    "edgemoe.budget": "--budget",
-    "edgemoe.io_threads": "--io-threads",
-    "edgemoe.io_mode": "--io",
-    "edgemoe.predictor": "--predictor",
-    "edgemoe.prefetch_depth": "--prefetch-depth",
-    "edgemoe.prefetch_threshold": "--prefetch-threshold",
-    "edgemoe.profile": "--profile",
-    "edgemoe.warm_start": "--warm-start",
-}
-_ORT_PREFIX = re.compile(r"^(\[ONNXRuntimeError\] : \d+ : \w+ : )?(Exception during initialization: )?")
+def _interrupted_before_generation() -> NoReturn:
+    """Ctrl-C before the first token: one line, exit status 130 (nothing to report)."""
+    err.print("[yellow]interrupted[/] before generation: nothing generated", highlight=False)
+    raise typer.Exit(code=130)
+
+
+def _prompt_source(prompt: str | None, prompt_file: Path | None, ids: str | None) -> str | list[int]:
+    """The prompt from exactly one of ``--prompt`` (``-`` = stdin), ``--prompt-file``, ``--ids``."""
+    given = [flag for flag, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--ids", ids))
+             if v is not None]
+    if len(given) != 1:
+        found = "none" if not given else " and ".join(given)
+        raise ValueError(f"--prompt: expected one of --prompt TEXT, --prompt - (stdin), --prompt-file FILE "
+                         f"or --ids 1,2,3, found {found}")
+    if ids is not None:
+        try:
+            parsed = [int(t) for t in ids.replace(" ", ",").split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--ids: expected comma-separated token ids like 1,2,3, found {ids!r}") from None
+        if not parsed:
+            raise ValueError(f"--ids: expected comma-separated token ids like 1,2,3, found {ids!r}")
+        return parsed
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            found = "a folder" if prompt_file.exists() else "nothing"
+            raise FileNotFoundError(f"--prompt-file {prompt_file}: expected a text file, found {found}")
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--prompt-file {prompt_file}: not UTF-8 text (byte {exc.start})") from None
+    if prompt == "-":
+        if sys.stdin.isatty():
+            info("[dim]reading the prompt from stdin (end with Ctrl-D)[/]")
+        return sys.stdin.read()
+    return prompt or ""
+
+
+def _auto_budget(bundle: Path) -> int:
+    """``--budget auto``, said on stderr: what it chose and why."""
+    from edgemoe_ort.bundle import Bundle
+    from edgemoe_ort.runtime.memory import auto_budget
+
+    b = Bundle.open(bundle)
+    try:
+        chosen, why = auto_budget(b)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
+    info(f"[dim]--budget auto: {_fmt_bytes(chosen)} ({chosen / b.store_bytes:.0%} of the store): {why}[/]")
+    return chosen
+
+
 _WEIGHTS_RE = re.compile(r"^\s*[A-Za-z_]+\s*=\s*[0-9.eE+-]+\s*(,\s*[A-Za-z_]+\s*=\s*[0-9.eE+-]+\s*)*$")
 
 
@@ -274,29 +464,47 @@ def _print_stats(s: dict[str, Any]) -> None:
                 f"wasted {_fmt_bytes(p['wasted_bytes'])}, precision {p['precision']:.2f}, "
                 f"recall {p['recall']:.2f}"
             )
+        r = c.get("routing")
+        if r and r.get("rule", "exact") != "exact":
+            lines.append(
+                f"routing {r['rule']}: {r['changed']} of {r['selections']} selections changed, "
+                f"{r['misses_avoided']} reads avoided"
+            )
     for line in lines:
         err.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
 
 
 # --- edgemoe-inspect -------------------------------------------------------------------------------
-inspect_app = typer.Typer(add_completion=False, help="Show what a bundle holds.")
+inspect_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS)
 
 
-@inspect_app.command()
+@inspect_app.command(**command_kwargs(
+    "Show what a bundle holds (model shape, experts per layer, top-k, bits and group size, context, "
+    "vocabulary) and the memory a process running it needs: the smallest budget it accepts and the expected "
+    "RSS at a budget (docs/memory.md). --json: one JSON object (docs/json-output.md).",
+    ["edgemoe-inspect bundles/tiny",
+     "edgemoe-inspect bundles/tiny --budget 25% --context 1024",
+     "edgemoe-inspect bundles/tiny --json"],
+))
 @friendly_errors
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="bundle folder")],
     budget: Annotated[
         str | None,
-        typer.Option(help="estimate the process's memory at this expert budget (default: 10/25/50/100%)"),
+        typer.Option(help="estimate the process's memory at this expert budget (or auto)",
+                     show_default="10/25/50/100%"),
     ] = None,
     context: Annotated[
-        int | None, typer.Option(help="tokens of KV cache to size for (default: the model's context)")
+        int | None, typer.Option(help="tokens of KV cache to size for", show_default="the model's context")
     ] = None,
     prompt_tokens: Annotated[
-        int | None, typer.Option(help="longest prompt, prefilled in one pass (default: min(context, 512))")
+        int | None,
+        typer.Option(help="longest prompt, prefilled in one pass", show_default="min(context, 512)"),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (docs/json-output.md)")] = False,
+    version: VersionOption = False,
+    verbose: VerboseOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     from rich.table import Table
 
@@ -304,16 +512,28 @@ def inspect(
 
     b = Bundle.open(bundle)
     summary = b.summary()
+    model = _model_report(b)
     memory = _memory_report(b, budget, context, prompt_tokens)
     if as_json:
-        print(json.dumps({**summary, "memory": memory}, indent=2))
+        print(json.dumps({**summary, "model": model, "memory": memory}, indent=2))
         return
     table = Table(title=str(bundle), show_header=False)
     for key, value in summary.items():
         if isinstance(value, int) and key.endswith("bytes"):
             value = f"{_fmt_bytes(value)} ({value} B)"
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
-    out.print(table)
+    for key in ("context_length", "vocab_size"):
+        table.add_row(key, "–" if model[key] is None else str(model[key]))
+    print_table(table)
+    moe = Table(title="MoE layers")
+    for col in ("layers", "experts", "top-k", "hidden", "intermediate", "activation", "dtype", "bits",
+                "group", "bytes/expert"):
+        moe.add_column(col, justify="left" if col in ("layers", "activation", "dtype") else "right")
+    for g in model["layer_groups"]:
+        moe.add_row(g["layers"], str(g["num_experts"]), str(g["top_k"]), str(g["hidden"]),
+                    str(g["intermediate"]), g["activation"] + (" (gated)" if g["gated"] else ""), g["dtype"],
+                    str(g["bits"]), str(g["group_size"] or "–"), _fmt_bytes(g["expert_bytes"]))
+    print_table(moe)
     out.print(
         f"memory a process needs in MiB; total = the memory cap to give it (docs/memory.md). Minimum budget "
         f"{_fmt_bytes(memory['minimum_budget_bytes'])} (the largest expert); KV cache for "
@@ -332,7 +552,52 @@ def inspect(
             mem.add_row(f"{est['budget']}: {est['error']}", *["–"] * len(cols))
         else:
             mem.add_row(est["budget"], *[f"{est[k] / 2**20:.1f}" for _, k in cols])
-    out.print(mem)
+    print_table(mem)
+
+
+def _model_report(bundle: Any) -> dict[str, Any]:
+    """What ``edgemoe-inspect`` shows of the model: context, vocabulary, and the MoE layers grouped by shape
+    and expert format (``layer_groups``; ``layers`` one entry per MoE layer)."""
+    from edgemoe_ort.quant import BITS
+    from edgemoe_ort.runtime.memory import config_context
+
+    cfg = bundle.config
+    records: dict[int, list[dict[str, Any]]] = {}
+    for r in bundle.manifest["experts"]:
+        records.setdefault(int(r["layer"]), []).append(r)
+    layers = []
+    for lay in bundle.layers:
+        recs = records.get(int(lay["layer"]), [])
+        fmts = sorted({(r["format"]["dtype"], int(r["format"].get("group_size", 0))) for r in recs})
+        dtype = ",".join(sorted({f[0] for f in fmts})) or "–"
+        groups = sorted({f[1] for f in fmts})
+        layers.append({
+            "layer": int(lay["layer"]), "num_experts": int(lay["num_experts"]), "top_k": int(lay["top_k"]),
+            "hidden": int(lay["hidden"]), "intermediate": int(lay["intermediate"]),
+            "gated": bool(lay["gated"]), "activation": lay["activation"], "dtype": dtype,
+            "bits": max((BITS[f[0]] for f in fmts), default=0),
+            "group_size": groups[0] if len(groups) == 1 else None,
+            "expert_bytes": max((int(r["length"]) for r in recs), default=0),
+        })
+    groups_out: list[dict[str, Any]] = []
+    for lay in layers:
+        key = {k: v for k, v in lay.items() if k != "layer"}
+        if groups_out and {k: v for k, v in groups_out[-1].items() if k not in ("layers", "_last")} == key \
+                and groups_out[-1]["_last"] == lay["layer"] - 1:
+            first = groups_out[-1]["layers"].split("-")[0]
+            groups_out[-1].update(layers=f"{first}-{lay['layer']}", _last=lay["layer"])
+        else:
+            groups_out.append({"layers": str(lay["layer"]), **key, "_last": lay["layer"]})
+    for g in groups_out:
+        g.pop("_last")
+    vocab = cfg.get("vocab_size")
+    return {
+        "context_length": config_context(bundle),
+        "vocab_size": vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None,
+        "moe_layers": len(layers),
+        "layer_groups": groups_out,
+        "layers": layers,
+    }
 
 
 def _memory_report(
@@ -346,6 +611,8 @@ def _memory_report(
         if v is not None and v < 1:
             raise ValueError(f"{flag}: expected at least 1 token, found {v}")
     floor = minimum_budget(bundle)
+    if budget is not None and budget.strip().lower() == "auto":
+        budget = str(_auto_budget(bundle.path))
     if budget is not None:
         try:
             resolved = parse_budget(budget, bundle.store_bytes)

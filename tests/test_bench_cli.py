@@ -122,6 +122,11 @@ def _supported(policies):
         (["--budgets", "25%,lots"], "--budgets"),
         (["--rss-tokens", "0"], "--rss-tokens"),
         (["--trace", "missing.npz"], "--trace"),
+        (["--routing", "biased"], "--routing: expected exact, cache-prior:LAMBDA[:J] or max-rank:J[:M]"),
+        (["--routing", "cache-prior:-1"], "--routing-lambda: expected a number in [0, 100]"),
+        (["--routing", "max-rank:x:4"], "--routing"),
+        (["--routing", "exact,exact"], "without repeats"),
+        (["--routing", "exact", "--modes", "naive"], "--modes"),
     ],
 )
 def test_bad_flags_fail_before_running(tmp_path, monkeypatch, args, message):
@@ -146,8 +151,21 @@ def test_policy_flag_labels_rows_and_rss_runs_64_tokens(tmp_path):
     out = tmp_path / "r.json"
     res = CliRunner().invoke(
         bench_app,
-        [str(b.path), "--trace", str(tmp_path / "t.npz"), "--budgets", "25%", "--tokens", "6",
-         "--repeats", "1", "--policy", "lru", "--json", str(out)],
+        [
+            str(b.path),
+            "--trace",
+            str(tmp_path / "t.npz"),
+            "--budgets",
+            "25%",
+            "--tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--policy",
+            "lru",
+            "--json",
+            str(out),
+        ],
     )
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
@@ -169,8 +187,23 @@ def test_policies_compared_in_one_run(tmp_path):
     out = tmp_path / "r.json"
     res = CliRunner().invoke(
         bench_app,
-        [str(b.path), "--trace", str(tmp_path / "t.npz"), "--budgets", "25%,50%", "--tokens", "6",
-         "--repeats", "2", "--policies", ",".join(pols), "--rss-tokens", "8", "--json", str(out)],
+        [
+            str(b.path),
+            "--trace",
+            str(tmp_path / "t.npz"),
+            "--budgets",
+            "25%,50%",
+            "--tokens",
+            "6",
+            "--repeats",
+            "2",
+            "--policies",
+            ",".join(pols),
+            "--rss-tokens",
+            "8",
+            "--json",
+            str(out),
+        ],
     )
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
@@ -179,6 +212,34 @@ def test_policies_compared_in_one_run(tmp_path):
     assert [m["label"] for m in edge] == [f"edgemoe[{p}]@{bb}" for p in pols for bb in ("25%", "50%")]
     for m in edge:
         assert m["runs"] == 2 and m["decode_tokens_per_s"] > 0 and m["policy"] in pols
-        assert m["bytes_read_per_token"] <= next(x for x in r["modes"] if x["mode"] == "naive")[
-            "bytes_read_per_token"
-        ]
+        assert (
+            m["bytes_read_per_token"]
+            <= next(x for x in r["modes"] if x["mode"] == "naive")["bytes_read_per_token"]
+        )
+
+
+def test_routing_specs_become_modes_and_options():
+    from edgemoe_ort.bench.runner import modes_for, parse_routing
+
+    assert parse_routing("exact") == {"routing": "exact"}
+    assert parse_routing("cache-prior:0.35") == {"routing": "cache-prior", "routing_lambda": 0.35}
+    assert parse_routing("cache-prior:0.5:0") == {
+        "routing": "cache-prior",
+        "routing_lambda": 0.5,
+        "routing_keep": 0,
+    }
+    assert parse_routing("max-rank:1:4") == {"routing": "max-rank", "routing_keep": 1, "routing_window": 4}
+    modes = [
+        m
+        for m in modes_for(["25%"], ["lru"], ["none", "auto"], ["exact", "cache-prior:0.35"])
+        if m.name == "edgemoe"
+    ]
+    assert [m.label for m in modes] == [
+        "edgemoe[lru]@25%",
+        "edgemoe[lru/cache-prior:0.35]@25%",
+        "edgemoe[lru+auto]@25%",
+        "edgemoe[lru+auto/cache-prior:0.35]@25%",
+    ]
+    opts = modes[1].options(io_threads=2, threads=None, profile=None)
+    assert (opts.routing, opts.routing_lambda, opts.predictor) == ("cache-prior", 0.35, "none")
+    assert modes[0].options(io_threads=2, threads=None, profile=None).routing == "exact"

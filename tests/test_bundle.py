@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from edgemoe_ort.bundle.testing import (
     reference_expert,
     reference_moe,
 )
+from edgemoe_ort.bundle.writer import check_target
 from edgemoe_ort.quant import DTYPES, quantize
 
 H, I, E = 32, 48, 4  # noqa: E741 - hidden, intermediate, experts
@@ -440,12 +442,15 @@ def test_unknown_expert(pristine: Path) -> None:
 
 
 # -- writer --
-def _write_one(path: Path, value: float, *, force: bool = False, fail: bool = False) -> None:
+def _write_one(path: Path, value: float, *, force: bool = False, fail: bool = False,
+               tokenizer: Path | None = None) -> None:
     with BundleWriter(path, family="v", force=force) as w:
         w.add_layer(0, num_experts=1, top_k=1, hidden=4, intermediate=2, gated=False, activation="relu")
         w.add_expert(
             0, 0, np.full((2, 4), value, np.float32), np.full((4, 2), value, np.float32), dtype="fp32"
         )
+        if tokenizer is not None:
+            w.add_tokenizer(tokenizer)
         if fail:
             raise RuntimeError("boom")
 
@@ -454,25 +459,228 @@ def _value(path: Path) -> float:
     return float(Bundle.open(path).dequantized_expert(0, 0)[0][0, 0])
 
 
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under ``folder``."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in folder.rglob("*")}
+
+
+def _tokenizer_src(tmp_path: Path) -> Path:
+    src = tmp_path / "tok-src"
+    src.mkdir(parents=True)
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    (src / "vocab.json").write_text("{}")
+    return src
+
+
 def test_overwrite_refused_without_force(tmp_path: Path) -> None:
     p = tmp_path / "b"
     _write_one(p, 1.0)
     with pytest.raises(BundleExistsError) as ei:
         _write_one(p, 2.0)
     assert isinstance(ei.value, FileExistsError) and isinstance(ei.value, BundleError)
-    assert str(p) in str(ei.value) and "force=True" in str(ei.value)
+    assert str(p) in str(ei.value) and "pass force=True to replace it" in str(ei.value)
     assert _value(p) == 1.0
     assert siblings(p) == ["b"]
 
 
-def test_force_replaces(tmp_path: Path) -> None:
+def test_without_force_says_when_force_would_not_help(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_bytes(b"mine\x00")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "precious.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "home")
+    for name, needle in (("afile", "a file, not a bundle folder (force=True would not replace it)"),
+                         ("home", "not an edgemoe bundle (force=True would not replace it); in the way: "
+                                  "precious.txt"),
+                         ("link", "a symlink, not a bundle folder (force=True would not replace it)")):
+        with pytest.raises(BundleExistsError, match=re.escape(needle)):
+            check_target(tmp_path / name)
+    assert (tmp_path / "afile").read_bytes() == b"mine\x00" and (tmp_path / "link").is_symlink()
+
+
+def test_check_target_checks_the_parent_up_front(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BundleError, match=r"afile/sub/b: cannot create the bundle's parent folder: "
+                                          r".*afile is not a folder"):
+        check_target(tmp_path / "afile" / "sub" / "b")
+    check_target(tmp_path / "new" / "deeper" / "b")  # missing folders are fine: the writer makes them
+    assert not (tmp_path / "new").exists()
+
+
+def test_force_replaces_and_names_the_profile_it_removes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edgemoe_ort.bundle.profile import manifest_identity
+
     p = tmp_path / "b"
     _write_one(p, 1.0)
-    (p / "stale.txt").write_text("old")
-    _write_one(p, 2.0, force=True)
+    own = {"format": "edgemoe-profile", "bundle": {"manifest_xxh3": manifest_identity(p)}}
+    (p / "profile.json").write_text(json.dumps(own))  # edgemoe-profile's output for this very bundle
+    with caplog.at_level("WARNING", logger="edgemoe_ort.bundle.writer"):
+        _write_one(p, 2.0, force=True)
     assert _value(p) == 2.0
-    assert not (p / "stale.txt").exists()
+    assert not (p / "profile.json").exists()
+    assert f"{p / 'profile.json'}: the old bundle's routing profile" in caplog.text
     assert siblings(p) == ["b"]
+
+
+def test_force_keeps_a_profile_that_is_not_the_bundles(tmp_path: Path) -> None:
+    p = tmp_path / "b"
+    _write_one(p, 1.0)
+    for content in (b"{}", b'{"format": "edgemoe-profile", "bundle": {"manifest_xxh3": "0123456789abcdef"}}',
+                    b"my notes, not JSON\xff"):
+        (p / "profile.json").write_bytes(content)
+        before = _snapshot(p)
+        with pytest.raises(BundleExistsError, match=r"holds other files; in the way: profile.json \("):
+            _write_one(p, 2.0, force=True)
+        assert _snapshot(p) == before and _value(p) == 1.0
+    assert siblings(p) == ["b"]
+
+
+def test_force_keeps_a_bundle_that_holds_user_files(tmp_path: Path) -> None:
+    p = tmp_path / "b"
+    _write_one(p, 1.0)
+    notes = p / "NOTES.txt"
+    notes.write_bytes(b"my notes\n\x00\xff")
+    (p / "tokenizer").mkdir()  # this bundle has no tokenizer: the folder is the user's
+    (p / "tokenizer" / "tokenizer.json").write_text("also mine")
+    before = _snapshot(p)
+    with pytest.raises(BundleExistsError, match=r"other files; in the way: NOTES.txt, tokenizer/ \("):
+        _write_one(p, 2.0, force=True)
+    assert _snapshot(p) == before
+    assert _value(p) == 1.0 and siblings(p) == ["b"]
+
+
+def test_force_keeps_user_files_below_the_tokenizer_folder(tmp_path: Path) -> None:
+    """Only the tokenizer files directly in the bundle's tokenizer folder are the bundle's."""
+    p = tmp_path / "b"
+    _write_one(p, 1.0, tokenizer=_tokenizer_src(tmp_path))
+    backup = p / "tokenizer" / "backup"
+    backup.mkdir()
+    (backup / "tokenizer.json").write_bytes(b'{"my": "older tokenizer"}\n')
+    (backup / "vocab.json").write_bytes(b'{"a": 1}')
+    before = _snapshot(p)
+    with pytest.raises(BundleExistsError, match=r"in the way: tokenizer/backup/ \("):
+        _write_one(p, 2.0, force=True)
+    assert _snapshot(p) == before and _value(p) == 1.0
+    shutil.rmtree(backup)
+    _write_one(p, 2.0, force=True, tokenizer=_tokenizer_src(tmp_path / "again"))  # the bundle's own: replaced
+    assert _value(p) == 2.0
+
+
+def test_force_keeps_an_empty_user_folder(tmp_path: Path) -> None:
+    p = tmp_path / "b"
+    _write_one(p, 1.0)
+    (p / "my-empty-dir").mkdir()
+    (p / "results" / "run1").mkdir(parents=True)
+    with pytest.raises(BundleExistsError, match=r"in the way: my-empty-dir/, results/ \("):
+        _write_one(p, 2.0, force=True)
+    assert (p / "my-empty-dir").is_dir() and (p / "results" / "run1").is_dir() and _value(p) == 1.0
+
+
+def test_force_refuses_a_folder_with_a_foreign_manifest(tmp_path: Path) -> None:
+    web = tmp_path / "web"
+    (web / "src").mkdir(parents=True)
+    files = {"manifest.json": b'{"name": "my app", "start_url": "/"}', "index.html": b"<html></html>",
+             "src/app.js": b"console.log(1)"}
+    for rel, data in files.items():
+        (web / rel).write_bytes(data)
+    in_the_way = r"not an edgemoe bundle; in the way: index.html, manifest.json, src/"
+    with pytest.raises(BundleExistsError, match=in_the_way):
+        _write_one(web, 1.0, force=True)
+    assert {rel: (web / rel).read_bytes() for rel in files} == files
+    assert siblings(web) == ["web"]
+
+
+#: a writer killed after its first expert (no cleanup, like SIGKILL): leaves its temporary folder behind
+_KILLED_WRITER = """
+import os, sys
+import numpy as np
+from edgemoe_ort.bundle import BundleWriter
+w = BundleWriter(sys.argv[1], family="v")
+w.add_layer(0, num_experts=2, top_k=1, hidden=4, intermediate=2, gated=False, activation="relu")
+w.add_expert(0, 0, np.ones((2, 4)), np.ones((4, 2)), dtype="fp32")
+os._exit(0)
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_leftover(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder a killed writer left (its process is gone)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("killed")
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(root / "b")], check=True, timeout=120)
+    (left,) = root.glob(".b.tmp-*")
+    return left
+
+
+def _marker(d: Path) -> dict[str, Any]:
+    return json.loads((d / ".edgemoe-writer.json").read_text())
+
+
+def test_a_killed_writers_leftover_is_removed(
+    tmp_path: Path, killed_leftover: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    left = tmp_path / killed_leftover.name
+    shutil.copytree(killed_leftover, left)
+    assert sorted(f.name for f in left.iterdir()) == [".edgemoe-writer.json", "experts.bin"]
+    set_aside = tmp_path / ".b.old-0123456789ab"  # may be the only copy of a bundle: reported only
+    set_aside.mkdir()
+    (set_aside / "NOTES.txt").write_text("mine")
+    with caplog.at_level("WARNING", logger="edgemoe_ort.bundle.writer"):
+        _write_one(tmp_path / "b", 1.0)
+    assert not left.exists() and (set_aside / "NOTES.txt").read_text() == "mine"
+    assert caplog.text.count(f"{left}: removed") == 1
+    assert f"{set_aside}: a bundle set aside" in caplog.text
+    assert not (tmp_path / "b" / ".edgemoe-writer.json").exists(), "the marker stays out of the bundle"
+
+
+def test_leftovers_that_may_not_be_a_dead_writers_are_kept(
+    tmp_path: Path, killed_leftover: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+    def leftover(name: str, **marker: Any) -> Path:
+        d = tmp_path / f".b.tmp-{dead}-{name}"
+        shutil.copytree(killed_leftover, d)
+        if marker:
+            (d / ".edgemoe-writer.json").write_text(json.dumps({**_marker(d), **marker}))
+        return d
+
+    me = psutil.Process()
+    cases = {
+        "other host": leftover("00000000000a", host="another-machine"),
+        "other pid namespace": leftover("00000000000b", pid_ns="pid:[1]"),
+        "running": leftover("00000000000c", pid=me.pid, started=me.create_time()),
+        "user file": leftover("00000000000d"),
+        "no marker": leftover("00000000000e"),
+        "user folder": leftover("00000000000f"),
+        "bad marker": leftover("000000000010"),
+    }
+    (cases["user file"] / "NOTES.txt").write_text("mine")
+    (cases["no marker"] / ".edgemoe-writer.json").unlink()
+    (cases["user folder"] / "tokenizer" / "backup").mkdir(parents=True)
+    (cases["bad marker"] / ".edgemoe-writer.json").write_text("{not json")
+    reused = leftover("000000000011", pid=me.pid, started=me.create_time() - 3600)  # pid reused since
+    before = {k: _snapshot(d) for k, d in cases.items()}
+    with caplog.at_level("WARNING", logger="edgemoe_ort.bundle.writer"):
+        _write_one(tmp_path / "b", 1.0)
+    assert {k: _snapshot(d) for k, d in cases.items()} == before
+    assert not reused.exists()
+    text = caplog.text
+    for why, d in cases.items():
+        assert text.count(f"{d}: the temporary folder of an export, left alone") == 1, why
+    assert "made on 'another-machine'" in text and f"being written by process {me.pid}" in text
+    assert "what a writer does not write: NOTES.txt" in text and "tokenizer/backup/" in text
+    assert "without a readable .edgemoe-writer.json" in text
 
 
 def test_failed_write_leaves_old_bundle_intact(tmp_path: Path) -> None:
@@ -497,7 +705,7 @@ def test_force_refuses_non_bundle_folder(tmp_path: Path) -> None:
     p = tmp_path / "home"
     p.mkdir()
     (p / "precious.txt").write_text("keep")
-    with pytest.raises(BundleExistsError, match="not a bundle"):
+    with pytest.raises(BundleExistsError, match="not an edgemoe bundle; in the way: precious.txt"):
         _write_one(p, 1.0, force=True)
     assert (p / "precious.txt").read_text() == "keep"
 

@@ -263,7 +263,7 @@ def test_force_replaces_with_int4(checkpoints: dict[str, Path], tmp_path: Path) 
     out = tmp_path / "mixtral-int4"
     out.mkdir()
     (out / "stale.txt").write_text("not a bundle")
-    with pytest.raises(Exception, match="not a bundle"):  # a non-empty non-bundle folder is never replaced
+    with pytest.raises(Exception, match="not an edgemoe bundle; in the way: stale.txt"):  # never replaced
         export_model_with_report(checkpoints["mixtral"], out, force=True)
     (out / "stale.txt").unlink()
     stages: list[tuple[str, int, int]] = []
@@ -334,3 +334,32 @@ def test_check_catches_experts_left_in_graph(checkpoints: dict[str, Path], bundl
             check_graph(dropped, plan)
     finally:
         patched.release()
+
+
+# --- (e) cache-aware routing seam --------------------------------------------------------------------------
+
+#: the recipes' [routing] seam per family: CacheAwareTopK's scores attribute, or None (not wired, with why)
+ROUTING_SCORES = {
+    **dict.fromkeys(["mixtral", "qwen2_moe", "qwen2_moe-norm", "qwen3_moe", "olmoe"], "probs"),
+    **dict.fromkeys(["gpt_oss", "granitemoe"], "logits"),
+    **dict.fromkeys(["phimoe", "deepseek_v3"], None),
+}
+
+
+@pytest.mark.parametrize("fid", BUNDLE_IDS)
+def test_routing_seam_per_family(fid: str, checkpoints: dict[str, Path], bundle_root: Path) -> None:
+    import onnx
+
+    bundle, report = _exported(fid, checkpoints, bundle_root)
+    routed = report.routing["decoder"]
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "CacheAwareTopK"]
+    want = ROUTING_SCORES[fid]
+    if want is None:  # the recipe says why not, and the graph keeps its own selection
+        assert not nodes and not routed.layers and "not wired" in routed.notes[0], routed.summary()
+        return
+    assert [w.layer for w in routed.layers if w.wired] == list(range(report.layers)), routed.summary()
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert sorted(a["layer"] for a in attrs) == list(range(report.layers))
+    assert {a["scores"].decode() for a in attrs} == {want}
+    assert not [n for n in model.graph.node if n.op_type == "TopK"]  # every router's TopK was replaced

@@ -159,3 +159,21 @@ def test_runtime_generates_like_hf(checkpoint: Path, exported: tuple[Path, Any])
     assert len(result.tokens) == NEW_TOKENS or result.stop_reason == "eos"
     cache = result.stats.cache
     assert 0 < cache["peak_resident_bytes"] <= cache["budget_bytes"]
+
+
+def test_cli_runs_a_switch_bundle_from_token_ids(exported: tuple[Path, Any]) -> None:
+    """A Switch bundle has no tokenizer here: edgemoe-run --ids runs it, tokens as the Python API's."""
+    import subprocess
+    import sys
+
+    from edgemoe_ort.runtime import load_model as load_runtime_model
+
+    bundle, _ = exported
+    ids = _ids(ENC_LEN, 4)[0].tolist()
+    want = load_runtime_model(bundle).generate(ids, max_new_tokens=8).tokens
+    cli = [str(Path(sys.executable).parent / "edgemoe-run"), str(bundle), "-n", "8"]
+    res = subprocess.run([*cli, "--ids", ",".join(map(str, ids)), "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["tokens"] == want
+    text = subprocess.run([*cli, "--prompt", "hello"], capture_output=True, text=True)
+    assert text.returncode == 2 and "--ids" in text.stderr and "Traceback" not in text.stderr

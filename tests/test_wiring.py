@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from edgemoe_ort.bundle.routing import ROUTING_OPSET
 from edgemoe_ort.bundle.testing import (
     chain_feeds,
     make_moe_graph,
@@ -748,7 +749,9 @@ def test_stacked_gates_are_the_next_routers_on_this_x(
     bundle = _unwired(fid, checkpoints, export_root)
     routers = _torch_routers(checkpoints[fid])
     for role, model in _graphs(bundle).items():
-        assert _edgemoe_opset(model) == 1 and all(len(n.input) == 3 for n in _offloaded(model).values())
+        # exported with --lookahead 0: no input 3; the routers' CacheAwareTopK (opset 3) is there
+        assert _edgemoe_opset(model) == ROUTING_OPSET
+        assert all(len(n.input) == 3 for n in _offloaded(model).values())
         wired = _copy(model)
         report = wire_prefetch_inputs(wired, token_ids="input_ids" if role == "decoder" else None)
         assert [w.lookahead for w in report.layers] == EXPECTED_P[fid][role], report.summary()
@@ -783,7 +786,7 @@ def test_wired_graph_passes_onnx_checks_and_is_idempotent(
     for role, model in _graphs(_unwired(fid, checkpoints, export_root)).items():
         wired = _copy(model)
         report = wire_prefetch_inputs(wired, token_ids="input_ids" if role == "decoder" else None)
-        assert report.changed and report.opset == 2
+        assert report.changed and report.opset == ROUTING_OPSET  # the routing's opset includes opset 2
         onnx.checker.check_model(wired, full_check=True)
         assert [o.SerializeToString() for o in wired.graph.output] == [
             o.SerializeToString() for o in model.graph.output
@@ -915,7 +918,7 @@ def test_export_cli_wires_by_default(checkpoints: dict[str, Path], tmp_path: Pat
     assert "layer 0: P=1 (layer 1): only 1 later MoE layer(s) in this graph" in result.output
     assert "token ids: input_ids -> TokenPrefetch (before " in result.output
     model = onnx.load(out / "model.onnx")
-    assert _edgemoe_opset(model) == 2
+    assert _edgemoe_opset(model) == ROUTING_OPSET
     nodes = _offloaded(model)
     assert len(nodes[0].input) == 4 and nodes[0].input[3] and len(nodes[1].input) == 3
     (tp,) = _token_nodes(model)

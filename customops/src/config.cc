@@ -202,6 +202,20 @@ void apply_warm_start(RuntimeConfig& c, const std::string& v) {
   if (v.empty()) throw Error("edgemoe.warm_start: expected 'profile' or a saved resident-set file, found ''");
   c.prefetch.warm_start = v;
 }
+void apply_routing(RuntimeConfig& c, const std::string& v) { c.routing.rule = parse_routing_rule(v); }
+void apply_routing_lambda(RuntimeConfig& c, const std::string& v) {
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  if (v.empty() || end != v.c_str() + v.size() || !(x >= 0 && x <= 100))
+    throw Error("edgemoe.routing_lambda: expected a number in [0, 100], found '" + v + "'");
+  c.routing.lambda = static_cast<float>(x);
+}
+void apply_routing_keep(RuntimeConfig& c, const std::string& v) {
+  c.routing.keep = static_cast<int32_t>(parse_int("edgemoe.routing_keep", v, 0, 1024));
+}
+void apply_routing_window(RuntimeConfig& c, const std::string& v) {
+  c.routing.window = static_cast<int32_t>(parse_int("edgemoe.routing_window", v, 0, 1024));
+}
 }  // namespace
 
 const std::vector<ConfigKey>& config_keys() {
@@ -254,6 +268,19 @@ const std::vector<ConfigKey>& config_keys() {
        "`profile` (read the profile's most used experts at session start, in the background) or a resident-set file "
        "saved by `edgemoe_save_resident`",
        apply_warm_start, false},
+      {"edgemoe.routing", "exact",
+       "how `CacheAwareTopK` routes: `exact` (the router's own top-k, bit for bit), `cache-prior` (true top-J kept, "
+       "the other slots by logits with resident experts raised by lambda x the layer's mean logit range), `max-rank` "
+       "(true top-J kept, other slots to resident experts inside the true top-M)",
+       apply_routing, false},
+      {"edgemoe.routing_lambda", "0.5", "`cache-prior`: the bias, in units of the layer's mean logit range, `[0, 100]`",
+       apply_routing_lambda, false},
+      {"edgemoe.routing_keep", "1",
+       "J, the true top experts always kept by `cache-prior` and `max-rank`, `0..1024` (0 with `cache-prior`: the "
+       "paper's rule)",
+       apply_routing_keep, false},
+      {"edgemoe.routing_window", "2k", "`max-rank`: M, the true top-M a resident expert may come from, `0..1024` (0 = 2k)",
+       apply_routing_window, false},
   };
   return table;
 }

@@ -47,7 +47,14 @@ Engine::Engine(Manifest manifest, const RuntimeConfig& cfg) {
   }
   StoreOptions so = cfg.store;
   so.budget_bytes = parse_budget(cfg.budget, manifest.store_size);
+  const size_t num_layers = manifest.layers.size();
   store_ = std::make_unique<ExpertStore>(std::move(manifest), so);
+  router_ = std::make_unique<CacheAwareRouter>(cfg.routing, num_layers);
+  {
+    const std::shared_ptr<StoreStats>& st = store_->stats();
+    std::lock_guard<std::mutex> lk(st->mu);
+    st->routing = routing_rule_name(cfg.routing.rule);
+  }
   if (po.predictor != "none") prefetcher_ = std::make_unique<Prefetcher>(*store_, po, std::move(profile));
   if (!warm.empty()) warm_start(*store_, warm);
 }

@@ -14,8 +14,9 @@ double ratio(uint64_t num, uint64_t den) { return den ? static_cast<double>(num)
 void LayerCounters::reset() {
   for (auto* c : {&hits, &misses, &stall_ns, &reads, &bytes_read, &prefetch_issued, &prefetch_issued_bytes,
                   &prefetch_used, &prefetch_hidden, &prefetch_hidden_bytes, &prefetch_late, &prefetch_wasted,
-                  &prefetch_wasted_bytes, &prefetch_dropped})
+                  &prefetch_wasted_bytes, &prefetch_dropped, &route_selections, &route_changed})
     c->store(0, std::memory_order_relaxed);
+  route_misses_avoided.store(0, std::memory_order_relaxed);
 }
 
 nlohmann::ordered_json LayerCounters::to_json() const {
@@ -41,6 +42,9 @@ nlohmann::ordered_json LayerCounters::to_json() const {
   p["precision"] = ratio(used, ld(prefetch_issued));
   p["recall"] = ratio(used, used + demand_misses);
   j["prefetch"] = std::move(p);
+  j["routing"] = {{"selections", ld(route_selections)},
+                  {"changed", ld(route_changed)},
+                  {"misses_avoided", route_misses_avoided.load(std::memory_order_relaxed)}};
   return j;
 }
 
@@ -53,6 +57,15 @@ std::string CallStats::to_json() const {
 }
 
 void StoreStats::count(std::atomic<uint64_t> LayerCounters::*f, int32_t layer, CallStats* sink, uint64_t n) {
+  const size_t l = static_cast<size_t>(layer);
+  if (layer >= 0 && l < layers.size()) (layers[l].*f).fetch_add(n, std::memory_order_relaxed);
+  if (sink) {
+    (sink->total.*f).fetch_add(n, std::memory_order_relaxed);
+    if (layer >= 0 && l < sink->layers.size()) (sink->layers[l].*f).fetch_add(n, std::memory_order_relaxed);
+  }
+}
+
+void StoreStats::count(std::atomic<int64_t> LayerCounters::*f, int32_t layer, CallStats* sink, int64_t n) {
   const size_t l = static_cast<size_t>(layer);
   if (layer >= 0 && l < layers.size()) (layers[l].*f).fetch_add(n, std::memory_order_relaxed);
   if (sink) {
@@ -117,9 +130,16 @@ std::string StoreStats::to_json() const {
                      &LayerCounters::prefetch_issued_bytes, &LayerCounters::prefetch_used,
                      &LayerCounters::prefetch_hidden, &LayerCounters::prefetch_hidden_bytes,
                      &LayerCounters::prefetch_late, &LayerCounters::prefetch_wasted,
-                     &LayerCounters::prefetch_wasted_bytes, &LayerCounters::prefetch_dropped})
+                     &LayerCounters::prefetch_wasted_bytes, &LayerCounters::prefetch_dropped,
+                     &LayerCounters::route_selections, &LayerCounters::route_changed})
         (sum.*f).fetch_add(ld(l.*f), std::memory_order_relaxed);
-    j["prefetch"] = sum.to_json()["prefetch"];
+    for (const auto& l : layers)
+      sum.route_misses_avoided.fetch_add(l.route_misses_avoided.load(std::memory_order_relaxed),
+                                         std::memory_order_relaxed);
+    const auto summed = sum.to_json();
+    j["prefetch"] = summed["prefetch"];
+    j["routing"] = summed["routing"];
+    j["routing"]["rule"] = routing;
     nlohmann::ordered_json ls = nlohmann::ordered_json::array();
     for (const auto& l : layers) ls.push_back(l.to_json());
     j["layers"] = std::move(ls);

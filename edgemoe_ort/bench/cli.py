@@ -16,7 +16,21 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from edgemoe_ort.cli_common import err, out
+from edgemoe_ort.cli_common import (
+    BUSY_LOAD,
+    CONTEXT_SETTINGS,
+    QuietOption,
+    VerboseOption,
+    VersionOption,
+    check_output_file,
+    command_kwargs,
+    err,
+    load_average,
+    out,
+    output,
+    print_table,
+    write_output_file,
+)
 from edgemoe_ort.cli_common import fmt_bytes as _fmt_bytes
 from edgemoe_ort.cli_common import friendly_errors as _friendly_errors
 
@@ -43,14 +57,15 @@ def validate_args(
     pin_experts: int | None,
     io_threads: int,
     predictors: str | None = None,
+    routings: str | None = None,
     threads: int | None,
     rss: bool,
     rss_tokens: int,
 ) -> dict[str, Any]:
     """Check every flag (ValueError / FileNotFoundError with one line naming it) and return the parsed
-    values: ``budgets``, ``modes`` (or None), ``policies`` (or None), ``predictors`` (or None), ``profile``
-    (dict or None)."""
-    from edgemoe_ort.bench.runner import check_policies, parse_policies, parse_predictors
+    values: ``budgets``, ``modes`` (or None), ``policies`` (or None), ``predictors`` (or None), ``routings``
+    (or None), ``profile`` (dict or None)."""
+    from edgemoe_ort.bench.runner import check_policies, parse_policies, parse_predictors, parse_routings
     from edgemoe_ort.bench.storage import load_profile
     from edgemoe_ort.bundle import Bundle
     from edgemoe_ort.runtime.ops import RuntimeOptions, parse_budget
@@ -112,6 +127,11 @@ def validate_args(
                 f"--predictors {','.join(needs_profile)}: {bundle / 'profile.json'} not found "
                 "(make it with: edgemoe-profile BUNDLE --corpus TEXT)"
             )
+    routing_list = None
+    if routings is not None:
+        routing_list = parse_routings(routings)
+        if mode_list is not None and "edgemoe" not in mode_list:
+            raise ValueError("--routing chooses the edgemoe mode's routing rule, but --modes leaves it out")
     prof = load_profile(profile) if profile else None
     if trace is not None and not trace.is_file():
         raise FileNotFoundError(f"--trace: {trace}: no such file")
@@ -124,19 +144,24 @@ def validate_args(
         "modes": mode_list,
         "policies": policy_list,
         "predictors": predictor_list,
+        "routings": routing_list,
         "profile": prof,
     }
 
 
-bench_app = typer.Typer(
-    add_completion=False,
-    help="Benchmark a bundle side by side: all-in-memory (ORT QMoE/MoE), naive on-demand, mmap and the"
-    " edgemoe cache at several budgets (and cache policies), interleaved in one process, with the storage"
-    " roofline and the peak RSS of each mode in a fresh process.",
-)
+bench_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS)
 
 
-@bench_app.command()
+@bench_app.command(**command_kwargs(
+    "Benchmark a bundle side by side: all-in-memory (ORT QMoE/MoE), naive on-demand, mmap and the edgemoe "
+    "cache at several budgets (and cache policies), interleaved in one process, with the storage roofline "
+    "and the peak RSS of each mode in a fresh process. Every flag and output file is checked before anything "
+    "runs; --json/--plot never replace a file without --force. Results measured while the machine was busy "
+    "(1-minute load average >= 1.5) are marked so.",
+    ["edgemoe-bench bundles/tiny --budgets 10%,25%,50%",
+     "edgemoe-bench bundles/tiny --policies lru,lfu,edgemoe,hobbit --profile rpi4",
+     "edgemoe-bench bundles/tiny --json bench-out/tiny.json --plot bench-out/tiny.png --force"],
+))
 @_friendly_errors
 def bench(
     bundle: Annotated[Path, typer.Argument(help="bundle folder")],
@@ -182,6 +207,13 @@ def bench(
             "edgemoe[P+pred]@budget beside the policies, in the same interleaved run"
         ),
     ] = None,
+    routing: Annotated[
+        str | None,
+        typer.Option(
+            help="routing rules to compare, e.g. exact,cache-prior:0.35,max-rank:1:4 (cache-prior:LAMBDA[:J],"
+            " max-rank:J[:M]): each is a mode edgemoe[P/rule]@budget in the same interleaved run"
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="ORT intra-op threads")] = None,
     io_threads: Annotated[int, typer.Option(help="I/O threads")] = 2,
     rss: Annotated[bool, typer.Option(help="measure peak RSS per mode in a fresh subprocess")] = True,
@@ -190,6 +222,10 @@ def bench(
     ] = 64,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full result as JSON")] = None,
     plot: Annotated[Path | None, typer.Option(help="write tokens/s and roofline-ratio plots (PNG)")] = None,
+    force: Annotated[bool, typer.Option(help="let --json / --plot replace existing files")] = False,
+    version: VersionOption = False,
+    verbose: VerboseOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Run the benchmark and print one row per mode (one per policy and budget for edgemoe)."""
     from rich.table import Table
@@ -201,14 +237,34 @@ def bench(
         bundle, budgets=budgets, tokens=tokens, repeats=repeats, profile=profile, trace=trace, modes=modes,
         policy=policy, policies=policies, frequencies=frequencies, policy_weights=policy_weights,
         pin_experts=pin_experts, io_threads=io_threads, threads=threads, rss=rss, rss_tokens=rss_tokens,
-        predictors=predictors,
+        predictors=predictors, routings=routing,
     )
+    if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
+        raise ValueError(f"--json and --plot: both name {json_out}")
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401 - plot_run needs it after the run
+        except ImportError:
+            raise ValueError(f"--plot {plot}: needs matplotlib, which is not installed (pip install "
+                             "matplotlib, or leave --plot out)") from None
+    check_output_file(json_out, "--json", force=force)  # before the benchmark, not after it
+    check_output_file(plot, "--plot", force=force)
+    load_before = load_average()
+    if load_before is not None and load_before >= BUSY_LOAD:
+        err.print(f"[yellow]warning:[/] load average {load_before:.2f} >= {BUSY_LOAD}: other work is "
+                  "running, the figures will be noisy (they are marked busy)", highlight=False)
     prompt_ids = None
     if prompt_file is not None:
         from edgemoe_ort.bundle import Bundle
         from edgemoe_ort.runtime.generate import load_tokenizer
 
-        text = prompt_file.read_text(encoding="utf-8")
+        if not prompt_file.is_file():
+            raise FileNotFoundError(f"--prompt-file {prompt_file}: expected a text file, found "
+                                    f"{'a folder' if prompt_file.exists() else 'nothing'}")
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--prompt-file {prompt_file}: not UTF-8 text (byte {exc.start})") from None
         tok = load_tokenizer(Bundle.open(bundle))
         if tok is not None:
             prompt_ids = list(tok.encode(text, add_special_tokens=False).ids)
@@ -224,21 +280,31 @@ def bench(
     result = run_bench(
         bundle, budgets=v["budgets"], tokens=tokens, prompt_ids=prompt_ids, trace=trace, repeats=repeats,
         profile=profile, io_threads=io_threads, threads=threads, rss=rss, rss_decode_tokens=rss_tokens,
-        modes=v["modes"], policies=v["policies"], predictors=v["predictors"], frequencies=frequencies,
+        modes=v["modes"], policies=v["policies"], predictors=v["predictors"], routings=v["routings"],
+        frequencies=frequencies,
         policy_weights=policy_weights,
-        pin_experts=pin_experts, log=lambda s: err.print(f"[dim]{escape(s)}[/]", highlight=False),
+        pin_experts=pin_experts,
+        log=lambda s: None if output.quiet else err.print(f"[dim]{escape(s)}[/]", highlight=False),
     )
+    load_after = load_average()
+    loads = [x for x in (load_before, load_after) if x is not None]
+    result["load_average"] = {"before": load_before, "after": load_after,
+                              "busy": bool(loads) and max(loads) >= BUSY_LOAD}
+    busy = " [BUSY MACHINE: load average " + "/".join(f"{x:.2f}" for x in loads) + "]" if (
+        result["load_average"]["busy"]) else ""
     table = Table(title=f"{escape(str(bundle))} — {result['decode_tokens']} decode tokens, "
                         f"median of {repeats}, "
                         f"roofline bw {result['roofline_bw_bytes_per_s'] / 1e6:.0f} MB/s, "
-                        f"compute {result['compute_s_per_token'] * 1e3:.1f} ms/token")
-    for col in ("mode", "policy", "predictor", "budget", "decode tok/s", "prefill tok/s", "TTFT s", "MB/tok",
-                "hit", "stall ms/tok", "pf precision", "peak RSS", "ratio to roofline"):
-        table.add_column(col, justify="left" if col in ("mode", "policy", "predictor", "budget") else "right")
+                        f"compute {result['compute_s_per_token'] * 1e3:.1f} ms/token{busy}")
+    left = ("mode", "policy", "predictor", "routing", "budget")
+    for col in (*left, "decode tok/s", "prefill tok/s", "TTFT s", "MB/tok", "hit", "stall ms/tok",
+                "pf precision", "peak RSS", "ratio to roofline"):
+        table.add_column(col, justify="left" if col in left else "right")
     for m in result["modes"]:
         prec = m.get("prefetch_precision")
         table.add_row(
-            m["mode"], m.get("policy") or "–", m.get("predictor") or "–", m["budget"] or "–",
+            m["mode"], m.get("policy") or "–", m.get("predictor") or "–",
+            (m.get("routing") or "exact") if m["mode"] == "edgemoe" else "–", m["budget"] or "–",
             f"{m['decode_tokens_per_s']:.2f}",
             f"{m['prefill_tokens_per_s']:.1f}",
             f"{m['ttft_s']:.3f}", f"{m['bytes_read_per_token'] / 1e6:.2f}",
@@ -247,12 +313,15 @@ def bench(
             "–" if m["peak_rss_bytes"] is None else _fmt_bytes(m["peak_rss_bytes"]),
             f"{m['roofline_ratio']:.2f}",
         )
-    out.print(table)
+    print_table(table)
     for line in rss_verdicts(result):
-        out.print(escape(line["text"]), highlight=False)
+        out.print(escape(line["text"]), highlight=False, soft_wrap=True)
+    if busy:
+        err.print(f"[yellow]warning:[/] measured on a busy machine{busy}: re-run on a quiet one to compare",
+                  highlight=False)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=1, default=str))
+        text = json.dumps(result, indent=1, default=str)
+        write_output_file(json_out, "--json", force=force, write=lambda p: p.write_text(text))
     if plot is not None:
         import shutil
         import tempfile
@@ -261,8 +330,8 @@ def bench(
 
         with tempfile.TemporaryDirectory() as td:
             name = plot_run(bundle.name, result, Path(td))[0]
-            plot.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(Path(td) / name), plot)
+            write_output_file(plot, "--plot", force=force,
+                              write=lambda p: shutil.move(str(Path(td) / name), p))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,15 @@ from edgemoe_ort.runtime.cachesim import (
     save_frequencies,
 )
 
-__all__ = ["DEFAULT_POLICIES", "PolicySpec", "parse_policy_list", "run_policies", "markdown_table", "main"]
+__all__ = [
+    "DEFAULT_POLICIES",
+    "PolicySpec",
+    "eval_default",
+    "main",
+    "markdown_table",
+    "parse_policy_list",
+    "run_policies",
+]
 
 #: name -> RuntimeOptions fields; "+freq" variants get the calibration frequencies file
 DEFAULT_POLICIES = ("lru", "lfu", "edgemoe", "edgemoe+freq", "hobbit", "pinned", "none")
@@ -69,7 +77,7 @@ def parse_policy_list(spec: str) -> list[PolicySpec]:
     return out
 
 
-def _eval_default() -> Any:
+def eval_default() -> Any:
     """``models/eval_default.py`` of the repository (the held-out stream)."""
     try:
         from models import eval_default  # type: ignore[import-not-found]
@@ -86,7 +94,7 @@ def heldout_windows(tokenizer: Any, windows: int, length: int, *, offset: float 
     """``windows`` runs of ``length`` held-out tokens spread evenly over the first 65536 tokens of the stream
     (``offset`` in strides shifts them: 0.5 gives windows disjoint from those at 0 while ``length`` is at most
     half a stride)."""
-    ids = _eval_default().heldout_token_ids(tokenizer, HELDOUT_TOKENS)
+    ids = eval_default().heldout_token_ids(tokenizer, HELDOUT_TOKENS)
     stride = len(ids) // windows
     if length > stride // 2:
         raise ValueError(f"windows of {length} tokens do not fit {windows} times in {len(ids)} tokens")

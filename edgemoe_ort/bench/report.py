@@ -36,21 +36,36 @@ def edgemoe_rows(run: dict[str, Any], budget: str | None = None) -> list[dict[st
     return [m for m in run["modes"] if m["mode"] == "edgemoe" and (budget is None or m["budget"] == budget)]
 
 
+def row_routing(m: dict[str, Any]) -> str:
+    """The routing spec of a mode row (``exact`` for rows written before rows carried it)."""
+    return m.get("routing") or "exact"
+
+
 def edgemoe_row(
-    run: dict[str, Any], budget: str, policy: str = "lru", predictor: str | None = None
+    run: dict[str, Any],
+    budget: str,
+    policy: str = "lru",
+    predictor: str | None = None,
+    routing: str = "exact",
 ) -> dict[str, Any] | None:
-    """The edgemoe row at ``budget`` with ``policy`` and ``predictor`` (None: no prefetching; labelled
-    ``edgemoe@B``, ``edgemoe[P]@B`` or ``edgemoe[P+pred]@B``)."""
+    """The edgemoe row at ``budget`` with ``policy``, ``predictor`` (None: no prefetching) and ``routing``
+    (labelled ``edgemoe@B``, ``edgemoe[P]@B``, ``edgemoe[P+pred]@B`` or ``edgemoe[P+pred/spec]@B``)."""
     return next(
-        (m for m in edgemoe_rows(run, budget) if row_policy(m) == policy and m.get("predictor") == predictor),
+        (
+            m
+            for m in edgemoe_rows(run, budget)
+            if row_policy(m) == policy and m.get("predictor") == predictor and row_routing(m) == routing
+        ),
         None,
     )
 
 
 def row_config(m: dict[str, Any]) -> str:
-    """``policy`` or ``policy + predictor`` of a row (``–`` for the in-memory baseline)."""
+    """``policy``, ``policy + predictor``, then `` / routing`` unless exact (``–`` for the in-memory
+    baseline)."""
     pol = row_policy(m) or "–"
-    return f"{pol} + {m['predictor']}" if m.get("predictor") else pol
+    out = f"{pol} + {m['predictor']}" if m.get("predictor") else pol
+    return out if row_routing(m) == "exact" else f"{out} / {row_routing(m)}"
 
 
 def policies_of(run: dict[str, Any]) -> list[str]:
@@ -467,7 +482,7 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
             "",
         ]
         L += [mode_table(run), ""]
-        if run.get("predictors"):
+        if run.get("predictors") and not run.get("routings"):  # a routing run: its own section below
             L += [
                 "Ablation (naive → cache → policy → + prediction), paired per repeat:",
                 "",
@@ -543,6 +558,9 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
             f"(best per layer {', '.join(_f(b, '{:.3f}') for b in best)}).",
             "",
         ]
+    from edgemoe_ort.bench.report_routing import routing_markdown
+
+    L += routing_markdown(results, img_dir, rel_img)
     ws = results.get("warm_start")
     if ws:
         L += [

@@ -1,6 +1,6 @@
 """Peak RSS of one mode, in a fresh process: ``python -m edgemoe_ort.bench.rss '<json spec>'``.
 
-The spec (JSON): ``bundle``, ``mode``, ``budget``, ``policy`` and ``predictor`` (edgemoe modes),
+The spec (JSON): ``bundle``, ``mode``, ``budget``, ``policy``, ``predictor`` and ``routing`` (edgemoe modes),
 ``tokens`` (generation length: prefill + ``tokens - 1`` decode steps), ``prompt_ids``, ``trace``,
 ``io_threads``, ``threads``, ``profile``, ``policy_options`` (``frequencies`` / ``policy_weights`` /
 ``pin_experts``).
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     base = _status("VmRSS")
     bundle = Bundle.open(spec["bundle"])
     prof = load_profile(spec["profile"]) if spec.get("profile") else None
-    mode = Mode(spec["mode"], spec.get("budget"), spec.get("policy"), spec.get("predictor"))
+    mode = Mode(
+        spec["mode"], spec.get("budget"), spec.get("policy"), spec.get("predictor"), spec.get("routing")
+    )
     wl = make_workload(
         bundle, tokens=int(spec["tokens"]), prompt_ids=spec.get("prompt_ids"), trace=spec.get("trace")
     )

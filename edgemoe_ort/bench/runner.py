@@ -64,6 +64,8 @@ __all__ = [
     "drop_store_cache",
     "check_policies",
     "parse_predictors",
+    "parse_routing",
+    "parse_routings",
     "parse_policies",
     "CACHE_POLICIES",
     "RESULT_FIELDS",
@@ -104,12 +106,15 @@ class Mode:
     budget: str | None = None
     policy: str | None = None  # edgemoe only: lru | lfu | edgemoe | hobbit | pinned (None = lru)
     predictor: str | None = None  # edgemoe only: table | gates | token | auto (None = no prefetching)
+    routing: str | None = None  # edgemoe only: a routing spec (parse_routing; None = exact)
 
     @property
     def label(self) -> str:
         """Unique name in a run: ``naive``, ``mmap@25%``, ``edgemoe@25%``, ``edgemoe[lfu]@25%``,
-        ``edgemoe[lfu+auto]@25%``, ``edgemoe[+gates]@25%`` (default policy, predictor gates)."""
+        ``edgemoe[lfu+auto]@25%``, ``edgemoe[+gates]@25%`` (default policy, predictor gates),
+        ``edgemoe[lru/cache-prior:0.35]@25%`` (a routing rule)."""
         tag = (self.policy or "") + (f"+{self.predictor}" if self.predictor else "")
+        tag += f"/{self.routing}" if self.routing else ""
         name = f"{self.name}[{tag}]" if tag else self.name
         return name if self.budget is None else f"{name}@{self.budget}"
 
@@ -147,6 +152,7 @@ class Mode:
         if self.name == "edgemoe":
             extra = {k: v for k, v in (policy_options or {}).items() if v is not None}
             common["predictor"] = self.predictor or "none"
+            common.update(parse_routing(self.routing) if self.routing else {})
             return RuntimeOptions(
                 policy=self.policy or "lru", io="direct", budget=self.budget, **common, **extra
             )
@@ -159,17 +165,61 @@ def modes_for(
     budgets: Sequence[str],
     policies: Sequence[str] | None = None,
     predictors: Sequence[str] | None = None,
+    routings: Sequence[str] | None = None,
 ) -> list[Mode]:
     """Every mode of a run: resident, inmemory, naive, mmap at each budget, then edgemoe at each budget —
     once (policy lru, label ``edgemoe@B``) if ``policies`` is None, else once per policy and budget (label
     ``edgemoe[P]@B``), grouped by policy; with ``predictors`` once per policy, predictor and budget
-    (``edgemoe[P+pred]@B``; predictor ``none`` is the mode without prefetching)."""
+    (``edgemoe[P+pred]@B``; predictor ``none`` is the mode without prefetching); with ``routings`` once
+    more per routing spec (``edgemoe[P+pred/spec]@B``; ``exact`` is the router's own choice)."""
     out = [Mode("resident"), Mode("inmemory"), Mode("naive")]
     out += [Mode("mmap", b) for b in budgets]
     pols: list[str | None] = list(policies) if policies is not None else [None]
     preds: list[str | None] = [None if x == "none" else x for x in predictors] if predictors else [None]
-    out += [Mode("edgemoe", b, p, q) for p in pols for q in preds for b in budgets]
+    routes: list[str | None] = [None if x == "exact" else x for x in routings] if routings else [None]
+    out += [Mode("edgemoe", b, p, q, r) for p in pols for q in preds for r in routes for b in budgets]
     return out
+
+
+def parse_routing(spec: str) -> dict[str, Any]:
+    """A routing spec -> RuntimeOptions fields: ``exact``; ``cache-prior:LAMBDA[:J]``; ``max-rank:J:M``
+    (J = kept true top experts, M = window; defaults as RuntimeOptions). Raises ValueError naming
+    ``--routing``."""
+    from edgemoe_ort.runtime.ops import RuntimeOptions
+
+    parts = spec.strip().split(":")
+    rule, args = parts[0], parts[1:]
+    want = "exact, cache-prior:LAMBDA[:J] or max-rank:J[:M]"
+    try:
+        if rule == "exact" and not args:
+            out: dict[str, Any] = {"routing": "exact"}
+        elif rule == "cache-prior" and 1 <= len(args) <= 2:
+            out = {"routing": rule, "routing_lambda": float(args[0])}
+            if len(args) == 2:
+                out["routing_keep"] = int(args[1])
+        elif rule == "max-rank" and 1 <= len(args) <= 2:
+            out = {"routing": rule, "routing_keep": int(args[0])}
+            if len(args) == 2:
+                out["routing_window"] = int(args[1])
+        else:
+            raise ValueError
+        RuntimeOptions(**out)  # ranges
+    except ValueError as exc:
+        why = f" ({exc})" if str(exc) else ""
+        raise ValueError(f"--routing: expected {want}, found {spec!r}{why}") from None
+    return out
+
+
+def parse_routings(text: str | Sequence[str], *, flag: str = "--routing") -> list[str]:
+    """``"exact,cache-prior:0.35"`` (or a list) -> the specs, each checked by :func:`parse_routing`."""
+    items = [x.strip() for x in (text.split(",") if isinstance(text, str) else text) if x.strip()]
+    if not items or len(set(items)) != len(items):
+        raise ValueError(
+            f"{flag}: expected a comma-separated list of routing specs without repeats, found {text!r}"
+        )
+    for x in items:
+        parse_routing(x)
+    return items
 
 
 def parse_predictors(text: str | Sequence[str], *, flag: str = "--predictors") -> list[str]:
@@ -540,6 +590,7 @@ def summarize(
         "mode": mode.name,
         "policy": mode.cache_policy,
         "predictor": mode.predictor,
+        "routing": mode.routing or "exact",
         "prefetch_precision": used / issued if issued else None,
         "prefetch_wasted_bytes_per_token": _median(
             [r["decode_stats"].get("prefetch_wasted_bytes", 0.0) / max(dec_tokens, 1) for r in runs]
@@ -588,6 +639,7 @@ def measure_rss(
                 "budget": mode.budget,
                 "policy": mode.policy,
                 "predictor": mode.predictor,
+                "routing": mode.routing,
             }
         ),
     ]
@@ -679,6 +731,7 @@ def run_bench(
     modes: Sequence[str] | None = None,
     policies: Sequence[str] | None = None,
     predictors: Sequence[str] | None = None,
+    routings: Sequence[str] | None = None,
     frequencies: str | Path | None = None,
     policy_weights: str | None = None,
     pin_experts: int | None = None,
@@ -697,9 +750,11 @@ def run_bench(
         policies = parse_policies(list(policies))
     if predictors is not None:
         predictors = parse_predictors(list(predictors))
+    if routings is not None:
+        routings = parse_routings(list(routings))
     if rss and rss_decode_tokens < 1:
         raise ValueError(f"rss_decode_tokens: expected at least 1, found {rss_decode_tokens}")
-    all_modes = modes_for(list(budgets), policies, predictors)
+    all_modes = modes_for(list(budgets), policies, predictors, routings)
     if modes is not None:
         all_modes = [m for m in all_modes if m.name in set(modes) or m.name == "resident"]
     workload = make_workload(bundle, tokens=tokens, prompt_ids=prompt_ids, trace=trace)
@@ -724,6 +779,7 @@ def run_bench(
         "budgets": list(budgets),
         "policies": list(policies) if policies is not None else None,
         "predictors": list(predictors) if predictors is not None else None,
+        "routings": list(routings) if routings is not None else None,
         "policy_options": policy_options,
         "io_threads": io_threads,
         "threads": threads,

@@ -193,7 +193,7 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
     from edgemoe_ort.runtime.ops import parse_budget
 
     known = {"small", "small-profile", "large", "large-focus", "large-profile", "replay", "kernels",
-             "policies", "prefetch"}
+             "policies", "prefetch", "routing"}
     bad = sorted(parts - known)
     if bad or not parts:
         raise ValueError(f"--parts: expected a subset of {','.join(sorted(known))}, found {a.parts!r}")
@@ -211,7 +211,7 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
     for flag in ("profile", "large_profile"):
         if getattr(a, flag):
             load_profile(getattr(a, flag))
-    for flag in ("tokens", "large_tokens"):
+    for flag in ("tokens", "large_tokens", "routing_tokens"):
         if getattr(a, flag) < 2:
             raise ValueError(f"--{flag.replace('_', '-')}: expected at least 2, found {getattr(a, flag)}")
     if a.repeats < 1 or a.focus_repeats < 1:
@@ -261,6 +261,34 @@ def run_prefetch_part(a: argparse.Namespace, results: dict[str, Any], common: di
             )
 
 
+def run_routing_part(a: argparse.Namespace, results: dict[str, Any], common: dict[str, Any]) -> None:
+    """Cache-aware routing (issue 12) on the default model at 25 %: the curve of misses and held-out
+    perplexity per routing setting (exact first), the prefetch recall under the best setting, and decode
+    speed of that setting vs exact on the small-model storage profile, interleaved in one run."""
+    from edgemoe_ort.bench.policies import HELDOUT_TOKENS, eval_default
+    from edgemoe_ort.bench.routing import best_setting, sweep
+    from edgemoe_ort.bundle import Bundle
+    from edgemoe_ort.runtime.generate import load_tokenizer
+
+    ids = eval_default().heldout_token_ids(load_tokenizer(Bundle.open(a.small)), HELDOUT_TOKENS)
+    ids = ids[: a.routing_tokens]
+    _log(f"== cache-aware routing curve, small model, 25 %, {len(ids)} held-out tokens")
+    rows = sweep(a.small, ids, budget="25%", policy="lru", log=_log)
+    best = best_setting(rows)
+    chosen = ["exact"] + ([best["setting"]] if best else [])
+    _log(f"== the same with prefetching (auto): {', '.join(chosen)}")
+    pf_rows = sweep(a.small, ids, settings=chosen, budget="25%", policy="lru", predictor="auto", log=_log)
+    results["routing_curve"] = {
+        "bundle": str(a.small), "budget": "25%", "policy": "lru", "tokens": len(ids), "rows": rows,
+        "best": best["setting"] if best else None, "prefetch_rows": pf_rows,
+    }
+    _log(f"== routing speed, small model, storage profile {a.profile}: {', '.join(chosen)}")
+    results["runs"][f"routing-small-{a.profile}"] = run_bench(
+        a.small, budgets=["25%"], tokens=max(a.tokens, 32), profile=a.profile, modes=["naive", "edgemoe"],
+        routings=chosen, predictors=["none", "auto"], **dict(common, policies=["lru"], rss=False),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the selected parts and write ``--out`` (JSON)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -290,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--parts",
-        default="small,small-profile,large,large-focus,large-profile,replay,kernels,policies,prefetch",
+        default="small,small-profile,large,large-focus,large-profile,replay,kernels,policies,prefetch,"
+        "routing",
         help="which parts to run",
     )
     ap.add_argument("--merge", action="store_true", help="update an existing --out file with these parts")
@@ -310,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
         "--prefetch-policies",
         default="lru,hobbit",
         help="cache policies the `prefetch` part pairs with every predictor",
+    )
+    ap.add_argument(
+        "--routing-tokens", type=int, default=8192, help="held-out tokens of the `routing` part's curve"
     )
     ap.add_argument("--frequencies", help="expert frequencies (JSON) for the policies that use them")
     ap.add_argument("--policy-weights", help="hobbit weights, e.g. lru=0.25,lfu=0.25,lhu=0.25,fld=0.25")
@@ -404,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
     if "prefetch" in parts:
         run_prefetch_part(a, results, common)
+    if a.small and "routing" in parts:
+        run_routing_part(a, results, common)
     results["findings"] = findings(results)
     results["elapsed_s"] = time.time() - results["started"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,20 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from edgemoe_ort.bundle.graph import (
+    DOMAIN,
+    GraphIndex,
+    edgemoe_opset,
+    inferred_types,
+    node_attrs,
+    set_opset,
+    shape_const,
+)
 
 __all__ = ["LayerWiring", "Router", "WiringReport", "find_router", "wire_bundle", "wire_prefetch_inputs"]
 
-DOMAIN = "edgemoe"
 OP_TYPE = "OffloadedExpert"
 TOKEN_OP_TYPE = "TokenPrefetch"
 #: the edgemoe opset with OffloadedExpert's optional input 3 (next_router_logits) and TokenPrefetch
@@ -131,87 +140,6 @@ class WiringReport:
 # --- graph lookups ---------------------------------------------------------------------------------------
 
 
-class _Graph:
-    """Producers, constants and static shapes of one ``GraphProto``."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-        self.producer: dict[str, onnx.NodeProto] = {o: n for n in graph.node for o in n.output if o}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in graph.node:
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.inputs = {i.name: i for i in graph.input if i.name not in self.initializers}
-        self.types = {v.name: v.type for v in [*graph.value_info, *graph.input, *graph.output]}
-        self.names: set[str] = set(self.initializers) | set(self.inputs) | set(self.producer)
-        self.names |= {o.name for o in graph.output} | {v.name for v in graph.value_info}
-        self.node_names = {n.name for n in graph.node if n.name}
-
-    def constant(self, name: str) -> onnx.TensorProto | None:
-        """The tensor of an initializer or of a ``Constant(value=...)`` node output."""
-        if name in self.initializers:
-            return self.initializers[name]
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    return a.t
-        return None
-
-    def static_last_dim(self, name: str) -> int | None:
-        t = self.types.get(name)
-        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-            return None
-        dims = t.tensor_type.shape.dim
-        if not dims or not dims[-1].HasField("dim_value"):
-            return None
-        return int(dims[-1].dim_value)
-
-    def elem_type(self, name: str) -> int | None:
-        t = self.types.get(name)
-        return int(t.tensor_type.elem_type) if t is not None and t.HasField("tensor_type") else None
-
-    def fresh(self, base: str, nodes: bool = False) -> str:
-        """``base`` or ``base_2``, ``base_3``... unused as a tensor (or node) name; reserved on return."""
-        taken = self.node_names if nodes else self.names
-        name, i = base, 1
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        return name
-
-
-def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Types from onnx shape inference on a data-free copy of ``model`` (float initializers become inputs of
-    the same type; small int64 ones, shapes of Reshape etc., stay), for graphs without value_info."""
-    g = model.graph
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.graph.node.extend(g.node)
-    light.graph.input.extend(g.input)
-    light.graph.output.extend(g.output)
-    light.graph.value_info.extend(g.value_info)
-    have = {i.name for i in g.input}
-    for t in g.initializer:
-        if t.data_type == TensorProto.INT64 and int(np.prod(t.dims)) <= 64 and not t.external_data:
-            light.graph.initializer.append(t)
-        elif t.name not in have:
-            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light)
-    except Exception:  # inference is a convenience here: without it the hidden size stays unknown
-        return {}
-    return {v.name: v.type for v in [*inferred.graph.value_info, *inferred.graph.output]}
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _is_offloaded(node: onnx.NodeProto) -> bool:
     return node.domain == DOMAIN and node.op_type == OP_TYPE
 
@@ -220,7 +148,7 @@ def _is_token_prefetch(node: onnx.NodeProto) -> bool:
     return node.domain == DOMAIN and node.op_type == TOKEN_OP_TYPE
 
 
-def _match_router(g: _Graph, node: onnx.NodeProto, num_experts: int) -> tuple[Router | None, str]:
+def _match_router(g: GraphIndex, node: onnx.NodeProto, num_experts: int) -> tuple[Router | None, str]:
     """``node`` (a MatMul / Gemm) as a router with ``num_experts`` outputs, or (None, why not)."""
     label = node.name or node.output[0]
     if len(node.input) < 2:
@@ -248,7 +176,7 @@ def _match_router(g: _Graph, node: onnx.NodeProto, num_experts: int) -> tuple[Ro
                 if list(b.dims)[-1:] == [num_experts]:
                     bias = other[0]
         return Router("MatMul", label, node.input[1], bias, experts, hidden), ""
-    a = _attrs(node)
+    a = node_attrs(node)
     if int(a.get("transA", 0)) != 0:
         return None, f"Gemm {label}: transA=1 is not supported"
     trans_b = int(a.get("transB", 0))
@@ -283,12 +211,12 @@ def find_router(model: onnx.ModelProto | onnx.GraphProto, node: onnx.NodeProto) 
     ``Gemm``. The nearest ``MatMul`` / ``Gemm`` whose weight is a float32 constant ``[H, E]`` (``MatMul``,
     ``Gemm`` transB=0) or ``[E, H]`` (``Gemm`` transB=1), ``E`` = the node's ``num_experts``, is the router.
     """
-    g = _Graph(model.graph if isinstance(model, onnx.ModelProto) else model)
+    g = GraphIndex(model.graph if isinstance(model, onnx.ModelProto) else model)
     return _find_router(g, node)
 
 
-def _find_router(g: _Graph, node: onnx.NodeProto) -> tuple[Router | None, str]:
-    num_experts = int(_attrs(node).get("num_experts", 0))
+def _find_router(g: GraphIndex, node: onnx.NodeProto) -> tuple[Router | None, str]:
+    num_experts = int(node_attrs(node).get("num_experts", 0))
     if len(node.input) < 2 or not node.input[1]:
         return None, "the node has no topk_indices input"
     start = node.input[1]
@@ -337,7 +265,7 @@ def _find_router(g: _Graph, node: onnx.NodeProto) -> tuple[Router | None, str]:
 # --- the wiring ------------------------------------------------------------------------------------------
 
 
-def _existing_lookahead(g: _Graph, name: str) -> int:
+def _existing_lookahead(g: GraphIndex, name: str) -> int:
     t = g.types.get(name)
     if t is not None and t.HasField("tensor_type"):
         dims = t.tensor_type.shape.dim
@@ -346,17 +274,7 @@ def _existing_lookahead(g: _Graph, name: str) -> int:
     return -1  # unknown
 
 
-def _shape_const(g: _Graph, added: list[onnx.TensorProto], base: str, values: list[int]) -> str:
-    """An int64 initializer ``values`` (shared between nodes: reused when the same one was already added)."""
-    for t in added:
-        if t.name.startswith(base) and numpy_helper.to_array(t).tolist() == values:
-            return t.name
-    name = g.fresh(base)
-    added.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
-    return name
-
-
-def _router_nodes(g: _Graph, r: Router, x2d: str, out: str, tag: str) -> list[onnx.NodeProto]:
+def _router_nodes(g: GraphIndex, r: Router, x2d: str, out: str, tag: str) -> list[onnx.NodeProto]:
     """Nodes computing ``out = router r applied to x2d`` (``[T, E]``)."""
     if r.op == "Gemm":
         inputs = [x2d, r.weight] + ([r.bias] if r.bias else [])
@@ -387,23 +305,8 @@ def _set_input(node: onnx.NodeProto, index: int, name: str) -> None:
     node.input[index] = name
 
 
-def _set_opset(model: onnx.ModelProto, version: int) -> bool:
-    for o in model.opset_import:
-        if o.domain == DOMAIN:
-            if o.version >= version:
-                return False
-            o.version = version
-            return True
-    model.opset_import.append(helper.make_opsetid(DOMAIN, version))
-    return True
-
-
-def _edgemoe_opset(model: onnx.ModelProto) -> int:
-    return max((int(o.version) for o in model.opset_import if o.domain == DOMAIN), default=1)
-
-
 def _wire_token_prefetch(
-    g: _Graph,
+    g: GraphIndex,
     first: onnx.NodeProto,
     token_ids: str | None,
     report: WiringReport,
@@ -436,7 +339,7 @@ def _wire_token_prefetch(
         return None
     out = g.fresh(f"{PREFIX}_{token_ids}")
     name = g.fresh(f"{PREFIX}_token", nodes=True)
-    manifest = _attrs(first).get("manifest", MANIFEST_DEFAULT)
+    manifest = node_attrs(first).get("manifest", MANIFEST_DEFAULT)
     if isinstance(manifest, bytes):
         manifest = manifest.decode()
     node = helper.make_node(
@@ -482,8 +385,8 @@ def wire_prefetch_inputs(
     """
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise ValueError(f"lookahead must be an integer >= 0, found {lookahead!r}")
-    report = WiringReport(requested=lookahead, opset=_edgemoe_opset(model))
-    g = _Graph(model.graph)
+    report = WiringReport(requested=lookahead, opset=edgemoe_opset(model))
+    g = GraphIndex(model.graph)
     positions = [i for i, n in enumerate(model.graph.node) if _is_offloaded(n)]
     if not positions:
         inner = sum(1 for f in model.functions for n in f.node if _is_offloaded(n))
@@ -497,7 +400,7 @@ def wire_prefetch_inputs(
     position: dict[int, int] = {}  # layer -> index of its node in graph.node
     for i in positions:
         n = model.graph.node[i]
-        layer = int(_attrs(n).get("layer", -1))
+        layer = int(node_attrs(n).get("layer", -1))
         if layer in by_layer:
             report.notes.append(f"layer {layer} has more than one OffloadedExpert node: nothing wired")
             return report
@@ -512,14 +415,14 @@ def wire_prefetch_inputs(
     added_info: list[onnx.ValueInfoProto] = []
     changed = False
     if lookahead > 0 and any(g.static_last_dim(by_layer[m].input[0]) is None for m in order):
-        g.types = {**_inferred_types(model), **g.types}  # no value_info for some X: infer (graph untouched)
+        g.types = {**inferred_types(model), **g.types}  # no value_info for some X: infer (graph untouched)
     for layer in order:
         node = by_layer[layer]
         router, why = routers[layer]
         lw = LayerWiring(
             layer=layer,
             node=node.name,
-            num_experts=int(_attrs(node).get("num_experts", 0)),
+            num_experts=int(node_attrs(node).get("num_experts", 0)),
             router=router.weight if router else None,
             router_note=why or None,
         )
@@ -569,7 +472,7 @@ def wire_prefetch_inputs(
         assert hidden is not None  # a router is only chosen once the hidden size is known
         p, e = len(chosen), chosen[0].num_experts
         tag = f"{PREFIX}_l{layer}"
-        shape2d = _shape_const(g, added_inits, f"{PREFIX}_shape_t_{hidden}", [-1, hidden])
+        shape2d = shape_const(g, added_inits, f"{PREFIX}_shape_t_{hidden}", [-1, hidden])
         x2d = g.fresh(f"{tag}_x")
         new = [
             helper.make_node(
@@ -589,7 +492,7 @@ def wire_prefetch_inputs(
                     "Concat", logits, [stacked], name=g.fresh(f"{tag}_concat", nodes=True), axis=1
                 )
             )
-        shape3d = _shape_const(g, added_inits, f"{PREFIX}_shape_{p}_{e}", [0, p, e])
+        shape3d = shape_const(g, added_inits, f"{PREFIX}_shape_{p}_{e}", [0, p, e])
         result = g.fresh(f"next_router_logits_{layer}")
         new.append(
             helper.make_node(
@@ -617,19 +520,24 @@ def wire_prefetch_inputs(
         model.graph.node.extend(rebuilt)
         model.graph.initializer.extend(added_inits)
         model.graph.value_info.extend(added_info)
-    if report.wired and _set_opset(model, PREFETCH_OPSET):
+    if report.wired and set_opset(model, PREFETCH_OPSET):
         changed = True
-    report.opset = _edgemoe_opset(model)
+    report.opset = edgemoe_opset(model)
     report.changed = changed
     return report
 
 
-def wire_bundle(bundle_dir: str | Path, *, lookahead: int = 3) -> dict[str, WiringReport]:
+def wire_bundle(
+    bundle_dir: str | Path, *, lookahead: int = 3, routing: bool = True
+) -> dict[str, WiringReport]:
     """Wire the graphs of an existing bundle in place (one exported before the wiring existed, or with
     ``--lookahead 0``): each graph file is rewritten through a temporary file and a rename; weights in
-    external data files are only referenced, never rewritten. Decoder graphs get the ``TokenPrefetch`` node.
-    Returns the report per graph role; a graph already wired is left untouched."""
+    external data files are only referenced, never rewritten. Decoder graphs get the ``TokenPrefetch`` node;
+    with ``routing``, each router's selection step found in the graph becomes a ``CacheAwareTopK`` node
+    (:func:`edgemoe_ort.bundle.routing.wire_routing`; layers where none is found keep theirs, and the report's
+    notes say why). Returns the report per graph role; a graph already wired is left untouched."""
     from edgemoe_ort.bundle.reader import Bundle
+    from edgemoe_ort.bundle.routing import wire_routing
 
     b = Bundle.open(bundle_dir)
     reports: dict[str, WiringReport] = {}
@@ -639,6 +547,11 @@ def wire_bundle(bundle_dir: str | Path, *, lookahead: int = 3) -> dict[str, Wiri
         report = wire_prefetch_inputs(
             model, lookahead=lookahead, token_ids="input_ids" if role == "decoder" else None
         )
+        if routing:
+            routed = wire_routing(model)
+            report.changed = report.changed or routed.changed
+            report.opset = edgemoe_opset(model)
+            report.notes.extend(f"routing: {line}" for line in routed.summary())
         reports[role] = report
         if report.changed:
             tmp = path.with_name(path.name + ".tmp")

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import uuid
-from pathlib import Path
+from glob import escape as glob_escape
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
+import psutil
 import xxhash
 
 from edgemoe_ort.quant import quantize
@@ -35,9 +40,114 @@ from .format import (
     record_format,
     version_string,
 )
+from .profile import PROFILE, PROFILE_FORMAT, manifest_identity
 from .reader import Bundle
 
 _GRAPH_EXTERNAL_THRESHOLD = 1 << 30  # protos above 1 GiB are saved with external data
+_TMP_RE = re.compile(r"tmp-(\d+)-[0-9a-f]{12}")
+#: the leftover of an interrupted edgemoe-profile (its write_profile temp file): part of the bundle
+_PROFILE_TMP_RE = re.compile(rf"\.{re.escape(PROFILE)}\.\d+\.tmp")
+#: the file in a writer's temporary folder that says who writes it: host, pid, process start, graphs so far
+#: (:func:`sweep_leftovers` removes a leftover only on its word; it never reaches the bundle)
+WRITER_MARKER = ".edgemoe-writer.json"
+_MARKER_FORMAT = "edgemoe-writer"
+
+log = logging.getLogger(__name__)
+
+
+def _names(paths: list[str], limit: int = 6) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _ancestors(rels: set[str]) -> set[str]:
+    return {p.as_posix() for rel in rels for p in PurePosixPath(rel).parents if p.as_posix() != "."}
+
+
+def _unlisted(root: Path, files: set[str], dirs: set[str], extra: re.Pattern[str] | None = None) -> list[str]:
+    """What under ``root`` is neither one of ``files`` nor in one of ``dirs`` (relative POSIX paths; a folder
+    not in ``dirs`` is listed once, with a trailing ``/``, and not entered; symlinks are always listed)."""
+    found: list[str] = []
+
+    def visit(folder: Path) -> None:
+        for p in sorted(folder.iterdir()):
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                found.append(rel)
+            elif p.is_dir():
+                if rel in dirs:
+                    visit(p)
+                else:
+                    found.append(rel + "/")
+            elif rel not in files and not (extra is not None and extra.fullmatch(rel)):
+                found.append(rel)
+
+    visit(root)
+    return found
+
+
+def _bundle_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+
+
+def _tokenizer_files(tok_dir: str) -> set[str]:
+    """What :meth:`BundleWriter.add_tokenizer` may write: the tokenizer files, directly in ``tok_dir``."""
+    return {f"{tok_dir}/{name}" for name in TOKENIZER_FILES}
+
+
+def _graph_files(graphs: list[str]) -> set[str]:
+    """A graph file and its external data (``<file>.data`` beside it, :meth:`BundleWriter.add_graph`)."""
+    return {f for rel in graphs for f in (rel, f"{rel}.data")}
+
+
+def own_profile(folder: str | Path) -> bool:
+    """Whether ``folder/profile.json`` is the routing profile of the bundle in ``folder`` (made by
+    edgemoe-profile for this very ``manifest.json``, docs/bundle-format.md): only then is it part of the
+    bundle that ``force`` may replace."""
+    root = Path(folder)
+    try:
+        doc = json.loads((root / PROFILE).read_text(encoding="utf-8"))
+        identity = manifest_identity(root)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    stamp = doc.get("bundle") if isinstance(doc, dict) else None
+    return (doc.get("format") == PROFILE_FORMAT and isinstance(stamp, dict)
+            and stamp.get("manifest_xxh3") == identity)
+
+
+def foreign_entries(folder: str | Path) -> tuple[bool, list[str]]:
+    """Whether ``folder`` is an edgemoe bundle (its ``manifest.json`` is an edgemoe manifest), and what in it
+    is not part of one (relative paths, folders with a trailing ``/``): everything if it is not a bundle;
+    ``[]`` for an empty folder or a bundle that holds nothing else. Part of a bundle are the files its
+    manifest names (store, graphs and their ``.data``), the tokenizer files directly in its tokenizer folder,
+    and its own ``profile.json`` (:func:`own_profile`); any other file or folder, empty or not, is listed.
+    Only what this list leaves out may be deleted by ``force``."""
+    root = Path(folder)
+    entries = sorted(root.iterdir())
+    if not entries:
+        return True, []
+    manifest = _bundle_manifest(root)
+    if manifest is None:
+        return False, [e.name + ("/" if e.is_dir() and not e.is_symlink() else "") for e in entries]
+    files: set[str] = {MANIFEST}
+    store = manifest.get("store")
+    if isinstance(store, dict) and isinstance(store.get("file"), str):
+        files.add(store["file"])
+    graphs = manifest.get("graphs")
+    if isinstance(graphs, dict):
+        files |= _graph_files([g for g in graphs.values() if isinstance(g, str)])
+    tok = manifest.get("tokenizer")
+    dirs: set[str] = set()
+    if isinstance(tok, str) and tok:
+        dirs.add(tok)
+        files |= _tokenizer_files(tok)
+    if own_profile(root):
+        files.add(PROFILE)
+    return True, _unlisted(root, files, dirs | _ancestors(files), _PROFILE_TMP_RE)
 
 
 def dump_manifest(manifest: dict[str, Any]) -> str:
@@ -49,6 +159,122 @@ def dump_manifest(manifest: dict[str, Any]) -> str:
             items = ",\n".join("    " + json.dumps(x, separators=(", ", ": ")) for x in manifest[key])
             text += f',\n  "{key}": [\n{items}\n  ]' if items else f',\n  "{key}": []'
     return text + "\n}\n"
+
+
+def check_target(path: str | Path, *, force: bool = False) -> None:
+    """Raise :class:`BundleExistsError` unless a bundle may be written at ``path``: nothing there, or with
+    ``force`` an empty folder or an edgemoe bundle that holds nothing else (:func:`foreign_entries`). The
+    message names what is in the way and, without ``force``, whether ``force`` would help. Raise
+    :class:`BundleError` if the parent folder cannot be made there (a file in the way, not writable)."""
+    p = Path(path).absolute()
+    ancestor = p.parent
+    while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BundleError(p, f"cannot create the bundle's parent folder: {ancestor} is not a folder",
+                          expected="a folder", found="a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BundleError(p, f"cannot write in {ancestor}", expected="a writable folder",
+                          found="no permission")
+    if not (p.exists() or p.is_symlink()):
+        return
+    hint = "" if force else " (force=True would not replace it)"  # said up front: do not try it
+    if p.is_symlink() or not p.is_dir():
+        what = "a symlink" if p.is_symlink() else "a file"
+        raise BundleExistsError(p, f"refusing to replace {what}, not a bundle folder{hint}; choose another "
+                                "output folder")
+    is_bundle, in_the_way = foreign_entries(p)
+    if in_the_way:
+        what = "a bundle that holds other files" if is_bundle else "a folder that is not an edgemoe bundle"
+        raise BundleExistsError(
+            p,
+            f"refusing to replace {what}{hint}; in the way: {_names(in_the_way)} (move them away or choose "
+            "another output folder)",
+        )
+    if not force:
+        what = "an edgemoe bundle" if any(p.iterdir()) else "an empty folder"
+        raise BundleExistsError(p, "target exists; pass force=True to replace it",
+                                expected="no file or folder", found=what)
+
+
+def _host() -> dict[str, Any]:
+    """This machine and PID namespace: a pid means a process only where both match."""
+    try:
+        pid_ns: str | None = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = None
+    return {"host": socket.gethostname(), "pid_ns": pid_ns}
+
+
+def _started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch); None if there is no such (live) process."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _leftover_verdict(d: Path) -> tuple[bool, str]:
+    """``(removable, why)`` for a temporary folder ``d`` of an earlier writer: removable only if its marker
+    says it was made on this machine by a process that is gone, and it holds nothing a writer does not
+    write."""
+    try:
+        marker = json.loads((d / WRITER_MARKER).read_text(encoding="utf-8"))
+        ok = isinstance(marker, dict) and marker.get("format") == _MARKER_FORMAT
+        pid, started, graphs = int(marker["pid"]), float(marker["started"]), list(marker["graphs"])
+        ok = ok and all(isinstance(g, str) for g in graphs)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        return False, f"without a readable {WRITER_MARKER} (not made by this version of the writer)"
+    here = _host()
+    if {k: marker.get(k) for k in here} != here:
+        return False, (f"made on {marker.get('host')!r} (pid namespace {marker.get('pid_ns')}), not here: "
+                       "it may still be in use there")
+    now = _started(pid)
+    if now is not None and abs(now - started) < 1.0:  # its process (another start time: the pid was reused)
+        return False, f"being written by process {pid} (another export to the same folder?)"
+    files = {WRITER_MARKER, STORE_FILE, MANIFEST} | _graph_files(graphs) | _tokenizer_files(TOKENIZER_DIR)
+    extra = _unlisted(d, files, {TOKENIZER_DIR} | _ancestors(files))
+    if extra:
+        return False, f"it holds what a writer does not write: {_names(extra)}"
+    return True, ""
+
+
+def sweep_leftovers(path: str | Path) -> list[Path]:
+    """Temporary folders of earlier writers to the same target (``.NAME.tmp-*``): removed only if their
+    marker says they were made on this machine by a process that is gone, and they hold nothing but what a
+    writer writes; reported and left alone otherwise. A bundle set aside by an interrupted replace
+    (``.NAME.old-*``) is reported, never removed (it may be the only copy). Each is logged as a warning;
+    returns the removed folders. (:class:`BundleWriter` sweeps when it opens.)"""
+    target = Path(path).absolute()
+    parent, name = target.parent, target.name
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    for d in sorted(parent.glob(f".{glob_escape(name)}.tmp-*")):
+        if not d.is_dir() or d.is_symlink():
+            continue
+        if _TMP_RE.fullmatch(d.name[len(name) + 2 :]) is None:
+            removable, why = False, "not named like a writer's temporary folder"
+        else:
+            removable, why = _leftover_verdict(d)
+        if removable:
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d)
+                log.warning("%s: removed, the temporary folder of an export that was interrupted", d)
+                continue
+            why = "could not be removed"
+        log.warning("%s: the temporary folder of an export, left alone: %s; remove it if no export is "
+                    "writing it", d, why)
+    for d in sorted(parent.glob(f".{glob_escape(name)}.old-*")):
+        log.warning("%s: a bundle set aside by an interrupted --force export; move it back to %s or "
+                    "remove it", d, target)
+    return removed
 
 
 class BundleWriter:
@@ -74,14 +300,22 @@ class BundleWriter:
         except (TypeError, ValueError) as exc:
             raise BundleError(self.path, f"config is not JSON-serialisable: {exc}", field="config") from exc
         self._check_target()
+        #: leftover temporary folders of killed exports that this writer removed
+        self.leftovers: list[Path] = sweep_leftovers(self.path)
+        if force and (self.path / PROFILE).is_file():  # own_profile(): check_target refuses anyone else's
+            log.warning("%s: the old bundle's routing profile (edgemoe-profile); --force removes it with the "
+                        "old bundle when the new one is in place (run edgemoe-profile again then)",
+                        self.path / PROFILE)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as exc:
+        except OSError as exc:
             raise BundleError(
-                self.path.parent, "cannot create the bundle's parent folder", expected="a folder",
-                found="a file in the way",
-            ) from exc
-        self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+                self.path, f"cannot create the bundle's parent folder {self.path.parent}",
+                expected="a folder that can be made", found=exc.strerror or type(exc).__name__,
+            ) from None
+        # the pid in the name and the marker inside let a later writer tell a killed writer's leftovers from
+        # a running one's (sweep_leftovers)
+        self._tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._tmp.mkdir()
         self._layers: dict[int, dict[str, Any]] = {}
         self._records: dict[tuple[int, int], dict[str, Any]] = {}
@@ -90,6 +324,7 @@ class BundleWriter:
         self._store_size = 0
         self._state = "open"
         try:
+            self._write_marker()
             self._store: BinaryIO = open(self._tmp / STORE_FILE, "wb")  # noqa: SIM115 - closed in close()
         except BaseException:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -97,30 +332,14 @@ class BundleWriter:
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _check_target(self) -> None:
-        p = self.path
-        if not (p.exists() or p.is_symlink()):
-            return
-        if not self.force:
-            raise BundleExistsError(
-                p,
-                "target exists; pass force=True to replace it",
-                expected="no file or folder",
-                found="an existing " + ("folder" if p.is_dir() else "file"),
-            )
-        if p.is_symlink() or not p.is_dir():
-            raise BundleExistsError(
-                p,
-                "refusing to replace something that is not a bundle folder",
-                expected="a bundle folder",
-                found="a file or symlink",
-            )
-        if not (p / MANIFEST).is_file() and any(p.iterdir()):
-            raise BundleExistsError(
-                p,
-                "refusing to replace a non-empty folder that is not a bundle",
-                expected=f"a folder with {MANIFEST} (or empty)",
-                found="other files",
-            )
+        check_target(self.path, force=self.force)
+
+    def _write_marker(self) -> None:
+        """Who writes the temporary folder (host, pid, process start) and the graph files so far."""
+        marker = {"format": _MARKER_FORMAT, **_host(), "pid": os.getpid(), "started": _started(os.getpid()),
+                  "graphs": sorted(self._graphs.values())}
+        with open(self._tmp / WRITER_MARKER, "w", encoding="utf-8") as f:
+            json.dump(marker, f)
 
     def _require_open(self) -> None:
         if self._state != "open":
@@ -361,6 +580,8 @@ class BundleWriter:
             except Exception:  # protobuf refuses to size messages > 2 GiB
                 external = True
         dest = self._tmp / filename
+        self._graphs[role] = filename
+        self._write_marker()  # before the file: a killed writer's leftover never holds an unlisted graph
         dest.parent.mkdir(parents=True, exist_ok=True)
         if external:
             m = onnx.ModelProto()
@@ -375,7 +596,6 @@ class BundleWriter:
             )
         else:
             onnx.save_model(model, str(dest))
-        self._graphs[role] = filename
         return self.path / filename
 
     def add_tokenizer(self, src_dir: str | Path) -> None:
@@ -449,6 +669,7 @@ class BundleWriter:
                 f.flush()
                 os.fsync(f.fileno())
             Bundle.open(self._tmp)  # validate what we wrote
+            (self._tmp / WRITER_MARKER).unlink()
             self._install()
         except BaseException:
             self.abort()

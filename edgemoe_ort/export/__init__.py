@@ -23,6 +23,7 @@ from edgemoe_ort.export.load import LoadedModel, load_model
 from edgemoe_ort.export.patch import PatchedModel, patch_model
 from edgemoe_ort.export.recipes import UnsupportedModelError, load_recipe, supported_model_types
 from edgemoe_ort.export.trace import ExportCheckError
+from edgemoe_ort.hub import ModelSourceError, check_source
 
 __all__ = [
     "BITS_TO_DTYPE",
@@ -30,8 +31,10 @@ __all__ = [
     "ExportCheckError",
     "ExportReport",
     "LoadedModel",
+    "ModelSourceError",
     "PatchedModel",
     "UnsupportedModelError",
+    "check_source",
     "export_model",
     "export_model_with_report",
     "load_model",

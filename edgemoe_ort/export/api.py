@@ -9,14 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 from transformers import AutoConfig
 
 from edgemoe_ort.bundle import BundleWriter
+from edgemoe_ort.bundle.routing import RoutingReport, wire_routing
 from edgemoe_ort.bundle.wiring import WiringReport, wire_prefetch_inputs
+from edgemoe_ort.bundle.writer import check_target
 from edgemoe_ort.export.load import checkpoint_config, load_model
 from edgemoe_ort.export.patch import patch_model
-from edgemoe_ort.export.recipes import load_recipe
-from edgemoe_ort.export.trace import GraphReport, export_graphs
+from edgemoe_ort.export.recipes import Recipe, load_recipe
+from edgemoe_ort.export.trace import ExportCheckError, GraphReport, export_graphs
+from edgemoe_ort.hub import ModelSource, ModelSourceError, check_source, hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,12 @@ class ExportReport:
     graphs: list[GraphReport] = field(default_factory=list)
     #: per graph role, what :func:`~edgemoe_ort.bundle.wiring.wire_prefetch_inputs` wired (empty: lookahead 0)
     wiring: dict[str, WiringReport] = field(default_factory=dict)
+    #: per graph role, where CacheAwareTopK replaced the routers' selection (bundle/routing.py)
+    routing: dict[str, RoutingReport] = field(default_factory=dict)
 
 
 def export_model(
-    model_id_or_path: str | Path,
+    model_id_or_path: str | Path | ModelSource,
     out_dir: str | Path,
     *,
     bits: int = 4,
@@ -60,9 +66,17 @@ def export_model(
     checkpoint has one, and the checkpoint's config. An existing ``out_dir`` is refused unless ``force``
     (checked before anything is loaded); a failed export leaves ``out_dir`` untouched.
 
+    ``model_id_or_path`` is checked first (:func:`~edgemoe_ort.hub.check_source`; a
+    :class:`~edgemoe_ort.hub.ModelSource` it returned is not checked again). A hub id the hub does not answer
+    for is loaded from the local cache, offline for the duration of the export only.
+
     ``lookahead`` > 0 wires HOBBIT's stacked gates: each node gets the router logits of up to ``lookahead``
     later MoE layers of its graph, computed on its own input, as input 3, and the first node of the decoder
     gets ``input_ids`` as input 4 (opset 2, docs/op-contract.md); 0 keeps the 3-input opset-1 nodes.
+
+    Where the family's recipe names the routers' selection step (``[routing]``), it becomes an
+    ``edgemoe.CacheAwareTopK`` node (opset 3): the session's ``edgemoe.routing`` rule then decides, and the
+    default rule ``exact`` computes what the router computed, bit for bit.
     """
     return export_model_with_report(
         model_id_or_path,
@@ -76,7 +90,7 @@ def export_model(
 
 
 def export_model_with_report(
-    model_id_or_path: str | Path,
+    model_id_or_path: str | Path | ModelSource,
     out_dir: str | Path,
     *,
     bits: int = 4,
@@ -91,17 +105,37 @@ def export_model_with_report(
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise ValueError(f"lookahead must be an integer >= 0, found {lookahead!r}")
     dtype = BITS_TO_DTYPE[bits]
+    check_target(out_dir, force=force)  # before anything slow (BundleWriter checks again)
+    source = check_source(model_id_or_path)
+    with hub_offline(source.offline):
+        return _export(source.name, Path(out_dir), dtype=dtype, group_size=group_size, force=force,
+                       progress=progress, lookahead=lookahead)
 
+
+def _export(
+    model_id_or_path: str,
+    out: Path,
+    *,
+    dtype: str,
+    group_size: int,
+    force: bool,
+    progress: Progress | None,
+    lookahead: int,
+) -> ExportReport:
     def tick(stage: str, done: int, total: int) -> None:
         if progress is not None:
             progress(stage, done, total)
 
     seconds: dict[str, float] = {}
     wiring: dict[str, WiringReport] = {}
+    routing: dict[str, RoutingReport] = {}
     t0 = time.perf_counter()
-    model_type = AutoConfig.from_pretrained(str(model_id_or_path)).model_type
+    try:
+        model_type = AutoConfig.from_pretrained(str(model_id_or_path)).model_type
+    except (OSError, ValueError) as exc:  # not found on the hub, unreadable config.json, unknown model_type
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(f"{model_id_or_path}: {first}") from exc
     load_recipe(model_type)  # unsupported families fail here, before anything heavy
-    out = Path(out_dir)
     # BundleWriter refuses an existing target (without force) right away and writes into a temporary sibling
     with BundleWriter(
         out, family=model_type, config=checkpoint_config(model_id_or_path), force=force
@@ -160,6 +194,7 @@ def export_model_with_report(
                     wiring[plan.role] = wire_prefetch_inputs(
                         proto, lookahead=lookahead, token_ids="input_ids" if plan.role == "decoder" else None
                     )
+                routing[plan.role] = _wire_routing(proto, loaded.recipe, plan.role)
                 writer.add_graph(plan.role, proto)
             if loaded.tokenizer_dir is not None and (loaded.tokenizer_dir / "tokenizer.json").is_file():
                 writer.add_tokenizer(loaded.tokenizer_dir)
@@ -172,6 +207,9 @@ def export_model_with_report(
     for role, r in wiring.items():
         for line in r.summary():
             log.info("prefetch wiring (%s): %s", role, line)
+    for role, rr in routing.items():
+        for line in rr.summary():
+            log.info("routing (%s): %s", role, line)
     return ExportReport(
         bundle=out.absolute(),
         family=model_type,
@@ -181,7 +219,25 @@ def export_model_with_report(
         seconds=seconds,
         graphs=[r for _, _, r in graphs],
         wiring=wiring,
+        routing=routing,
     )
+
+
+def _wire_routing(proto: onnx.ModelProto, recipe: Recipe, role: str) -> RoutingReport:
+    """CacheAwareTopK in place of each router's selection, where the recipe names the seam; a graph that does
+    not show the recipe's seam is an export error (the recipe is wrong for this checkpoint)."""
+    if recipe.routing is None:
+        report = RoutingReport()
+        report.notes.append(f"cache-aware routing not wired: {recipe.routing_why}")
+        return report
+    report = wire_routing(proto, expect=recipe.routing)
+    missing = [w for w in report.layers if not w.wired]
+    if missing:
+        raise ExportCheckError(
+            f"{role}: recipe {recipe.path.name} says routing seam {recipe.routing.seam} over "
+            f"{recipe.routing.scores}, but layer {missing[0].layer}: {missing[0].note}"
+        )
+    return report
 
 
 def _np(t: object) -> np.ndarray:

@@ -14,11 +14,15 @@ from typing import Any
 
 import tomllib
 
+from edgemoe_ort.bundle.routing import SCORE_KINDS, SEAMS, RoutingSeam
+
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "export"
 
 ARCHITECTURES = ("causal_lm", "encoder_decoder")
 LAYOUTS = ("fused", "per_expert")
 GATE_UP = ("concatenated", "interleaved")
+#: ``[routing] seam`` values: where CacheAwareTopK goes, or "none"
+ROUTING_SEAMS = (*SEAMS, "none")
 
 
 class UnsupportedModelError(ValueError):
@@ -75,6 +79,9 @@ class Recipe:
     swiglu_limit: ConfigValue | None = None
     notes: str = ""
     path: Path = field(default=Path())
+    #: ``[routing]``: the router's selection step CacheAwareTopK replaces (None: not wired, see routing_why)
+    routing: RoutingSeam | None = None
+    routing_why: str = ""
 
 
 def _config_value(raw: Any, where: str) -> ConfigValue:
@@ -91,6 +98,26 @@ def _as_tuple(raw: Any) -> tuple[str, ...]:
     if isinstance(raw, str):
         return (raw,)
     return tuple(str(x) for x in raw)
+
+
+def _routing(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {"routing": None, "routing_why": f"{where} has no [routing] table"}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: [routing] must be a table, found {raw!r}")
+    seam = raw.get("seam")
+    if seam not in ROUTING_SEAMS:
+        raise ValueError(f"{where}: routing.seam: expected one of {', '.join(ROUTING_SEAMS)}, found {seam!r}")
+    if seam == "none":
+        why = raw.get("why")
+        if not isinstance(why, str) or not why:
+            raise ValueError(f"{where}: routing.seam = 'none' needs routing.why (a reason)")
+        return {"routing": None, "routing_why": why}
+    scores = raw.get("scores")
+    if scores not in SCORE_KINDS:
+        kinds = ", ".join(SCORE_KINDS)
+        raise ValueError(f"{where}: routing.scores: expected one of {kinds}, found {scores!r}")
+    return {"routing": RoutingSeam(seam, scores), "routing_why": ""}
 
 
 def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
@@ -120,6 +147,7 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
             swiglu_limit=_config_value(moe["swiglu_limit"], where) if "swiglu_limit" in moe else None,
             notes=str(data.get("notes", "")),
             path=path,
+            **_routing(data.get("routing"), where),
         )
     except KeyError as e:
         raise ValueError(f"{where}: missing recipe field {e.args[0]!r}") from None

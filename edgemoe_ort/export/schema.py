@@ -1,5 +1,5 @@
-"""ONNX schemas of the ``edgemoe::OffloadedExpert`` and ``edgemoe::TokenPrefetch`` nodes
-(docs/op-contract.md).
+"""ONNX schemas of the ``edgemoe::OffloadedExpert``, ``edgemoe::TokenPrefetch`` and
+``edgemoe::CacheAwareTopK`` nodes (docs/op-contract.md).
 
 The schemas only exist host-side, so that onnx / onnxscript know the nodes' inputs and attributes while the
 graph is built and checked (without them the dynamo exporter fails with "Attribute OffloadedExpert not
@@ -8,7 +8,8 @@ found"). ONNX Runtime never sees them: the ops themselves live in ``libedgemoe_c
 ``OffloadedExpert`` has two versions: 1 (``X``, ``topk_indices``, ``topk_weights``; what the tracer emits) and
 2, which adds the optional input 3 ``next_router_logits``. ``TokenPrefetch`` (since version 2) is the identity
 on the graph's int64 token ids, placed before the embedding. Both opset-2 additions are wired after tracing by
-:func:`edgemoe_ort.bundle.wiring.wire_prefetch_inputs`.
+:func:`edgemoe_ort.bundle.wiring.wire_prefetch_inputs`. ``CacheAwareTopK`` (since version 3) replaces each
+router's selection step; :func:`edgemoe_ort.bundle.routing.wire_routing` wires it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ OP_TYPE = "OffloadedExpert"
 TOKEN_OP_TYPE = "TokenPrefetch"
 OPSET_VERSION = 1  # the version the tracer emits (3 inputs)
 PREFETCH_OPSET_VERSION = 2  # OffloadedExpert + optional input 3 (next_router_logits); TokenPrefetch
+ROUTING_OP_TYPE = "CacheAwareTopK"
+ROUTING_OPSET_VERSION = 3  # CacheAwareTopK
 MANIFEST_DEFAULT = "manifest.json"
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -110,6 +113,37 @@ def build_token_prefetch_schema() -> OpSchema:
     return schema
 
 
+def build_routing_schema() -> OpSchema:
+    """The ``OpSchema`` of ``edgemoe.CacheAwareTopK`` (since version 3): ``Values, Indices = CacheAwareTopK(X,
+    K)`` over the last axis, as ONNX TopK (largest, sorted) under ``edgemoe.routing = exact``."""
+    t = OpSchema.AttrType
+    return OpSchema(
+        ROUTING_OP_TYPE,
+        DOMAIN,
+        ROUTING_OPSET_VERSION,
+        "The top-k step of one MoE layer's router, chosen with the layer's expert cache in view under the "
+        "session's edgemoe.routing rule; Values are the unbiased scores of the chosen experts.",
+        inputs=[
+            OpSchema.FormalParameter("X", "tensor(float)", "router scores [..., E]"),
+            OpSchema.FormalParameter("K", "tensor(int64)", "[1]: the layer's top_k"),
+        ],
+        outputs=[
+            OpSchema.FormalParameter("Values", "tensor(float)", "scores of the chosen experts [..., K]"),
+            OpSchema.FormalParameter("Indices", "tensor(int64)", "the chosen experts [..., K]"),
+        ],
+        attributes=[
+            _attr("layer", t.INT, "index into the manifest's layers"),
+            _attr("scores", t.STRING, "probs (a softmax output) | logits"),
+            _attr(
+                "manifest",
+                t.STRING,
+                "manifest path relative to the bundle (the OffloadedExpert nodes' store)",
+                onnx.helper.make_attribute("manifest", MANIFEST_DEFAULT),
+            ),
+        ],
+    )
+
+
 def _registered(op_type: str, version: int) -> bool:
     return (
         onnx.defs.has(op_type, version, DOMAIN)
@@ -119,9 +153,11 @@ def _registered(op_type: str, version: int) -> bool:
 
 def register_schema() -> None:
     """Register the schemas with onnx once per process (idempotent): ``OffloadedExpert`` 1 and 2,
-    ``TokenPrefetch`` 2."""
+    ``TokenPrefetch`` 2, ``CacheAwareTopK`` 3."""
     for version in (OPSET_VERSION, PREFETCH_OPSET_VERSION):
         if not _registered(OP_TYPE, version):
             onnx.defs.register_schema(build_schema(version))
     if not _registered(TOKEN_OP_TYPE, PREFETCH_OPSET_VERSION):
         onnx.defs.register_schema(build_token_prefetch_schema())
+    if not _registered(ROUTING_OP_TYPE, ROUTING_OPSET_VERSION):
+        onnx.defs.register_schema(build_routing_schema())

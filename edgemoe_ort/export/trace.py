@@ -25,7 +25,7 @@ from torch.export import Dim
 
 from edgemoe_ort.export.op import custom_translation_table
 from edgemoe_ort.export.patch import MoELayer, PatchedModel
-from edgemoe_ort.export.schema import DOMAIN, OP_TYPE, TOKEN_OP_TYPE, register_schema
+from edgemoe_ort.export.schema import DOMAIN, OP_TYPE, ROUTING_OP_TYPE, TOKEN_OP_TYPE, register_schema
 from edgemoe_ort.export.wrappers import CausalLMWithFlatCache, Seq2SeqDecoderWithFlatCache, Seq2SeqEncoder
 
 # Example sizes: every dynamic axis >= 2 (a size of 1 gets specialised) and all different.
@@ -268,7 +268,7 @@ def check_graph(
     expected = {m.spec.layer: m.spec for m in plan.layers}
     found: dict[int, dict[str, Any]] = {}
     for node in _all_nodes(model):
-        if node.domain != DOMAIN or node.op_type == TOKEN_OP_TYPE:  # TokenPrefetch: added by the wiring
+        if node.domain != DOMAIN or node.op_type in (TOKEN_OP_TYPE, ROUTING_OP_TYPE):  # added by the wiring
             continue
         if node.op_type != OP_TYPE:
             raise ExportCheckError(f"{role}: unexpected node {node.domain}.{node.op_type}")

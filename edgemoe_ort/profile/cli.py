@@ -12,7 +12,17 @@ from typing import Annotated, Any
 
 import typer
 
-from edgemoe_ort.cli_common import err, friendly_errors, out
+from edgemoe_ort.cli_common import (
+    CONTEXT_SETTINGS,
+    QuietOption,
+    VerboseOption,
+    VersionOption,
+    command_kwargs,
+    err,
+    friendly_errors,
+    out,
+    output,
+)
 
 from .corpus import DEFAULT_TOKENS
 from .recall import BUDGETS
@@ -21,14 +31,15 @@ from .tables import DEFAULT_MIN_COUNT, DEFAULT_TOP_M
 
 __all__ = ["profile_app", "summary"]
 
-profile_app = typer.Typer(
-    add_completion=False,
-    help="Record which experts a bundle routes a text corpus to, and write BUNDLE/profile.json "
-    "(the tables the prefetch predictors read).",
-)
+profile_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS)
 
 
-@profile_app.command()
+@profile_app.command(**command_kwargs(
+    "Record which experts a bundle routes a text corpus to, and write BUNDLE/profile.json (the tables the "
+    "prefetch predictors read).",
+    ["edgemoe-profile bundles/tiny --corpus my_text/ --tokens 100000",
+     "edgemoe-profile bundles/tiny --corpus a.txt --corpus b.txt --json --force"],
+))
 @friendly_errors
 def profile(
     bundle: Annotated[Path, typer.Argument(help="bundle folder")],
@@ -46,6 +57,9 @@ def profile(
     ] = DEFAULT_MIN_COUNT,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary instead of tables")] = False,
     force: Annotated[bool, typer.Option(help="replace an existing profile.json")] = False,
+    version: VersionOption = False,
+    verbose: VerboseOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
@@ -61,7 +75,7 @@ def profile(
     check_writable(b.path, force)
     files = read_corpus(corpus)  # a bad corpus fails before the model is loaded
     columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=as_json) as bar:
+    with Progress(*columns, console=err, transient=as_json, disable=output.quiet) as bar:
         tasks: dict[str, TaskID] = {}
 
         def on_progress(stage: str, done: int, total: int) -> None:

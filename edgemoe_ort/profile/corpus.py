@@ -30,6 +30,7 @@ __all__ = [
     "CorpusSplit",
     "list_corpus",
     "read_corpus",
+    "heldout_stream",
     "split_corpus",
 ]
 
@@ -137,6 +138,47 @@ def _stream(tokenizer: Any, files: list[CorpusFile], separator: int | None, cap:
     return ids[:cap] if cap is not None else ids
 
 
+def _checked(files: Sequence[CorpusFile], heldout_share: float) -> list[CorpusFile]:
+    if not 0.0 < heldout_share < 1.0:
+        raise CorpusError(f"--heldout-share: expected a number in (0, 1), found {heldout_share}")
+    if not files:
+        raise CorpusError("corpus: expected text files, found none")
+    return list(files)
+
+
+def _heldout_files(files: Sequence[CorpusFile], heldout_share: float) -> set[int]:
+    """Indices of the held-out files of a corpus of several files (module docstring)."""
+    sizes = [len(f.text.encode("utf-8")) for f in files]
+    total = sum(sizes)
+    held: set[int] = set()
+    got = 0
+    for i in sorted(range(len(files)), key=lambda i: (_hash(files[i].name), files[i].name, i)):
+        if held and (got >= heldout_share * total or len(held) == len(files) - 1):
+            break
+        held.add(i)
+        got += sizes[i]
+    return held
+
+
+def heldout_stream(
+    files: Sequence[CorpusFile],
+    tokenizer: Any,
+    *,
+    heldout_share: float = 0.1,
+    max_tokens: int | None = None,
+    separator: int | None = None,
+) -> np.ndarray:
+    """The held-out token stream of :func:`split_corpus` (same files, same order), at most ``max_tokens``
+    of it, tokenizing only the held-out files (a single file: the last ``heldout_share`` of its stream)."""
+    files = _checked(files, heldout_share)
+    if len(files) == 1:
+        held = split_corpus(files, tokenizer, heldout_share=heldout_share, separator=separator).heldout
+    else:
+        chosen = _heldout_files(files, heldout_share)
+        held = _stream(tokenizer, [f for i, f in enumerate(files) if i in chosen], separator, max_tokens)
+    return held[:max_tokens] if max_tokens is not None else held
+
+
 def split_corpus(
     files: Sequence[CorpusFile],
     tokenizer: Any,
@@ -146,15 +188,11 @@ def split_corpus(
     separator: int | None = None,
 ) -> CorpusSplit:
     """Tokenize ``files`` with ``tokenizer`` (a ``tokenizers.Tokenizer``); split them (module docstring)."""
-    if not 0.0 < heldout_share < 1.0:
-        raise CorpusError(f"--heldout-share: expected a number in (0, 1), found {heldout_share}")
     if max_tokens is not None and max_tokens < 2:
         raise CorpusError(
             f"--tokens: expected at least 2 (one train and one held-out token), found {max_tokens}"
         )
-    files = list(files)
-    if not files:
-        raise CorpusError("corpus: expected text files, found none")
+    files = _checked(files, heldout_share)
     held_cap = train_cap = None
     if max_tokens is not None:
         held_cap = min(max(1, round(max_tokens * heldout_share)), max_tokens - 1)
@@ -165,15 +203,7 @@ def split_corpus(
             raise CorpusError(f"corpus file {files[0].path}: {len(ids)} token(s), expected at least 2")
         n_held = min(max(1, round(len(ids) * heldout_share)), len(ids) - 1)
         return CorpusSplit(ids[:-n_held].copy(), ids[-n_held:].copy(), heldout_share, [files[0].name], [])
-    sizes = [len(f.text.encode("utf-8")) for f in files]
-    total = sum(sizes)
-    held: set[int] = set()
-    got = 0
-    for i in sorted(range(len(files)), key=lambda i: (_hash(files[i].name), files[i].name, i)):
-        if held and (got >= heldout_share * total or len(held) == len(files) - 1):
-            break
-        held.add(i)
-        got += sizes[i]
+    held = _heldout_files(files, heldout_share)
     train_files = [f for i, f in enumerate(files) if i not in held]
     held_files = [f for i, f in enumerate(files) if i in held]
     split = CorpusSplit(

@@ -5,6 +5,7 @@ Imports neither torch nor transformers: this is what runs on the device.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,8 +42,60 @@ def decoder_feeds(
     feeds.update(past)
     return feeds
 
+
 class GenerationError(ValueError):
-    """A request the loaded bundle cannot serve (bad prompt, bad sampling parameters, ...)."""
+    """A request the loaded bundle cannot serve: a bad prompt (empty, longer than the context), a bad
+    sampling parameter (the message starts with its name), a bundle or options the runtime cannot load."""
+
+
+#: why a generation stopped (:attr:`GenerationResult.stop_reason`)
+STOP_REASONS = ("eos", "stop_string", "max_new_tokens", "context", "interrupted")
+
+
+def check_generation_args(
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] | str = (),
+) -> tuple[str, ...]:
+    """Check the sampling parameters of :meth:`MoEModel.generate` (one :class:`GenerationError` naming the
+    parameter, expected vs found) and return ``stop`` as a tuple of strings."""
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    def is_real(v: object) -> bool:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens: expected an integer >= 1, found {max_new_tokens!r}")
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(
+            f"temperature: expected a finite number >= 0 (0 = greedy), found {temperature!r}"
+        )
+    if not is_real(top_p) or not 0.0 < top_p <= 1.0:  # NaN fails the comparison
+        raise GenerationError(f"top_p: expected a number in (0, 1], found {top_p!r}")
+    if not is_int(top_k) or top_k < 0:
+        raise GenerationError(f"top_k: expected an integer >= 0 (0 = all tokens), found {top_k!r}")
+    if not is_real(repetition_penalty) or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise GenerationError(
+            f"repetition_penalty: expected a finite number > 0 (1 = none), found {repetition_penalty!r}"
+        )
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise GenerationError(f"seed: expected None or an integer >= 0, found {seed!r}")
+    stops = (stop,) if isinstance(stop, str) else stop
+    try:
+        stops = tuple(stops)
+    except TypeError:
+        raise GenerationError(f"stop: expected a string or a list of strings, found {stop!r}") from None
+    bad = [x for x in stops if not isinstance(x, str) or not x]
+    if bad:
+        raise GenerationError(f"stop: expected non-empty strings, found {bad[0]!r}")
+    return stops
 
 
 @dataclass
@@ -82,7 +135,9 @@ class GenerationResult:
     text: str
     tokens: list[int]
     stats: GenerationStats
-    stop_reason: str  # "eos", "stop_string", "max_new_tokens"
+    #: "eos", "stop_string", "max_new_tokens", "context" (the model's context is full) or "interrupted"
+    #: (KeyboardInterrupt: the result holds what was generated until then)
+    stop_reason: str
 
 
 def peak_rss_bytes() -> int:
@@ -105,11 +160,33 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def sample_next(logits: np.ndarray, *, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Pick the next token from one row of logits: greedy when temperature == 0, else top-p sampling."""
+def sample_next(
+    logits: np.ndarray,
+    *,
+    temperature: float,
+    top_p: float,
+    rng: np.random.Generator,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    seen: Sequence[int] | np.ndarray = (),
+) -> int:
+    """Pick the next token from one row of logits: greedy when temperature == 0, else sampling from the
+    ``top_k`` most likely tokens (0 = all) within nucleus ``top_p``. ``repetition_penalty`` > 1 makes the
+    tokens in ``seen`` less likely (CTRL's rule, as transformers: a positive logit is divided by it, a
+    negative one multiplied)."""
+    if repetition_penalty != 1.0 and len(seen):
+        logits = logits.astype(np.float64, copy=True)
+        idx = np.unique(np.asarray(seen, dtype=np.int64))
+        idx = idx[(idx >= 0) & (idx < logits.shape[0])]
+        v = logits[idx]
+        logits[idx] = np.where(v > 0, v / repetition_penalty, v * repetition_penalty)
     if temperature <= 0.0:
         return int(np.argmax(logits))
-    probs = _softmax(logits.astype(np.float64) / temperature)
+    scaled = logits.astype(np.float64) / temperature
+    if 0 < top_k < scaled.shape[0]:
+        kth = np.partition(scaled, -top_k)[-top_k]
+        scaled = np.where(scaled >= kth, scaled, -np.inf)
+    probs = _softmax(scaled)
     if top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
         cum = np.cumsum(probs[order])
@@ -160,6 +237,33 @@ class _Generator:
         # stats, read through this session.
         self.session = session
         self.eos_token_ids = self._eos_ids()
+        #: the longest sequence (prompt + generated tokens) the model takes, from its config; None: no limit
+        #: (relative-position models)
+        self.context_length: int | None = None
+        self._closed = False
+
+    # -- lifetime ----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the ONNX Runtime sessions and the expert cache (statistics stay readable through
+        :func:`~edgemoe_ort.runtime.store_stats`). Further calls raise :class:`GenerationError`; closing
+        twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
+        for name in ("session", "encoder", "decoder"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        release_free_heap()
+
+    def __enter__(self) -> _Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise GenerationError(f"{self.bundle.path}: the model is closed")
 
     def _start(self, prompt_ids: list[int]) -> tuple[np.ndarray, Any]:
         raise NotImplementedError
@@ -178,9 +282,47 @@ class _Generator:
         return ids
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
         if self.tokenizer is None:
-            raise GenerationError(f"{self.bundle.path}: the bundle has no tokenizer; pass token ids instead")
+            raise GenerationError(
+                f"{self.bundle.path}: the bundle has no tokenizer; pass token ids instead "
+                "(a list of ints; edgemoe-run --ids 1,2,3)"
+            )
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """The prompt as token ids, checked: not empty, ids within the vocabulary, shorter than the context
+        (:attr:`context_length`): one :class:`GenerationError` saying both numbers otherwise."""
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise GenerationError(
+                    f"prompt: expected a string or a sequence of token ids, found {prompt!r:.80}"
+                ) from None
+        if not ids:
+            raise GenerationError("the prompt is empty (no tokens)")
+        vocab = self.vocab_size
+        bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise GenerationError(
+                f"prompt: token id {bad[0]} is outside the vocabulary (expected 0..{(vocab or 1) - 1})"
+            )
+        ctx = self.context_length
+        if ctx is not None and len(ids) >= ctx:
+            raise GenerationError(
+                f"the prompt is {len(ids)} tokens, but the model's context is {ctx} tokens (at most "
+                f"{ctx - 1} leave room for a new token)"
+            )
+        return ids
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The vocabulary size from the model's config, or None."""
+        v = self.bundle.config.get("vocab_size")
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -195,58 +337,87 @@ class _Generator:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[str] = (),
+        stop: Sequence[str] | str = (),
         result: list[GenerationResult] | None = None,
     ) -> Iterator[str]:
-        """Yield text pieces as tokens are generated; the final GenerationResult is appended to `result`."""
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
-        if temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, found {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], found {top_p}")
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not prompt_ids:
-            raise GenerationError("the prompt is empty (no tokens)")
+        """Generate from ``prompt`` (text, or token ids), yielding the text of each new token as it comes.
+
+        Stops at an end-of-sequence token (``stop_reason`` "eos"), at the first of the ``stop`` strings
+        ("stop_string": the text is cut before it), after ``max_new_tokens`` tokens ("max_new_tokens"), or
+        when prompt + generated tokens fill the model's context ("context", :attr:`context_length`). On a
+        KeyboardInterrupt the result so far ("interrupted") is appended to ``result`` before it propagates.
+        ``temperature`` 0 is greedy; otherwise sampling from the ``top_k`` most likely tokens (0 = all) within
+        nucleus ``top_p``, with ``seed`` for repeatable draws; ``repetition_penalty`` > 1 discourages tokens
+        already in the prompt or the output. The final :class:`GenerationResult` (text, tokens, stats,
+        stop_reason) is appended to ``result`` if given. Raises :class:`GenerationError`, naming the
+        parameter, for bad arguments and for a prompt that is empty or does not fit the context, before
+        anything runs."""
+        stops = check_generation_args(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        self._require_open()
+        prompt_ids = self.prompt_ids(prompt)
         rng = np.random.default_rng(seed)
+        room = max_new_tokens
+        if self.context_length is not None:
+            room = min(max_new_tokens, self.context_length - len(prompt_ids))
+
+        def pick(logits: np.ndarray, history: list[int]) -> int:
+            return sample_next(logits, temperature=temperature, top_p=top_p, rng=rng, top_k=top_k,
+                               repetition_penalty=repetition_penalty,
+                               seen=prompt_ids + history if repetition_penalty != 1.0 else ())
+
         self.session.begin_call_stats()
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        t0 = time.perf_counter()
-        logits, state = self._start(prompt_ids)
-        token = sample_next(logits, temperature=temperature, top_p=top_p, rng=rng)
-        t1 = time.perf_counter()
-        stats.prefill_s = stats.ttft_s = t1 - t0
+        t0 = t1 = time.perf_counter()
         tokens: list[int] = []
         text_so_far = ""
         stop_reason = "max_new_tokens"
-        while True:
-            if token in self.eos_token_ids:
-                stop_reason = "eos"
-                break
-            tokens.append(token)
-            text = self.decode(tokens)
-            piece, text_so_far = text[len(text_so_far) :], text
-            hit = next((s for s in stop if s and s in text_so_far), None)
-            if hit is not None:
-                cut = text_so_far.index(hit)
-                if cut > len(text_so_far) - len(piece):
-                    yield piece[: cut - (len(text_so_far) - len(piece))]
-                text_so_far = text_so_far[:cut]
-                stop_reason = "stop_string"
-                break
-            if piece:
-                yield piece
-            if len(tokens) >= max_new_tokens:
-                break
-            logits, state = self._step(token, state)
-            token = sample_next(logits, temperature=temperature, top_p=top_p, rng=rng)
+        interrupted: KeyboardInterrupt | None = None
+        try:
+            logits, state = self._start(prompt_ids)
+            token = pick(logits, tokens)
+            t1 = time.perf_counter()
+            stats.prefill_s = stats.ttft_s = t1 - t0
+            while True:
+                if token in self.eos_token_ids:
+                    stop_reason = "eos"
+                    break
+                tokens.append(token)
+                text = self.decode(tokens)
+                piece, text_so_far = text[len(text_so_far) :], text
+                hit = next((x for x in stops if x in text_so_far), None)
+                if hit is not None:
+                    cut = text_so_far.index(hit)
+                    if cut > len(text_so_far) - len(piece):
+                        yield piece[: cut - (len(text_so_far) - len(piece))]
+                    text_so_far = text_so_far[:cut]
+                    stop_reason = "stop_string"
+                    break
+                if piece:
+                    yield piece
+                if len(tokens) >= room:
+                    stop_reason = "max_new_tokens" if len(tokens) >= max_new_tokens else "context"
+                    break
+                logits, state = self._step(token, state)
+                token = pick(logits, tokens)
+        except KeyboardInterrupt as exc:
+            stop_reason, interrupted = "interrupted", exc
+            if not stats.prefill_s:
+                t1 = time.perf_counter()
+                stats.prefill_s = stats.ttft_s = t1 - t0
         stats.decode_s = time.perf_counter() - t1
         stats.generated_tokens = len(tokens)
         stats.peak_rss_bytes = peak_rss_bytes()
         stats.cache = self.session.call_stats()
         if result is not None:
             result.append(GenerationResult(text_so_far, tokens, stats, stop_reason))
+        if interrupted is not None:
+            raise interrupted
 
     def generate(
         self,
@@ -255,16 +426,28 @@ class _Generator:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[str] = (),
+        stop: Sequence[str] | str = (),
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
+        """Generate from ``prompt`` (text, or token ids) and return a :class:`GenerationResult`: the text,
+        the token ids, :class:`GenerationStats` (prefill/decode tokens per second, TTFT, peak RSS, the expert
+        cache's counters) and why it stopped. The arguments are those of :meth:`stream`; ``on_text`` is
+        called with each piece of text as it is generated.
+
+        >>> model.generate("def fib(n):", max_new_tokens=32).text
+        >>> model.generate("import ", temperature=0.8, top_k=40, top_p=0.95, seed=1, stop=["\\n\\n"])
+        """
         out: list[GenerationResult] = []
         for piece in self.stream(
             prompt,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
             seed=seed,
             stop=stop,
             result=out,
@@ -274,11 +457,59 @@ class _Generator:
         return out[0]
 
 
-class MoEModel(_Generator):
-    """A decoder-only bundle loaded for generation.
+def _check_options(options: object) -> RuntimeOptions:
+    if options is None:
+        return RuntimeOptions()
+    if not isinstance(options, RuntimeOptions):
+        raise GenerationError(
+            f"options: expected a RuntimeOptions (e.g. RuntimeOptions(budget='25%')), found "
+            f"{type(options).__name__} {options!r:.60}"
+        )
+    try:
+        options.validate()
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from None
+    return options
 
-    >>> model = MoEModel.load("bundles/tiny", RuntimeOptions(budget="25%"))
-    >>> result = model.generate("def fib(n):", max_new_tokens=32)
+
+def _check_budget(bundle: Bundle, options: RuntimeOptions) -> None:
+    """The budget against the bundle, before any session exists: the store would refuse one below the
+    largest expert (as an ORT RUNTIME_EXCEPTION); this says it in our words."""
+    from .memory import minimum_budget
+    from .ops import parse_budget
+
+    if options.budget is None:
+        return
+    budget = parse_budget(options.budget, bundle.store_bytes)
+    floor = minimum_budget(bundle)
+    if budget < floor:
+        big = max(bundle.manifest["experts"], key=lambda r: int(r["length"]))
+        raise GenerationError(
+            f"budget: {options.budget!r} is {budget} bytes, below the largest expert (layer {big['layer']} "
+            f"expert {big['expert']}: {floor} bytes = {floor / 1024:.1f} KiB), the smallest budget "
+            f"{bundle.path.name} accepts"
+        )
+
+
+def _open_graph(path: Path, make: Callable[[], Any]) -> Any:
+    """Create a session for ``path``; an unreadable graph file is a :class:`GenerationError` naming it."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    try:
+        return make()
+    except (ort_state.InvalidProtobuf, ort_state.InvalidGraph) as exc:
+        kind = "truncated or corrupt" if isinstance(exc, ort_state.InvalidProtobuf) else "an invalid graph"
+        raise GenerationError(
+            f"{path}: not a valid ONNX model ({kind}); export the bundle again"
+        ) from None
+
+
+class MoEModel(_Generator):
+    """A decoder-only bundle loaded for generation. Close it (or use it as a context manager) to free its
+    sessions and expert cache at once.
+
+    >>> with MoEModel.load("bundles/tiny", RuntimeOptions(budget="25%")) as model:
+    ...     result = model.generate("def fib(n):", max_new_tokens=32)
     """
 
     def __init__(self, bundle: Bundle, session: ExpertSession, tokenizer: Any | None) -> None:
@@ -288,17 +519,31 @@ class MoEModel(_Generator):
         self._input_names = [i.name for i in session.get_inputs()]
         self._output_names = [o.name for o in session.get_outputs()]
         self._past_specs = _past_specs(session, graph)
+        from .memory import config_context
+
+        self.context_length = config_context(bundle)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, options: RuntimeOptions | None = None) -> MoEModel:
+        """Open the decoder-only bundle at ``bundle_dir`` with ``options`` (budget, cache policy, I/O mode,
+        prefetching, threads: :class:`RuntimeOptions`; default: the whole store in cache, direct I/O).
+
+        Raises :class:`GenerationError` for options of the wrong type, a budget below the largest expert,
+        an encoder-decoder bundle (use :func:`load_model`) or a graph file that is not valid ONNX, and
+        :class:`~edgemoe_ort.bundle.BundleError` for a missing or malformed bundle, each naming the file or
+        the option."""
+        options = _check_options(options)
         bundle = Bundle.open(bundle_dir)
         if set(bundle.manifest.get("graphs", {})) != {"decoder"}:
             raise GenerationError(
                 f"{bundle.path / 'manifest.json'}: graphs {sorted(bundle.manifest.get('graphs', {}))}:"
                 " MoEModel serves decoder-only bundles (graphs: decoder); use load_model() for any bundle"
             )
-        session = open_session(bundle.graph_path("decoder"), bundle.path, options or RuntimeOptions())
-        return cls(bundle, session, load_tokenizer(bundle))
+        _check_budget(bundle, options)
+        tokenizer = load_tokenizer(bundle)
+        graph = bundle.graph_path("decoder")
+        session = _open_graph(graph, lambda: open_session(graph, bundle.path, options))
+        return cls(bundle, session, tokenizer)
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((batch, heads, 0, dim), np.float32) for name, heads, dim in self._past_specs}
@@ -307,6 +552,7 @@ class MoEModel(_Generator):
         self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None = None
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One step: logits [B, S, V] for input_ids [B, S] after `past`; returns the new past."""
+        self._require_open()
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise GenerationError(f"input_ids must be [batch, seq], found shape {input_ids.shape}")
@@ -360,25 +606,28 @@ class Seq2SeqMoEModel(_Generator):
 
     @classmethod
     def load(cls, bundle_dir: str | Path, options: RuntimeOptions | None = None) -> Seq2SeqMoEModel:
+        """Open the encoder-decoder bundle at ``bundle_dir``; as :meth:`MoEModel.load`."""
         import onnxruntime as ort
 
+        options = _check_options(options)
         bundle = Bundle.open(bundle_dir)
         if set(bundle.manifest.get("graphs", {})) != {"encoder", "decoder"}:
             raise GenerationError(
                 f"{bundle.path / 'manifest.json'}: graphs {sorted(bundle.manifest.get('graphs', {}))}:"
                 " Seq2SeqMoEModel serves encoder-decoder bundles (graphs: encoder, decoder)"
             )
-        options = options or RuntimeOptions()
+        _check_budget(bundle, options)
+        tokenizer = load_tokenizer(bundle)
         so, store_id = make_session_options(bundle.path, options)
-        sessions = [
-            ExpertSession(
-                ort.InferenceSession(str(bundle.graph_path(role)), so, providers=["CPUExecutionProvider"]),
-                store_id, bundle.path, options,
+        sessions = []
+        for role in ("encoder", "decoder"):
+            graph = bundle.graph_path(role)
+            sess = _open_graph(
+                graph, lambda g=graph: ort.InferenceSession(str(g), so, providers=["CPUExecutionProvider"])
             )
-            for role in ("encoder", "decoder")
-        ]
+            sessions.append(ExpertSession(sess, store_id, bundle.path, options))
         release_free_heap()
-        return cls(bundle, sessions[0], sessions[1], load_tokenizer(bundle))
+        return cls(bundle, sessions[0], sessions[1], tokenizer)
 
     def _decode(self, token: int, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         feeds = {"input_ids": np.asarray([[token]], dtype=np.int64), **state}
@@ -402,7 +651,8 @@ class Seq2SeqMoEModel(_Generator):
 
 
 def load_model(bundle_dir: str | Path, options: RuntimeOptions | None = None) -> MoEModel | Seq2SeqMoEModel:
-    """Load any bundle for generation: decoder-only → MoEModel, encoder-decoder → Seq2SeqMoEModel."""
+    """Load any bundle for generation: decoder-only → MoEModel, encoder-decoder → Seq2SeqMoEModel (see
+    :meth:`MoEModel.load`)."""
     bundle = Bundle.open(bundle_dir)
     if "encoder" in bundle.manifest.get("graphs", {}):
         return Seq2SeqMoEModel.load(bundle.path, options)
@@ -410,6 +660,7 @@ def load_model(bundle_dir: str | Path, options: RuntimeOptions | None = None) ->
 
 
 def load_tokenizer(bundle: Bundle) -> Any | None:
+    """The bundle's ``tokenizers.Tokenizer``, or None if it has none."""
     rel = bundle.manifest.get("tokenizer")
     if not rel:
         return None

@@ -45,6 +45,9 @@ __all__ = [
     "ITEMS",
     "MAX_DEFAULT_PROMPT_TOKENS",
     "activation_bytes",
+    "auto_budget",
+    "available_memory",
+    "config_context",
     "estimate_rss",
     "kv_bytes_per_token",
     "minimum_budget",
@@ -112,6 +115,12 @@ def _config_int(config: dict[str, Any], *keys: str) -> int | None:
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 return v
     return None
+
+
+def config_context(bundle: Bundle | str | Path) -> int | None:
+    """The context length the model's config names (``max_position_embeddings`` and the like), or None
+    (relative-position models)."""
+    return _config_int(_bundle(bundle).config, *_CONTEXT_KEYS)
 
 
 def model_context(bundle: Bundle | str | Path) -> int:
@@ -187,7 +196,12 @@ def _dims(vi: Any) -> list[int | None]:
 
 def _graph_shapes(b: Bundle) -> tuple[int, int | None]:
     """(KV bytes per token, vocab from the logits output) of the decoder graph."""
-    ins, outs = _graph_io(b.graph_path("decoder"))
+    path = b.graph_path("decoder")
+    try:
+        ins, outs = _graph_io(path)
+    except (EOFError, ValueError) as exc:  # truncated or not protobuf; onnx's DecodeError is a ValueError too
+        raise ValueError(f"{path}: not a valid ONNX model (truncated or corrupt: {exc or 'ends early'}); "
+                         "export the bundle again") from None
     per_token = 0
     for vi in ins:
         if vi.name.startswith("past_key_values."):
@@ -287,3 +301,57 @@ def estimate_rss(
         "context_tokens": ctx,
         "prompt_tokens": prompt,
     }
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes this process may still use, where that figure comes from): the smaller of the kernel's
+    ``MemAvailable`` (psutil) and what the cgroup memory limit leaves, if there is one."""
+    import psutil
+
+    avail, source = int(psutil.virtual_memory().available), "available memory"
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            if limit_text == "max" or int(limit_text) >= 1 << 60:
+                continue
+            left = int(limit_text) - int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if left < avail:
+            avail, source = max(left, 0), "the cgroup memory limit"
+        break
+    return avail, source
+
+
+def auto_budget(
+    bundle: Bundle | str | Path, *, available: int | None = None, context: int | None = None
+) -> tuple[int, str]:
+    """``--budget auto``: the largest expert budget whose :func:`estimate_rss` total fits ``available``
+    (default: 90% of :func:`available_memory`), capped at the whole store. Returns (budget bytes, why). Raises
+    ValueError when even the minimum budget does not fit."""
+    b = _bundle(bundle)
+    source = "given"
+    if available is None:
+        free, source = available_memory()
+        available = free - free // 10  # leave a tenth for the page cache and everything else
+        source = f"(90% of the {free / MiB:.0f} MiB {source})"
+    floor = minimum_budget(b)
+    base = estimate_rss(b, floor, context=context)
+    others = base["total_bytes"] - base["expert_bytes"]  # what the process holds besides the experts
+    room = available - others
+    if room < floor:
+        raise ValueError(
+            f"budget: auto: {available / MiB:.0f} MiB {source}, but the dense part and the runtime's needs "
+            f"alone take {others / MiB:.0f} MiB and the smallest budget is {floor / MiB:.1f} MiB"
+        )
+    budget = min(room, b.store_bytes)
+    # The estimate's items below depend on the budget only through the load transient: recheck the total.
+    while budget > floor and estimate_rss(b, budget, context=context)["total_bytes"] > available:
+        budget = max(floor, budget - (budget - floor) // 8 - 1)
+    why = (f"{available / MiB:.0f} MiB {source} - {others / MiB:.0f} MiB for the dense weights, KV cache, "
+           f"activations and runtime (docs/memory.md)")
+    if budget == b.store_bytes:
+        why += f" leaves room for the whole {b.store_bytes / MiB:.1f} MiB store"
+    return int(budget), why

@@ -24,6 +24,7 @@ __all__ = [
     "IO_MODES",
     "POLICIES",
     "PREDICTORS",
+    "ROUTING_RULES",
     "ExpertSession",
     "RuntimeOptions",
     "kernel_path",
@@ -44,6 +45,9 @@ ENV_LIB = "EDGEMOE_CUSTOMOPS_LIB"
 LIB_NAME = "libedgemoe_customops.so"
 POLICIES = ("lru", "lfu", "edgemoe", "hobbit", "pinned", "none")
 PREDICTORS = ("none", "table", "gates", "token", "auto")
+ROUTING_RULES = ("exact", "cache-prior", "max-rank")
+MAX_ROUTING_LAMBDA = 100.0
+MAX_ROUTING_RANK = 1024
 MAX_PREFETCH_DEPTH = 8
 IO_MODES = ("direct", "buffered", "mmap")
 MAX_IO_THREADS = 256
@@ -177,6 +181,11 @@ class RuntimeOptions:
     prefetch_depth: int = 1  # layers ahead, when the next layer's predicted experts are resident
     prefetch_threshold: float = 0.3  # prefetch experts predicted with probability >= this
     warm_start: str | Path | None = None  # "profile" or a resident set saved by ExpertSession.save_resident
+    # Cache-aware routing (edgemoe.routing etc.; docs/op-contract.md, "CacheAwareTopK").
+    routing: str = "exact"  # exact | cache-prior | max-rank
+    routing_lambda: float = 0.5  # cache-prior: bias in units of the layer's mean router-logit range
+    routing_keep: int = 1  # J, the true top experts always kept (cache-prior and max-rank)
+    routing_window: int = 0  # max-rank: M, the true top-M residents may come from (0 = 2 * top_k)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -234,6 +243,17 @@ class RuntimeOptions:
         t = self.prefetch_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
             raise ValueError(f"prefetch_threshold: expected a probability in (0, 1], found {t!r}")
+        if self.routing not in ROUTING_RULES:
+            raise ValueError(f"routing: expected one of {', '.join(ROUTING_RULES)}, found {self.routing!r}")
+        lam = self.routing_lambda
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0 <= lam <= MAX_ROUTING_LAMBDA):
+            raise ValueError(
+                f"routing_lambda: expected a number in [0, {MAX_ROUTING_LAMBDA:g}], found {lam!r}"
+            )
+        for name in ("routing_keep", "routing_window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not (0 <= v <= MAX_ROUTING_RANK):
+                raise ValueError(f"{name}: expected an int in [0, {MAX_ROUTING_RANK}], found {v!r}")
         for name in ("profile", "warm_start"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (str, Path)) or not str(v)):
@@ -292,6 +312,11 @@ def session_config_entries(bundle_dir: Path, options: RuntimeOptions, store_id: 
     entries["edgemoe.predictor"] = options.predictor
     entries["edgemoe.prefetch_depth"] = str(options.prefetch_depth)
     entries["edgemoe.prefetch_threshold"] = repr(float(options.prefetch_threshold))
+    entries["edgemoe.routing"] = options.routing
+    if options.routing != "exact":
+        entries["edgemoe.routing_lambda"] = repr(float(options.routing_lambda))
+        entries["edgemoe.routing_keep"] = str(options.routing_keep)
+        entries["edgemoe.routing_window"] = str(options.routing_window)
     if options.profile is not None:
         entries["edgemoe.profile"] = str(Path(options.profile).expanduser().resolve())
     if options.warm_start is not None:
@@ -435,8 +460,10 @@ class ExpertSession:
     def call_stats(self) -> dict[str, Any]:
         """The store's counters with this thread's call counters (since :meth:`begin_call_stats`) in place of
         the store-wide ones: ``hits``, ``misses``, ``stall_s``, ``reads``, ``bytes_read``, ``prefetch``
-        {issued, used, hidden, late, wasted, wasted_bytes, dropped, precision, recall} and ``layers``."""
+        {issued, used, hidden, late, wasted, wasted_bytes, dropped, precision, recall}, ``routing``
+        {selections, changed, misses_avoided; ``rule`` is the store's} and ``layers``."""
         st = self.stats()
+        rule = st.get("routing", {}).get("rule")
         lib, sid = _lib(), self.store_id.encode()
         n = lib.edgemoe_thread_stats_json(sid, None, 0)
         if n < 0:
@@ -448,6 +475,8 @@ class ExpertSession:
                 break
             n = m
         st.update(json.loads(buf.value.decode()))
+        if rule is not None and isinstance(st.get("routing"), dict):
+            st["routing"]["rule"] = rule
         return st
 
     def save_resident(self, path: str | Path, *, force: bool = False) -> Path:

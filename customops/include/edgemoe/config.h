@@ -11,6 +11,7 @@
 #include "edgemoe/blob_source.h"
 #include "edgemoe/manifest.h"
 #include "edgemoe/policy.h"
+#include "edgemoe/routing.h"
 
 namespace edgemoe {
 
@@ -45,6 +46,7 @@ struct RuntimeConfig {
   std::string budget;  // "" = whole store (resolved against the store size when the store opens)
   StoreOptions store;
   PrefetchOptions prefetch;
+  RoutingOptions routing;
 };
 
 struct ConfigKey {

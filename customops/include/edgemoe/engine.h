@@ -1,4 +1,4 @@
-// One bundle's runtime: the expert store and the prefetcher that feeds it, built from a RuntimeConfig, and
+// One bundle's runtime: the expert store, the prefetcher that feeds it and the cache-aware router, built from a RuntimeConfig, and
 // the warm start (warm_start.h) applied when it opens. Kernels of both ops share one Engine per registration.
 #pragma once
 #include <memory>
@@ -6,6 +6,7 @@
 
 #include "edgemoe/config.h"
 #include "edgemoe/prefetcher.h"
+#include "edgemoe/routing.h"
 #include "edgemoe/store.h"
 
 namespace edgemoe {
@@ -22,10 +23,13 @@ class Engine {
   ExpertStore& store() { return *store_; }
   // Null when edgemoe.predictor is none.
   Prefetcher* prefetcher() { return prefetcher_.get(); }
+  // The routing rule of the CacheAwareTopK nodes (edgemoe.routing).
+  CacheAwareRouter& router() { return *router_; }
 
  private:
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<Prefetcher> prefetcher_;  // after the store: destroyed first
+  std::unique_ptr<CacheAwareRouter> router_;
 };
 
 // The live engine published under a store id (null if none): what the C API's resident-set calls act on.

@@ -23,10 +23,14 @@ struct LayerCounters {
   std::atomic<uint64_t> prefetch_late{0};    // ... still being read at first use
   std::atomic<uint64_t> prefetch_wasted{0}, prefetch_wasted_bytes{0};  // evicted before any use
   std::atomic<uint64_t> prefetch_dropped{0};  // refused: no room without waiting
+  // Cache-aware routing (CacheAwareTopK): selections made, those not in the token's exact top-k, and the
+  // reads they avoided (distinct non-resident experts of the exact choice minus of the taken one, per call).
+  std::atomic<uint64_t> route_selections{0}, route_changed{0};
+  std::atomic<int64_t> route_misses_avoided{0};
 
   void reset();
   // {"hits", ..., "prefetch": {"issued", "used", "hidden", "late", "wasted", "wasted_bytes", "dropped",
-  //  "precision", "recall"}}
+  //  "precision", "recall"}, "routing": {"selections", "changed", "misses_avoided"}}
   nlohmann::ordered_json to_json() const;
 };
 
@@ -70,6 +74,7 @@ struct StoreStats {
   // Descriptive fields (set by the store when it attaches; guarded by mu).
   mutable std::mutex mu;
   std::string store_id, bundle_dir, policy, io_mode, io_note, kernel;
+  std::string routing = "exact";  // the routing rule (set by the engine)
   bool direct_io = false;
   uint64_t budget_bytes = 0, store_bytes = 0, num_experts = 0, io_threads = 0;
   bool verify_checksums = true, mlock = false;
@@ -81,6 +86,7 @@ struct StoreStats {
   std::vector<LayerCounters> layers;
   // Adds n to field f of layer `layer` here and in `sink` (the calling thread's CallStats, may be null).
   void count(std::atomic<uint64_t> LayerCounters::*f, int32_t layer, CallStats* sink, uint64_t n = 1);
+  void count(std::atomic<int64_t> LayerCounters::*f, int32_t layer, CallStats* sink, int64_t n);
 
   void add_resident(uint64_t delta);  // also raises the peak
   void sub_resident(uint64_t delta);

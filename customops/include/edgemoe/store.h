@@ -107,6 +107,8 @@ class ExpertStore {
   void drain();
   // True if (layer, expert) is resident, in flight or queued (a snapshot).
   bool is_resident(int32_t layer, int32_t expert) const;
+  // is_resident() of experts 0..n-1 of `layer` into out[0..n), under one lock (a snapshot).
+  void residency(int32_t layer, uint8_t* out, int32_t n) const;
   // The fully read experts, most recently used first (a snapshot).
   std::vector<ExpertKey> resident_keys() const;
   // What an expert of `length` bytes costs against the budget: whole memory pages.

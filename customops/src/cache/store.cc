@@ -157,6 +157,11 @@ bool ExpertStore::is_resident(int32_t layer, int32_t expert) const {
   return entries_.count(ExpertKey{layer, expert}) != 0;
 }
 
+void ExpertStore::residency(int32_t layer, uint8_t* out, int32_t n) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (int32_t e = 0; e < n; ++e) out[e] = entries_.count(ExpertKey{layer, e}) != 0 ? 1 : 0;
+}
+
 void ExpertStore::begin_call(int32_t layer) {
   std::lock_guard<std::mutex> lk(mu_);
   if (last_call_layer_ < 0 || layer <= last_call_layer_) {

@@ -2,7 +2,6 @@
 
 namespace edgemoe {
 
-namespace {
 bool attr_int(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t* out) {
   OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, out);
   if (st) {
@@ -38,7 +37,6 @@ bool attr_string(const OrtApi& api, const OrtKernelInfo* info, const char* name,
   *out = std::move(s);
   return true;
 }
-}  // namespace
 
 OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info, NodeAttributes* n) {
   try {

@@ -1,5 +1,5 @@
 // Node attributes of OffloadedExpert and their checks against the manifest, apart from the computation
-// (docs/op-contract.md, "Node").
+// (docs/op-contract.md, "Node"), and the attribute readers every op of the domain uses.
 #pragma once
 #include <string>
 
@@ -16,6 +16,11 @@ struct NodeAttributes {
   std::string activation;
   float alpha = 1.702f, limit = 7.0f;
 };
+
+// One attribute of the node being created: false if it is absent (or of another type).
+bool attr_int(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t* out);
+bool attr_float(const OrtApi& api, const OrtKernelInfo* info, const char* name, float* out);
+bool attr_string(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::string* out);
 
 // Reads the attributes; an error status names the node and the missing attribute.
 OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info, NodeAttributes* out);

@@ -11,12 +11,6 @@
 
 namespace edgemoe {
 
-inline std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // Inputs of OffloadedExpert (docs/op-contract.md, "Node"): 3 required, then the optional stacked router
 // logits of the next layers (opset 2).
 constexpr size_t kRequiredInputs = 3;
@@ -141,7 +135,7 @@ struct OffloadedExpertOp : Ort::CustomOpBase<OffloadedExpertOp, OffloadedExpertK
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** op_kernel) const noexcept {
     std::string node = "?";
-    try {
+    return guarded_create(kOpName, node, [&]() -> OrtStatus* {
       NodeAttributes n;
       if (OrtStatus* st = read_attributes(api, info, &n)) return st;
       node = n.node;
@@ -151,13 +145,7 @@ struct OffloadedExpertOp : Ort::CustomOpBase<OffloadedExpertOp, OffloadedExpertK
       if (OrtStatus* st = check_attributes(n, kernel->store->manifest(), &kernel->attrs, &kernel->hidden)) return st;
       *op_kernel = kernel.release();  // owned by ORT, freed through KernelDestroy
       return nullptr;
-    } catch (const std::bad_alloc&) {
-      return make_status(ORT_FAIL, std::string(kOpName) + " node '" + node + "': out of memory");
-    } catch (const std::exception& ex) {
-      return make_status(ORT_FAIL, ex.what());
-    } catch (...) {
-      return make_status(ORT_FAIL, std::string(kOpName) + " node '" + node + "': unknown error");
-    }
+    });
   }
 
   std::shared_ptr<StoreGroup> group;

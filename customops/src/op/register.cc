@@ -1,5 +1,5 @@
 // RegisterCustomOps: reads the edgemoe.* session config entries (through the table in edgemoe/config.h) and
-// adds the "edgemoe" domain with OffloadedExpert and TokenPrefetch to the SessionOptions. No exception
+// adds the "edgemoe" domain with OffloadedExpert, TokenPrefetch and CacheAwareTopK to the SessionOptions. No exception
 // crosses the C boundary.
 #include <memory>
 #include <mutex>
@@ -7,6 +7,7 @@
 
 #include "edgemoe/c_api.h"
 #include "edgemoe/config.h"
+#include "cache_aware_topk.h"
 #include "kernel.h"
 #include "token_prefetch.h"
 #include "ort.h"
@@ -16,9 +17,10 @@ namespace {
 
 // Domains and ops must outlive every session using them: kept for the life of the process.
 struct Registration {
-  explicit Registration(const std::shared_ptr<StoreGroup>& g) : op(g), token_op(g), domain(kDomain) {}
+  explicit Registration(const std::shared_ptr<StoreGroup>& g) : op(g), token_op(g), topk_op(g), domain(kDomain) {}
   OffloadedExpertOp op;
   TokenPrefetchOp token_op;
+  CacheAwareTopKOp topk_op;
   Ort::CustomOpDomain domain;
 };
 
@@ -72,6 +74,7 @@ extern "C" EDGEMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOp
     auto reg = std::make_unique<Registration>(std::make_shared<StoreGroup>(std::move(cfg)));
     reg->domain.Add(&reg->op);
     reg->domain.Add(&reg->token_op);
+    reg->domain.Add(&reg->topk_op);
     Ort::ThrowOnError(api->AddCustomOpDomain(options, reg->domain));
     std::lock_guard<std::mutex> lk(registrations_mu());
     registrations().push_back(std::move(reg));

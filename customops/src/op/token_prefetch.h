@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "attributes.h"
 #include "ort.h"
 #include "store_group.h"
 
@@ -54,33 +55,16 @@ struct TokenPrefetchOp : Ort::CustomOpBase<TokenPrefetchOp, TokenPrefetchKernel,
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** op_kernel) const noexcept {
     std::string node = "?";
-    try {
+    return guarded_create(kTokenPrefetchName, node, [&]() -> OrtStatus* {
       node = Ort::ConstKernelInfo(info).GetNodeName();
       std::string manifest = "manifest.json";
-      size_t size = 0;
-      if (OrtStatus* st = api.KernelInfoGetAttribute_string(info, "manifest", nullptr, &size)) {
-        api.ReleaseStatus(st);
-      } else {
-        std::string s(size, '\0');
-        if (OrtStatus* st2 = api.KernelInfoGetAttribute_string(info, "manifest", s.data(), &size)) {
-          api.ReleaseStatus(st2);
-        } else {
-          s.resize(size > 0 ? size - 1 : 0);
-          manifest = std::move(s);
-        }
-      }
+      attr_string(api, info, "manifest", &manifest);
       auto kernel = std::make_unique<TokenPrefetchKernel>();
       kernel->engine = group->get(manifest);
       kernel->node = node;
       *op_kernel = kernel.release();  // owned by ORT, freed through KernelDestroy
       return nullptr;
-    } catch (const std::bad_alloc&) {
-      return make_status(ORT_FAIL, std::string(kTokenPrefetchName) + " node '" + node + "': out of memory");
-    } catch (const std::exception& ex) {
-      return make_status(ORT_FAIL, ex.what());
-    } catch (...) {
-      return make_status(ORT_FAIL, std::string(kTokenPrefetchName) + " node '" + node + "': unknown error");
-    }
+    });
   }
 
   std::shared_ptr<StoreGroup> group;

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +190,53 @@ def test_missing_bundle_dir_and_library(tmp_path, monkeypatch, bundle):
         ops.library_path()
     monkeypatch.delenv(ops.ENV_LIB)
     assert ops.library_path().name == "libedgemoe_customops.so"
+
+
+@pytest.mark.parametrize("io", ["direct", "buffered", "mmap"])
+def test_checksum_verified_on_every_read(bundle, io):
+    """A blob that reads back corrupt after a good first read fails that run and is not cached (issue 15)."""
+    largest = max(int(bundle.expert_record(0, e)["length"]) for e in range(8))
+    opts = RuntimeOptions(io=io, budget=2 * largest, policy="lru")
+    s = open_session(bundle.graph_path(), bundle.path, opts)
+    X, idx, w = inputs()
+    idx[:] = [5, 6]
+    s.run(None, feeds(X, idx, w))  # experts 5 and 6 read, verified, cached
+    idx[:] = [1, 2]
+    s.run(None, feeds(X, idx, w))  # evicts them
+    rec = bundle.expert_record(0, 5)
+    with open(bundle.store_path, "r+b") as f:
+        f.seek(rec["offset"] + 100)
+        c = f.read(1)
+        f.seek(rec["offset"] + 100)
+        f.write(bytes([c[0] ^ 0xFF]))
+    idx[:] = [5, 6]
+    with pytest.raises(Exception, match="checksum mismatch") as ei:
+        s.run(None, feeds(X, idx, w))
+    msg = str(ei.value)
+    assert "experts.bin" in msg and "layer 0 expert 5" in msg and rec["checksum"] in msg
+    with open(bundle.store_path, "r+b") as f:  # repaired: the next run reads expert 5 again and succeeds
+        f.seek(rec["offset"] + 100)
+        f.write(c)
+    s.run(None, feeds(X, idx, w))
+    st = s.stats()
+    assert st["resident_bytes"] <= st["budget_bytes"]
+
+
+def test_deeply_nested_manifest_is_an_error_not_a_crash(bundle):
+    """A value nested 100,000 levels deep (~200 KB) once overflowed the native reader's stack (issue 15)."""
+    p = bundle.path / "manifest.json"
+    m = json.loads(p.read_text())
+    text = json.dumps(m).replace('"format_version": 1', '"format_version": ' + "[" * 100000 + "]" * 100000, 1)
+    assert len(text) > 200000
+    p.write_text(text)
+    code = (
+        "import sys\n"
+        "from edgemoe_ort.runtime.ops import open_session\n"
+        "try:\n"
+        f"    open_session({str(bundle.graph_path())!r}, {str(bundle.path)!r})\n"
+        "except Exception as e:\n"
+        "    print(str(e)[:2000]); sys.exit(3)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])  # an exception, not SIGSEGV (-11)
+    assert "manifest.json" in r.stdout and "nested too deeply" in r.stdout

@@ -241,7 +241,7 @@ const std::vector<ConfigKey>& config_keys() {
        "`direct` (O_DIRECT), `buffered` (pread, readahead off, read pages dropped), `mmap` (copy from a mapping)",
        apply_io_mode, false},
       {"edgemoe.io_threads", "2", "I/O threads, `1..256`", apply_io_threads, false},
-      {"edgemoe.verify_checksums", "1", "verify each blob's xxh3_64 when first read (`1`/`0`/`true`/`false`)",
+      {"edgemoe.verify_checksums", "1", "verify each blob's xxh3_64 on every read (`1`/`0`/`true`/`false`; `0` skips it)",
        apply_verify, false},
       {"edgemoe.mlock", "0", "lock expert memory in RAM (`mlock`; needs RLIMIT_MEMLOCK >= the budget)", apply_mlock,
        false},

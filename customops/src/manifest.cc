@@ -2,26 +2,40 @@
 // same message shape) so a bundle the Python side accepts is accepted here and vice versa.
 #include "edgemoe/manifest.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <iterator>
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <tuple>
+#include <unordered_map>
+
+#include "edgemoe/fd.h"
 
 namespace edgemoe {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-std::string error_message(const std::string& file, int64_t layer, int64_t expert, const std::string& field,
-                          const std::string& message, const std::string& expected, const std::string& found) {
+std::string clip(const std::string& s, size_t max_chars) {
+  if (s.size() <= max_chars) return s;
+  return s.substr(0, max_chars > 3 ? max_chars - 3 : 0) + "...";
+}
+
+std::string error_message(const std::string& file_in, int64_t layer, int64_t expert, const std::string& field_in,
+                          const std::string& message_in, const std::string& expected_in,
+                          const std::string& found_in) {
+  // Every part is clipped (kMaxMessagePart): a huge value in a bundle never makes a huge message.
+  const std::string file = clip(file_in, kMaxPathBytes + 256), field = clip(field_in, kMaxMessagePart),
+                    message = clip(message_in, kMaxMessagePart), expected = clip(expected_in, kMaxMessagePart),
+                    found = clip(found_in, kMaxMessagePart);
   std::string out = file;
   if (layer >= 0 && expert >= 0) {
     out += ": layer " + std::to_string(layer) + " expert " + std::to_string(expert);
@@ -84,6 +98,7 @@ size_t Manifest::record_index(int64_t layer, int64_t expert) const {
 
 std::string check_relative_path(const std::string& rel) {
   if (rel.empty()) return "a non-empty relative path";
+  if (rel.size() > kMaxPathBytes) return "a path of at most " + std::to_string(kMaxPathBytes) + " bytes";
   if (rel.find('\\') != std::string::npos || rel.find('\0') != std::string::npos) return "a relative POSIX path";
   if (rel[0] == '/' || (rel.size() > 1 && rel[1] == ':')) return "a relative path (not absolute)";
   std::stringstream ss(rel);
@@ -94,14 +109,109 @@ std::string check_relative_path(const std::string& rel) {
   return {};
 }
 
+std::string check_json_nesting(const std::string& text, size_t max_depth) {
+  // Brackets outside strings; a backslash inside a string escapes the next byte. Malformed text is left to
+  // the parser (this only bounds the depth of what it may build).
+  size_t depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_depth)
+        return "at most " + std::to_string(max_depth) + " levels of nested lists/objects (found more at byte " +
+               std::to_string(i) + ")";
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return {};
+}
+
+std::string json_summary(const nlohmann::json& v, size_t max_chars) {
+  // Iterative and bounded: at most max_chars characters, however large or deep the value (nlohmann's dump()
+  // recurses once per level and copies the whole value).
+  std::string out;
+  struct Frame {
+    const json* v;
+    json::const_iterator it;
+  };
+  std::vector<Frame> stack;
+  auto put = [&](const json& x) {  // a scalar, or the opening of a container (pushed)
+    if (x.is_array() || x.is_object()) {
+      out += x.is_array() ? '[' : '{';
+      stack.push_back({&x, x.cbegin()});
+    } else if (x.is_string()) {
+      const std::string& str = x.get_ref<const std::string&>();
+      out += json(str.substr(0, max_chars)).dump(-1, ' ', false, json::error_handler_t::replace);
+    } else {
+      out += x.dump();
+    }
+  };
+  put(v);
+  while (!stack.empty() && out.size() <= max_chars) {
+    Frame& f = stack.back();
+    if (f.it == f.v->cend()) {
+      out += f.v->is_array() ? ']' : '}';
+      stack.pop_back();
+      continue;
+    }
+    if (f.it != f.v->cbegin()) out += ", ";
+    const json::const_iterator cur = f.it++;
+    if (f.v->is_object()) {
+      out += json(cur.key().substr(0, max_chars)).dump(-1, ' ', false, json::error_handler_t::replace) + ": ";
+    }
+    put(*cur);  // may push: `f` is not used after this
+  }
+  return clip(out, max_chars);
+}
+
 namespace {
 
-std::string squote(const std::string& s) { return "'" + s + "'"; }
+// A value of the bundle quoted in a message: bounded.
+std::string squote(const std::string& s) { return "'" + clip(s, 64) + "'"; }
 
-std::string dump(const json& v) {
-  std::string s = v.dump();
-  if (s.size() > 80) s = s.substr(0, 77) + "...";
-  return s;
+std::string dump(const json& v) { return json_summary(v, 80); }
+
+// The manifest's bytes, from one descriptor opened without blocking (a FIFO or device put in its place fails
+// at once instead of hanging) and checked to be a regular file of at most kMaxManifestBytes.
+std::string read_manifest_file(const fs::path& path) {
+  const std::string file = path.string();
+  auto fail = [&](const std::string& message, const std::string& expected, const std::string& found) {
+    return Error(error_message(file, -1, -1, "", message, expected, found));
+  };
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+  if (!fd) {
+    const int err = errno;
+    throw fail("cannot open manifest", "a readable file", err == ENOENT ? "nothing" : std::strerror(err));
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) throw fail("cannot stat manifest", "a readable file", std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw fail("", "a regular file", "another kind of file");
+  if (static_cast<uint64_t>(st.st_size) > kMaxManifestBytes)
+    throw fail("manifest too large", "at most " + std::to_string(kMaxManifestBytes) + " bytes",
+               std::to_string(st.st_size) + " bytes");
+  const int fl = ::fcntl(fd.get(), F_GETFL);
+  if (fl >= 0) (void)::fcntl(fd.get(), F_SETFL, fl & ~O_NONBLOCK);
+  std::string text;
+  text.resize(static_cast<size_t>(st.st_size) + 1);  // one more: a file that grew is seen
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t r = ::read(fd.get(), &text[done], text.size() - done);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw fail("cannot read manifest", "a readable file", std::strerror(errno));
+    }
+    if (r == 0) break;
+    done += static_cast<size_t>(r);
+  }
+  if (done > static_cast<size_t>(st.st_size)) throw fail("manifest changed while being read", "a stable file", "one that grew");
+  text.resize(done);
+  return text;
 }
 
 std::string shape_str(const std::vector<int64_t>& s) {
@@ -181,14 +291,12 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
   }
   m.manifest_path = bundle_dir / manifest_rel;
   const std::string mfile = m.manifest_path.string();
-  std::ifstream in(m.manifest_path, std::ios::binary);
-  if (!in) {
-    throw Error(error_message(mfile, -1, -1, "", "cannot open manifest", "a readable file",
-                              fs::exists(m.manifest_path, ec) ? std::strerror(errno) : "nothing"));
-  }
+  const std::string text = read_manifest_file(m.manifest_path);
+  why = check_json_nesting(text, kMaxJsonDepth);
+  if (!why.empty()) throw Error(error_message(mfile, -1, -1, "", "nested too deeply", why, ""));
   json doc;
   try {
-    doc = json::parse(in);
+    doc = json::parse(text);
   } catch (const json::exception& ex) {
     throw Error(error_message(mfile, -1, -1, "", std::string("not valid JSON: ") + ex.what()));
   }
@@ -270,19 +378,17 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
       v.fail(f + ".gated", "", "true for activation swiglu_oai", "false", il);
     m.layers.push_back(li);
   }
-  m.experts.resize(m.layers.size());
-  m.layer_base_.assign(m.layers.size() + 1, 0);
-  for (size_t i = 0; i < m.layers.size(); ++i) {
-    m.layer_base_[i + 1] = m.layer_base_[i] + static_cast<size_t>(m.layers[i].num_experts);
-  }
-  std::vector<std::vector<int64_t>> where(m.layers.size());  // record index per (layer, expert), -1 = none
-  for (size_t i = 0; i < m.layers.size(); ++i) {
-    where[i].assign(static_cast<size_t>(m.layers[i].num_experts), -1);
-    m.experts[i].resize(static_cast<size_t>(m.layers[i].num_experts));
-  }
 
   // --- expert records ----------------------------------------------------------------------------------
+  // Nothing is sized by num_experts before every record is checked: the tables are built at the end, when
+  // sum(num_experts) == number of records (each at least one aligned block inside the store). A small
+  // manifest claiming 2^20 experts per layer costs what its records cost, not 2^20 entries per layer.
   const json& recs = v.get(doc, "experts", "experts", json::value_t::array, "list");
+  std::vector<ExpertRecord> parsed;
+  parsed.reserve(recs.size());
+  std::unordered_map<uint64_t, size_t> where;  // (layer << 32 | expert) -> index in recs
+  where.reserve(recs.size());
+  auto key_of = [](int64_t l, int64_t e) { return static_cast<uint64_t>(l) << 32 | static_cast<uint64_t>(e); };
   for (size_t n = 0; n < recs.size(); ++n) {
     const std::string f = "experts[" + std::to_string(n) + "]";
     const json& R = recs[n];
@@ -294,10 +400,10 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
     const int64_t e = v.get_int(R, "expert", f + ".expert", 0, li);
     if (e >= lay.num_experts)
       v.fail(f + ".expert", "", "< num_experts (" + std::to_string(lay.num_experts) + ")", std::to_string(e), li);
-    int64_t& prev = where[static_cast<size_t>(li)][static_cast<size_t>(e)];
-    if (prev >= 0)
-      v.fail(f, "duplicate expert record", "one record", "another at experts[" + std::to_string(prev) + "]", li, e);
-    prev = static_cast<int64_t>(n);
+    const auto seen = where.emplace(key_of(li, e), n);
+    if (!seen.second)
+      v.fail(f, "duplicate expert record", "one record", "another at experts[" + std::to_string(seen.first->second) + "]",
+             li, e);
 
     ExpertRecord r;
     r.layer = static_cast<int32_t>(li);
@@ -410,14 +516,30 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
                "tensor " + std::get<2>(spans[i]) + " overlaps tensor " + std::get<2>(spans[i - 1]),
                ">= " + std::to_string(std::get<1>(spans[i - 1])), std::to_string(std::get<0>(spans[i])), li, e);
     }
-    m.experts[static_cast<size_t>(li)][static_cast<size_t>(e)] = std::move(r);
+    parsed.push_back(std::move(r));
   }
-  for (size_t li = 0; li < m.layers.size(); ++li) {
-    for (size_t e = 0; e < where[li].size(); ++e) {
-      if (where[li][e] < 0)
-        v.fail("experts", "missing expert record", "one record", "none", static_cast<int64_t>(li),
-               static_cast<int64_t>(e));
+  // Every (layer, expert) has a record: the first missing one of the lowest layer is named. The records are
+  // unique and in range, so a layer with as many records as experts is complete; finding the gap of an
+  // incomplete one looks at most (its records + 1) keys.
+  {
+    std::vector<int64_t> per_layer(m.layers.size(), 0);
+    for (const auto& r : parsed) ++per_layer[static_cast<size_t>(r.layer)];
+    for (size_t li = 0; li < m.layers.size(); ++li) {
+      if (per_layer[li] == m.layers[li].num_experts) continue;
+      int64_t e = 0;
+      while (where.count(key_of(static_cast<int64_t>(li), e))) ++e;
+      v.fail("experts", "missing expert record", "one record", "none", static_cast<int64_t>(li), e);
     }
+  }
+  m.experts.resize(m.layers.size());
+  m.layer_base_.assign(m.layers.size() + 1, 0);
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    m.layer_base_[i + 1] = m.layer_base_[i] + static_cast<size_t>(m.layers[i].num_experts);
+    m.experts[i].resize(static_cast<size_t>(m.layers[i].num_experts));
+  }
+  for (auto& r : parsed) {
+    const size_t li = static_cast<size_t>(r.layer), e = static_cast<size_t>(r.expert);
+    m.experts[li][e] = std::move(r);
   }
   // blobs must not overlap
   std::vector<const ExpertRecord*> by_off;

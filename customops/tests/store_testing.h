@@ -38,7 +38,10 @@ using json = nlohmann::json;
 // Allocation fault injection: when t_fail_countdown > 0, the countdown-th next operator new on this thread
 // throws std::bad_alloc (other threads, e.g. the store's I/O threads, are unaffected).
 static thread_local long t_fail_countdown = -1;
+// The largest single operator new of this thread since it was last reset (bounds of what a reader allocates).
+static thread_local std::size_t t_largest_alloc = 0;
 void* operator new(std::size_t n) {
+  if (n > t_largest_alloc) t_largest_alloc = n;
   if (t_fail_countdown > 0 && --t_fail_countdown == 0) throw std::bad_alloc();
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();

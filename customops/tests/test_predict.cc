@@ -96,6 +96,9 @@ static void test_profile_load_and_errors() {
   { std::ofstream(b.dir / "broken.json") << "{not json"; }
   EXPECT_ERROR(load_profile((b.dir / "broken.json").string(), m), "broken.json", "valid JSON");
   EXPECT_ERROR(load_profile((b.dir / "missing.json").string(), m), "missing.json", "readable file");
+  // Nested far too deep (a recursive dump of it overflowed the stack): one error, no crash.
+  { std::ofstream(b.dir / "deep.json") << std::string(100000, '[') << std::string(100000, ']'); }
+  EXPECT_ERROR(load_profile((b.dir / "deep.json").string(), m), "deep.json", "levels of nested lists/objects");
 }
 
 static void test_token_predictor_reads_every_layer_at_token_start() {
@@ -268,6 +271,11 @@ static void test_warm_start_and_saved_sets() {
   EXPECT_ERROR(Engine(load_manifest(other.dir), oc), "resident.json", "manifest_xxh3", "another bundle");
   oc.prefetch.warm_start = "profile";  // no profile there
   EXPECT_ERROR(Engine(load_manifest(other.dir), oc), "edgemoe.warm_start", "profile.json", "edgemoe-profile");
+  // A resident-set file nested far too deep: one error, no crash.
+  { std::ofstream(b.dir / "deep-set.json") << "{\"experts\": " << std::string(100000, '[') << std::string(100000, ']') << "}"; }
+  cfg.prefetch.warm_start = (b.dir / "deep-set.json").string();
+  cfg.store = opts(0);
+  EXPECT_ERROR(Engine(load_manifest(b.dir), cfg), "deep-set.json", "levels of nested lists/objects");
 }
 
 // Exact mode: prefetching never changes an output bit.

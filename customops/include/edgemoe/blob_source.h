@@ -2,7 +2,10 @@
 // implementation per I/O mode (docs/op-contract.md, "I/O modes"). The throttle (throttle.h) is a decorator
 // around any source.
 #pragma once
+#include <sys/types.h>
+
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -28,7 +31,18 @@ class BlobSource {
   virtual void interrupt() noexcept {}
 };
 
-// Opens `path` (`size` bytes, already validated) for `mode`. Throws edgemoe::Error naming the file.
+// Opens `path` for `mode`, once, without blocking (O_NONBLOCK, cleared after the checks), and checks the
+// descriptor: a regular file of `size` bytes (the manifest's store.size), else edgemoe::Error naming the
+// file (a FIFO or device put in the store's place fails at once, never hangs). Only that descriptor is read.
 std::unique_ptr<BlobSource> open_blob_source(const std::string& path, uint64_t size, IoMode mode);
+
+// The read loop of the sources: pread_fn(dst, n, offset) (a pread(2)) until [offset, offset + length) is in
+// dst, retrying EINTR and short reads. With align > 1 (O_DIRECT: offset, length and dst multiples of it) a
+// short read that ends mid-block is continued from the start of that block, so every call stays aligned;
+// 16 short reads in a row without progress, an error or an early end of file throw edgemoe::Error naming
+// `path` and `what`. (Exposed for the tests, which feed it short reads.)
+using PreadFn = std::function<ssize_t(uint8_t* dst, size_t n, uint64_t offset)>;
+void read_fully(const PreadFn& pread_fn, const std::string& path, const std::string& what, uint64_t offset,
+                uint64_t length, uint8_t* dst, uint64_t align);
 
 }  // namespace edgemoe

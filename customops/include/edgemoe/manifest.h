@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json_fwd.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -20,8 +21,18 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Limits of the readers (docs/reliability.md). Bundles within them are never refused for their size.
+constexpr uint64_t kMaxManifestBytes = uint64_t{128} << 20;  // manifest.json (~130k expert records)
+constexpr size_t kMaxJsonDepth = 64;                          // nested lists/objects in a JSON file we read
+constexpr size_t kMaxPathBytes = 4096;                        // a relative path in a bundle (PATH_MAX)
+constexpr size_t kMaxMessagePart = 512;                       // each part of an error_message (clipped)
+
+// `s` cut to at most max_chars characters ("..." at the end if it was cut).
+std::string clip(const std::string& s, size_t max_chars);
+
 // Builds "<file>: layer L expert E: <field>: <message> (expected X, found Y)"; parts that are empty or
-// negative (layer/expert < 0) are left out.
+// negative (layer/expert < 0) are left out; each part is clipped to kMaxMessagePart characters (the file
+// name to kMaxPathBytes + 256), so a message stays a few KiB whatever the bundle holds.
 std::string error_message(const std::string& file, int64_t layer, int64_t expert, const std::string& field,
                           const std::string& message, const std::string& expected = {},
                           const std::string& found = {});
@@ -86,6 +97,15 @@ struct Manifest {
 // Checks that `rel` is a non-empty relative POSIX path without `..` (the bundle rule). Returns the reason
 // it is not, or an empty string.
 std::string check_relative_path(const std::string& rel);
+
+// Checks that the JSON text `text` nests lists/objects at most max_depth deep (brackets outside strings,
+// before parsing: values nested deeper are what recursive code such as nlohmann's dump() overflows the
+// stack on). Returns the reason it does not, or an empty string.
+std::string check_json_nesting(const std::string& text, size_t max_depth = kMaxJsonDepth);
+
+// A bounded, non-recursive rendering of a JSON value for error messages: at most max_chars characters of
+// its JSON text ("..." if cut), whatever its size or depth. Never call dump() on a value read from a file.
+std::string json_summary(const nlohmann::json& v, size_t max_chars = 80);
 
 // Reads and validates `<bundle_dir>/<manifest_rel>`, including `store.size` against the actual file size.
 Manifest load_manifest(const std::filesystem::path& bundle_dir, const std::string& manifest_rel = "manifest.json");

@@ -154,7 +154,6 @@ class ExpertStore {
   std::unordered_map<ExpertKey, float, ExpertKeyHash> protected_;
   std::vector<uint8_t> protected_layers_;  // per layer: 1 if protect() listed any expert of it
   std::vector<UsageRecord> usage_;  // per record index
-  std::vector<uint8_t> verified_;   // per record index
   uint64_t reserved_ = 0;
   uint64_t reads_pending_ = 0;  // submitted, not yet completed or cancelled
   uint64_t clock_ = 0;

@@ -83,7 +83,6 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
       source_ = std::make_unique<ThrottledSource>(std::move(source_), options_.throttle_bw,
                                                   options_.throttle_latency_us, &stats_->throttle_ns);
     usage_.assign(manifest_.num_records(), UsageRecord{});
-    verified_.assign(manifest_.num_records(), 0);
     ctx_.num_layers = std::max<int32_t>(1, static_cast<int32_t>(manifest_.layers.size()));
     {
       std::lock_guard<std::mutex> lk(stats_->mu);
@@ -526,24 +525,19 @@ void ExpertStore::read_entry(const std::shared_ptr<Entry>& e) noexcept {
     stats_->bytes_read.fetch_add(rec.length, std::memory_order_relaxed);
     stats_->count(&LayerCounters::reads, rec.layer, e->sink.get());
     stats_->count(&LayerCounters::bytes_read, rec.layer, e->sink.get(), rec.length);
+    // Every read is verified (not only a blob's first): a blob that reads back differently later (a failing
+    // device, a store rewritten in place) fails this acquire instead of being used and cached. The entry of
+    // a failed read leaves the cache below, so a later acquire reads again. xxh3 costs ~1/10 of a page-cache
+    // read and far less than a flash read (docs/reliability.md).
     if (options_.verify_checksums) {
-      bool need;
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        need = !verified_[e->index];
+      const uint64_t h = XXH3_64bits(buf.data(), rec.size);
+      if (h != rec.checksum) {
+        throw Error(error_message(manifest_.store_path.string(), rec.layer, rec.expert,
+                                  "xxh3_64 checksum of blob[0:" + std::to_string(rec.size) + "] at offset " +
+                                      std::to_string(rec.offset),
+                                  "checksum mismatch (the store is corrupt)", rec.checksum_hex, hex16(h)));
       }
-      if (need) {
-        const uint64_t h = XXH3_64bits(buf.data(), rec.size);
-        if (h != rec.checksum) {
-          throw Error(error_message(manifest_.store_path.string(), rec.layer, rec.expert,
-                                    "xxh3_64 checksum of blob[0:" + std::to_string(rec.size) + "] at offset " +
-                                        std::to_string(rec.offset),
-                                    "checksum mismatch (the store is corrupt)", rec.checksum_hex, hex16(h)));
-        }
-        std::lock_guard<std::mutex> lk(mu_);
-        verified_[e->index] = 1;
-        stats_->checksums_verified.fetch_add(1, std::memory_order_relaxed);
-      }
+      stats_->checksums_verified.fetch_add(1, std::memory_order_relaxed);
     }
     ok = true;
   } catch (const std::bad_alloc&) {

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -39,24 +40,20 @@ const char* io_mode_name(IoMode m) {
 }
 
 namespace {
-
-Error open_error(const std::string& path, const char* how, int err) {
-  return Error(error_message(path, -1, -1, "store.file", std::string("cannot open the store (") + how + ")",
-                             "a readable file", err == ENOENT ? "nothing" : std::strerror(err)));
-}
-
 Error read_error(const std::string& path, const std::string& what, uint64_t offset, uint64_t length,
                  const std::string& message, const std::string& found) {
   return Error(path + ": " + what + ": blob bytes: " + message + " (expected " + std::to_string(length) +
                " bytes at offset " + std::to_string(offset) + ", found " + found + ")");
 }
+constexpr int kMaxShortReadsWithoutProgress = 16;
+}  // namespace
 
-// pread of the whole range, looping on short reads and EINTR.
-void pread_all(int fd, const std::string& path, uint64_t offset, uint64_t length, uint8_t* dst,
-               const std::string& what) {
-  uint64_t done = 0;
+void read_fully(const PreadFn& pread_fn, const std::string& path, const std::string& what, uint64_t offset,
+                uint64_t length, uint8_t* dst, uint64_t align) {
+  uint64_t done = 0;  // a multiple of `align` (or `length`): every pread starts aligned in the file and in dst
+  int stalls = 0;
   while (done < length) {
-    const ssize_t r = ::pread(fd, dst + done, length - done, static_cast<off_t>(offset + done));
+    const ssize_t r = pread_fn(dst + done, static_cast<size_t>(length - done), offset + done);
     if (r < 0) {
       if (errno == EINTR) continue;
       throw read_error(path, what, offset, length, std::string("read failed: ") + std::strerror(errno),
@@ -65,8 +62,69 @@ void pread_all(int fd, const std::string& path, uint64_t offset, uint64_t length
     if (r == 0)
       throw read_error(path, what, offset, length, "truncated store (unexpected end of file)",
                        std::to_string(done) + " bytes");
-    done += static_cast<uint64_t>(r);
+    uint64_t next = done + std::min<uint64_t>(static_cast<uint64_t>(r), length - done);
+    // O_DIRECT: a short read may end mid-block; the rest is read again from the block that covers it (an
+    // unaligned pread would fail with EINVAL). The bytes of that block already read are read once more.
+    if (align > 1 && next < length) next = next / align * align;
+    if (next > done) {
+      done = next;
+      stalls = 0;
+    } else if (++stalls > kMaxShortReadsWithoutProgress) {
+      throw read_error(path, what, offset, length,
+                       "short reads without progress (" + std::to_string(stalls) + " in a row)",
+                       std::to_string(done) + " bytes");
+    }
   }
+}
+
+namespace {
+
+Error open_error(const std::string& path, const char* how, int err) {
+  return Error(error_message(path, -1, -1, "store.file", std::string("cannot open the store (") + how + ")",
+                             "a readable file", err == ENOENT ? "nothing" : std::strerror(err)));
+}
+
+const char* file_kind(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISSOCK(m)) return "a socket";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  return "another kind of file";
+}
+
+// Opens `path` with `flags` and O_NONBLOCK, so that whatever the path names by now (the manifest reader
+// stat()ed it earlier: a FIFO or device may have been put in its place) the open returns at once; checks
+// on the descriptor that it is a regular file of `size` bytes, then clears O_NONBLOCK. Returns an empty fd
+// with *err set if open() itself failed; throws edgemoe::Error if the descriptor is not the store.
+UniqueFd open_store(const std::string& path, int flags, uint64_t size, int* err) {
+  UniqueFd fd(::open(path.c_str(), flags | O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+  if (!fd) {
+    *err = errno;
+    return fd;
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0)
+    throw Error(error_message(path, -1, -1, "store.file", "cannot stat the store", "a readable file",
+                              std::strerror(errno)));
+  if (!S_ISREG(st.st_mode))
+    throw Error(error_message(path, -1, -1, "store.file", "", "a regular file", file_kind(st.st_mode)));
+  const uint64_t actual = static_cast<uint64_t>(st.st_size);
+  if (actual != size)
+    throw Error(error_message(path, -1, -1, "size (manifest store.size)",
+                              actual < size ? "truncated store" : "store size mismatch", std::to_string(size),
+                              std::to_string(actual)));
+  const int fl = ::fcntl(fd.get(), F_GETFL);
+  if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl & ~O_NONBLOCK) != 0)
+    throw Error(error_message(path, -1, -1, "store.file", "cannot set up the store descriptor (fcntl)",
+                              "a regular file", std::strerror(errno)));
+  return fd;
+}
+
+void pread_all(int fd, const std::string& path, uint64_t offset, uint64_t length, uint8_t* dst,
+               const std::string& what, uint64_t align) {
+  read_fully([fd](uint8_t* d, size_t n, uint64_t off) { return ::pread(fd, d, n, static_cast<off_t>(off)); },
+             path, what, offset, length, dst, align);
 }
 
 class BufferedSource final : public BlobSource {
@@ -78,7 +136,7 @@ class BufferedSource final : public BlobSource {
   }
   ~BufferedSource() override { ::posix_fadvise(fd_.get(), 0, 0, POSIX_FADV_DONTNEED); }
   void read(uint64_t offset, uint64_t length, uint8_t* dst, const std::string& what) override {
-    pread_all(fd_.get(), path_, offset, length, dst, what);
+    pread_all(fd_.get(), path_, offset, length, dst, what, 1);
     ::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
   }
   IoMode mode() const override { return IoMode::Buffered; }
@@ -90,11 +148,13 @@ class BufferedSource final : public BlobSource {
   std::string note_;
 };
 
+constexpr uint64_t kDirectAlign = 4096;  // the store's alignment: offsets, lengths and buffers
+
 class DirectSource final : public BlobSource {
  public:
   DirectSource(std::string path, UniqueFd fd) : path_(std::move(path)), fd_(std::move(fd)) {}
   void read(uint64_t offset, uint64_t length, uint8_t* dst, const std::string& what) override {
-    pread_all(fd_.get(), path_, offset, length, dst, what);
+    pread_all(fd_.get(), path_, offset, length, dst, what, kDirectAlign);
   }
   IoMode mode() const override { return IoMode::Direct; }
   const std::string& note() const override { return note_; }
@@ -149,18 +209,21 @@ class MmapSource final : public BlobSource {
 }  // namespace
 
 std::unique_ptr<BlobSource> open_blob_source(const std::string& path, uint64_t size, IoMode mode) {
+  // One open per source, and only that descriptor is used (no second look-up of the path). The one
+  // exception: O_DIRECT refused at open() (EINVAL), where the buffered descriptor is a second, checked open.
   std::string note;
+  int err = 0;
+  UniqueFd fd;
   if (mode == IoMode::Direct) {
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT));
+    fd = open_store(path, O_DIRECT, size, &err);
     if (!fd) {
-      if (errno != EINVAL) throw open_error(path, "O_DIRECT", errno);
+      if (err != EINVAL) throw open_error(path, "O_DIRECT", err);
       note = "O_DIRECT not supported for " + path + " (open: " + std::strerror(EINVAL) +
              "); using buffered reads (POSIX_FADV_RANDOM + DONTNEED)";
     } else if (size >= 4096) {
       // Some filesystems accept O_DIRECT at open and refuse it at read time: probe one aligned block.
       MappedBuffer probe(4096, ArenaOptions{});
       ssize_t r;
-      int err = 0;
       do {
         r = ::pread(fd.get(), probe.data(), 4096, 0);
         err = r < 0 ? errno : 0;
@@ -168,6 +231,8 @@ std::unique_ptr<BlobSource> open_blob_source(const std::string& path, uint64_t s
       if (r < 0 && err == EINVAL) {
         note = "O_DIRECT not supported for " + path + " (read: " + std::strerror(EINVAL) +
                "); using buffered reads (POSIX_FADV_RANDOM + DONTNEED)";
+        const int fl = ::fcntl(fd.get(), F_GETFL);
+        if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl & ~O_DIRECT) != 0) fd.reset();  // reopened below
       } else if (r < 0) {
         throw Error(error_message(path, -1, -1, "store.file", "cannot read the store (O_DIRECT probe of the first block)",
                                   "a readable file", std::strerror(err)));
@@ -179,8 +244,10 @@ std::unique_ptr<BlobSource> open_blob_source(const std::string& path, uint64_t s
     }
     mode = IoMode::Buffered;
   }
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) throw open_error(path, mode == IoMode::Mmap ? "mmap" : "buffered", errno);
+  if (!fd) {
+    fd = open_store(path, 0, size, &err);
+    if (!fd) throw open_error(path, mode == IoMode::Mmap ? "mmap" : "buffered", err);
+  }
   if (mode == IoMode::Mmap) return std::make_unique<MmapSource>(path, std::move(fd), size);
   return std::make_unique<BufferedSource>(path, std::move(fd), std::move(note));
 }

@@ -31,10 +31,7 @@ std::string read_file(const std::string& path, uint64_t max_bytes, const std::st
   return ss.str();
 }
 
-std::string short_dump(const json& v) {
-  std::string s = v.dump();
-  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
-}
+std::string short_dump(const json& v) { return json_summary(v, 60); }
 
 class Checker {
  public:
@@ -120,8 +117,9 @@ std::string manifest_identity(const Manifest& m) {
 
 RoutingProfile load_profile(const std::string& path, const Manifest& m) {
   const std::string text = read_file(path, kMaxProfileBytes, "profile (edgemoe.profile)");
-  json doc = json::parse(text, nullptr, false);
   Checker c(path);
+  if (const std::string deep = check_json_nesting(text); !deep.empty()) c.fail("file", "valid JSON", deep);
+  json doc = json::parse(text, nullptr, false);
   if (doc.is_discarded()) c.fail("file", "valid JSON", "a parse error");
   if (!doc.is_object()) c.fail("file", "a JSON object", short_dump(doc));
   const json& fmt = c.member(doc, "format", "format");

@@ -38,7 +38,9 @@ std::vector<ExpertKey> warm_set(const std::string& spec, const Manifest& m, cons
   if (!in) throw fail("file", "a readable file", "an unreadable one");
   std::stringstream ss;
   ss << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, false);
+  const std::string text = ss.str();
+  if (const std::string deep = check_json_nesting(text); !deep.empty()) throw fail("file", "a JSON object", deep);
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) throw fail("file", "a JSON object", "something else");
   const auto fmt = j.find("format");
   if (fmt == j.end() || !fmt->is_string() || fmt->get<std::string>() != kFormat)
@@ -47,7 +49,7 @@ std::vector<ExpertKey> warm_set(const std::string& spec, const Manifest& m, cons
   const auto id = j.find("manifest_xxh3");
   if (id == j.end() || !id->is_string() || id->get<std::string>() != want)
     throw Error(path + ": manifest_xxh3: this resident set was saved for another bundle (expected " + want +
-                ", found " + (id != j.end() ? id->dump() : std::string("nothing")) +
+                ", found " + (id != j.end() ? json_summary(*id) : std::string("nothing")) +
                 "); save it again from a session of this bundle (edgemoe.warm_start)");
   const auto ex = j.find("experts");
   if (ex == j.end() || !ex->is_array()) throw fail("experts", "a list of [layer, expert] pairs", "something else");
@@ -55,10 +57,10 @@ std::vector<ExpertKey> warm_set(const std::string& spec, const Manifest& m, cons
     const auto& p = (*ex)[i];
     const std::string f = "experts[" + std::to_string(i) + "]";
     if (!p.is_array() || p.size() != 2 || !p[0].is_number_integer() || !p[1].is_number_integer())
-      throw fail(f, "a [layer, expert] pair of integers", p.dump());
+      throw fail(f, "a [layer, expert] pair of integers", json_summary(p));
     const int64_t l = p[0].get<int64_t>(), e = p[1].get<int64_t>();
     if (l < 0 || l >= static_cast<int64_t>(m.layers.size()) || e < 0 || e >= m.layers[static_cast<size_t>(l)].num_experts)
-      throw fail(f, "an expert of the manifest", p.dump());
+      throw fail(f, "an expert of the manifest", json_summary(p));
     keys.push_back(ExpertKey{static_cast<int32_t>(l), static_cast<int32_t>(e)});
   }
   return keys;

@@ -949,3 +949,59 @@ def test_writer_creates_missing_parent_folders(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="parent folder"):
         make_synthetic_bundle(tmp_path / "file" / "bundle")
     assert (tmp_path / "file").read_text() == "x"
+
+
+# --- hostile manifests (issue 15, defect 6): one BundleError naming the file, never another exception ---
+
+
+def _bundle_with_manifest(tmp_path, good, text: bytes | str, name: str):
+    """A copy of the bundle ``good`` whose manifest.json holds ``text``."""
+    folder = tmp_path / name
+    shutil.copytree(good, folder)
+    (folder / "manifest.json").write_bytes(text.encode() if isinstance(text, str) else text)
+    return folder
+
+
+def test_hostile_manifests_are_bundle_errors(tmp_path):
+    cases = {
+        "deep": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        "huge-int": ('{"format": "edgemoe-bundle", "version": ' + "9" * 6000 + "}", "not valid JSON"),
+        "not-utf8": (b'{"format": "\xff\xfe"}', "not UTF-8 text (byte 0xff at offset 12)"),
+        "long-path": (None, "longer than 4096 bytes"),
+    }
+    good = make_synthetic_bundle(tmp_path / "good").path
+    m = json.loads((good / "manifest.json").read_text())
+    long_path = dict(m, store=dict(m["store"], file="a/" * 40_000 + "experts.bin"))
+    for name, (text, want) in cases.items():
+        folder = _bundle_with_manifest(tmp_path, good, json.dumps(long_path) if text is None else text, name)
+        with pytest.raises(BundleError) as info:
+            Bundle.open(folder)
+        msg = str(info.value)
+        assert str(folder / "manifest.json") in msg and want in msg, (name, msg[:300])
+        assert len(msg) < 2000, name
+    folder = tmp_path / "dir-manifest"
+    (folder / "manifest.json").mkdir(parents=True)
+    with pytest.raises(BundleError, match="manifest.json: missing manifest.*a regular file, found a folder"):
+        Bundle.open(folder)
+
+
+def test_reader_limits_are_the_native_readers():
+    """One limit, two readers: the Python constants equal the C++ ones (customops/.../edgemoe/manifest.h)."""
+    import re
+    from pathlib import Path
+
+    from edgemoe_ort.bundle import format as fmt
+
+    header = (Path(__file__).resolve().parents[1] / "customops/include/edgemoe/manifest.h").read_text()
+
+    def cxx(name: str) -> int:
+        m = re.search(rf"constexpr \w+ {name} = (?:uint64_t\{{(\d+)\}} << (\d+)|(\d+));", header)
+        assert m, name
+        return int(m.group(1)) << int(m.group(2)) if m.group(1) else int(m.group(3))
+
+    assert fmt.MAX_MANIFEST_BYTES == cxx("kMaxManifestBytes")
+    assert fmt.MAX_JSON_DEPTH == cxx("kMaxJsonDepth")
+    assert fmt.MAX_PATH_BYTES == cxx("kMaxPathBytes")
+    from edgemoe_ort.bundle.errors import MAX_MESSAGE_PART
+
+    assert MAX_MESSAGE_PART == cxx("kMaxMessagePart")

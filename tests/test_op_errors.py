@@ -240,3 +240,17 @@ def test_deeply_nested_manifest_is_an_error_not_a_crash(bundle):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 3, (r.returncode, r.stderr[-2000:])  # an exception, not SIGSEGV (-11)
     assert "manifest.json" in r.stdout and "nested too deeply" in r.stdout
+
+
+def test_invalid_utf8_in_the_manifest_is_our_error(bundle):
+    """Bytes that are not UTF-8, quoted by the native parser's message, once reached Python as a
+    UnicodeDecodeError hiding the real error (issue 15, defect 6)."""
+    p = bundle.path / "manifest.json"
+    raw = p.read_bytes()
+    assert b'"activation": "silu"' in raw
+    p.write_bytes(raw.replace(b'"activation": "silu"', b'"activation": "si\xfflu"', 1))
+    with pytest.raises(Exception) as info:
+        open_session(bundle.graph_path(), bundle.path)
+    assert not isinstance(info.value, UnicodeDecodeError), info.value
+    msg = str(info.value)
+    assert "manifest.json" in msg and "not valid JSON" in msg and "UTF-8" in msg, msg

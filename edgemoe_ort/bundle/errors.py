@@ -6,6 +6,17 @@ from pathlib import Path
 from typing import Any
 
 _UNSET: Any = object()
+#: each part of a message (field, expected, found, ...) is clipped to this many characters, as the C++
+#: reader's error_message does (kMaxMessagePart): a 100 MB field never makes a 100 MB message
+MAX_MESSAGE_PART = 512
+
+
+def _clip(value: Any) -> str:
+    s = str(value)
+    if len(s) <= MAX_MESSAGE_PART:
+        return s
+    half = (MAX_MESSAGE_PART - 5) // 2
+    return f"{s[:half]} ... {s[-half:]}"
 
 
 class BundleError(ValueError):
@@ -38,15 +49,15 @@ class BundleError(ValueError):
         elif layer is not None:
             parts.append(f"layer {layer}")
         if field:
-            parts.append(field)
-        tail = message
+            parts.append(_clip(field))
+        tail = _clip(message)
         if expected is not _UNSET or found is not _UNSET:
             ef = []
             if expected is not _UNSET:
-                ef.append(f"expected {expected}")
+                ef.append(f"expected {_clip(expected)}")
             if found is not _UNSET:
-                ef.append(f"found {found}")
-            tail = f"{message} ({', '.join(ef)})" if message else ", ".join(ef)
+                ef.append(f"found {_clip(found)}")
+            tail = f"{tail} ({', '.join(ef)})" if message else ", ".join(ef)
         if tail:
             parts.append(tail)
         super().__init__(": ".join(parts))

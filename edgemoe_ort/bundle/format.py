@@ -20,6 +20,11 @@ CHECKSUM = "xxh3_64"
 SCHEME_QUANT = "asym_u"
 SCHEME_FLOAT = "none"
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+# Limits both readers apply (the C++ ones: customops/include/edgemoe/manifest.h; tests/test_bundle.py checks
+# they agree): the manifest's size, the nesting of any JSON file read, a relative path's length.
+MAX_MANIFEST_BYTES = 128 << 20
+MAX_JSON_DEPTH = 64
+MAX_PATH_BYTES = 4096
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -124,6 +129,8 @@ def check_relpath(p: object) -> str | None:
     """Return why ``p`` is not an acceptable bundle-relative path (e.g. "absolute path"), or None if it is."""
     if not isinstance(p, str) or not p:
         return "not a non-empty string"
+    if len(p.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        return f"longer than {MAX_PATH_BYTES} bytes"
     if "\\" in p or "\x00" in p:
         return "not a POSIX path (contains a backslash or NUL)"
     pp = PurePosixPath(p)
@@ -131,6 +138,29 @@ def check_relpath(p: object) -> str | None:
         return "absolute path"
     if ".." in pp.parts:
         return "contains '..'"
+    return None
+
+
+def json_nesting_error(text: str, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``text`` nests lists/objects deeper than ``max_depth`` (brackets outside strings, scanned before
+    parsing, as the C++ reader does), or None."""
+    depth, in_string, i, n = 0, False, 0, len(text)
+    while i < n:
+        c = text[i]
+        if in_string:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > max_depth:
+                return f"at most {max_depth} levels of nested lists/objects (found more at character {i})"
+        elif c in "]}" and depth > 0:
+            depth -= 1
+        i += 1
     return None
 
 

@@ -21,6 +21,7 @@ from .format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    MAX_MANIFEST_BYTES,
     QUANTIZED,
     SCHEME_FLOAT,
     SCHEME_QUANT,
@@ -29,6 +30,7 @@ from .format import (
     check_relpath,
     expected_tensors,
     inside,
+    json_nesting_error,
     tensor_nbytes,
 )
 
@@ -333,6 +335,35 @@ class _Validator:
         return {"layer": li, "expert": e}
 
 
+def _read_manifest(mf: Path) -> Any:
+    """The parsed ``manifest.json``: a regular file of at most MAX_MANIFEST_BYTES, UTF-8, JSON nested at most
+    MAX_JSON_DEPTH deep (as the C++ reader); any other content is one BundleError naming the file."""
+    if not mf.exists():
+        raise BundleError(mf, "missing manifest", expected="a file", found="nothing")
+    if not mf.is_file():
+        raise BundleError(mf, "missing manifest", expected="a regular file", found="a folder" if mf.is_dir()
+                          else "another kind of file")
+    size = mf.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            mf, "too large", expected=f"at most {MAX_MANIFEST_BYTES} bytes", found=f"{size} bytes"
+        )
+    raw = mf.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(mf, f"not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    deep = json_nesting_error(text)
+    if deep is not None:
+        raise BundleError(mf, f"nested too deeply: expected {deep}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BundleError(mf, f"not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, ...
+        raise BundleError(mf, f"not valid JSON: {str(exc).splitlines()[0][:200]}") from None
+
+
 class Bundle:
     """A validated, read-only view of a bundle folder. Use :meth:`Bundle.open`."""
 
@@ -364,13 +395,12 @@ class Bundle:
             )
         root = p.absolute()
         mf = root / MANIFEST
-        if not mf.is_file():
-            raise BundleError(mf, "missing manifest", expected="a file", found="nothing")
+        manifest = _read_manifest(mf)
         try:
-            manifest = json.loads(mf.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(mf, f"not valid JSON: {exc}") from exc
-        store_path, _, records = _Validator(root, mf, manifest).run()
+            store_path, _, records = _Validator(root, mf, manifest).run()
+        except OSError as exc:  # a path the OS refuses (too long a name, a loop of symlinks...)
+            where = Path(exc.filename) if isinstance(exc.filename, str) else mf
+            raise BundleError(where, f"cannot be read: {exc.strerror or exc}") from None
         return cls(root, manifest, store_path, records)
 
     # -- properties -------------------------------------------------------------------------------------

@@ -19,8 +19,37 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
+// `s` with every byte that does not start a well-formed UTF-8 sequence replaced by '?': messages may quote
+// bytes from a bundle (a parser's "last read: ..."), and a host decoding them as UTF-8 (Python) must get our
+// message, not a decoding error.
+inline std::string valid_utf8(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    bool ok = len > 0 && i + len <= n && !(len == 2 && c < 0xC2) && !(len == 4 && c > 0xF4);
+    for (size_t k = 1; ok && k < len; ++k) ok = (p[i + k] & 0xC0) == 0x80;
+    if (ok && len == 3) {  // no overlong forms, no surrogates
+      ok = !(c == 0xE0 && p[i + 1] < 0xA0) && !(c == 0xED && p[i + 1] >= 0xA0);
+    } else if (ok && len == 4) {
+      ok = !(c == 0xF0 && p[i + 1] < 0x90) && !(c == 0xF4 && p[i + 1] >= 0x90);
+    }
+    if (ok) {
+      out.append(s, i, len);
+      i += len;
+    } else {
+      out += '?';
+      ++i;
+    }
+  }
+  return out;
+}
+
 inline OrtStatus* make_status(OrtErrorCode code, const std::string& msg) {
-  return Ort::GetApi().CreateStatus(code, msg.c_str());
+  return Ort::GetApi().CreateStatus(code, valid_utf8(msg).c_str());
 }
 
 // Runs an op's CreateKernelV2 body `f` (returns a status or nullptr): an exception becomes a status naming the

@@ -80,9 +80,9 @@ extern "C" EDGEMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOp
     registrations().push_back(std::move(reg));
     return nullptr;
   } catch (const Ort::Exception& ex) {
-    return api->CreateStatus(ex.GetOrtErrorCode(), ex.what());
+    return api->CreateStatus(ex.GetOrtErrorCode(), valid_utf8(ex.what()).c_str());
   } catch (const std::exception& ex) {
-    return api->CreateStatus(ORT_INVALID_ARGUMENT, ex.what());
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, valid_utf8(ex.what()).c_str());
   } catch (...) {
     return api->CreateStatus(ORT_FAIL, "edgemoe: unknown error in RegisterCustomOps");
   }

@@ -6,8 +6,10 @@ User mistakes print one clear line and exit with status 2; tracebacks are for ou
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -127,11 +129,14 @@ run_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS)
     "Generate text from a bundle with its experts on flash, in a cache of at most --budget bytes. The prompt "
     "and the generated text go to stdout, statistics to stderr (--json: one JSON object on stdout, "
     "docs/json-output.md). Generation stops at the end-of-sequence token, a --stop string, --max-new-tokens "
-    "or the model's context. Ctrl-C stops it and prints what was measured so far.",
+    "or the model's context. Ctrl-C stops it and prints what was measured so far. -i (or edgemoe-chat): a "
+    "chat, one turn per line of stdin, keeping the KV cache across turns (/reset starts over, an empty line "
+    "or end of input ends).",
     ["edgemoe-run bundles/tiny --prompt 'def fibonacci(n):' --max-new-tokens 48 --budget 25%",
      "edgemoe-run bundles/tiny --prompt-file prompt.txt --budget auto --temperature 0.8 --top-k 40 --seed 1",
      "echo 'import os' | edgemoe-run bundles/tiny --prompt - --stop '\\n\\n' --json",
-     "edgemoe-run bundles/switch --ids 5,17,42,9 --max-new-tokens 16   # a bundle without a tokenizer"],
+     "edgemoe-run bundles/switch --ids 5,17,42,9 --max-new-tokens 16   # a bundle without a tokenizer",
+     "edgemoe-run bundles/tiny -i --max-new-tokens 48   # or: edgemoe-chat bundles/tiny"],
 ))
 @friendly_errors
 def run(
@@ -213,6 +218,10 @@ def run(
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object (docs/json-output.md)")
     ] = False,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="chat: one turn per line of stdin, the KV cache kept "
+                           "across turns; /reset starts over, an empty line or end of input ends")
+    ] = False,
     version: VersionOption = False,
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
@@ -228,7 +237,14 @@ def run(
     stops = check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                   stop=stop or ())
-    source = _prompt_source(prompt, prompt_file, ids)
+    if interactive:
+        given = [f for f, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--ids", ids),
+                                ("--json", as_json or None)) if v is not None]
+        if given:
+            raise ValueError(f"--interactive: reads the turns from stdin, found {' and '.join(given)}")
+        source: str | list[int] = ""
+    else:
+        source = _prompt_source(prompt, prompt_file, ids)
     if budget is not None and budget.strip().lower() == "auto":
         budget = str(_auto_budget(bundle))
     elif budget is not None:
@@ -249,12 +265,20 @@ def run(
         model = load_model(bundle, options)
     except KeyboardInterrupt:
         _interrupted_before_generation()
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stops)
+    if interactive:
+        _chat(model, bundle, kwargs, show_stats)
+        if save_resident is not None:
+            saved_chat: list[Path] = []
+            write_output_file(save_resident, "--save-resident", force=force,
+                              write=lambda p: saved_chat.append(model.session.save_resident(p, force=True)))
+            info(f"resident experts saved: {saved_chat[0]}")
+        return
     try:
         prompt_ids = model.prompt_ids(source)  # empty, outside the vocabulary or past the context: fails here
     except ValueError as exc:
         raise ValueError(str(exc).replace("prompt:", "--ids:", 1) if ids is not None else str(exc)) from None
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stops)
     results: list[Any] = []
     interrupted = False
     pieces = model.stream(prompt_ids, result=results, **kwargs)
@@ -266,9 +290,11 @@ def run(
             if not output.quiet:
                 shown = source if isinstance(source, str) else model.decode(prompt_ids) + " "
                 out.print(shown, end="", style="bold", highlight=False, markup=False)
-            for piece in pieces:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            with _LiveRate("edgemoe-run", enabled=not output.quiet) as rate:
+                for piece in pieces:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                    rate.tick()
             print()
     except KeyboardInterrupt:
         interrupted = True
@@ -308,6 +334,99 @@ def run(
             err.print(f"resident experts saved: {payload['saved_resident']}")
     if interrupted:
         raise typer.Exit(code=130)
+
+
+class _LiveRate:
+    """Live tokens/s while streaming, in the terminal's title (an OSC 0 escape on stderr, saved and restored
+    with xterm's title stack): nothing is written among the streamed text. Only when stderr is a terminal
+    (not dumb); counts the streamed pieces (about one per token), from the first one."""
+
+    def __init__(self, prog: str, *, enabled: bool = True, every_s: float = 0.5) -> None:
+        self.prog, self.every_s = prog, every_s
+        self.enabled = enabled and sys.stderr.isatty() and os.environ.get("TERM", "dumb") != "dumb"
+        self.pieces, self.t0, self.shown = 0, 0.0, 0.0
+
+    def __enter__(self) -> _LiveRate:
+        self._write("\x1b[22;0t")  # push the title
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._write("\x1b[23;0t")  # pop it
+
+    def _write(self, code: str) -> None:
+        if self.enabled:
+            sys.stderr.write(code)
+            sys.stderr.flush()
+
+    def tick(self) -> None:
+        """One more piece of text was streamed (stdout already flushed)."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        self.pieces += 1
+        if self.pieces == 1:
+            self.t0 = self.shown = now
+        elif now - self.shown >= self.every_s:
+            self.shown = now
+            self._write(f"\x1b]0;{self.prog}: {(self.pieces - 1) / (now - self.t0):.1f} tok/s\x07")
+
+
+def _chat(model: Any, bundle: Path, kwargs: dict[str, Any], show_stats: bool) -> None:
+    """``edgemoe-run -i`` / ``edgemoe-chat``: one user turn per line of stdin, each reply streamed to stdout
+    with the KV cache kept across turns (:class:`~edgemoe_ort.runtime.generate.ChatSession`); ``/reset``
+    starts over, an empty line or end of input ends, Ctrl-C ends with status 130. A one-line summary per turn
+    on stderr (unless --quiet)."""
+    from edgemoe_ort.runtime.generate import MoEModel
+
+    if not isinstance(model, MoEModel):
+        raise ValueError(f"--interactive: {bundle} is an encoder-decoder bundle; chat needs a decoder-only "
+                         "one")
+    if model.tokenizer is None:
+        raise ValueError(f"--interactive: {bundle} has no tokenizer; chat needs one to read text turns")
+    session = model.chat()
+    tty = sys.stdin.isatty()
+    how = "its chat template" if session.template is not None else "no chat template: turns are plain text"
+    info(f"[dim]chat ({how}): one turn per line; /reset starts over, an empty line or Ctrl-D ends[/]")
+    ctx = model.context_length
+    try:
+        while True:
+            if tty and not output.quiet:
+                err.print("[bold]> [/]", end="", highlight=False)
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                return
+            line = line.rstrip("\r\n")
+            if line.strip() == "/reset":
+                session.reset()
+                info("[dim]conversation reset[/]")
+                continue
+            with _LiveRate("edgemoe-chat", enabled=not output.quiet) as rate:
+                for piece in session.send(line, **kwargs):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                    rate.tick()
+            print(flush=True)
+            r = session.last_result
+            if r.stop_reason == "context":
+                err.print(f"[yellow]stopped at the model's context:[/] {ctx} tokens (conversation "
+                          f"{session.context_tokens} tokens); /reset starts over", highlight=False)
+            if not output.quiet:
+                s = r.stats
+                err.print(f"[dim]{s.prompt_tokens} new tok @ {s.prefill_tokens_per_s:.1f} tok/s, "
+                          f"{s.generated_tokens} generated @ {s.decode_tokens_per_s:.1f} tok/s, "
+                          f"TTFT {s.ttft_s:.3f} s, context {session.context_tokens}"
+                          f"{f'/{ctx}' if ctx else ''} tok, {r.stop_reason}[/]", highlight=False)
+                if show_stats:
+                    _print_layer_table(s.cache)
+    except KeyboardInterrupt:
+        print(flush=True)
+        err.print("[yellow]interrupted[/]: chat ended", highlight=False)
+        raise typer.Exit(code=130) from None
+
+
+def chat_app() -> None:
+    """``edgemoe-chat BUNDLE [OPTIONS]``: ``edgemoe-run BUNDLE --interactive [OPTIONS]``."""
+    run_app(args=["--interactive", *sys.argv[1:]], prog_name="edgemoe-chat")
 
 
 def _interrupted_before_generation() -> NoReturn:

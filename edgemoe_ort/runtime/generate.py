@@ -5,6 +5,7 @@ Imports neither torch nor transformers: this is what runs on the device.
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -23,6 +24,8 @@ from edgemoe_ort.runtime.ops import (
     open_session,
     release_free_heap,
 )
+
+log = logging.getLogger(__name__)
 
 
 def decoder_feeds(
@@ -290,9 +293,10 @@ class _Generator:
             )
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[int], *, check_context: bool = True) -> list[int]:
         """The prompt as token ids, checked: not empty, ids within the vocabulary, shorter than the context
-        (:attr:`context_length`): one :class:`GenerationError` saying both numbers otherwise."""
+        (:attr:`context_length`, unless ``check_context`` is False): one :class:`GenerationError` saying
+        both numbers otherwise."""
         if isinstance(prompt, str):
             ids = self.encode(prompt)
         else:
@@ -311,7 +315,7 @@ class _Generator:
                 f"prompt: token id {bad[0]} is outside the vocabulary (expected 0..{(vocab or 1) - 1})"
             )
         ctx = self.context_length
-        if ctx is not None and len(ids) >= ctx:
+        if check_context and ctx is not None and len(ids) >= ctx:
             raise GenerationError(
                 f"the prompt is {len(ids)} tokens, but the model's context is {ctx} tokens (at most "
                 f"{ctx - 1} leave room for a new token)"
@@ -361,25 +365,59 @@ class _Generator:
         )
         self._require_open()
         prompt_ids = self.prompt_ids(prompt)
+        yield from self._decode_loop(
+            prompt_ids, lambda: self._start(prompt_ids), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            seed=seed, stops=stops, result=result,
+        )
+
+    def _decode_loop(
+        self,
+        feed_ids: list[int],
+        start: Callable[[], tuple[np.ndarray, Any]],
+        *,
+        history: Sequence[int] = (),
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        repetition_penalty: float,
+        seed: int | None,
+        stops: tuple[str, ...],
+        result: list[GenerationResult] | None,
+        track: dict[str, Any] | None = None,
+    ) -> Iterator[str]:
+        """The generation loop of :meth:`stream` after ``history`` (token ids already in the model's state):
+        ``start()`` passes ``feed_ids`` through the model and returns (the next token's logits, state).
+        ``track``, if given, holds the latest ``state`` and ``fed``, how many of the generated tokens that
+        state has seen (the others were sampled but not yet passed through the model)."""
+        context_ids = [*history, *feed_ids]
         rng = np.random.default_rng(seed)
         room = max_new_tokens
         if self.context_length is not None:
-            room = min(max_new_tokens, self.context_length - len(prompt_ids))
+            room = min(max_new_tokens, self.context_length - len(context_ids))
 
         def pick(logits: np.ndarray, history: list[int]) -> int:
             return sample_next(logits, temperature=temperature, top_p=top_p, rng=rng, top_k=top_k,
                                repetition_penalty=repetition_penalty,
-                               seen=prompt_ids + history if repetition_penalty != 1.0 else ())
+                               seen=context_ids + history if repetition_penalty != 1.0 else ())
 
+        stats = GenerationStats(prompt_tokens=len(feed_ids))
+        if room < 1:  # the context is full before this call (a chat's earlier turns filled it)
+            stats.peak_rss_bytes = peak_rss_bytes()
+            if result is not None:
+                result.append(GenerationResult("", [], stats, "context"))
+            return
         self.session.begin_call_stats()
-        stats = GenerationStats(prompt_tokens=len(prompt_ids))
         t0 = t1 = time.perf_counter()
         tokens: list[int] = []
         text_so_far = ""
         stop_reason = "max_new_tokens"
         interrupted: KeyboardInterrupt | None = None
         try:
-            logits, state = self._start(prompt_ids)
+            logits, state = start()
+            if track is not None:
+                track.update(state=state, fed=0)
             token = pick(logits, tokens)
             t1 = time.perf_counter()
             stats.prefill_s = stats.ttft_s = t1 - t0
@@ -404,6 +442,8 @@ class _Generator:
                     stop_reason = "max_new_tokens" if len(tokens) >= max_new_tokens else "context"
                     break
                 logits, state = self._step(token, state)
+                if track is not None:
+                    track.update(state=state, fed=len(tokens))
                 token = pick(logits, tokens)
         except KeyboardInterrupt as exc:
             stop_reason, interrupted = "interrupted", exc
@@ -574,6 +614,17 @@ class MoEModel(_Generator):
         logits, past = self.forward(np.asarray([prompt_ids], dtype=np.int64))
         return logits[0, -1], past
 
+    def chat(self, *, template: bool = True) -> ChatSession:
+        """A conversation that keeps the KV cache across turns (:class:`ChatSession`). ``template``: format
+        the turns with the tokenizer's chat template when the bundle has one (and jinja2 is installed);
+        False, or without one: the turns are plain text, joined as given.
+
+        >>> chat = model.chat()
+        >>> print("".join(chat.send("def fib(n):", max_new_tokens=32)))
+        """
+        self._require_open()
+        return ChatSession(self, template=_chat_template(self.bundle) if template else None)
+
     def _step(self, token: int, state: Any) -> tuple[np.ndarray, Any]:
         logits, past = self.forward(np.asarray([[token]], dtype=np.int64), state)
         return logits[0, -1], past
@@ -674,3 +725,177 @@ def load_tokenizer(bundle: Bundle) -> Any | None:
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files
         raise GenerationError(f"{path}: not a valid tokenizer.json ({exc})") from exc
 
+
+
+# -- chat --------------------------------------------------------------------------------------------------
+_SENTINEL = "\x00edgemoe-reply\x00"
+
+
+@dataclass
+class ChatTemplate:
+    """A tokenizer's chat template (``tokenizer_config.json`` ``chat_template``), compiled with jinja2."""
+
+    source: str
+    special: dict[str, str]
+    _compiled: Any = None
+
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        if self._compiled is None:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._compiled = env.from_string(self.source)
+        return str(self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special))
+
+
+def _chat_template(bundle: Bundle) -> ChatTemplate | None:
+    """The chat template of the bundle's tokenizer, or None: no tokenizer, no ``chat_template``, or jinja2
+    is not installed (said once, as a warning: the turns are then plain text)."""
+    import json
+
+    rel = bundle.manifest.get("tokenizer")
+    cfg_path = bundle.path / rel / "tokenizer_config.json" if rel else None
+    if cfg_path is None or not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GenerationError(f"{cfg_path}: not valid JSON ({exc})") from None
+    source = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default", next(iter(named.values()), None))
+    if not isinstance(source, str) or not source.strip():
+        return None
+    try:
+        import jinja2  # noqa: F401
+    except ImportError:
+        log.warning("%s has a chat template, but jinja2 is not installed: the turns are plain text "
+                    "(pip install jinja2 to use it)", cfg_path)
+        return None
+    special = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        v = cfg.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        special[key] = v if isinstance(v, str) else ""
+    return ChatTemplate(source, special)
+
+
+class ChatSession:
+    """A conversation with a :class:`MoEModel` that keeps the model's KV cache across turns: each
+    :meth:`send` passes only the tokens that are new since the previous turn (the token the previous reply
+    ended with, if it was sampled but not yet fed, and the new turn) through the model, never the whole
+    conversation again. Made by :meth:`MoEModel.chat`.
+
+    With a chat template (:attr:`template`) each turn is the text the template puts between the previous
+    reply and the new one (the end of the reply, the user message, the assistant header); without one the
+    turns are plain text, joined as given. An end-of-sequence token ending a reply is not kept (with a
+    template, its end-of-turn text takes its place).
+    """
+
+    def __init__(self, model: MoEModel, template: ChatTemplate | None = None) -> None:
+        self.model = model
+        #: the chat template formatting the turns, or None (plain text)
+        self.template = template
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation: the next :meth:`send` starts from an empty KV cache."""
+        #: token ids of the conversation the KV cache holds (:attr:`pending` not yet included)
+        self.tokens: list[int] = []
+        #: generated token ids not yet passed through the model (fed first by the next turn)
+        self.pending: list[int] = []
+        #: the conversation as {"role", "content"} messages (user turns and replies)
+        self.messages: list[dict[str, str]] = []
+        #: the :class:`GenerationResult` of the last turn (``stats.prompt_tokens``: the tokens it fed)
+        self.last_result: GenerationResult | None = None
+        self._past: dict[str, np.ndarray] | None = None
+        self._warned = False
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of the conversation so far (what the model's context holds, pending tokens included)."""
+        return len(self.tokens) + len(self.pending)
+
+    def turn_ids(self, text: str | Sequence[int]) -> list[int]:
+        """The token ids a turn adds after the conversation so far (before :attr:`pending`): ``text``
+        formatted with the template (if any) and encoded, or token ids as given. Raises
+        :class:`GenerationError` for an empty turn or ids outside the vocabulary."""
+        if isinstance(text, str) and self.template is not None:
+            user = {"role": "user", "content": text}
+            if not self.messages:
+                text = self.template.render([user], add_generation_prompt=True)
+            else:
+                past = [*self.messages[:-1], {"role": "assistant", "content": _SENTINEL}]
+                full = self.template.render([*past, user], add_generation_prompt=True)
+                if full.count(_SENTINEL) == 1:
+                    text = full.split(_SENTINEL, 1)[1]
+                else:  # the template drops or repeats earlier replies: no incremental form
+                    if not self._warned:
+                        log.warning("the chat template does not keep earlier replies as they are: each turn "
+                                    "is formatted on its own")
+                        self._warned = True
+                    text = self.template.render([user], add_generation_prompt=True)
+        return self.model.prompt_ids(text, check_context=False)
+
+    def send(
+        self,
+        text: str | Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str = (),
+    ) -> Iterator[str]:
+        """Add the user turn ``text`` (or token ids) and yield the reply's text as it is generated; the
+        sampling arguments and stop reasons are those of :meth:`MoEModel.stream`. The reply's
+        :class:`GenerationResult` is then :attr:`last_result`. When the conversation fills the model's
+        context the reply stops with ``stop_reason`` "context" (a turn that does not fit at all yields
+        nothing and leaves the conversation as it was): :meth:`reset` to start over. Raises
+        :class:`GenerationError` for bad arguments or an empty turn, before anything runs."""
+        stops = check_generation_args(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+        )
+        model = self.model
+        model._require_open()
+        feed = [*self.pending, *self.turn_ids(text)]
+        past = self._past
+        track: dict[str, Any] = {}
+        out: list[GenerationResult] = []
+
+        def start() -> tuple[np.ndarray, Any]:
+            logits, present = model.forward(np.asarray([feed], dtype=np.int64), past)
+            return logits[0, -1], present
+
+        try:
+            yield from model._decode_loop(
+                feed, start, history=self.tokens, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stops=stops,
+                result=out, track=track,
+            )
+        finally:
+            if out:
+                self._record(text, feed, out[0], track)
+
+    def _record(self, text: str | Sequence[int], feed: list[int], result: GenerationResult,
+                track: dict[str, Any]) -> None:
+        """Keep the state the turn left: the tokens the KV cache holds and those generated but not fed."""
+        self.last_result = result
+        if "state" not in track:  # nothing was passed through the model (a full context, or interrupted)
+            return
+        fed = int(track["fed"])
+        self._past = track["state"]
+        self.tokens += [*feed, *result.tokens[:fed]]
+        self.pending = list(result.tokens[fed:])
+        user = text if isinstance(text, str) else self.model.decode(list(text))
+        self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": result.text}]

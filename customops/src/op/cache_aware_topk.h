@@ -30,7 +30,7 @@ struct CacheAwareTopKKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
-    try {
+    return guarded_compute([this] { return where(); }, true, [&]() -> OrtStatus* {
       Ort::KernelContext ctx(context);
       if (ctx.GetInputCount() != 2 || ctx.GetOutputCount() != 2)
         return make_status(ORT_INVALID_ARGUMENT, where() + ": expected 2 inputs (X, K) and 2 outputs (Values, Indices)");
@@ -70,15 +70,7 @@ struct CacheAwareTopKKernel {
       if (counts.changed) stats.count(&LayerCounters::route_changed, layer, sink, counts.changed);
       if (counts.misses_avoided) stats.count(&LayerCounters::route_misses_avoided, layer, sink, counts.misses_avoided);
       return nullptr;
-    } catch (const Ort::Exception& ex) {
-      return make_status(ex.GetOrtErrorCode(), where() + ": " + ex.what());
-    } catch (const std::bad_alloc&) {
-      return make_status(ORT_FAIL, where() + ": out of memory");
-    } catch (const std::exception& ex) {
-      return make_status(ORT_FAIL, where() + ": " + ex.what());
-    } catch (...) {
-      return make_status(ORT_FAIL, where() + ": unknown error");
-    }
+    });
   }
 };
 

@@ -59,7 +59,7 @@ struct OffloadedExpertKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
-    try {
+    return guarded_compute([this] { return where(); }, false, [&]() -> OrtStatus* {
       Ort::KernelContext ctx(context);
       if (ctx.GetInputCount() < kRequiredInputs || ctx.GetInputCount() > kMaxInputs || ctx.GetOutputCount() != 1)
         return make_status(ORT_INVALID_ARGUMENT, where() + ": expected 3 or 4 inputs and 1 output, found " +
@@ -107,15 +107,7 @@ struct OffloadedExpertKernel {
       run_moe(*store, attrs, X.GetTensorData<float>(), ip, wts.GetTensorData<float>(), T, hidden, K,
               Y.GetTensorMutableData<float>(), pf, predict);
       return nullptr;
-    } catch (const Ort::Exception& ex) {
-      return make_status(ex.GetOrtErrorCode(), where() + ": " + ex.what());
-    } catch (const std::bad_alloc&) {
-      return make_status(ORT_FAIL, where() + ": out of memory");
-    } catch (const std::exception& ex) {
-      return make_status(ORT_FAIL, ex.what());
-    } catch (...) {
-      return make_status(ORT_FAIL, where() + ": unknown error");
-    }
+    });
   }
 };
 

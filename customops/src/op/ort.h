@@ -52,6 +52,24 @@ inline OrtStatus* make_status(OrtErrorCode code, const std::string& msg) {
   return Ort::GetApi().CreateStatus(code, valid_utf8(msg).c_str());
 }
 
+// Runs an op's ComputeV2 body `f` (returns a status or nullptr): an exception becomes a status that starts with
+// `where()` (the node's description, built only on failure); an edgemoe::Error / std::exception message keeps
+// its own words, prefixed with where() only if `prefix_errors` (OffloadedExpert's already name file and layer).
+template <class Where, class F>
+OrtStatus* guarded_compute(Where&& where, bool prefix_errors, F&& f) noexcept {
+  try {
+    return f();
+  } catch (const Ort::Exception& ex) {
+    return make_status(ex.GetOrtErrorCode(), where() + ": " + ex.what());
+  } catch (const std::bad_alloc&) {
+    return make_status(ORT_FAIL, where() + ": out of memory");
+  } catch (const std::exception& ex) {
+    return make_status(ORT_FAIL, prefix_errors ? where() + ": " + ex.what() : std::string(ex.what()));
+  } catch (...) {
+    return make_status(ORT_FAIL, where() + ": unknown error");
+  }
+}
+
 // Runs an op's CreateKernelV2 body `f` (returns a status or nullptr): an exception becomes a status naming the
 // op and `node` (which `f` may fill in once it knows it), so none crosses the C boundary.
 template <class F>

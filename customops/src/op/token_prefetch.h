@@ -18,12 +18,13 @@ struct TokenPrefetchKernel {
   std::shared_ptr<Engine> engine;
   std::string node;
 
+  std::string where() const { return std::string(kTokenPrefetchName) + " node '" + node + "'"; }
+
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
-    const std::string where = std::string(kTokenPrefetchName) + " node '" + node + "'";
-    try {
+    return guarded_compute([this] { return where(); }, true, [&]() -> OrtStatus* {
       Ort::KernelContext ctx(context);
       if (ctx.GetInputCount() != 1 || ctx.GetOutputCount() != 1)
-        return make_status(ORT_INVALID_ARGUMENT, where + ": expected 1 input and 1 output");
+        return make_status(ORT_INVALID_ARGUMENT, where() + ": expected 1 input and 1 output");
       Ort::ConstValue ids = ctx.GetInput(0);
       const auto info = ids.GetTensorTypeAndShapeInfo();
       const size_t n = info.GetElementCount();
@@ -32,15 +33,7 @@ struct TokenPrefetchKernel {
       if (n) std::memcpy(out.GetTensorMutableData<int64_t>(), src, n * sizeof(int64_t));
       if (Prefetcher* p = engine->prefetcher()) p->on_tokens(src, static_cast<int64_t>(n));
       return nullptr;
-    } catch (const Ort::Exception& ex) {
-      return make_status(ex.GetOrtErrorCode(), where + ": " + ex.what());
-    } catch (const std::bad_alloc&) {
-      return make_status(ORT_FAIL, where + ": out of memory");
-    } catch (const std::exception& ex) {
-      return make_status(ORT_FAIL, where + ": " + ex.what());
-    } catch (...) {
-      return make_status(ORT_FAIL, where + ": unknown error");
-    }
+    });
   }
 };
 

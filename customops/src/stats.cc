@@ -11,12 +11,27 @@ uint64_t ld(const std::atomic<uint64_t>& a) { return a.load(std::memory_order_re
 double ratio(uint64_t num, uint64_t den) { return den ? static_cast<double>(num) / static_cast<double>(den) : 0.0; }
 }  // namespace
 
+namespace {
+// Every unsigned counter of LayerCounters, once: reset() and add() walk it.
+using Counter = std::atomic<uint64_t> LayerCounters::*;
+constexpr Counter kCounters[] = {
+    &LayerCounters::hits,           &LayerCounters::misses,          &LayerCounters::stall_ns,
+    &LayerCounters::reads,          &LayerCounters::bytes_read,      &LayerCounters::prefetch_issued,
+    &LayerCounters::prefetch_issued_bytes, &LayerCounters::prefetch_used, &LayerCounters::prefetch_hidden,
+    &LayerCounters::prefetch_hidden_bytes, &LayerCounters::prefetch_late, &LayerCounters::prefetch_wasted,
+    &LayerCounters::prefetch_wasted_bytes, &LayerCounters::prefetch_dropped, &LayerCounters::route_selections,
+    &LayerCounters::route_changed,
+};
+}  // namespace
+
 void LayerCounters::reset() {
-  for (auto* c : {&hits, &misses, &stall_ns, &reads, &bytes_read, &prefetch_issued, &prefetch_issued_bytes,
-                  &prefetch_used, &prefetch_hidden, &prefetch_hidden_bytes, &prefetch_late, &prefetch_wasted,
-                  &prefetch_wasted_bytes, &prefetch_dropped, &route_selections, &route_changed})
-    c->store(0, std::memory_order_relaxed);
+  for (Counter c : kCounters) (this->*c).store(0, std::memory_order_relaxed);
   route_misses_avoided.store(0, std::memory_order_relaxed);
+}
+
+void LayerCounters::add(const LayerCounters& o) {
+  for (Counter c : kCounters) (this->*c).fetch_add(ld(o.*c), std::memory_order_relaxed);
+  route_misses_avoided.fetch_add(o.route_misses_avoided.load(std::memory_order_relaxed), std::memory_order_relaxed);
 }
 
 nlohmann::ordered_json LayerCounters::to_json() const {
@@ -124,18 +139,8 @@ std::string StoreStats::to_json() const {
   j["peak_arena_bytes"] = ld(peak_arena_bytes);
   std::lock_guard<std::mutex> lk(mu);
   {
-    LayerCounters sum;  // the prefetch summary over every layer
-    for (const auto& l : layers)
-      for (auto f : {&LayerCounters::hits, &LayerCounters::misses, &LayerCounters::prefetch_issued,
-                     &LayerCounters::prefetch_issued_bytes, &LayerCounters::prefetch_used,
-                     &LayerCounters::prefetch_hidden, &LayerCounters::prefetch_hidden_bytes,
-                     &LayerCounters::prefetch_late, &LayerCounters::prefetch_wasted,
-                     &LayerCounters::prefetch_wasted_bytes, &LayerCounters::prefetch_dropped,
-                     &LayerCounters::route_selections, &LayerCounters::route_changed})
-        (sum.*f).fetch_add(ld(l.*f), std::memory_order_relaxed);
-    for (const auto& l : layers)
-      sum.route_misses_avoided.fetch_add(l.route_misses_avoided.load(std::memory_order_relaxed),
-                                         std::memory_order_relaxed);
+    LayerCounters sum;  // the prefetch and routing summaries over every layer
+    for (const auto& l : layers) sum.add(l);
     const auto summed = sum.to_json();
     j["prefetch"] = summed["prefetch"];
     j["routing"] = summed["routing"];

@@ -29,6 +29,7 @@ struct LayerCounters {
   std::atomic<int64_t> route_misses_avoided{0};
 
   void reset();
+  void add(const LayerCounters& other);  // every counter += other's
   // {"hits", ..., "prefetch": {"issued", "used", "hidden", "late", "wasted", "wasted_bytes", "dropped",
   //  "precision", "recall"}, "routing": {"selections", "changed", "misses_avoided"}}
   nlohmann::ordered_json to_json() const;

@@ -983,25 +983,3 @@ def test_hostile_manifests_are_bundle_errors(tmp_path):
     (folder / "manifest.json").mkdir(parents=True)
     with pytest.raises(BundleError, match="manifest.json: missing manifest.*a regular file, found a folder"):
         Bundle.open(folder)
-
-
-def test_reader_limits_are_the_native_readers():
-    """One limit, two readers: the Python constants equal the C++ ones (customops/.../edgemoe/manifest.h)."""
-    import re
-    from pathlib import Path
-
-    from edgemoe_ort.bundle import format as fmt
-
-    header = (Path(__file__).resolve().parents[1] / "customops/include/edgemoe/manifest.h").read_text()
-
-    def cxx(name: str) -> int:
-        m = re.search(rf"constexpr \w+ {name} = (?:uint64_t\{{(\d+)\}} << (\d+)|(\d+));", header)
-        assert m, name
-        return int(m.group(1)) << int(m.group(2)) if m.group(1) else int(m.group(3))
-
-    assert fmt.MAX_MANIFEST_BYTES == cxx("kMaxManifestBytes")
-    assert fmt.MAX_JSON_DEPTH == cxx("kMaxJsonDepth")
-    assert fmt.MAX_PATH_BYTES == cxx("kMaxPathBytes")
-    from edgemoe_ort.bundle.errors import MAX_MESSAGE_PART
-
-    assert MAX_MESSAGE_PART == cxx("kMaxMessagePart")

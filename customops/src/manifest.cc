@@ -13,7 +13,6 @@
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <tuple>
 #include <unordered_map>
 
@@ -96,15 +95,32 @@ size_t Manifest::record_index(int64_t layer, int64_t expert) const {
   return layer_base_[static_cast<size_t>(layer)] + static_cast<size_t>(expert);
 }
 
+const std::vector<ReaderLimit>& reader_limits() {
+  static const std::vector<ReaderLimit> table = {
+      {"max_manifest_bytes", kMaxManifestBytes, "size of manifest.json"},
+      {"max_json_depth", kMaxJsonDepth, "lists/objects nested in a JSON file a reader parses"},
+      {"max_path_bytes", kMaxPathBytes, "a bundle-relative path (store.file, graphs, tokenizer, the manifest attribute)"},
+      {"max_message_part", kMaxMessagePart, "characters of each part of an error message"},
+      {"max_experts", static_cast<uint64_t>(kMaxExperts), "num_experts of a layer"},
+      {"max_dim", static_cast<uint64_t>(kMaxDim), "hidden, intermediate and group_size"},
+  };
+  return table;
+}
+
 std::string check_relative_path(const std::string& rel) {
   if (rel.empty()) return "a non-empty relative path";
   if (rel.size() > kMaxPathBytes) return "a path of at most " + std::to_string(kMaxPathBytes) + " bytes";
   if (rel.find('\\') != std::string::npos || rel.find('\0') != std::string::npos) return "a relative POSIX path";
   if (rel[0] == '/' || (rel.size() > 1 && rel[1] == ':')) return "a relative path (not absolute)";
-  std::stringstream ss(rel);
-  std::string part;
-  while (std::getline(ss, part, '/')) {
+  size_t start = 0;
+  while (true) {  // every component: non-empty, not '.', not '..'
+    const size_t end = std::min(rel.find('/', start), rel.size());
+    const std::string part = rel.substr(start, end - start);
     if (part == "..") return "a path inside the bundle (without '..')";
+    if (part.empty() || part == ".")
+      return "a path without empty or '.' components (no '//', trailing '/' or '/./')";
+    if (end == rel.size()) break;
+    start = end + 1;
   }
   return {};
 }
@@ -214,6 +230,20 @@ std::string read_manifest_file(const fs::path& path) {
   return text;
 }
 
+// Where `p` leads once symlinks are resolved, if that lies outside `root` (resolved too); empty if inside or
+// if it cannot be resolved (a missing file is reported by the caller's own check).
+std::string resolved_outside(const fs::path& root, const fs::path& p) {
+  std::error_code ec;
+  const fs::path r = fs::canonical(root, ec);
+  if (ec) return {};
+  const fs::path q = fs::canonical(p, ec);
+  if (ec) return {};
+  auto qit = q.begin();
+  for (auto rit = r.begin(); rit != r.end(); ++rit, ++qit)
+    if (qit == q.end() || *qit != *rit) return q.string();
+  return {};
+}
+
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -264,8 +294,6 @@ class Validator {
   std::string file_;
 };
 
-constexpr int64_t kMaxDim = int64_t{1} << 24;
-
 struct WantTensor {
   std::string name;
   std::string dtype;
@@ -291,6 +319,11 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
   }
   m.manifest_path = bundle_dir / manifest_rel;
   const std::string mfile = m.manifest_path.string();
+  // Every file the reader opens lies inside the bundle once symlinks are resolved (docs/bundle-format.md).
+  why = resolved_outside(bundle_dir, m.manifest_path);
+  if (!why.empty())
+    throw Error(error_message(mfile, -1, -1, "manifest", "", "a path inside the bundle",
+                              squote(manifest_rel) + " -> " + clip(why, 256)));
   const std::string text = read_manifest_file(m.manifest_path);
   why = check_json_nesting(text, kMaxJsonDepth);
   if (!why.empty()) throw Error(error_message(mfile, -1, -1, "", "nested too deeply", why, ""));
@@ -328,6 +361,8 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
     if (ct == store.end() || !ct->is_string() || ct->get<std::string>() != "xxh3_64")
       v.fail("store.checksum", "", "'xxh3_64'", ct == store.end() ? "nothing" : dump(*ct));
   }
+  why = resolved_outside(bundle_dir, m.store_path);
+  if (!why.empty()) v.fail("store.file", "", "a path inside the bundle", squote(srel) + " -> " + clip(why, 256));
   struct stat st {};
   if (::stat(m.store_path.c_str(), &st) != 0) {
     int err = errno;
@@ -357,7 +392,8 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
     const int64_t il = static_cast<int64_t>(i);
     li.layer = static_cast<int32_t>(i);
     li.num_experts = v.get_int(L, "num_experts", f + ".num_experts", 1, il);
-    if (li.num_experts > (1 << 20)) v.fail(f + ".num_experts", "", "<= 2^20", std::to_string(li.num_experts), il);
+    if (li.num_experts > kMaxExperts)
+      v.fail(f + ".num_experts", "", "<= 2^20", std::to_string(li.num_experts), il);
     li.top_k = v.get_int(L, "top_k", f + ".top_k", 1, il);
     if (li.top_k > li.num_experts)
       v.fail(f + ".top_k", "", "<= num_experts (" + std::to_string(li.num_experts) + ")", std::to_string(li.top_k), il);

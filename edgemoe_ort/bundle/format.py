@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from edgemoe_ort.bundle.errors import MAX_MESSAGE_PART
 from edgemoe_ort.quant import DTYPES, QuantizedMatrix, num_groups
 
 FORMAT = "edgemoe-bundle"
@@ -20,11 +21,23 @@ CHECKSUM = "xxh3_64"
 SCHEME_QUANT = "asym_u"
 SCHEME_FLOAT = "none"
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
-# Limits both readers apply (the C++ ones: customops/include/edgemoe/manifest.h; tests/test_bundle.py checks
-# they agree): the manifest's size, the nesting of any JSON file read, a relative path's length.
+# Limits both readers apply: the library's table (customops/include/edgemoe/manifest.h reader_limits(),
+# edgemoe_ort.runtime.ops.reader_limits()) holds the same values; tests/test_bundle.py checks they agree, and
+# docs/bundle-format.md lists them.
 MAX_MANIFEST_BYTES = 128 << 20
 MAX_JSON_DEPTH = 64
 MAX_PATH_BYTES = 4096
+MAX_EXPERTS = 1 << 20
+MAX_DIM = 1 << 24
+#: the limits under the library's names (``edgemoe_ort.runtime.ops.reader_limits()`` returns the same dict)
+READER_LIMITS: dict[str, int] = {
+    "max_manifest_bytes": MAX_MANIFEST_BYTES,
+    "max_json_depth": MAX_JSON_DEPTH,
+    "max_path_bytes": MAX_PATH_BYTES,
+    "max_message_part": MAX_MESSAGE_PART,
+    "max_experts": MAX_EXPERTS,
+    "max_dim": MAX_DIM,
+}
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -133,11 +146,13 @@ def check_relpath(p: object) -> str | None:
         return f"longer than {MAX_PATH_BYTES} bytes"
     if "\\" in p or "\x00" in p:
         return "not a POSIX path (contains a backslash or NUL)"
-    pp = PurePosixPath(p)
-    if pp.is_absolute() or os.path.isabs(p) or (len(p) > 1 and p[1] == ":"):
+    if PurePosixPath(p).is_absolute() or os.path.isabs(p) or (len(p) > 1 and p[1] == ":"):
         return "absolute path"
-    if ".." in pp.parts:
+    parts = p.split("/")
+    if ".." in parts:
         return "contains '..'"
+    if any(part in ("", ".") for part in parts):
+        return "has an empty or '.' component (no '//', trailing '/' or '/./')"
     return None
 
 

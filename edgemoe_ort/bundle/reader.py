@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,8 @@ from .format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    MAX_DIM,
+    MAX_EXPERTS,
     MAX_MANIFEST_BYTES,
     QUANTIZED,
     SCHEME_FLOAT,
@@ -65,10 +68,21 @@ class _Validator:
             raise self.err(field=field, expected=f"a JSON {kind}", found=repr(v), **kw)
         return v
 
-    def get_int(self, d: dict[str, Any], key: str, field: str, lo: int = 0, **kw: Any) -> int:
+    def get_int(
+        self,
+        d: dict[str, Any],
+        key: str,
+        field: str,
+        lo: int = 0,
+        hi: tuple[int, str] | None = None,
+        **kw: Any,
+    ) -> int:
+        """``d[key]``, an int >= ``lo`` (and <= ``hi[0]``, written ``hi[1]`` in the message)."""
         v = self.get(d, key, field, "int", **kw)
         if v < lo:
             raise self.err(field=field, expected=f">= {lo}", found=v, **kw)
+        if hi is not None and v > hi[0]:
+            raise self.err(field=field, expected=f"<= {hi[1]}", found=v, **kw)
         return int(v)
 
     def path(self, p: object, field: str, *, is_dir: bool = False) -> Path:
@@ -144,12 +158,13 @@ class _Validator:
             li = self.get_int(layer, "layer", f"{f}.layer")
             if li != i:
                 raise self.err("layers must be listed in order", field=f"{f}.layer", expected=i, found=li)
-            ne = self.get_int(layer, "num_experts", f"{f}.num_experts", 1, layer=i)
+            ne = self.get_int(layer, "num_experts", f"{f}.num_experts", 1, layer=i, hi=(MAX_EXPERTS, "2^20"))
             tk = self.get_int(layer, "top_k", f"{f}.top_k", 1, layer=i)
             if tk > ne:
                 raise self.err(field=f"{f}.top_k", expected=f"<= num_experts ({ne})", found=tk, layer=i)
-            self.get_int(layer, "hidden", f"{f}.hidden", 1, layer=i)
-            self.get_int(layer, "intermediate", f"{f}.intermediate", 1, layer=i)
+            # caps keep every product of dimensions far from int64 overflow in the native reader
+            self.get_int(layer, "hidden", f"{f}.hidden", 1, layer=i, hi=(MAX_DIM, "2^24"))
+            self.get_int(layer, "intermediate", f"{f}.intermediate", 1, layer=i, hi=(MAX_DIM, "2^24"))
             gated = self.get(layer, "gated", f"{f}.gated", "bool", layer=i)
             act = self.get(layer, "activation", f"{f}.activation", "str", layer=i)
             if act not in ACTIVATIONS:
@@ -219,7 +234,7 @@ class _Validator:
             raise self.err(field=f"{f}.expert", layer=li, expected=f"< num_experts ({ne})", found=e)
         kw: dict[str, Any] = {"layer": li, "expert": e}
         off = self.get_int(rec, "offset", f"{f}.offset", **kw)
-        length = self.get_int(rec, "length", f"{f}.length", **kw)
+        length = self.get_int(rec, "length", f"{f}.length", 1, **kw)
         size = self.get_int(rec, "size", f"{f}.size", **kw)
         if off % ALIGNMENT:
             raise self.err(
@@ -263,7 +278,7 @@ class _Validator:
             )
         scheme = fmt.get("scheme")
         if dtype in QUANTIZED:
-            self.get_int(fmt, "group_size", f"{f}.format.group_size", 1, **kw)
+            self.get_int(fmt, "group_size", f"{f}.format.group_size", 1, hi=(MAX_DIM, "2^24"), **kw)
             if scheme != SCHEME_QUANT:
                 raise self.err(
                     field=f"{f}.format.scheme", expected=repr(SCHEME_QUANT), found=repr(scheme), **kw
@@ -343,6 +358,8 @@ def _read_manifest(mf: Path) -> Any:
     if not mf.is_file():
         raise BundleError(mf, "missing manifest", expected="a regular file", found="a folder" if mf.is_dir()
                           else "another kind of file")
+    if not inside(mf.parent, mf):  # the same rule as every path the manifest names
+        raise BundleError(mf, expected="a file inside the bundle", found=f"a symlink to {mf.resolve()}")
     size = mf.stat().st_size
     if size > MAX_MANIFEST_BYTES:
         raise BundleError(
@@ -353,15 +370,51 @@ def _read_manifest(mf: Path) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BundleError(mf, f"not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    text = text.removeprefix("\ufeff")  # a leading byte-order mark is ignored (RFC 8259; both readers)
     deep = json_nesting_error(text)
     if deep is not None:
         raise BundleError(mf, f"nested too deeply: expected {deep}")
     try:
-        return json.loads(text)
+        doc = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise BundleError(mf, f"not valid JSON: {exc}") from None
-    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, ...
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, NaN, 1e999, ...
         raise BundleError(mf, f"not valid JSON: {str(exc).splitlines()[0][:200]}") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(doc):
+        raise BundleError(mf, "not valid JSON: a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)")
+    return doc
+
+
+# What JSON (RFC 8259) and the native parser refuse but Python's json module accepts by default.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(s: str) -> float:
+    x = float(s)
+    if math.isinf(x):
+        raise ValueError(f"number {s[:40]} is out of range")
+    return x
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    """True if a key or string anywhere in ``doc`` holds a code point in U+D800..U+DFFF (an escape that was
+    not a valid pair). Iterative: ``doc`` is at most MAX_JSON_DEPTH deep anyway."""
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if any("\ud800" <= c <= "\udfff" for c in v):
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 class Bundle:

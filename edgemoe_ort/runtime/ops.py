@@ -100,7 +100,11 @@ def _lib() -> ctypes.CDLL:
             lib.edgemoe_store_reset_stats.restype = None
             lib.edgemoe_kernel_path.argtypes = []
             lib.edgemoe_kernel_path.restype = ctypes.c_char_p
-            for fn in (lib.edgemoe_config_keys_json, lib.edgemoe_policies_json):
+            for fn in (
+                lib.edgemoe_config_keys_json,
+                lib.edgemoe_policies_json,
+                lib.edgemoe_reader_limits_json,
+            ):
                 fn.argtypes = [ctypes.c_char_p, ctypes.c_int64]
                 fn.restype = ctypes.c_int64
             lib.edgemoe_thread_stats_begin.argtypes = [ctypes.c_char_p]
@@ -383,6 +387,12 @@ def config_keys() -> list[dict[str, Any]]:
 def policies() -> list[dict[str, str]]:
     """The cache policies the library implements: ``[{"name", "doc"}, ...]`` (``POLICIES`` must match)."""
     return list(_lib_json(_lib().edgemoe_policies_json))
+
+
+def reader_limits() -> dict[str, int]:
+    """The bundle readers' limits as the library defines them (customops/include/edgemoe/manifest.h):
+    ``{"max_manifest_bytes": ..., ...}``; ``edgemoe_ort.bundle.format.READER_LIMITS`` must equal it."""
+    return {d["name"]: int(d["value"]) for d in _lib_json(_lib().edgemoe_reader_limits_json)}
 
 
 def config_table_markdown() -> str:

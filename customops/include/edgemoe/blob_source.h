@@ -41,6 +41,12 @@ std::unique_ptr<BlobSource> open_blob_source(const std::string& path, uint64_t s
 // short read that ends mid-block is continued from the start of that block, so every call stays aligned;
 // 16 short reads in a row without progress, an error or an early end of file throw edgemoe::Error naming
 // `path` and `what`. (Exposed for the tests, which feed it short reads.)
+// Copies n bytes of this process's own memory from src to dst with process_vm_readv, which reports a page
+// that cannot be read (a file mapping past the end of a truncated file) as an error instead of raising
+// SIGBUS. Returns the bytes copied (fewer than n: the page after them could not be read, errno EFAULT), or -1
+// with errno (EFAULT at the first page; ENOSYS/EPERM where the call is unavailable).
+ssize_t copy_from_own_memory(uint8_t* dst, const uint8_t* src, size_t n);
+
 using PreadFn = std::function<ssize_t(uint8_t* dst, size_t n, uint64_t offset)>;
 void read_fully(const PreadFn& pread_fn, const std::string& path, const std::string& what, uint64_t offset,
                 uint64_t length, uint8_t* dst, uint64_t align);

@@ -24,6 +24,9 @@ EDGEMOE_EXPORT void edgemoe_store_reset_stats(const char* store_id);
 EDGEMOE_EXPORT int64_t edgemoe_config_keys_json(char* buf, int64_t len);
 /* The cache policies as a JSON array [{"name", "doc"}, ...], written the same way. */
 EDGEMOE_EXPORT int64_t edgemoe_policies_json(char* buf, int64_t len);
+/* The bundle readers' limits (manifest.h reader_limits()): [{"name", "value", "doc"}, ...], written like
+   edgemoe_config_keys_json. The Python reader applies the same values (edgemoe_ort/bundle/format.py). */
+EDGEMOE_EXPORT int64_t edgemoe_reader_limits_json(char* buf, int64_t len);
 /* Per-thread call statistics (right while other threads share the store): begin starts counting the calling
    thread's acquires, reads and prefetches on `store_id` (0, or -1 for an unknown store id); json writes them
    like edgemoe_store_stats_json ({"hits", ..., "prefetch": {...}, "layers": [...]}; -1 if not begun); end

@@ -21,11 +21,23 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Limits of the readers (docs/reliability.md). Bundles within them are never refused for their size.
+// Limits of the readers (docs/reliability.md). Bundles within them are never refused for their size. The
+// Python reader (edgemoe_ort/bundle/format.py READER_LIMITS) applies the same values: reader_limits() lists
+// them, the C API hands that list to Python (edgemoe_reader_limits_json) and a test checks the two agree.
 constexpr uint64_t kMaxManifestBytes = uint64_t{128} << 20;  // manifest.json (~130k expert records)
 constexpr size_t kMaxJsonDepth = 64;                          // nested lists/objects in a JSON file we read
 constexpr size_t kMaxPathBytes = 4096;                        // a relative path in a bundle (PATH_MAX)
 constexpr size_t kMaxMessagePart = 512;                       // each part of an error_message (clipped)
+constexpr int64_t kMaxExperts = int64_t{1} << 20;             // num_experts of a layer
+constexpr int64_t kMaxDim = int64_t{1} << 24;                 // hidden, intermediate, group_size
+
+struct ReaderLimit {
+  const char* name;  // the key both readers' tables use
+  uint64_t value;
+  const char* doc;
+};
+// The limits above as one table (name, value, meaning), in a fixed order.
+const std::vector<ReaderLimit>& reader_limits();
 
 // `s` cut to at most max_chars characters ("..." at the end if it was cut).
 std::string clip(const std::string& s, size_t max_chars);
@@ -94,8 +106,10 @@ struct Manifest {
   std::vector<size_t> layer_base_;
 };
 
-// Checks that `rel` is a non-empty relative POSIX path without `..` (the bundle rule). Returns the reason
-// it is not, or an empty string.
+// Checks that `rel` is a bundle-relative path: non-empty, at most kMaxPathBytes, POSIX (no backslash or
+// NUL), not absolute, and every '/'-separated component non-empty and neither '.' nor '..' (so
+// `experts.bin/.`, `a//b` and a trailing '/' are refused: one spelling per file). Returns the reason it is
+// not, or an empty string. Where the path leads after symlinks are resolved is checked by load_manifest.
 std::string check_relative_path(const std::string& rel);
 
 // Checks that the JSON text `text` nests lists/objects at most max_depth deep (brackets outside strings,

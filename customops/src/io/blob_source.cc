@@ -1,12 +1,14 @@
 // The three blob sources. `direct` reads with O_DIRECT into page-aligned buffers (the page cache is never
 // touched); `buffered` reads through the page cache with readahead disabled (POSIX_FADV_RANDOM) and drops
 // exactly the pages it read, so no store page stays cached; `mmap` copies from a read-only mapping (page
-// faults do the I/O; the kernel's fault-around and readahead are outside the store's control).
+// faults do the I/O; the kernel's fault-around and readahead are outside the store's control). The copy out
+// of the mapping goes through process_vm_readv, so a store truncated while mapped is a read error, not SIGBUS.
 #include "edgemoe/blob_source.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -47,6 +49,24 @@ Error read_error(const std::string& path, const std::string& what, uint64_t offs
 }
 constexpr int kMaxShortReadsWithoutProgress = 16;
 }  // namespace
+
+ssize_t copy_from_own_memory(uint8_t* dst, const uint8_t* src, size_t n) {
+  size_t done = 0;
+  while (done < n) {
+    iovec local{dst + done, n - done};
+    iovec remote{const_cast<uint8_t*>(src + done), n - done};
+    const ssize_t r = ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (done == 0) return -1;
+      errno = EFAULT;
+      return static_cast<ssize_t>(done);
+    }
+    if (r == 0) break;
+    done += static_cast<size_t>(r);
+  }
+  return static_cast<ssize_t>(done);
+}
 
 void read_fully(const PreadFn& pread_fn, const std::string& path, const std::string& what, uint64_t offset,
                 uint64_t length, uint8_t* dst, uint64_t align) {
@@ -176,6 +196,15 @@ class MmapSource final : public BlobSource {
                                 std::strerror(err)));
     }
     map_ = static_cast<const uint8_t*>(p);
+    // Where process_vm_readv is refused (a seccomp profile, a kernel without it) the bytes are read through
+    // the descriptor instead: the kernel checks those bounds too, so no access can raise SIGBUS either way.
+    const uint8_t probe_src = 1;
+    uint8_t probe = 0;
+    if (copy_from_own_memory(&probe, &probe_src, 1) != 1) {  // probes the call, not the store's pages
+      note_ = std::string("mmap: process_vm_readv unavailable (") + std::strerror(errno) +
+              "); blobs are read through the store's descriptor";
+      use_pread_ = true;
+    }
   }
   ~MmapSource() override {
     if (map_) ::munmap(const_cast<uint8_t*>(map_), len_);
@@ -187,7 +216,24 @@ class MmapSource final : public BlobSource {
     if (static_cast<uint64_t>(st.st_size) < offset + length || offset + length > len_)
       throw read_error(path_, what, offset, length, "truncated store",
                        "a file of " + std::to_string(st.st_size) + " bytes");
-    std::memcpy(dst, map_ + offset, length);
+    if (use_pread_) {
+      const int fd = fd_.get();
+      read_fully([fd](uint8_t* d, size_t n, uint64_t off) { return ::pread(fd, d, n, static_cast<off_t>(off)); }, path_,
+                 what, offset, length, dst, 1);
+    } else {
+      // The file may shrink between the fstat above and the copy: pages past its new end are an EFAULT here.
+      const ssize_t got = copy_from_own_memory(dst, map_ + offset, static_cast<size_t>(length));
+      if (got < 0 || static_cast<uint64_t>(got) != length) {
+        const int err = errno;
+        struct stat now {};
+        const std::string size_now =
+            ::fstat(fd_.get(), &now) == 0 ? "a file of " + std::to_string(now.st_size) + " bytes" : "an unreadable file";
+        throw read_error(path_, what, offset, length,
+                         err == EFAULT || got >= 0 ? "truncated store (shrank while mapped)"
+                                                   : std::string("read failed: ") + std::strerror(err),
+                         size_now);
+      }
+    }
     // Drop this range from the mapping and the page cache (what readahead brought in around it stays: the
     // OS decides; it is reclaimable page cache, outside the budget).
     const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
@@ -203,6 +249,7 @@ class MmapSource final : public BlobSource {
   UniqueFd fd_;
   uint64_t len_ = 0;
   const uint8_t* map_ = nullptr;
+  bool use_pread_ = false;
   std::string note_;
 };
 

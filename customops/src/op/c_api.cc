@@ -8,6 +8,7 @@
 #include "edgemoe/config.h"
 #include "edgemoe/engine.h"
 #include "edgemoe/kernels.h"
+#include "edgemoe/manifest.h"
 #include "edgemoe/policy.h"
 #include "edgemoe/stats.h"
 #include "edgemoe/warm_start.h"
@@ -50,6 +51,20 @@ extern "C" EDGEMOE_EXPORT const char* edgemoe_kernel_path(void) {
 extern "C" EDGEMOE_EXPORT int64_t edgemoe_config_keys_json(char* buf, int64_t len) {
   try {
     return copy_out(edgemoe::config_keys_json(), buf, len);
+  } catch (...) {
+    return -1;
+  }
+}
+
+extern "C" EDGEMOE_EXPORT int64_t edgemoe_reader_limits_json(char* buf, int64_t len) {
+  try {
+    std::string j = "[";
+    for (const auto& l : edgemoe::reader_limits()) {
+      if (j.size() > 1) j += ",";
+      j += std::string("{\"name\":\"") + l.name + "\",\"value\":" + std::to_string(l.value) + ",\"doc\":\"" +
+           l.doc + "\"}";
+    }
+    return copy_out(j + "]", buf, len);
   } catch (...) {
     return -1;
   }

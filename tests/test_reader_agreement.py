@@ -1,0 +1,123 @@
+"""The two bundle readers decide alike (issue 15, defect 7): every case below is opened by the Python reader
+(``Bundle.open``) and by the native one (``open_session``: the library's ``load_manifest`` through ONNX
+Runtime, no Python check in between), and both must accept it or both refuse it, naming the same field.
+
+The rules are docs/bundle-format.md, "Validation"; the limits are one table (``format.READER_LIMITS`` ==
+the library's ``reader_limits()``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edgemoe_ort.bundle import Bundle, BundleError
+from edgemoe_ort.bundle import format as fmt
+from edgemoe_ort.bundle.testing import make_synthetic_bundle
+from edgemoe_ort.runtime import ops
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("agree") / "b"
+    make_synthetic_bundle(p, num_experts=4, top_k=2, dtype="int4")
+    return p
+
+
+def _edit(key_path: list[str | int], value: object) -> Callable[[Path], None]:
+    def run(b: Path) -> None:
+        m = json.loads((b / "manifest.json").read_text())
+        d = m
+        for k in key_path[:-1]:
+            d = d[k]
+        d[key_path[-1]] = value
+        (b / "manifest.json").write_text(json.dumps(m))
+
+    return run
+
+
+def _replace_text(old: str, new: str) -> Callable[[Path], None]:
+    def run(b: Path) -> None:
+        p = b / "manifest.json"
+        text = p.read_text()
+        assert old in text, old
+        p.write_text(text.replace(old, new, 1))
+
+    return run
+
+
+def _store_outside(b: Path) -> None:
+    outside = b.parent / f"{b.name}-outside.bin"
+    shutil.move(b / "experts.bin", outside)
+    (b / "experts.bin").symlink_to(outside)
+
+
+def _store_symlink_inside(b: Path) -> None:
+    (b / "data").mkdir()
+    shutil.move(b / "experts.bin", b / "data" / "store.bin")
+    (b / "experts.bin").symlink_to("data/store.bin")
+
+
+def _manifest_outside(b: Path) -> None:
+    outside = b.parent / f"{b.name}-manifest.json"
+    shutil.move(b / "manifest.json", outside)
+    (b / "manifest.json").symlink_to(outside)
+
+
+def _bom(b: Path) -> None:
+    p = b / "manifest.json"
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+
+
+# (id, mutation, None if both accept else a text both messages contain)
+CASES: list[tuple[str, Callable[[Path], None], str | None]] = [
+    ("pristine", lambda b: None, None),
+    ("store_symlink_leaves_bundle", _store_outside, "store.file"),
+    ("store_symlink_inside_bundle", _store_symlink_inside, None),
+    ("manifest_symlink_leaves_bundle", _manifest_outside, "inside the bundle"),
+    ("store_file_dot_component", _edit(["store", "file"], "experts.bin/."), "store.file"),
+    ("store_file_trailing_slash", _edit(["store", "file"], "experts.bin/"), "store.file"),
+    ("store_file_dot_slash", _edit(["store", "file"], "./experts.bin"), "store.file"),
+    ("store_file_double_slash", _edit(["store", "file"], "data//experts.bin"), "store.file"),
+    ("utf8_bom", _bom, None),
+    ("lone_surrogate_escape", _replace_text('"silu"', '"\\ud800silu"'), "not valid JSON"),
+    ("surrogate_pair_escape", _edit(["model", "family"], "synthetic\U0001f600"), None),
+    ("nan_literal", _replace_text('"model": {', '"nan": NaN, "model": {'), "not valid JSON"),
+    ("number_out_of_range", _replace_text('"model": {', '"big": 1e999, "model": {'), "not valid JSON"),
+    ("num_experts_over_cap", _edit(["layers", 0, "num_experts"], fmt.MAX_EXPERTS + 1), "num_experts"),
+    ("hidden_over_cap", _edit(["layers", 0, "hidden"], fmt.MAX_DIM + 1), "hidden"),
+    ("intermediate_over_cap", _edit(["layers", 0, "intermediate"], fmt.MAX_DIM + 1), "intermediate"),
+    ("group_size_over_cap", _edit(["experts", 0, "format", "group_size"], fmt.MAX_DIM + 1), "group_size"),
+    ("length_zero", _edit(["experts", 0, "length"], 0), "experts[0].length"),
+]
+
+
+@pytest.mark.parametrize(("name", "mutate", "needle"), CASES, ids=[c[0] for c in CASES])
+def test_both_readers_decide_alike(
+    name: str, mutate: Callable[[Path], None], needle: str | None, pristine: Path, tmp_path: Path
+) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(pristine, b, symlinks=True)
+    mutate(b)
+    py_err: str | None = None
+    try:
+        Bundle.open(b)
+    except BundleError as e:
+        py_err = str(e)
+    native_err: str | None = None
+    try:
+        ops.open_session(b / "model.onnx", b)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        native_err = str(e)
+    verdicts = (py_err is None, native_err is None)
+    assert verdicts == (needle is None, needle is None), f"python: {py_err}\nnative: {native_err}"
+    if needle is not None:
+        assert needle in str(py_err) and needle in str(native_err), f"python: {py_err}\nnative: {native_err}"
+
+
+def test_limits_are_one_table() -> None:
+    """The Python reader's limits are the library's (customops/include/edgemoe/manifest.h reader_limits())."""
+    assert fmt.READER_LIMITS == ops.reader_limits()

@@ -118,8 +118,15 @@ def test_warm_start(bundle: Path, tmp_path: Path) -> None:
     warm = model.generate(PROMPT, max_new_tokens=TOKENS).stats.cache
     # the call reads less itself: what the warm start brought in (even if still queued) is not its read
     assert warm["reads"] < cold["reads"]
+    bystander = tmp_path / "resident.json.tmp"  # once the library's fixed temporary name: it was overwritten
+    bystander.write_text("mine")
     saved = model.session.save_resident(tmp_path / "resident.json")
     assert json.loads(saved.read_text())["experts"]
+    assert bystander.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "resident.json",
+        "resident.json.tmp",
+    ]  # nothing else left behind
+    assert oct(saved.stat().st_mode & 0o777) == "0o644"
     with pytest.raises(FileExistsError, match="force"):
         model.session.save_resident(saved)
     _, restored = _generate(bundle, budget="50%", warm_start=saved)

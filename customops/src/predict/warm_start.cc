@@ -1,12 +1,18 @@
 #include "edgemoe/warm_start.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+
+#include "edgemoe/fd.h"
 
 namespace edgemoe {
 
@@ -97,16 +103,25 @@ void save_resident_set(const ExpertStore& store, const std::string& path) {
   nlohmann::ordered_json ex = nlohmann::ordered_json::array();
   for (const auto& k : store.resident_keys()) ex.push_back({k.layer, k.expert});
   j["experts"] = std::move(ex);
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(path + ": cannot write the resident set (expected a writable path)");
-    out << j.dump(1) << "\n";
-    if (!out.flush()) throw Error(path + ": write failed");
+  // A temporary file of a fresh name (mkstemp: created exclusively, so no file of the user's is overwritten),
+  // written in full, then renamed over `path`.
+  std::string tmpl = path + ".XXXXXX";
+  UniqueFd fd(::mkstemp(tmpl.data()));
+  if (!fd) throw Error(path + ": cannot write the resident set (expected a writable folder): " + std::strerror(errno));
+  const std::string text = j.dump(1) + "\n";
+  bool ok = ::fchmod(fd.get(), 0644) == 0;
+  for (size_t done = 0; ok && done < text.size();) {
+    const ssize_t w = ::write(fd.get(), text.data() + done, text.size() - done);
+    if (w < 0 && errno == EINTR) continue;
+    ok = w > 0;
+    if (ok) done += static_cast<size_t>(w);
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw Error(path + ": cannot replace the file (rename failed)");
+  const int err = errno;
+  fd.reset();
+  if (!ok || std::rename(tmpl.c_str(), path.c_str()) != 0) {
+    const int e = ok ? errno : err;
+    std::remove(tmpl.c_str());
+    throw Error(path + (ok ? ": cannot replace the file (rename failed: " : ": write failed (") + std::strerror(e) + ")");
   }
 }
 

@@ -26,9 +26,18 @@ HUB_TIMEOUT_S = 3.0
 _HUB_ANSWERS = (401, 404)
 
 
+#: the weight files from_pretrained loads from a checkpoint folder (one of them must be there)
+WEIGHT_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
 class ModelSourceError(ValueError):
-    """The checkpoint to export cannot be found: a missing folder, a folder without ``config.json``, or a hub
-    id that is neither cached nor reachable."""
+    """The checkpoint to export cannot be found: a missing folder, a folder without ``config.json`` or
+    without weights, or a hub id that is neither cached nor reachable."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,9 @@ def check_source(model_id_or_path: str | Path | ModelSource) -> ModelSource:
         if not (local / "config.json").is_file():
             raise ModelSourceError(f"{source}: no config.json in this folder (expected a HuggingFace "
                                    "checkpoint folder: config.json + weights)")
+        if not any(any(local.glob(pattern)) for pattern in WEIGHT_FILES):
+            raise ModelSourceError(f"{source}: no weights in this folder (expected one of "
+                                   f"{', '.join(WEIGHT_FILES)} beside config.json)")
         return ModelSource(source)
     if source.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(source):
         raise ModelSourceError(f"{source}: no such folder (expected a local checkpoint folder or a hub id "

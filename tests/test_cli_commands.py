@@ -149,8 +149,11 @@ def files(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     (root / "no-config").mkdir()
     (root / "bad-config").mkdir()
     (root / "bad-config" / "config.json").write_text("{not json")
+    (root / "bad-config" / "model.safetensors").write_bytes(b"weights")  # so the config is what is wrong
+    (root / "no-weights").mkdir()
+    shutil.copy(MODEL / "config.json", root / "no-weights")
     f.update(long=root / "long.txt", latin1=root / "latin1.txt", exists=root / "exists.json",
-             no_config=root / "no-config", bad_config=root / "bad-config")
+             no_config=root / "no-config", bad_config=root / "bad-config", no_weights=root / "no-weights")
     return f
 
 
@@ -197,6 +200,8 @@ CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
                               ("{root}/no/such/model", "no such folder")),
     "export-no-config": ("edgemoe-export", ["{no_config}", "-o", "{root}/out"], ("no-config", "config.json")),
     "export-bad-config": ("edgemoe-export", ["{bad_config}", "-o", "{root}/out"], ("bad-config",)),
+    "export-no-weights": ("edgemoe-export", ["{no_weights}", "-o", "{root}/out"],
+                          ("no-weights", "no weights in this folder", "*.safetensors")),
     "export-hub-offline": ("edgemoe-export", ["someone/some-moe", "-o", "{root}/out"],
                            ("someone/some-moe", "HF_HUB_OFFLINE", "pass the folder")),
     "export-exists": ("edgemoe-export", [M, "-o", B], ("--output", "exists; add --force to replace it")),
@@ -507,12 +512,14 @@ def test_export_reports_each_leftover_once(tmp_path: Path) -> None:
     set_aside = tmp_path / ".tiny.old-0123456789ab"  # an interrupted --force replace: maybe the only copy
     set_aside.mkdir()
     (set_aside / "NOTES.txt").write_text("mine")
-    weightless = tmp_path / "weightless"  # a checkpoint without weights: the writer opens, then loading fails
-    weightless.mkdir()
+    weightless = tmp_path / "weightless"  # a checkpoint whose weights do not load: the writer opens, then
+    weightless.mkdir()  # loading fails
     shutil.copy(MODEL / "config.json", weightless)
+    (weightless / "model.safetensors").write_bytes(b"not a safetensors file")
     res = invoke("edgemoe-export", weightless, "-o", tmp_path / "tiny")
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     text = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "weights cannot be loaded (SafetensorError" in text, res.stderr
     assert text.count(f"warning: {killed}: removed") == 1, res.stderr
     assert text.count(f"warning: {look_alike}: the temporary folder of an export, left alone") == 1
     assert text.count(f"warning: {set_aside}: a bundle set aside") == 1

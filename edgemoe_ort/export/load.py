@@ -60,6 +60,10 @@ def checkpoint_config(model_id_or_path: str | Path) -> dict[str, Any]:
     return AutoConfig.from_pretrained(source).to_dict()  # pragma: no cover - config found elsewhere
 
 
+class CheckpointLoadError(ValueError):
+    """The checkpoint's weight files are there but do not load (corrupt, truncated, of another model)."""
+
+
 def load_model(model_id_or_path: str | Path) -> LoadedModel:
     """``from_pretrained`` in float32, eval mode, with the recipe of its ``model_type``.
 
@@ -71,7 +75,13 @@ def load_model(model_id_or_path: str | Path) -> LoadedModel:
     recipe = load_recipe(config.model_type)
     config.use_cache = True
     auto = AutoModelForSeq2SeqLM if recipe.architecture == "encoder_decoder" else AutoModelForCausalLM
-    model = auto.from_pretrained(source, config=config, dtype=torch.float32)
+    try:
+        model = auto.from_pretrained(source, config=config, dtype=torch.float32)
+    except Exception as exc:  # safetensors, torch.load and transformers each raise their own kinds
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise CheckpointLoadError(
+            f"{source}: the checkpoint's weights cannot be loaded ({type(exc).__name__}: {first})"
+        ) from exc
     model.eval()
 
     config_dict = checkpoint_config(source)

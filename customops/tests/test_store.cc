@@ -518,6 +518,32 @@ static void test_blob_reader_errors() {
   CHECK_EQ(open_fds(), before);
 }
 
+static void test_read_error_names_the_store_once() {
+  // A read that fails on a running store (here: the file truncated after the store opened it) is one
+  // message in the Errors format, "<file>: layer L expert E: blob bytes: ...". The store's path used to be
+  // in the blob's name too, so every read error named the file twice (found with tests/test_io_faults.py).
+  for (IoMode io : {IoMode::Direct, IoMode::Buffered}) {
+    TestBundle b = make_bundle(g_root / (std::string("rderr-") + io_mode_name(io)), {{3, 16, 24}});
+    ExpertStore s(load_manifest(b.dir), opts(0, "lru", io));
+    const fs::path store = b.dir / "experts.bin";
+    fs::resize_file(store, 0);
+    const auto& rec = b.manifest["experts"][1];
+    const std::string want = store.string() + ": layer 0 expert 1: blob bytes: truncated store (unexpected end of "
+                             "file) (expected " + std::to_string(rec["length"].get<uint64_t>()) +
+                             " bytes at offset " + std::to_string(rec["offset"].get<uint64_t>()) + ", found 0 bytes)";
+    std::string got;
+    try {
+      s.acquire(0, 1).wait();
+    } catch (const std::exception& ex) {
+      got = ex.what();
+    }
+    if (got != want) std::fprintf(stderr, "  got:  %s\n  want: %s\n", got.c_str(), want.c_str());
+    CHECK(got == want);
+    CHECK(!s.is_resident(0, 1));
+    CHECK_EQ(s.resident_bytes(), uint64_t{0});
+  }
+}
+
 int main() {
   const std::vector<std::pair<const char*, void (*)()>> tests = {
       {"manifest_errors", test_manifest_errors},
@@ -534,6 +560,7 @@ int main() {
       {"throttle_close_does_not_hang", test_throttle_close_does_not_hang},
       {"oom_rollback", test_oom_rollback},
       {"blob_reader_errors", test_blob_reader_errors},
+      {"read_error_names_the_store_once", test_read_error_names_the_store_once},
   };
   return run_tests("test_store", tests);
 }

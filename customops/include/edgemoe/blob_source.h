@@ -37,7 +37,7 @@ class BlobSource {
 std::unique_ptr<BlobSource> open_blob_source(const std::string& path, uint64_t size, IoMode mode);
 
 // The read loop of the sources: pread_fn(dst, n, offset) (a pread(2)) until [offset, offset + length) is in
-// dst, retrying EINTR and short reads. With align > 1 (O_DIRECT: offset, length and dst multiples of it) a
+// dst, retrying EINTR (up to 1000 in a row) and short reads. With align > 1 (O_DIRECT: offset, length and dst multiples of it) a
 // short read that ends mid-block is continued from the start of that block, so every call stays aligned;
 // 16 short reads in a row without progress, an error or an early end of file throw edgemoe::Error naming
 // `path` and `what`. (Exposed for the tests, which feed it short reads.)

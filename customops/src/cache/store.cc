@@ -515,8 +515,9 @@ void ExpertStore::read_entry(const std::shared_ptr<Entry>& e) noexcept {
   std::string err;  // may stay empty on failure (no message, or no memory for it): wait_ready reports one
   ExpertArena::Buffer buf;
   try {
-    const std::string what = manifest_.store_path.string() + ": layer " + std::to_string(rec.layer) + " expert " +
-                             std::to_string(rec.expert);
+    // The source's messages are "<file>: <what>: blob bytes: ..." (docs/op-contract.md, "Errors"): `what` names
+    // the expert only (it once held the file too, and every read error named the store twice).
+    const std::string what = "layer " + std::to_string(rec.layer) + " expert " + std::to_string(rec.expert);
     buf = arena_->take(rec.length);
     const auto t0 = Clock::now();
     source_->read(rec.offset, rec.length, buf.data(), what);

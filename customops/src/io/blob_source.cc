@@ -48,6 +48,7 @@ Error read_error(const std::string& path, const std::string& what, uint64_t offs
                " bytes at offset " + std::to_string(offset) + ", found " + found + ")");
 }
 constexpr int kMaxShortReadsWithoutProgress = 16;
+constexpr int kMaxInterruptsInARow = 1000;
 }  // namespace
 
 ssize_t copy_from_own_memory(uint8_t* dst, const uint8_t* src, size_t n) {
@@ -71,11 +72,15 @@ ssize_t copy_from_own_memory(uint8_t* dst, const uint8_t* src, size_t n) {
 void read_fully(const PreadFn& pread_fn, const std::string& path, const std::string& what, uint64_t offset,
                 uint64_t length, uint8_t* dst, uint64_t align) {
   uint64_t done = 0;  // a multiple of `align` (or `length`): every pread starts aligned in the file and in dst
-  int stalls = 0;
+  int stalls = 0, interrupts = 0;
   while (done < length) {
     const ssize_t r = pread_fn(dst + done, static_cast<size_t>(length - done), offset + done);
     if (r < 0) {
-      if (errno == EINTR) continue;
+      if (errno == EINTR && ++interrupts <= kMaxInterruptsInARow) continue;
+      if (errno == EINTR)  // a signal storm: give up instead of spinning an I/O thread forever
+        throw read_error(path, what, offset, length,
+                         "read interrupted (EINTR " + std::to_string(interrupts - 1) + " times in a row)",
+                         std::to_string(done) + " bytes");
       throw read_error(path, what, offset, length, std::string("read failed: ") + std::strerror(errno),
                        std::to_string(done) + " bytes");
     }
@@ -86,6 +91,7 @@ void read_fully(const PreadFn& pread_fn, const std::string& path, const std::str
     // O_DIRECT: a short read may end mid-block; the rest is read again from the block that covers it (an
     // unaligned pread would fail with EINVAL). The bytes of that block already read are read once more.
     if (align > 1 && next < length) next = next / align * align;
+    interrupts = 0;
     if (next > done) {
       done = next;
       stalls = 0;

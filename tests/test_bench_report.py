@@ -86,3 +86,28 @@ def test_report_shows_policy_rows_and_rss_verdicts(tmp_path):
     assert "Peak RSS per budget" in text
     assert "edgemoe[lfu]@50%: peak RSS" in text and "not met" in text
     assert (tmp_path / "img" / "bench-tiny.png").stat().st_size > 1000
+
+
+def test_ratios_are_withheld_when_the_resident_baseline_was_slower_than_a_storage_mode(tmp_path):
+    """A loaded machine once printed ratios to roofline of 2.3 and 3.3: the resident baseline (every expert
+    cached) ran slower than modes that read from storage. Such a run's ratios are withheld, everywhere."""
+    from edgemoe_ort.bench.report import mode_table, paired_ratio, roofline_ratio
+    from edgemoe_ort.bench.runner import ratios_withheld
+
+    run = _run(tmp_path)
+    assert run["ratios_withheld"] is None  # an ordinary run keeps them
+    e = next(m for m in run["modes"] if m["mode"] == "edgemoe" and m["budget"] == "25%")
+    assert e["bytes_read_per_token"] > 0
+    assert roofline_ratio(run, e) == e["roofline_ratio"] and paired_ratio(run, e) is not None
+    resident = {"mode": "resident", "label": "resident", "decode_s_per_token": 0.02,
+                "bytes_read_per_token": 0}
+    rows = [dict(e, decode_s_per_token=0.010), resident]
+    why = ratios_withheld(rows, compute_s=0.020)
+    assert why is not None
+    assert "resident baseline (20.0 ms/token) was slower than edgemoe[lru]@25% (10.0 ms/token)" in why
+    assert ratios_withheld(rows, compute_s=0.005) is None
+    slow = dict(run, ratios_withheld=why)
+    assert roofline_ratio(slow, e) is None and paired_ratio(slow, e) is None
+    assert headline(slow)["roofline_ratio"] is None
+    line = next(r for r in mode_table(slow).splitlines() if r.startswith("| edgemoe |") and "| 25%" in r)
+    assert line.rstrip(" |").split("|")[-2:] == [" – ", " –"], line

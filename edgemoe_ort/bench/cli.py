@@ -311,9 +311,12 @@ def bench(
             "–" if m["hit_rate"] is None else f"{m['hit_rate']:.0%}", f"{m['stall_s_per_token'] * 1e3:.1f}",
             "–" if prec is None else f"{prec:.2f}",
             "–" if m["peak_rss_bytes"] is None else _fmt_bytes(m["peak_rss_bytes"]),
-            f"{m['roofline_ratio']:.2f}",
+            "withheld" if result.get("ratios_withheld") else f"{m['roofline_ratio']:.2f}",
         )
     print_table(table)
+    if result.get("ratios_withheld"):
+        err.print(f"[yellow]warning:[/] ratios to roofline withheld: {escape(result['ratios_withheld'])}",
+                  highlight=False)
     for line in rss_verdicts(result):
         out.print(escape(line["text"]), highlight=False, soft_wrap=True)
     if busy:

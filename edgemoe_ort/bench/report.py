@@ -152,11 +152,17 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else 0.0
 
 
+def roofline_ratio(run: dict[str, Any], m: dict[str, Any]) -> float | None:
+    """``m``'s ratio to roofline, or None when the run withheld its ratios (runner.ratios_withheld)."""
+    return None if run.get("ratios_withheld") else m["roofline_ratio"]
+
+
 def paired_ratio(run: dict[str, Any], m: dict[str, Any]) -> float | None:
     """Median over repeats of ``bound_r / measured_r``, with repeat r's compute taken from the same repeat's
-    ``resident`` run: robust when the machine's speed changes between repeats (other tenants)."""
+    ``resident`` run: robust when the machine's speed changes between repeats (other tenants). None when
+    the run withheld its ratios."""
     res = next((x for x in run["modes"] if x["mode"] == "resident"), None)
-    if res is None or "decode_s_per_token_runs" not in m:
+    if res is None or "decode_s_per_token_runs" not in m or run.get("ratios_withheld"):
         return None
     bw = run["roofline_bw_bytes_per_s"]
     io = m["bytes_read_per_token"] / bw if bw else 0.0
@@ -192,7 +198,7 @@ def mode_table(run: dict[str, Any]) -> str:
             f"| {m['ttft_s']:.2f} | {m['bytes_read_per_token'] / 1e6:.1f} "
             f"| {_f(m['hit_rate'], '{:.0%}')} | {m['stall_s_per_token'] * 1e3:.1f} "
             f"| {_mib(peak)} ({_mib(delta)}) | {m['bound_s_per_token'] * 1e3:.1f} | "
-            f"{m['roofline_ratio']:.2f} | {_f(paired_ratio(run, m))} |"
+            f"{_f(roofline_ratio(run, m))} | {_f(paired_ratio(run, m))} |"
         )
     return "\n".join(rows)
 
@@ -205,7 +211,7 @@ def headline(run: dict[str, Any], budget: str = "25%") -> dict[str, Any]:
     if e and n and n["decode_tokens_per_s"]:
         out["edgemoe_over_naive"] = e["decode_tokens_per_s"] / n["decode_tokens_per_s"]
         out["edgemoe_over_naive_paired"] = paired_speedup(e, n)
-        out["roofline_ratio"] = e["roofline_ratio"]
+        out["roofline_ratio"] = roofline_ratio(run, e)
         out["roofline_ratio_paired"] = paired_ratio(run, e)
         c = rss_check(run, e)
         if c is not None:
@@ -262,7 +268,7 @@ def prefetch_table(run: dict[str, Any], budget: str = "25%") -> str:
             f"| {_f(paired_speedup(m, naive) if naive else None)} "
             f"| {_f(paired_speedup(m, lru) if lru and m is not naive else None)} "
             f"| {_f(m['hit_rate'], '{:.0%}')} | {m['stall_s_per_token'] * 1e3:.1f} "
-            f"| {m['roofline_ratio']:.2f} ({_f(paired_ratio(run, m))}) "
+            f"| {_f(roofline_ratio(run, m))} ({_f(paired_ratio(run, m))}) "
             f"| {_f(m.get('prefetch_precision'))} | {_f(m.get('prefetch_hidden_per_token'), '{:.1f}')} "
             f"| {_f((m.get('prefetch_wasted_bytes_per_token') or 0) / 1e6, '{:.2f}')} |"
         )
@@ -278,10 +284,13 @@ def prefetch_verdicts(name: str, run: dict[str, Any], budget: str = "25%") -> li
     best = max(rows, key=lambda m: m["decode_tokens_per_s"])
     base = edgemoe_row(run, budget, row_policy(best) or "lru")
     lru = edgemoe_row(run, budget, "lru")
+    ratio = roofline_ratio(run, best)
+    verdict = "met" if ratio is not None and ratio >= 0.9 else "**not met**"
+    if ratio is None:
+        verdict = f"withheld: {run['ratios_withheld']}"
     out = [
         f"best with prediction: {row_config(best)}: {best['decode_tokens_per_s']:.2f} tok/s, ratio to "
-        f"roofline {best['roofline_ratio']:.2f} (paired {_f(paired_ratio(run, best))}; goal ≥ 0.9: "
-        f"{'met' if best['roofline_ratio'] >= 0.9 else '**not met**'})"
+        f"roofline {_f(ratio)} (paired {_f(paired_ratio(run, best))}; goal ≥ 0.9: {verdict})"
     ]
     if base is not None:
         s0, s1 = base["stall_s_per_token"], best["stall_s_per_token"]
@@ -510,7 +519,7 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
             L += [
                 f"At 25 %: edgemoe / naive = **{h['edgemoe_over_naive']:.2f}x** (ratio of medians; median of "
                 f"the per-repeat ratios {h['edgemoe_over_naive_paired']:.2f}x), ratio to roofline "
-                f"**{h['roofline_ratio']:.2f}** (paired per repeat: {_f(h['roofline_ratio_paired'])})"
+                f"**{_f(h['roofline_ratio'])}** (paired per repeat: {_f(h['roofline_ratio_paired'])})"
                 + (
                     f", peak RSS Δ {h['rss_delta'] / 2**20:.0f} MiB vs dense + budget + 64 MiB = "
                     f"{h['rss_limit'] / 2**20:.0f} MiB ({'within' if h['rss_ok'] else 'OVER'})"

@@ -622,6 +622,28 @@ def summarize(
     }
 
 
+def ratios_withheld(rows: Sequence[dict[str, Any]], compute_s: float) -> str | None:
+    """Why the run's ratios to roofline cannot be trusted, or None. The roofline's compute is the resident
+    mode (every expert it uses cached); a mode that reads experts from storage cannot be faster than that
+    unless the machine's speed changed under the run (other tenants), and then every ratio built on it is
+    wrong (a loaded machine once printed ratios of 2.3 and 3.3)."""
+    if compute_s <= 0:
+        return None
+    faster = [
+        f"{r['label']} ({r['decode_s_per_token'] * 1e3:.1f} ms/token)"
+        for r in rows
+        if r["mode"] not in ("resident", "inmemory")
+        and r["bytes_read_per_token"] > 0
+        and 0 < r["decode_s_per_token"] < compute_s
+    ]
+    if not faster:
+        return None
+    return (
+        f"the resident baseline ({compute_s * 1e3:.1f} ms/token) was slower than {', '.join(faster)}, which "
+        "read from storage: the machine's speed changed during the run; re-run on a quiet machine"
+    )
+
+
 def measure_rss(
     bundle_dir: Path, mode: Mode, spec: dict[str, Any], timeout_s: float = 1800
 ) -> dict[str, Any]:
@@ -844,6 +866,9 @@ def run_bench(
         bb = None if m.budget is None else parse_budget(m.budget, bundle.store_bytes)
         rows.append(summarize(m, runs[m.label], workload.prompt_tokens(), compute_s, bw, bb))
     result["modes"] = rows
+    result["ratios_withheld"] = ratios_withheld(rows, compute_s)
+    if result["ratios_withheld"]:
+        log(f"  ratios to roofline withheld: {result['ratios_withheld']}")
     result["loadavg_end"] = os.getloadavg()
 
     # -- peak RSS, one subprocess per mode --------------------

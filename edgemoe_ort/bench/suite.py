@@ -125,8 +125,12 @@ def findings(results: dict[str, Any]) -> list[str]:
                 "naive on-demand "
                 f"(goal ≥ 1.3x: {'met' if h['edgemoe_over_naive_paired'] >= 1.3 else 'NOT met'}, on "
                 "the paired figure); ratio to roofline "
-                f"{h['roofline_ratio']:.2f}, paired {h['roofline_ratio_paired'] or 0:.2f} (goal ≥ 0.87: "
-                f"{_roofline_verdict(h['roofline_ratio_paired'] or 0)}, paired)"
+                + (
+                    f"withheld ({large['ratios_withheld']})"
+                    if h["roofline_ratio"] is None
+                    else f"{h['roofline_ratio']:.2f}, paired {h['roofline_ratio_paired'] or 0:.2f} (goal ≥ "
+                    f"0.87: {_roofline_verdict(h['roofline_ratio_paired'] or 0)}, paired)"
+                )
             )
             e = edgemoe_row(large, "25%")
             assert e is not None  # headline() found it
@@ -182,6 +186,8 @@ def findings(results: dict[str, Any]) -> list[str]:
                 f"{name}: load average {la:.2f} (≥ 1.5) when the run started: other tenants were running; "
                 "the interleaving cancels slow drift, but absolute figures are pessimistic"
             )
+        if run.get("ratios_withheld"):
+            out.append(f"{name}: ratios to roofline withheld: {run['ratios_withheld']}")
     return out
 
 

@@ -67,6 +67,20 @@ def _manifest_outside(b: Path) -> None:
     (b / "manifest.json").symlink_to(outside)
 
 
+def _append_bytes(data: bytes) -> Callable[[Path], None]:
+    def run(b: Path) -> None:
+        p = b / "manifest.json"
+        p.write_bytes(p.read_bytes() + data)
+
+    return run
+
+
+def _checksum_newline(b: Path) -> None:
+    m = json.loads((b / "manifest.json").read_text())
+    m["experts"][0]["checksum"] += "\n"
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
 def _bom(b: Path) -> None:
     p = b / "manifest.json"
     p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
@@ -92,6 +106,11 @@ CASES: list[tuple[str, Callable[[Path], None], str | None]] = [
     ("intermediate_over_cap", _edit(["layers", 0, "intermediate"], fmt.MAX_DIM + 1), "intermediate"),
     ("group_size_over_cap", _edit(["experts", 0, "format", "group_size"], fmt.MAX_DIM + 1), "group_size"),
     ("length_zero", _edit(["experts", 0, "length"], 0), "experts[0].length"),
+    # found by the fuzzer (tests/fuzz): nlohmann took a NUL for the end of the input; "$" matched before "\n";
+    # an integer past the double range is a parse error natively
+    ("nul_then_garbage", _append_bytes(b"\x00garbage"), "not valid JSON"),
+    ("checksum_trailing_newline", _checksum_newline, "checksum"),
+    ("int_beyond_double", _replace_text('"model": {', f'"n": {"9" * 400}, "model": {{'), "not valid JSON"),
 ]
 
 

@@ -327,6 +327,10 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
   const std::string text = read_manifest_file(m.manifest_path);
   why = check_json_nesting(text, kMaxJsonDepth);
   if (!why.empty()) throw Error(error_message(mfile, -1, -1, "", "nested too deeply", why, ""));
+  // JSON text holds no raw NUL (inside a string it is written \u0000); nlohmann's parser would take one for
+  // the end of the input and ignore what follows it, where the Python reader refuses the whole file.
+  if (const size_t nul = text.find('\0'); nul != std::string::npos)
+    throw Error(error_message(mfile, -1, -1, "", "not valid JSON: a NUL byte at offset " + std::to_string(nul)));
   json doc;
   try {
     doc = json::parse(text);

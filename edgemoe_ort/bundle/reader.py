@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from .format import (
     tensor_nbytes,
 )
 
-_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+_HEX16 = re.compile(r"[0-9a-f]{16}")  # used with fullmatch: "$" would also match before a final newline
 
 
 def _is_int(v: object) -> bool:
@@ -263,7 +264,7 @@ class _Validator:
                 **kw,
             )
         ck = self.get(rec, "checksum", f"{f}.checksum", "str", **kw)
-        if not _HEX16.match(ck):
+        if not _HEX16.fullmatch(ck):
             raise self.err(field=f"{f}.checksum", expected="16 lowercase hex digits", found=repr(ck), **kw)
 
         fmt = self.get(rec, "format", f"{f}.format", "dict", **kw)
@@ -380,6 +381,8 @@ def _read_manifest(mf: Path) -> Any:
         raise BundleError(mf, f"not valid JSON: {exc}") from None
     except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, NaN, 1e999, ...
         raise BundleError(mf, f"not valid JSON: {str(exc).splitlines()[0][:200]}") from None
+    if _LONG_DIGITS.search(text) and _has_huge_int(doc):
+        raise BundleError(mf, "not valid JSON: a number beyond the double range (at most ~1.8e308)")
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(doc):
         raise BundleError(mf, "not valid JSON: a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)")
     return doc
@@ -398,6 +401,26 @@ def _finite_float(s: str) -> float:
     if math.isinf(x):
         raise ValueError(f"number {s[:40]} is out of range")
     return x
+
+
+def _has_huge_int(doc: Any) -> bool:
+    """True if an integer anywhere in ``doc`` lies beyond the double range: the native parser reads integers
+    past 64 bits as doubles and refuses those (``number overflow``), so this reader refuses them too."""
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, int) and not isinstance(v, bool):
+            if abs(v) > _MAX_DOUBLE_INT:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+_MAX_DOUBLE_INT = int(sys.float_info.max)
+_LONG_DIGITS = re.compile(r"\d{309}")  # fewer digits cannot exceed the double range (~1.8e308)
 
 
 def _has_lone_surrogate(doc: Any) -> bool:

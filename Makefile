@@ -8,7 +8,7 @@ LIB := edgemoe_ort/_lib/libedgemoe_customops.so
 APT_PKGS := cmake g++ libxxhash-dev nlohmann-json3-dev
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all setup apt venv lib test test-asan lint demo quality clean
+.PHONY: all setup apt venv lib wheel test test-asan lint demo quality clean
 
 all: lib
 
@@ -24,6 +24,8 @@ $(BUILD)/.apt-ok:
 	@touch $@
 apt: $(BUILD)/.apt-ok
 
+# The editable install runs no CMake (pyproject.toml's editable override): the library is `make lib`'s, and
+# profiles/ + export/ are read from the repository (edgemoe_ort/resources.py).
 $(VENV)/.ok: pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
@@ -32,16 +34,27 @@ $(VENV)/.ok: pyproject.toml
 	@touch $@
 venv: $(VENV)/.ok
 
+# ONNX Runtime headers: $ORT_INCLUDE_DIR, the system's, else fetched from the system's apt mirror. CMake runs
+# the same script itself when it is given no ORT_INCLUDE_DIR (`pip install .`).
 $(BUILD)/ort-include.txt: customops/fetch_ort_headers.sh
 	@mkdir -p $(BUILD)
 	./customops/fetch_ort_headers.sh $(BUILD)/ort-headers > $@.tmp && mv $@.tmp $@
 
+# The library of customops/CMakeLists.txt, configured as the wheel's (Release; pyproject.toml [tool.scikit-build]),
+# plus the C++ tests and fuzz driver that the wheel leaves out.
 $(LIB): $(BUILD)/.apt-ok $(BUILD)/ort-include.txt $(shell find customops -type f \( -name '*.cc' -o -name '*.h' -o -name 'CMakeLists.txt' \) 2>/dev/null)
 	cmake -S customops -B $(BUILD)/customops -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR=$$(cat $(BUILD)/ort-include.txt) >/dev/null
 	cmake --build $(BUILD)/customops -j2
 	@mkdir -p edgemoe_ort/_lib
 	cp $(BUILD)/customops/libedgemoe_customops.so $(LIB).tmp && mv -f $(LIB).tmp $(LIB)  # new inode: running processes keep the old one
 lib: $(LIB)
+
+# The wheel (library, profiles, recipes inside; tests/test_wheel.py builds the same, in the same build folder;
+# without build isolation, which would make scikit-build-core start that folder afresh: the venv has it).
+WHEEL_DIR := $(BUILD)/dist
+wheel: $(BUILD)/.apt-ok venv
+	flock $(BUILD)/wheel.lock $(VPY) -m pip wheel . --no-deps --no-build-isolation -w $(WHEEL_DIR) -Cbuild-dir=$(BUILD)/wheel \
+	  -Ccmake.define.EDGEMOE_ORT_FETCH_DIR=$(CURDIR)/$(BUILD)/ort-headers
 
 setup: venv lib
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe_ort.bundle import Bundle
+from edgemoe_ort.resources import repo_root
 from edgemoe_ort.runtime.cachesim import (
     CacheSimulator,
     belady,
@@ -82,8 +83,8 @@ def eval_default() -> Any:
     try:
         from models import eval_default  # type: ignore[import-not-found]
     except ImportError:
-        root = Path(__file__).resolve().parents[2]
-        if not (root / "models" / "eval_default.py").is_file():
+        root = repo_root()  # a source checkout: models/ is not in the wheel
+        if root is None or not (root / "models" / "eval_default.py").is_file():
             raise
         sys.path.insert(0, str(root))
         from models import eval_default  # type: ignore[import-not-found]

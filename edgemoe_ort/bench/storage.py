@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgemoe_ort.resources import data_dir
+
 try:
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -19,7 +21,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 __all__ = ["PROFILES_DIR", "list_profiles", "load_profile", "odirect_bandwidth"]
 
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
+#: the storage profiles: the wheel's copy, else the repository's profiles/ (edgemoe_ort/resources.py)
+PROFILES_DIR = data_dir("profiles")
 ALIGN = 4096
 REQUIRED = ("name", "device", "read_bw_bytes_per_s", "read_latency_us", "ram_bytes", "cores", "sources")
 

@@ -15,8 +15,10 @@ from typing import Any
 import tomllib
 
 from edgemoe_ort.bundle.routing import SCORE_KINDS, SEAMS, RoutingSeam
+from edgemoe_ort.resources import data_dir, find_data_dir
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "export"
+#: the export recipes: the wheel's copy, else the repository's export/ (edgemoe_ort/resources.py)
+RECIPES_DIR = data_dir("recipes")
 
 ARCHITECTURES = ("causal_lm", "encoder_decoder")
 LAYOUTS = ("fused", "per_expert")
@@ -167,11 +169,8 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
 
 
 def recipes_dir() -> Path:
-    if not RECIPES_DIR.is_dir():
-        raise FileNotFoundError(
-            f"export recipes folder {RECIPES_DIR} not found (the exporter runs from a source checkout)"
-        )
-    return RECIPES_DIR
+    """The folder of the recipes (:data:`RECIPES_DIR`); FileNotFoundError if it is missing."""
+    return find_data_dir("recipes")
 
 
 def supported_model_types() -> list[str]:

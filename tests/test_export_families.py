@@ -151,6 +151,7 @@ def test_unsupported_model_type_is_named(tmp_path: Path) -> None:
         num_key_value_heads=2,
     )
     cfg.save_pretrained(tmp_path / "llama")
+    (tmp_path / "llama" / "model.safetensors").write_bytes(b"{}")  # never read: the family is refused first
     with pytest.raises(UnsupportedModelError, match=r"'llama'.*supported: .*mixtral.*qwen2_moe"):
         export_model_with_report(tmp_path / "llama", tmp_path / "out")
     assert not (tmp_path / "out").exists()

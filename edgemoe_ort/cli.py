@@ -67,12 +67,18 @@ def export(
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
 ) -> None:
+    import importlib.util
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from edgemoe_ort.bundle.errors import BundleError
     from edgemoe_ort.bundle.writer import check_target
     from edgemoe_ort.hub import check_source
 
+    missing = [m for m in ("torch", "transformers", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:  # a runtime-only install (pip install edgemoe-ort): one line, not an ImportError traceback
+        raise ValueError(f"edgemoe-export needs the exporter's dependencies ({', '.join(missing)} not "
+                         "installed): pip install 'edgemoe-ort[export]'")
     if bits not in (4, 8, 16, 32):
         raise ValueError(f"--bits: expected 4, 8, 16 or 32, found {bits}")
     if group_size < 1:

@@ -757,3 +757,18 @@ def test_library_messages_in_cli_words() -> None:
                      "m.json: edgemoe.budget: low") == "m.json: --budget: low"
     assert cli_words("budget: expected bytes") == "--budget: expected bytes"
     assert cli_words("the budget is low") == "the budget is low"
+
+
+def test_export_without_the_exporter_dependencies_is_one_line(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime-only install (pip install edgemoe-ort, no [export] extra) once printed an ImportError
+    traceback; it is one line naming the extra."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    res = invoke("edgemoe-export", MODEL, "-o", tmp_path / "out")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "torch not installed" in res.stderr and "pip install 'edgemoe-ort[export]'" in res.stderr
+    assert not (tmp_path / "out").exists()

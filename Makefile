@@ -30,7 +30,7 @@ $(VENV)/.ok: pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "torch==2.13.0"
-	$(VPY) -m pip install -q -e ".[export,dev]"
+	$(VPY) -m pip install -q -e ".[export,dev,ortx]"
 	@touch $@
 venv: $(VENV)/.ok
 

@@ -228,13 +228,21 @@ def run(
         bool, typer.Option("--interactive", "-i", help="chat: one turn per line of stdin, the KV cache kept "
                            "across turns; /reset starts over, an empty line or end of input ends")
     ] = False,
+    tokenizer: Annotated[
+        str, typer.Option(help="auto | ortx | tokenizers: ortx runs the bundle's tokenizer graphs in ONNX "
+                          "Runtime (onnxruntime-extensions; without them: tokenizers, with a warning); "
+                          "auto = tokenizers if installed, else the graphs")
+    ] = "auto",
     version: VersionOption = False,
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
 ) -> None:
     from edgemoe_ort.runtime import RuntimeOptions, load_model
     from edgemoe_ort.runtime.generate import check_generation_args
+    from edgemoe_ort.runtime.tokenizer import TOKENIZER_BACKENDS
 
+    if tokenizer not in TOKENIZER_BACKENDS:
+        raise ValueError(f"--tokenizer: expected one of {', '.join(TOKENIZER_BACKENDS)}, found {tokenizer!r}")
     _check_policy_flags(policy, frequencies, policy_weights, pin_experts)
     _check_prefetch_flags(predictor, prefetch_depth, prefetch_threshold, profile, warm_start)
     for flag, v in (("--io-threads", io_threads), ("--threads", threads)):
@@ -268,7 +276,7 @@ def run(
                              routing=routing, routing_lambda=routing_lambda, routing_keep=routing_keep,
                              routing_window=routing_window)
     try:
-        model = load_model(bundle, options)
+        model = load_model(bundle, options, tokenizer=tokenizer)
     except KeyboardInterrupt:
         _interrupted_before_generation()
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -287,7 +287,7 @@ def test_run_policy_flags_reach_runtime_options(tmp_path: Path, monkeypatch: pyt
 
     seen: list[Any] = []
 
-    def fake_load(bundle: Path, options: Any) -> Any:
+    def fake_load(bundle: Path, options: Any, **_: Any) -> Any:
         seen.append(options)
         raise ValueError("stop here")
 
@@ -307,7 +307,7 @@ def test_run_policy_flags_reach_runtime_options(tmp_path: Path, monkeypatch: pyt
 def test_run_names_flags_in_library_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from edgemoe_ort.runtime import generate
 
-    def fake_load(bundle: Path, options: Any) -> Any:
+    def fake_load(bundle: Path, options: Any, **_: Any) -> Any:
         raise ValueError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: "
                          "edgemoe.pin_experts: expected an integer in [0, 32], found 1000")
 

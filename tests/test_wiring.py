@@ -659,8 +659,11 @@ def _unwired(fid: str, checkpoints: dict[str, Path], export_root: Path) -> Path:
 
 
 def _graphs(bundle: Path) -> dict[str, onnx.ModelProto]:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    return {role: onnx.load(bundle / name) for role, name in manifest["graphs"].items()}
+    """The bundle's model graphs (not its tokenizer graphs) by role."""
+    from edgemoe_ort.bundle.format import model_graph_roles
+
+    graphs = json.loads((bundle / "manifest.json").read_text())["graphs"]
+    return {role: onnx.load(bundle / graphs[role]) for role in model_graph_roles(graphs)}
 
 
 def _torch_routers(ckpt: Path) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:

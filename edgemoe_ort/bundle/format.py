@@ -38,6 +38,9 @@ READER_LIMITS: dict[str, int] = {
     "max_experts": MAX_EXPERTS,
     "max_dim": MAX_DIM,
 }
+#: the manifest ``graphs`` roles of the tokenizer graphs (docs/bundle-format.md, "Tokenizer graphs"); every
+#: other role is a model graph (``decoder``; ``encoder`` + ``decoder``)
+TOKENIZER_GRAPH_ROLES = ("tokenizer", "detokenizer")
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -62,6 +65,12 @@ TENSOR_DTYPES: dict[str, np.dtype] = {
 #: weight dtype of each expert format
 WEIGHT_TENSOR_DTYPE: dict[str, str] = {"fp32": "f32", "fp16": "f16", "int8": "u8", "int4": "u4"}
 QUANTIZED = ("int8", "int4")
+
+
+def model_graph_roles(graphs: Any) -> list[str]:
+    """The roles of ``graphs`` (a manifest's ``graphs``) that are model graphs, sorted: all but the
+    tokenizer graphs' (``decoder``; ``encoder`` and ``decoder`` for encoder-decoder bundles)."""
+    return sorted(r for r in graphs if r not in TOKENIZER_GRAPH_ROLES)
 
 
 def version_string() -> str:

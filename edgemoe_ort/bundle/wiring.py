@@ -536,12 +536,13 @@ def wire_bundle(
     with ``routing``, each router's selection step found in the graph becomes a ``CacheAwareTopK`` node
     (:func:`edgemoe_ort.bundle.routing.wire_routing`; layers where none is found keep theirs, and the report's
     notes say why). Returns the report per graph role; a graph already wired is left untouched."""
+    from edgemoe_ort.bundle.format import model_graph_roles
     from edgemoe_ort.bundle.reader import Bundle
     from edgemoe_ort.bundle.routing import wire_routing
 
     b = Bundle.open(bundle_dir)
     reports: dict[str, WiringReport] = {}
-    for role in b.graphs:
+    for role in model_graph_roles(b.graphs):  # the tokenizer graphs hold no expert
         path = b.graph_path(role)
         model = onnx.load(str(path), load_external_data=False)
         report = wire_prefetch_inputs(

@@ -321,6 +321,7 @@ class BundleWriter:
         self._records: dict[tuple[int, int], dict[str, Any]] = {}
         self._graphs: dict[str, str] = {}
         self._tokenizer: str | None = None
+        self._tokenizer_graphs: dict[str, Any] | None = None
         self._store_size = 0
         self._state = "open"
         try:
@@ -623,9 +624,21 @@ class BundleWriter:
             self.abort()
             raise
 
+    def set_tokenizer_graphs(self, info: dict[str, Any]) -> None:
+        """The manifest's ``tokenizer_graphs`` field (docs/bundle-format.md, "Tokenizer graphs"): whether the
+        bundle has tokenizer / detokenizer graphs (added with :meth:`add_graph`), and why not."""
+        self._require_open()
+        try:
+            json.dumps(info, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            self.abort()
+            raise BundleError(self.path, f"not JSON-serialisable: {exc}", field="tokenizer_graphs") from exc
+        self._tokenizer_graphs = dict(info)
+
     # -- finish -----------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         layers = [self._layers[i] for i in sorted(self._layers)]
+        extra = {} if self._tokenizer_graphs is None else {"tokenizer_graphs": self._tokenizer_graphs}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -633,6 +646,7 @@ class BundleWriter:
             "model": {"family": self.family, "config": self.config},
             "graphs": dict(self._graphs),
             "tokenizer": self._tokenizer,
+            **extra,
             "store": {
                 "file": STORE_FILE,
                 "size": self._store_size,

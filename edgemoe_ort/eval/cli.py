@@ -108,7 +108,9 @@ def evaluate(
         routing_lambda=routing_lambda, routing_keep=routing_keep, routing_window=routing_window,
     )
     b = Bundle.open(bundle)
-    if set(b.graphs) != {"decoder"}:
+    from edgemoe_ort.bundle.format import model_graph_roles
+
+    if model_graph_roles(b.graphs) != ["decoder"]:  # the tokenizer graphs aside
         raise ValueError(
             f"{b.path / 'manifest.json'}: graphs {sorted(b.graphs)}: edgemoe-eval measures decoder-only "
             "bundles (perplexity of a text continuation)"

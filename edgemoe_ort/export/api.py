@@ -47,6 +47,8 @@ class ExportReport:
     wiring: dict[str, WiringReport] = field(default_factory=dict)
     #: per graph role, where CacheAwareTopK replaced the routers' selection (bundle/routing.py)
     routing: dict[str, RoutingReport] = field(default_factory=dict)
+    #: the manifest's ``tokenizer_graphs`` (export/tokenizer_graphs.py); None: the checkpoint has no tokenizer
+    tokenizer_graphs: dict[str, object] | None = None
 
 
 def export_model(
@@ -196,8 +198,12 @@ def _export(
                     )
                 routing[plan.role] = _wire_routing(proto, loaded.recipe, plan.role)
                 writer.add_graph(plan.role, proto)
+            from edgemoe_ort.export.tokenizer_graphs import write_tokenizer_graphs
+
+            tok_graphs = None
             if loaded.tokenizer_dir is not None and (loaded.tokenizer_dir / "tokenizer.json").is_file():
                 writer.add_tokenizer(loaded.tokenizer_dir)
+                tok_graphs = write_tokenizer_graphs(writer, loaded.tokenizer_dir).info
         finally:
             patched.release()
     seconds["write"] = time.perf_counter() - t
@@ -220,6 +226,7 @@ def _export(
         graphs=[r for _, _, r in graphs],
         wiring=wiring,
         routing=routing,
+        tokenizer_graphs=tok_graphs,
     )
 
 

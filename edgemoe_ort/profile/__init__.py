@@ -62,7 +62,9 @@ def check_options(
 ) -> None:
     """Raise ValueError (one line, naming the ``edgemoe-profile`` flag) for options :func:`profile_bundle`
     cannot use with ``bundle``: checked before anything runs."""
-    graphs = sorted(bundle.manifest.get("graphs", {}))
+    from edgemoe_ort.bundle.format import model_graph_roles
+
+    graphs = model_graph_roles(bundle.manifest.get("graphs", {}))  # the tokenizer graphs aside
     if graphs != ["decoder"]:
         raise ValueError(
             f"{bundle.path / 'manifest.json'}: graphs {graphs}: edgemoe-profile serves decoder-only bundles"

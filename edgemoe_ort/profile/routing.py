@@ -155,8 +155,10 @@ class RoutingRecorder:
         from edgemoe_ort.runtime.ops import ExpertSession, RuntimeOptions, make_session_options
 
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        graphs = self.bundle.manifest.get("graphs", {})
-        if set(graphs) != {"decoder"}:
+        from edgemoe_ort.bundle.format import model_graph_roles
+
+        graphs = model_graph_roles(self.bundle.manifest.get("graphs", {}))  # the tokenizer graphs aside
+        if graphs != ["decoder"]:
             raise ValueError(
                 f"{self.bundle.path / 'manifest.json'}: graphs {sorted(graphs)}: routing is recorded on "
                 "decoder-only bundles (graphs: decoder)"

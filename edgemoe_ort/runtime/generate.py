@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe_ort.bundle import Bundle
+from edgemoe_ort.bundle.format import model_graph_roles
 from edgemoe_ort.runtime.ops import (
     ExpertSession,
     RuntimeOptions,
@@ -24,6 +25,7 @@ from edgemoe_ort.runtime.ops import (
     open_session,
     release_free_heap,
 )
+from edgemoe_ort.runtime.tokenizer import open_tokenizer, tokenizer_backend
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +238,8 @@ class _Generator:
     def __init__(self, bundle: Bundle, session: ExpertSession, tokenizer: Any | None) -> None:
         self.bundle = bundle
         self.tokenizer = tokenizer
+        #: which engine tokenizes: "tokenizers", "ortx" (the bundle's tokenizer graphs in ORT) or None
+        self.tokenizer_backend = tokenizer_backend(tokenizer)
         # All sessions of one model share one expert store (one registration): one budget, one set of
         # stats, read through this session.
         self.session = session
@@ -564,9 +568,13 @@ class MoEModel(_Generator):
         self.context_length = config_context(bundle)
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, options: RuntimeOptions | None = None) -> MoEModel:
+    def load(
+        cls, bundle_dir: str | Path, options: RuntimeOptions | None = None, *, tokenizer: str = "auto"
+    ) -> MoEModel:
         """Open the decoder-only bundle at ``bundle_dir`` with ``options`` (budget, cache policy, I/O mode,
         prefetching, threads: :class:`RuntimeOptions`; default: the whole store in cache, direct I/O).
+        ``tokenizer``: ``"auto"``, ``"tokenizers"`` or ``"ortx"`` (the bundle's tokenizer graphs in ORT),
+        see :func:`load_tokenizer`.
 
         Raises :class:`GenerationError` for options of the wrong type, a budget below the largest expert,
         an encoder-decoder bundle (use :func:`load_model`) or a graph file that is not valid ONNX, and
@@ -574,16 +582,17 @@ class MoEModel(_Generator):
         the option."""
         options = _check_options(options)
         bundle = Bundle.open(bundle_dir)
-        if set(bundle.manifest.get("graphs", {})) != {"decoder"}:
+        roles = model_graph_roles(bundle.manifest.get("graphs", {}))
+        if roles != ["decoder"]:
             raise GenerationError(
-                f"{bundle.path / 'manifest.json'}: graphs {sorted(bundle.manifest.get('graphs', {}))}:"
+                f"{bundle.path / 'manifest.json'}: graphs {roles}:"
                 " MoEModel serves decoder-only bundles (graphs: decoder); use load_model() for any bundle"
             )
         _check_budget(bundle, options)
-        tokenizer = load_tokenizer(bundle)
+        tok = load_tokenizer(bundle, tokenizer)
         graph = bundle.graph_path("decoder")
         session = _open_graph(graph, lambda: open_session(graph, bundle.path, options))
-        return cls(bundle, session, tokenizer)
+        return cls(bundle, session, tok)
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((batch, heads, 0, dim), np.float32) for name, heads, dim in self._past_specs}
@@ -656,19 +665,22 @@ class Seq2SeqMoEModel(_Generator):
         self.decoder_start_token_id = start
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, options: RuntimeOptions | None = None) -> Seq2SeqMoEModel:
+    def load(
+        cls, bundle_dir: str | Path, options: RuntimeOptions | None = None, *, tokenizer: str = "auto"
+    ) -> Seq2SeqMoEModel:
         """Open the encoder-decoder bundle at ``bundle_dir``; as :meth:`MoEModel.load`."""
         import onnxruntime as ort
 
         options = _check_options(options)
         bundle = Bundle.open(bundle_dir)
-        if set(bundle.manifest.get("graphs", {})) != {"encoder", "decoder"}:
+        roles = model_graph_roles(bundle.manifest.get("graphs", {}))
+        if roles != ["decoder", "encoder"]:
             raise GenerationError(
-                f"{bundle.path / 'manifest.json'}: graphs {sorted(bundle.manifest.get('graphs', {}))}:"
+                f"{bundle.path / 'manifest.json'}: graphs {roles}:"
                 " Seq2SeqMoEModel serves encoder-decoder bundles (graphs: encoder, decoder)"
             )
         _check_budget(bundle, options)
-        tokenizer = load_tokenizer(bundle)
+        tok = load_tokenizer(bundle, tokenizer)
         so, store_id = make_session_options(bundle.path, options)
         sessions = []
         for role in ("encoder", "decoder"):
@@ -678,7 +690,7 @@ class Seq2SeqMoEModel(_Generator):
             )
             sessions.append(ExpertSession(sess, store_id, bundle.path, options))
         release_free_heap()
-        return cls(bundle, sessions[0], sessions[1], tokenizer)
+        return cls(bundle, sessions[0], sessions[1], tok)
 
     def _decode(self, token: int, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         feeds = {"input_ids": np.asarray([[token]], dtype=np.int64), **state}
@@ -701,29 +713,24 @@ class Seq2SeqMoEModel(_Generator):
         return self._decode(token, state)
 
 
-def load_model(bundle_dir: str | Path, options: RuntimeOptions | None = None) -> MoEModel | Seq2SeqMoEModel:
+def load_model(
+    bundle_dir: str | Path, options: RuntimeOptions | None = None, *, tokenizer: str = "auto"
+) -> MoEModel | Seq2SeqMoEModel:
     """Load any bundle for generation: decoder-only → MoEModel, encoder-decoder → Seq2SeqMoEModel (see
     :meth:`MoEModel.load`)."""
     bundle = Bundle.open(bundle_dir)
     if "encoder" in bundle.manifest.get("graphs", {}):
-        return Seq2SeqMoEModel.load(bundle.path, options)
-    return MoEModel.load(bundle.path, options)
+        return Seq2SeqMoEModel.load(bundle.path, options, tokenizer=tokenizer)
+    return MoEModel.load(bundle.path, options, tokenizer=tokenizer)
 
 
-def load_tokenizer(bundle: Bundle) -> Any | None:
-    """The bundle's ``tokenizers.Tokenizer``, or None if it has none."""
-    rel = bundle.manifest.get("tokenizer")
-    if not rel:
-        return None
-    path = bundle.path / rel / "tokenizer.json"
-    if not path.is_file():
-        raise GenerationError(f"{bundle.path / 'manifest.json'}: tokenizer '{rel}' has no tokenizer.json")
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise GenerationError(f"{path}: not a valid tokenizer.json ({exc})") from exc
+def load_tokenizer(bundle: Bundle, tokenizer: str = "auto") -> Any | None:
+    """The bundle's tokenizer, or None if it has none: a ``tokenizers.Tokenizer``, or with
+    ``tokenizer="ortx"`` an :class:`~edgemoe_ort.runtime.tokenizer.OrtxTokenizer` running the bundle's
+    tokenizer graphs in ORT (a bundle without usable graphs falls back to ``tokenizers``, with a warning
+    saying why). ``"auto"``: ``tokenizers`` if installed, else the graphs
+    (:func:`edgemoe_ort.runtime.tokenizer.open_tokenizer`)."""
+    return open_tokenizer(bundle, tokenizer)
 
 
 

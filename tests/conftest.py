@@ -24,6 +24,17 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model exported once at fp32 (experts too): its logits match HF's. Do not modify it."""
+    pytest.importorskip("torch")
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip("default model not trained")
+    from edgemoe_ort.export import export_model
+
+    return export_model(DEFAULT_MODEL, tmp_path_factory.mktemp("session-bundles-fp32") / "tiny-fp32", bits=32)
+
+
+@pytest.fixture(scope="session")
 def idsonly_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """:func:`tiny_bundle` without its tokenizer: a bundle that takes token ids only."""
     dst = tmp_path_factory.mktemp("session-bundles-ids") / "ids-only"

@@ -26,11 +26,11 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+def bundles(tiny_bundle_fp32: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     from edgemoe_ort.export import export_model
 
     root = tmp_path_factory.mktemp("default-bundles")
-    return {bits: export_model(DEFAULT_MODEL, root / f"int{bits}", bits=bits) for bits in (32, 4)}
+    return {32: tiny_bundle_fp32, 4: export_model(DEFAULT_MODEL, root / "int4", bits=4)}
 
 
 @pytest.fixture(scope="module")

@@ -94,3 +94,4 @@ clean:
 
 include mk/aarch64.mk
 include mk/bench.mk
+include mk/llama.mk

@@ -383,8 +383,14 @@ def _simd_text(simd: list[str] | None) -> str:
     return f" (CPU has {', '.join(has)})" if has else " (CPU has no AVX-512)"
 
 
-def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Path) -> None:
-    """Render ``results`` (see the module doc) as Markdown in ``out_md`` with plots in ``img_dir``."""
+def write_report(
+    results: dict[str, Any],
+    out_md: str | Path,
+    img_dir: str | Path,
+    llama: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Render ``results`` (see the module doc) as Markdown in ``out_md`` with plots in ``img_dir``;
+    ``llama``: the llama.cpp comparisons (:func:`llama_results`), one section each."""
     out_md, img_dir = Path(out_md), Path(img_dir)
     rel_img = Path("img") if img_dir.resolve().parent == out_md.resolve().parent else img_dir
     L: list[str] = [
@@ -633,16 +639,43 @@ def write_report(results: dict[str, Any], out_md: str | Path, img_dir: str | Pat
                 f"{r['max_abs_diff_vs_ours']['matmulnbits']:.1e} |"
             )
         L.append("")
+    if llama:
+        from edgemoe_ort.bench.llama_cap import markdown_table as llama_table
+
+        L += [
+            "## Against llama.cpp under the same memory cap",
+            "",
+            "`make bench-llama` (large model) and `make bench-llama-1b` (the 1.0 B shape of issue 17), "
+            "mk/llama.mk: llama.cpp built from the llama-cpp-python sdist, the same checkpoint converted to "
+            "GGUF Q4_0, every run in its own memory cgroup at the same cap. Issue 17's goal is ≥ 4x "
+            "llama.cpp's decode tokens/s at llama's dense + 25% cap.",
+            "",
+        ]
+        for name, run in llama.items():
+            L += [f"### {name}", "", llama_table(run), ""]
     if results.get("findings"):
         L += ["## Findings", ""] + [f"- {f}" for f in results["findings"]] + [""]
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(L) + "\n")
 
 
+#: the llama.cpp comparison files beside results.json that the report includes (mk/llama.mk writes them)
+LLAMA_RESULTS = (
+    ("Large model (24 layers, 1.16 GB int4 store)", "llama.json"),
+    ("The 1.0 B shape", "llama-1b.json"),
+)
+
+
+def llama_results(results_path: str | Path) -> dict[str, dict[str, Any]]:
+    """The llama.cpp comparisons found beside ``results_path`` (LLAMA_RESULTS), by section title."""
+    here = Path(results_path).parent
+    return {t: json.loads((here / f).read_text()) for t, f in LLAMA_RESULTS if (here / f).is_file()}
+
+
 def main(argv: list[str] | None = None) -> None:
     a = argv or sys.argv[1:]
     results = json.loads(Path(a[0]).read_text())
-    write_report(results, a[1], a[2])
+    write_report(results, a[1], a[2], llama=llama_results(a[0]))
 
 
 if __name__ == "__main__":

@@ -95,3 +95,4 @@ clean:
 include mk/aarch64.mk
 include mk/bench.mk
 include mk/llama.mk
+include mk/fuzz.mk

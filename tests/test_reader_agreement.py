@@ -111,6 +111,9 @@ CASES: list[tuple[str, Callable[[Path], None], str | None]] = [
     ("nul_then_garbage", _append_bytes(b"\x00garbage"), "not valid JSON"),
     ("checksum_trailing_newline", _checksum_newline, "checksum"),
     ("int_beyond_double", _replace_text('"model": {', f'"n": {"9" * 400}, "model": {{'), "not valid JSON"),
+    ("int_beyond_double_under_a_repeated_key",
+     _replace_text('"format_version": 1', f'"format_version": 1{"0" * 400}, "format_version": 1'),
+     "not valid JSON"),
 ]
 
 
@@ -135,6 +138,17 @@ def test_both_readers_decide_alike(
     assert verdicts == (needle is None, needle is None), f"python: {py_err}\nnative: {native_err}"
     if needle is not None:
         assert needle in str(py_err) and needle in str(native_err), f"python: {py_err}\nnative: {native_err}"
+
+
+def test_a_path_the_os_refuses_names_the_field(pristine: Path, tmp_path: Path) -> None:
+    """A graph path within the length limit whose component is longer than NAME_MAX (fuzzer): Bundle.open's
+    message named only the path, not the field."""
+    b = tmp_path / "b"
+    shutil.copytree(pristine, b, symlinks=True)
+    _edit(["graphs", "decoder"], "x" * 4096)(b)
+    want = r"manifest\.json: graphs\.decoder: cannot be read: File name too long"
+    with pytest.raises(BundleError, match=want):
+        Bundle.open(b)
 
 
 def test_limits_are_one_table() -> None:

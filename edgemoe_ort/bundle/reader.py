@@ -92,6 +92,13 @@ class _Validator:
             raise self.err(why, field=field, expected="a relative path inside the bundle", found=repr(p))
         assert isinstance(p, str)
         full = self.root / p
+        try:
+            return self._existing(full, p, field, is_dir)
+        except OSError as exc:  # a name the OS refuses (a component over NAME_MAX, a symlink loop, ...)
+            why = f"cannot be read: {exc.strerror or exc}"
+            raise self.err(why, field=field, expected="a readable path", found=repr(p)) from None
+
+    def _existing(self, full: Path, p: str, field: str, is_dir: bool) -> Path:
         if not full.exists():
             raise BundleError(
                 full,
@@ -376,13 +383,14 @@ def _read_manifest(mf: Path) -> Any:
     if deep is not None:
         raise BundleError(mf, f"nested too deeply: expected {deep}")
     try:
-        doc = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+        # integers past the double range are refused as they are parsed (a repeated key may replace one
+        # later): the hook costs a call per integer, so it runs only when the text has such long digit runs
+        huge = _double_range_int if _LONG_DIGITS.search(text) else None
+        doc = json.loads(text, parse_constant=_not_json, parse_float=_finite_float, parse_int=huge)
     except json.JSONDecodeError as exc:
         raise BundleError(mf, f"not valid JSON: {exc}") from None
     except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, NaN, 1e999, ...
         raise BundleError(mf, f"not valid JSON: {str(exc).splitlines()[0][:200]}") from None
-    if _LONG_DIGITS.search(text) and _has_huge_int(doc):
-        raise BundleError(mf, "not valid JSON: a number beyond the double range (at most ~1.8e308)")
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(doc):
         raise BundleError(mf, "not valid JSON: a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)")
     return doc
@@ -403,20 +411,13 @@ def _finite_float(s: str) -> float:
     return x
 
 
-def _has_huge_int(doc: Any) -> bool:
-    """True if an integer anywhere in ``doc`` lies beyond the double range: the native parser reads integers
-    past 64 bits as doubles and refuses those (``number overflow``), so this reader refuses them too."""
-    stack = [doc]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, int) and not isinstance(v, bool):
-            if abs(v) > _MAX_DOUBLE_INT:
-                return True
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-    return False
+def _double_range_int(s: str) -> int:
+    """An integer literal; one beyond the double range is refused, as the native parser refuses it (it reads
+    integers past 64 bits as doubles: ``number overflow``)."""
+    x = int(s)
+    if abs(x) > _MAX_DOUBLE_INT:
+        raise ValueError(f"number {s[:20]}... ({len(s)} digits) is beyond the double range")
+    return x
 
 
 _MAX_DOUBLE_INT = int(sys.float_info.max)

@@ -106,8 +106,13 @@ def test_ratios_are_withheld_when_the_resident_baseline_was_slower_than_a_storag
     assert why is not None
     assert "resident baseline (20.0 ms/token) was slower than edgemoe[lru]@25% (10.0 ms/token)" in why
     assert ratios_withheld(rows, compute_s=0.005) is None
+    assert ratios_withheld([dict(e, decode_s_per_token=0.0099)], compute_s=0.010) is None  # jitter
     slow = dict(run, ratios_withheld=why)
     assert roofline_ratio(slow, e) is None and paired_ratio(slow, e) is None
     assert headline(slow)["roofline_ratio"] is None
     line = next(r for r in mode_table(slow).splitlines() if r.startswith("| edgemoe |") and "| 25%" in r)
     assert line.rstrip(" |").split("|")[-2:] == [" – ", " –"], line
+    from edgemoe_ort.bench.report import plot_run
+
+    files = plot_run("x", slow, tmp_path / "img")  # the ratio panel says withheld instead of plotting them
+    assert files and all((tmp_path / "img" / f).is_file() for f in files)

@@ -4,6 +4,7 @@ the budget with prefetching, per-call statistics with threads, warm start, and t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -126,7 +127,9 @@ def test_warm_start(bundle: Path, tmp_path: Path) -> None:
         "resident.json",
         "resident.json.tmp",
     ]  # nothing else left behind
-    assert oct(saved.stat().st_mode & 0o777) == "0o644"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would have created it
     with pytest.raises(FileExistsError, match="force"):
         model.session.save_resident(saved)
     _, restored = _generate(bundle, budget="50%", warm_start=saved)

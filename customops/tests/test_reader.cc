@@ -395,7 +395,9 @@ static void test_mmap_truncated_while_mapped() {
     } catch (const Error& ex) {
       const std::string what = ex.what();
       CHECK(what.find("layer 0 expert " + std::to_string(e)) != std::string::npos);
-      CHECK(what.find("truncated store") != std::string::npos || what.find("checksum mismatch") != std::string::npos);
+      // "could not be read": the page failed while the file was short, but it had grown back by the fstat after
+      CHECK(what.find("truncated store") != std::string::npos || what.find("checksum mismatch") != std::string::npos ||
+            what.find("a page of the mapping could not be read") != std::string::npos);
       ++refused;
     }
   }

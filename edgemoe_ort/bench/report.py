@@ -330,10 +330,14 @@ def plot_run(name: str, run: dict[str, Any], img_dir: Path) -> list[str]:
     xs = {b: float(b.rstrip("%")) if b.endswith("%") else 100.0 * int(b) / store for b in budgets}
     files = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, ax, ylabel in (
-        ("decode_tokens_per_s", axes[0], "decode tokens/s"),
-        ("roofline_ratio", axes[1], "ratio to roofline (bound / measured)"),
-    ):
+    panels = [("decode_tokens_per_s", axes[0], "decode tokens/s")]
+    if run.get("ratios_withheld"):  # not plotted: the numbers are what the run could not measure
+        axes[1].text(0.5, 0.5, "ratios to roofline withheld:\nthe machine's speed changed during the run",
+                     ha="center", va="center", transform=axes[1].transAxes)
+        axes[1].set_axis_off()
+    else:
+        panels.append(("roofline_ratio", axes[1], "ratio to roofline (bound / measured)"))
+    for key, ax, ylabel in panels:
         pols = policies_of(run)
         for mode in MODE_ORDER:
             rows = [m for m in run["modes"] if m["mode"] == mode]
@@ -360,7 +364,8 @@ def plot_run(name: str, run: dict[str, Any], img_dir: Path) -> list[str]:
         ax.set_xlabel("expert cache budget (% of the store)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[1].axhline(1.0, color="grey", lw=0.8)
+    if not run.get("ratios_withheld"):
+        axes[1].axhline(1.0, color="grey", lw=0.8)
     axes[0].legend(fontsize=7)
     fig.suptitle(
         f"{name}: store {store / 2**30:.2f} GiB, {run['decode_tokens']} decode tokens, "

@@ -232,12 +232,14 @@ class MmapSource final : public BlobSource {
       if (got < 0 || static_cast<uint64_t>(got) != length) {
         const int err = errno;
         struct stat now {};
-        const std::string size_now =
-            ::fstat(fd_.get(), &now) == 0 ? "a file of " + std::to_string(now.st_size) + " bytes" : "an unreadable file";
-        throw read_error(path_, what, offset, length,
-                         err == EFAULT || got >= 0 ? "truncated store (shrank while mapped)"
-                                                   : std::string("read failed: ") + std::strerror(err),
-                         size_now);
+        const bool have_size = ::fstat(fd_.get(), &now) == 0;
+        const std::string size_now = have_size ? "a file of " + std::to_string(now.st_size) + " bytes" : "an unreadable file";
+        const bool shrank = have_size && static_cast<uint64_t>(now.st_size) < offset + length;
+        std::string why;
+        if (shrank) why = "truncated store (shrank while mapped)";
+        else if (err == EFAULT || got >= 0) why = "read failed: a page of the mapping could not be read (a media error?)";
+        else why = std::string("read failed: ") + std::strerror(err);
+        throw read_error(path_, what, offset, length, why, size_now);
       }
     }
     // Drop this range from the mapping and the page cache (what readahead brought in around it stays: the

@@ -95,6 +95,18 @@ size_t warm_start(ExpertStore& store, const std::vector<ExpertKey>& keys) {
   return n;
 }
 
+namespace {
+// The process's umask, read without changing it (umask(2) sets it: a race with other threads' file creation);
+// /proc/self/status has it since Linux 4.7, else the common 022.
+mode_t process_umask() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("Umask:", 0) == 0) return static_cast<mode_t>(std::strtoul(line.c_str() + 6, nullptr, 8));
+  return 022;
+}
+}  // namespace
+
 void save_resident_set(const ExpertStore& store, const std::string& path) {
   nlohmann::ordered_json j;
   j["format"] = kFormat;
@@ -109,7 +121,7 @@ void save_resident_set(const ExpertStore& store, const std::string& path) {
   UniqueFd fd(::mkstemp(tmpl.data()));
   if (!fd) throw Error(path + ": cannot write the resident set (expected a writable folder): " + std::strerror(errno));
   const std::string text = j.dump(1) + "\n";
-  bool ok = ::fchmod(fd.get(), 0644) == 0;
+  bool ok = ::fchmod(fd.get(), 0666 & ~process_umask()) == 0;  // as a file open() creates (mkstemp: 0600)
   for (size_t done = 0; ok && done < text.size();) {
     const ssize_t w = ::write(fd.get(), text.data() + done, text.size() - done);
     if (w < 0 && errno == EINTR) continue;

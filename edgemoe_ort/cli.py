@@ -32,6 +32,12 @@ from edgemoe_ort.cli_common import (
     write_output_file,
 )
 from edgemoe_ort.cli_common import fmt_bytes as _fmt_bytes
+from edgemoe_ort.quant.nbits import (
+    DEFAULT_DENSE_BITS,
+    DEFAULT_DENSE_BLOCK_SIZE,
+    DENSE_BITS,
+    is_valid_block_size,
+)
 from edgemoe_ort.runtime.ops import POLICIES, PREDICTORS, ROUTING_RULES
 
 # --- edgemoe-export --------------------------------------------------------------------------------
@@ -45,7 +51,8 @@ export_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS
     "bundle holding nothing else.",
     ["edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny",
      "edgemoe-export mistralai/Mixtral-8x7B-v0.1 -o bundles/mixtral-int4 --bits 4 --group-size 64",
-     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny --bits 8 --force"],
+     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny --bits 8 --force",
+     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny-d4 --dense-bits 4"],
 ))
 @friendly_errors
 def export(
@@ -63,6 +70,14 @@ def export(
             help="later MoE layers whose router logits each expert node gets for prefetching (0 = none)",
         ),
     ] = 3,
+    dense_bits: Annotated[
+        int,
+        typer.Option(help="bits of the dense weights (embeddings, attention, shared experts, LM head; "
+                          "routers stay 32): 32, 16, 8 or 4 (docs/bundle-format.md, 'Dense weights')"),
+    ] = DEFAULT_DENSE_BITS,
+    dense_group_size: Annotated[
+        int, typer.Option(help="block size of --dense-bits 8/4 (a power of two >= 16)")
+    ] = DEFAULT_DENSE_BLOCK_SIZE,
     version: VersionOption = False,
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
@@ -83,6 +98,10 @@ def export(
         raise ValueError(f"--bits: expected 4, 8, 16 or 32, found {bits}")
     if group_size < 1:
         raise ValueError(f"--group-size: expected an integer >= 1, found {group_size}")
+    if dense_bits not in DENSE_BITS:
+        raise ValueError(f"--dense-bits: expected {', '.join(map(str, DENSE_BITS))}, found {dense_bits}")
+    if not is_valid_block_size(dense_group_size):
+        raise ValueError(f"--dense-group-size: expected a power of two >= 16, found {dense_group_size}")
     try:  # all before torch is even imported
         check_target(output_dir, force=force)
     except BundleError as exc:
@@ -111,6 +130,8 @@ def export(
             force=force,
             progress=on_progress,
             lookahead=lookahead,
+            dense_bits=dense_bits,
+            dense_group_size=dense_group_size,
         )
     finally:
         if tasks:
@@ -123,6 +144,10 @@ def export(
         for role, routed in report.routing.items():
             err.print(f"cache-aware routing ({role}):", highlight=False)
             for line in routed.summary():
+                err.print(f"  {line}", highlight=False, markup=False)
+        for role, dq in report.dense.items():
+            err.print(f"dense weights ({role}, --dense-bits {dq.bits}):", highlight=False)
+            for line in dq.summary():
                 err.print(f"  {line}", highlight=False, markup=False)
     info(f"[green]bundle written:[/] {report.bundle}")
 
@@ -667,6 +692,14 @@ def inspect(
                     str(g["intermediate"]), g["activation"] + (" (gated)" if g["gated"] else ""), g["dtype"],
                     str(g["bits"]), str(g["group_size"] or "–"), _fmt_bytes(g["expert_bytes"]))
     print_table(moe)
+    dense = Table(title="dense weights (docs/bundle-format.md, 'Dense weights')")
+    for col in ("graph", "kind", "format", "bytes"):
+        dense.add_column(col, justify="right" if col == "bytes" else "left")
+    for role, kinds in model["dense"].items():
+        for kind, formats in kinds.items():
+            for fmt, n in formats.items():
+                dense.add_row(role, kind, fmt, _fmt_bytes(n))
+    print_table(dense)
     out.print(
         f"memory a process needs in MiB; total = the memory cap to give it (docs/memory.md). Minimum budget "
         f"{_fmt_bytes(memory['minimum_budget_bytes'])} (the largest expert); KV cache for "
@@ -675,7 +708,8 @@ def inspect(
     )
     mem = Table()
     cols = (("experts", "expert_bytes"), ("dense", "dense_bytes"), ("KV", "kv_cache_bytes"),
-            ("activ.", "activation_bytes"), ("scratch", "op_scratch_bytes"), ("load", "load_transient_bytes"),
+            ("activ.", "activation_bytes"), ("scratch", "op_scratch_bytes"), ("prepack", "prepacked_bytes"),
+            ("load", "load_transient_bytes"),
             ("fixed", "fixed_overhead_bytes"), ("total", "total_bytes"))
     mem.add_column("budget", no_wrap=True)
     for name, _ in cols:
@@ -724,12 +758,15 @@ def _model_report(bundle: Any) -> dict[str, Any]:
     for g in groups_out:
         g.pop("_last")
     vocab = cfg.get("vocab_size")
+    from edgemoe_ort.bundle.dense import dense_bytes_by_kind
+
     return {
         "context_length": config_context(bundle),
         "vocab_size": vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None,
         "moe_layers": len(layers),
         "layer_groups": groups_out,
         "layers": layers,
+        "dense": {role: dense_bytes_by_kind(bundle.graph_path(role)) for role in bundle.graphs},
     }
 
 

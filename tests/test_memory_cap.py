@@ -1,9 +1,10 @@
 """The budget is a promise about the whole process, checked under a real memory cap (a cgroup).
 
 A random Mixtral bundle with ~4.9 MiB int4 experts (4 layers, hidden 1024, intermediate 3072, 8 experts,
-top-2; 157 MiB store, 81 MiB dense) generates 64 tokens with ``edgemoe-run --budget 25%`` uncapped, then
-inside a cgroup capped at ``estimate_rss(bundle, "25%")["total_bytes"]`` (dense + budget + the documented
-overheads, docs/memory.md). The capped run must exit 0, not be OOM-killed, and produce the same tokens.
+top-2; 157 MiB store, 81 MiB dense in fp32, 13 MiB with ``--dense-bits 4``; both are tested) generates 64
+tokens with ``edgemoe-run --budget 25%`` uncapped, then inside a cgroup capped at ``estimate_rss(bundle,
+"25%")["total_bytes"]`` (dense + budget + the documented overheads, docs/memory.md). The capped run must
+exit 0, not be OOM-killed, and produce the same tokens.
 
 Needs a cgroup memory controller (root): skipped without one, except under CI (env ``CI`` set), where a skip
 would hide the defect, so it fails instead.
@@ -52,8 +53,8 @@ def _require_cap() -> None:
     pytest.skip(f"no usable cgroup memory controller: {why}")
 
 
-@pytest.fixture(scope="module")
-def big_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=[32, 4], ids=["dense-fp32", "dense-int4"])
+def big_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from edgemoe_ort.export import export_model
@@ -63,7 +64,7 @@ def big_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ckpt = save_tiny_checkpoint("mixtral", root / "ckpt", seed=0, **CONFIG)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER_FROM / name, ckpt / name)  # vocab 4096, like CONFIG
-    bundle = export_model(ckpt, root / "bundle", bits=4)
+    bundle = export_model(ckpt, root / "bundle", bits=4, dense_bits=request.param)
     shutil.rmtree(ckpt)
     return bundle
 

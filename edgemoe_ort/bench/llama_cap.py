@@ -339,6 +339,25 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dense_formats(bundle: Any) -> dict[str, int]:
+    """Bytes of the bundle's dense weights by format (``{"int4": ..., "fp32": ...}``), largest first."""
+    from edgemoe_ort.bundle.dense import dense_bytes_by_kind
+
+    total: dict[str, int] = {}
+    for role in bundle.graphs:
+        for formats in dense_bytes_by_kind(bundle.graph_path(role)).values():
+            for fmt, n in formats.items():
+                total[fmt] = total.get(fmt, 0) + n
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def _formats_text(formats: dict[str, int] | None) -> str:
+    """"int4 57 MiB + fp32 1 MiB"; runs recorded before the formats were: "float32"."""
+    if not formats:
+        return "float32"
+    return " + ".join(f"{fmt} {n / MiB:.0f} MiB" for fmt, n in formats.items() if n >= MiB // 2) or "float32"
+
+
 def _findings(result: dict[str, Any], caps: Sequence[Cap]) -> list[str]:
     out = []
     goal = next((c for c in caps if c.kind == "llama" and c.fraction == GOAL_FRACTION), None)
@@ -358,9 +377,10 @@ def _findings(result: dict[str, Any], caps: Sequence[Cap]) -> list[str]:
                            f"{o['returncodes']}); llama.cpp ran at {_fmt(q['decode_tokens_per_s'])} tok/s")
         s = result["settings"]
         need = s["ours_min_estimate_bytes"]
+        dense_fmt = _formats_text(s.get("bundle_dense_formats"))
         out.append(f"where the gap is: edgemoe's smallest footprint (estimate_rss at the minimum budget) is "
                    f"{need / MiB:.0f} MiB, of which the bundle's dense weights are "
-                   f"{s['bundle_dense_bytes'] / MiB:.0f} MiB (float32) and the fixed runtime overhead "
+                   f"{s['bundle_dense_bytes'] / MiB:.0f} MiB ({dense_fmt}) and the fixed runtime overhead "
                    f"{s['fixed_overhead_bytes'] / MiB:.0f} MiB; llama.cpp's dense part is "
                    f"{result['llama_gguf']['dense_bytes'] / MiB:.0f} MiB ({Path(s['gguf']).stem}), and under "
                    f"mmap even that is page cache it can evict")
@@ -455,6 +475,7 @@ def run_benchmark(
             "ours_cmd": ["edgemoe-run", str(bundle_dir), "--ids", "1", "--max-new-tokens", str(tokens + 1),
                          "--budget", "B", "--threads", "1", *ours_args, "--json"],
             "bundle_dense_bytes": b.dense_bytes, "bundle_store_bytes": b.store_bytes,
+            "bundle_dense_formats": _dense_formats(b),
             "ours_min_estimate_bytes": est(floor),
             "fixed_overhead_bytes": FIXED_OVERHEAD_BYTES, "estimate_context": context,
         },

@@ -666,7 +666,8 @@ def write_report(
 
 #: the llama.cpp comparison files beside results.json that the report includes (mk/llama.mk writes them)
 LLAMA_RESULTS = (
-    ("Large model (24 layers, 1.16 GB int4 store)", "llama.json"),
+    ("Large model (24 layers, 1.16 GB int4 store), float32 dense weights", "llama.json"),
+    ("Large model, int4 dense weights (--dense-bits 4)", "llama-d4.json"),
     ("The 1.0 B shape", "llama-1b.json"),
 )
 

@@ -13,9 +13,17 @@ import onnx
 from transformers import AutoConfig
 
 from edgemoe_ort.bundle import BundleWriter
+from edgemoe_ort.bundle.dense_quant import (
+    DEFAULT_DENSE_BITS,
+    DEFAULT_DENSE_BLOCK_SIZE,
+    DenseQuantReport,
+    check_dense_options,
+    quantize_dense,
+)
 from edgemoe_ort.bundle.routing import RoutingReport, wire_routing
 from edgemoe_ort.bundle.wiring import WiringReport, wire_prefetch_inputs
 from edgemoe_ort.bundle.writer import check_target
+from edgemoe_ort.export.dense_kinds import label_weight_kinds
 from edgemoe_ort.export.load import checkpoint_config, load_model
 from edgemoe_ort.export.patch import patch_model
 from edgemoe_ort.export.recipes import Recipe, load_recipe
@@ -49,6 +57,8 @@ class ExportReport:
     routing: dict[str, RoutingReport] = field(default_factory=dict)
     #: the manifest's ``tokenizer_graphs`` (export/tokenizer_graphs.py); None: the checkpoint has no tokenizer
     tokenizer_graphs: dict[str, object] | None = None
+    #: per graph role, the dense weights' bytes per kind before / after ``dense_bits`` (bundle/dense_quant.py)
+    dense: dict[str, DenseQuantReport] = field(default_factory=dict)
 
 
 def export_model(
@@ -60,6 +70,8 @@ def export_model(
     force: bool = False,
     progress: Progress | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    dense_bits: int = DEFAULT_DENSE_BITS,
+    dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
 ) -> Path:
     """Export a HF MoE checkpoint (hub id or local folder) to a bundle folder and return its path.
 
@@ -79,6 +91,12 @@ def export_model(
     Where the family's recipe names the routers' selection step (``[routing]``), it becomes an
     ``edgemoe.CacheAwareTopK`` node (opset 3): the session's ``edgemoe.routing`` rule then decides, and the
     default rule ``exact`` computes what the router computed, bit for bit.
+
+    ``dense_bits`` (32, 16, 8, 4) stores the dense graph's embeddings, attention, shared experts, dense MLPs
+    and LM head in that many bits, 8 and 4 block-wise in groups of ``dense_group_size`` through ORT's
+    ``MatMulNBits`` / ``GatherBlockQuantized``; routers stay float32 (docs/bundle-format.md, "Dense weights").
+
+    Every option is checked before anything is loaded.
     """
     return export_model_with_report(
         model_id_or_path,
@@ -88,6 +106,8 @@ def export_model(
         force=force,
         progress=progress,
         lookahead=lookahead,
+        dense_bits=dense_bits,
+        dense_group_size=dense_group_size,
     ).bundle
 
 
@@ -100,18 +120,32 @@ def export_model_with_report(
     force: bool = False,
     progress: Progress | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    dense_bits: int = DEFAULT_DENSE_BITS,
+    dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
 ) -> ExportReport:
-    """:func:`export_model`, returning timings, graph statistics and the prefetch wiring as well."""
-    if bits not in BITS_TO_DTYPE:
-        raise ValueError(f"bits must be one of {sorted(BITS_TO_DTYPE)}, found {bits!r}")
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
-        raise ValueError(f"lookahead must be an integer >= 0, found {lookahead!r}")
+    """:func:`export_model`, returning timings, graph statistics, the prefetch wiring and the dense
+    quantization as well."""
+    check_export_options(bits=bits, group_size=group_size, lookahead=lookahead, dense_bits=dense_bits,
+                         dense_group_size=dense_group_size)
     dtype = BITS_TO_DTYPE[bits]
     check_target(out_dir, force=force)  # before anything slow (BundleWriter checks again)
     source = check_source(model_id_or_path)
     with hub_offline(source.offline):
         return _export(source.name, Path(out_dir), dtype=dtype, group_size=group_size, force=force,
-                       progress=progress, lookahead=lookahead)
+                       progress=progress, lookahead=lookahead, dense_bits=dense_bits,
+                       dense_group_size=dense_group_size)
+
+
+def check_export_options(*, bits: int, group_size: int, lookahead: int, dense_bits: int,
+                         dense_group_size: int) -> None:
+    """Raise ValueError naming the first bad option (expected vs found); cheap, so it runs before any load."""
+    if isinstance(bits, bool) or bits not in BITS_TO_DTYPE:
+        raise ValueError(f"bits must be one of {sorted(BITS_TO_DTYPE)}, found {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an integer >= 1, found {group_size!r}")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        raise ValueError(f"lookahead must be an integer >= 0, found {lookahead!r}")
+    check_dense_options(dense_bits, dense_group_size)
 
 
 def _export(
@@ -123,6 +157,8 @@ def _export(
     force: bool,
     progress: Progress | None,
     lookahead: int,
+    dense_bits: int,
+    dense_group_size: int,
 ) -> ExportReport:
     def tick(stage: str, done: int, total: int) -> None:
         if progress is not None:
@@ -131,6 +167,7 @@ def _export(
     seconds: dict[str, float] = {}
     wiring: dict[str, WiringReport] = {}
     routing: dict[str, RoutingReport] = {}
+    dense: dict[str, DenseQuantReport] = {}
     t0 = time.perf_counter()
     try:
         model_type = AutoConfig.from_pretrained(str(model_id_or_path)).model_type
@@ -191,12 +228,15 @@ def _export(
 
             t = time.perf_counter()
             tick("write", 0, 1)
+            block_paths = [m.block_path for m in patched.layers]
             for plan, proto, _ in graphs:
+                label_weight_kinds(proto, loaded.recipe, block_paths)  # before wiring adds unlabelled nodes
                 if lookahead > 0:
                     wiring[plan.role] = wire_prefetch_inputs(
                         proto, lookahead=lookahead, token_ids="input_ids" if plan.role == "decoder" else None
                     )
                 routing[plan.role] = _wire_routing(proto, loaded.recipe, plan.role)
+                dense[plan.role] = quantize_dense(proto, bits=dense_bits, block_size=dense_group_size)
                 writer.add_graph(plan.role, proto)
             from edgemoe_ort.export.tokenizer_graphs import write_tokenizer_graphs
 
@@ -216,6 +256,9 @@ def _export(
     for role, rr in routing.items():
         for line in rr.summary():
             log.info("routing (%s): %s", role, line)
+    for role, dq in dense.items():
+        for line in dq.summary():
+            log.info("dense weights (%s): %s", role, line)
     return ExportReport(
         bundle=out.absolute(),
         family=model_type,
@@ -227,6 +270,7 @@ def _export(
         wiring=wiring,
         routing=routing,
         tokenizer_graphs=tok_graphs,
+        dense=dense,
     )
 
 

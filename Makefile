@@ -96,3 +96,4 @@ include mk/aarch64.mk
 include mk/bench.mk
 include mk/llama.mk
 include mk/fuzz.mk
+include mk/export-bench.mk

@@ -84,7 +84,15 @@ def export(
 ) -> None:
     import importlib.util
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from edgemoe_ort.bundle.errors import BundleError
     from edgemoe_ort.bundle.writer import check_target
@@ -110,7 +118,8 @@ def export(
     make_parents(output_dir, "--output")
     from edgemoe_ort.export import export_model_with_report
 
-    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())  # the experts stage ticks per expert
     bar = Progress(*columns, console=err, disable=output.quiet)
     tasks: dict[str, TaskID] = {}
 

@@ -983,3 +983,28 @@ def test_hostile_manifests_are_bundle_errors(tmp_path):
     (folder / "manifest.json").mkdir(parents=True)
     with pytest.raises(BundleError, match="manifest.json: missing manifest.*a regular file, found a folder"):
         Bundle.open(folder)
+
+
+def test_graph_file_is_written_piecewise_with_save_models_bytes(tmp_path: Path) -> None:
+    """add_graph serializes the graph one element at a time (memory), and must still write exactly what
+    onnx.save_model writes: every field kind of ModelProto / GraphProto present."""
+    from edgemoe_ort.bundle.writer import _save_model_piecewise
+
+    w = numpy_helper.from_array(np.arange(300, dtype=np.float32).reshape(20, 15), "w")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm", doc_string="d")
+    node.metadata_props.add(key="k", value="v")
+    sub = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "sub", [],
+                            [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    branch = helper.make_node("If", ["c"], ["o"], then_branch=sub, else_branch=sub)
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 20]),
+           helper.make_tensor_value_info("c", TensorProto.BOOL, [])]
+    g = helper.make_graph([node, branch], "g", ins,
+                          [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)], [w], doc_string="gd",
+                          value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 15])])
+    model = helper.make_model(g, producer_name="p", doc_string="md",
+                              opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("x.y", 1)])
+    model.metadata_props.add(key="a", value="b")
+    _save_model_piecewise(model, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
+    onnx.save_model(model, str(tmp_path / "ref.onnx"))
+    assert (tmp_path / "m.onnx").read_bytes() == (tmp_path / "ref.onnx").read_bytes()

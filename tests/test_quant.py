@@ -253,3 +253,16 @@ def test_errors() -> None:
         quantize(np.array([[70000.0]]), "fp16")
     with pytest.raises(ValueError, match="float16 scale"):
         quantize(np.array([[-1e6, 1e6]]), "int4")
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_quantize_in_row_chunks_equals_one_piece(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize() bounds its temporaries by working on chunks of rows; the bytes must not depend on it."""
+    import edgemoe_ort.quant as q
+
+    w = np.random.default_rng(7).standard_normal((37, 70)).astype(np.float32)  # partial last group
+    whole = q.quantize(w, dtype, 32)
+    monkeypatch.setattr(q, "_CHUNK_ELEMENTS", 3 * 96)  # 3 rows per chunk, the last chunk shorter
+    chunked = q.quantize(w, dtype, 32)
+    for a, b in ((whole.data, chunked.data), (whole.scales, chunked.scales), (whole.zeros, chunked.zeros)):
+        np.testing.assert_array_equal(a, b)

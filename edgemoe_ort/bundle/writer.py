@@ -576,10 +576,7 @@ class BundleWriter:
                 found=repr(filename),
             )
         if not external:
-            try:
-                external = model.ByteSize() > _GRAPH_EXTERNAL_THRESHOLD
-            except Exception:  # protobuf refuses to size messages > 2 GiB
-                external = True
+            external = _model_size(model) > _GRAPH_EXTERNAL_THRESHOLD
         dest = self._tmp / filename
         self._graphs[role] = filename
         self._write_marker()  # before the file: a killed writer's leftover never holds an unlisted graph
@@ -596,7 +593,7 @@ class BundleWriter:
                 size_threshold=1024,
             )
         else:
-            onnx.save_model(model, str(dest))
+            _save_model_piecewise(model, dest)
         return self.path / filename
 
     def add_tokenizer(self, src_dir: str | Path) -> None:
@@ -715,3 +712,72 @@ class BundleWriter:
             self._store.close()
         finally:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _save_model_piecewise(model: onnx.ModelProto, dest: Path) -> None:
+    """Write ``model`` to ``dest`` as ``onnx.save_model`` would (the same bytes), serializing its graph one
+    field element at a time, so the file's bytes are never all in memory beside the proto (``save_model``
+    serializes the whole model first, and so does protobuf's ``ByteSize``: twice the dense weights at the end
+    of an export). The graph's length prefix comes from a first pass over the same pieces.
+
+    A message's encoding is its fields' encodings in field-number order; ``ListFields`` yields them in that
+    order, and a one-field message of the same type encodes exactly that field.
+    """
+    with open(dest, "wb") as f:
+        for fd, value in model.ListFields():
+            if fd.name == "graph":
+                f.write(_varint((fd.number << 3) | 2) + _varint(_size(value)))
+                for piece in _pieces(value):
+                    f.write(piece)
+            else:
+                for piece in _field_pieces(model, fd, value):
+                    f.write(piece)
+
+
+def _model_size(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()`` without serializing the whole model at once."""
+    size = 0
+    for fd, value in model.ListFields():
+        if fd.name == "graph":
+            n = _size(value)
+            size += len(_varint((fd.number << 3) | 2)) + len(_varint(n)) + n
+        else:
+            size += sum(len(p) for p in _field_pieces(model, fd, value))
+    return size
+
+
+def _size(msg: Any) -> int:
+    return sum(len(p) for p in _pieces(msg))
+
+
+def _pieces(msg: Any) -> Any:
+    for fd, value in msg.ListFields():
+        yield from _field_pieces(msg, fd, value)
+
+
+def _field_pieces(msg: Any, fd: Any, value: Any) -> Any:
+    """The encoding of field ``fd`` of ``msg``, one element of a repeated field at a time."""
+    for item in value if fd.is_repeated else [value]:
+        one = type(msg)()
+        field = getattr(one, fd.name)
+        if fd.is_repeated and fd.type == fd.TYPE_MESSAGE:
+            field.add().CopyFrom(item)
+        elif fd.is_repeated:
+            field.append(item)
+        elif fd.type == fd.TYPE_MESSAGE:
+            field.CopyFrom(item)
+        else:
+            setattr(one, fd.name, item)
+        yield one.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)

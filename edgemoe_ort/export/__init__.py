@@ -3,7 +3,8 @@
 The pipeline, one module per stage:
 
 1. :mod:`.load`     — ``from_pretrained`` (hub id or local folder) in float32 + the family recipe
-   (``<repo>/export/<model_type>.toml``, :mod:`.recipes`);
+   (``<repo>/export/<model_type>.toml``, :mod:`.recipes`); by default without the routed experts, which
+   :mod:`.stream` reads one at a time from the checkpoint's safetensors after tracing;
 2. :mod:`.patch`    — routed experts call the torch custom op ``edgemoe::offloaded_expert`` (:mod:`.op`);
    weights extracted to the canonical bundle layout;
 3. :mod:`.wrappers` + :mod:`.trace` — flat-KV-cache wrappers traced by the dynamo exporter, the op translated

@@ -72,6 +72,7 @@ def export_model(
     lookahead: int = DEFAULT_LOOKAHEAD,
     dense_bits: int = DEFAULT_DENSE_BITS,
     dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
+    stream: bool = True,
 ) -> Path:
     """Export a HF MoE checkpoint (hub id or local folder) to a bundle folder and return its path.
 
@@ -92,6 +93,12 @@ def export_model(
     ``edgemoe.CacheAwareTopK`` node (opset 3): the session's ``edgemoe.routing`` rule then decides, and the
     default rule ``exact`` computes what the router computed, bit for bit.
 
+    ``stream`` (default): the routed experts are never loaded as a whole: the graph is traced with them on the
+    meta device, then each expert is read from the checkpoint's safetensors, checked against the graph,
+    quantized and appended on its own (export/stream.py): peak memory is about the dense part in float32 plus
+    a few copies of one expert. A checkpoint that cannot stream (no safetensors, quantized) is loaded whole,
+    with the reason logged. ``stream=False`` loads the whole checkpoint in float32 (the same bundle).
+
     ``dense_bits`` (32, 16, 8, 4) stores the dense graph's embeddings, attention, shared experts, dense MLPs
     and LM head in that many bits, 8 and 4 block-wise in groups of ``dense_group_size`` through ORT's
     ``MatMulNBits`` / ``GatherBlockQuantized``; routers stay float32 (docs/bundle-format.md, "Dense weights").
@@ -108,6 +115,7 @@ def export_model(
         lookahead=lookahead,
         dense_bits=dense_bits,
         dense_group_size=dense_group_size,
+        stream=stream,
     ).bundle
 
 
@@ -122,6 +130,7 @@ def export_model_with_report(
     lookahead: int = DEFAULT_LOOKAHEAD,
     dense_bits: int = DEFAULT_DENSE_BITS,
     dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
+    stream: bool = True,
 ) -> ExportReport:
     """:func:`export_model`, returning timings, graph statistics, the prefetch wiring and the dense
     quantization as well."""
@@ -133,7 +142,7 @@ def export_model_with_report(
     with hub_offline(source.offline):
         return _export(source.name, Path(out_dir), dtype=dtype, group_size=group_size, force=force,
                        progress=progress, lookahead=lookahead, dense_bits=dense_bits,
-                       dense_group_size=dense_group_size)
+                       dense_group_size=dense_group_size, stream=stream)
 
 
 def check_export_options(*, bits: int, group_size: int, lookahead: int, dense_bits: int,
@@ -159,6 +168,7 @@ def _export(
     lookahead: int,
     dense_bits: int,
     dense_group_size: int,
+    stream: bool = True,
 ) -> ExportReport:
     def tick(stage: str, done: int, total: int) -> None:
         if progress is not None:
@@ -180,7 +190,7 @@ def _export(
         out, family=model_type, config=checkpoint_config(model_id_or_path), force=force
     ) as writer:
         tick("load", 0, 1)
-        loaded = load_model(model_id_or_path)
+        loaded = load_model(model_id_or_path, stream=stream)
         seconds["load"] = time.perf_counter() - t0
         tick("load", 1, 1)
 
@@ -197,8 +207,16 @@ def _export(
             tick("trace", len(graphs), len(graphs))
 
             t = time.perf_counter()
+            from edgemoe_ort.export.stream import iter_experts
+            from edgemoe_ort.export.trace import ExpertLeakGuard
+
             total = sum(m.spec.num_experts for m in patched.layers)
             done = 0
+            # streamed (loaded.experts): each expert is read here, checked against the graphs, then dropped
+            guard = None
+            if loaded.experts is not None:
+                guard = ExpertLeakGuard([(plan.role, proto) for plan, proto, _ in graphs], patched.layers)
+                patched.drop_weights()  # traced: the graphs have their own copy of the dense weights
             for m in patched.layers:
                 s = m.spec
                 writer.add_layer(
@@ -210,20 +228,25 @@ def _export(
                     gated=s.gated,
                     activation=s.activation,
                 )
-                w = m.weights
-                for e in range(s.num_experts):
+                for e, w in iter_experts(m, loaded.experts):
+                    w_in, w_out = _np(w.w_in), _np(w.w_out)
+                    if guard is not None:
+                        guard.check_expert(s.layer, e, w_in, w_out)
                     writer.add_expert(
                         s.layer,
                         e,
-                        _np(w.w_in[e]),
-                        _np(w.w_out[e]),
+                        w_in,
+                        w_out,
                         dtype=dtype,
                         group_size=group_size,
-                        b_in=None if w.b_in is None else _np(w.b_in[e]),
-                        b_out=None if w.b_out is None else _np(w.b_out[e]),
+                        b_in=None if w.b_in is None else _np(w.b_in),
+                        b_out=None if w.b_out is None else _np(w.b_out),
                     )
+                    del w, w_in, w_out  # before the next expert is read
                     done += 1
                     tick("experts", done, total)
+                if guard is not None:
+                    guard.check_layer(s.layer)
             seconds["experts"] = time.perf_counter() - t
 
             t = time.perf_counter()

@@ -6,11 +6,18 @@ Eagerly it computes exactly what the C++ op computes (docs/op-contract.md), from
 bundle layout (``w_in = [gate; up]`` rows, ``w_out``) held in a process-local registry under the key
 ``store``. The patched torch model therefore runs on the very tensors the exporter writes into the bundle,
 and "patched model == original model" checks the extraction as well as the routing.
+
+A streamed export (:mod:`.stream`) patches a skeleton whose routed experts are on the meta device: its
+registry entries are meta tensors (shapes only). Run eagerly, the op then refuses, except inside
+:func:`shape_probe` (the exporter's KV-cache shape probe), where it returns zeros: the routed experts' output
+is irrelevant to the shapes asked for. Tracing never runs the eager implementation (it uses the fake one).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +109,21 @@ def release_store(store: str) -> None:
         _stores.pop(store, None)
 
 
+_probe = threading.local()
+
+
+@contextmanager
+def shape_probe() -> Iterator[None]:
+    """Within this block, a layer whose weights are not in memory (meta: a streamed export's skeleton) gives
+    zeros instead of failing: for forwards that only look at shapes (the KV-cache probe of :mod:`.trace`)."""
+    before = getattr(_probe, "active", False)
+    _probe.active = True
+    try:
+        yield
+    finally:
+        _probe.active = before
+
+
 def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         return F.silu(a)
@@ -157,6 +179,14 @@ def offloaded_expert(
 ) -> torch.Tensor:
     """Eager reference of ``edgemoe.OffloadedExpert`` (same math and index rules as the C++ op)."""
     weights = get_weights(store, layer)
+    if weights.w_in.is_meta:
+        if getattr(_probe, "active", False):
+            return torch.zeros_like(x)
+        raise RuntimeError(
+            f"layer {layer}: the routed experts of this model are not in memory (a streamed export's "
+            "skeleton: they are read from the checkpoint one expert at a time); load it with "
+            "edgemoe_ort.export.load_model(..., stream=False) to run it"
+        )
     hidden = x.shape[-1]
     if topk_indices.shape[-1] != top_k or topk_weights.shape[-1] != top_k:
         raise ValueError(

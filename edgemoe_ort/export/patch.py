@@ -9,11 +9,16 @@
 Routers and shared experts stay dense. The routed-expert weights are extracted to the canonical bundle layout
 (``w_in = [gate; up]`` rows, ``w_out``; GPT-OSS de-transposed and de-interleaved) and the patched model runs
 on exactly those tensors, so a patched-vs-original comparison validates the extraction too.
+
+A streamed export's skeleton (:mod:`.stream`) has its routed experts on the meta device: the same extraction
+then gives meta tensors (the layer shapes) and the patched model traces but does not run eagerly; the
+experts are read later, one at a time, through the same canonical functions (:func:`canonical_fused`,
+:func:`canonical_expert`), so both paths write the same bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +72,18 @@ class PatchedModel:
     def release(self) -> None:
         """Drop the canonical weights from the op's registry (the model can no longer run)."""
         release_store(self.store)
+
+    def drop_weights(self) -> None:
+        """Free every parameter and buffer of the torch model (their storage becomes empty) and the layers'
+        ``dense`` copies: after tracing, the graphs hold their own copy and a streamed export needs the torch
+        model no more. The model can no longer run."""
+        empty = torch.empty(0)
+        with torch.no_grad():
+            for t in (*self.model.parameters(), *self.model.buffers()):
+                if not t.is_meta:
+                    t.data = empty
+        for m in self.layers:
+            m.dense = {}
 
 
 class SwitchOffloadedExperts(nn.Module):
@@ -163,13 +180,23 @@ def _check_fused_layout(recipe: Recipe, experts: nn.Module, path: str) -> None:
         )
 
 
-def _extract_fused(recipe: Recipe, experts: nn.Module) -> ExpertWeights:
-    w_in = (experts.gate_up_proj if recipe.gated else experts.up_proj).detach().float()
-    w_out = experts.down_proj.detach().float()
+def fused_param_names(recipe: Recipe) -> tuple[str, ...]:
+    """The parameters of a fused experts module that hold routed-expert weights (in the HF model)."""
+    stem_in = "gate_up_proj" if recipe.gated else "up_proj"
+    names = (stem_in, "down_proj")
+    return (*names, f"{stem_in}_bias", "down_proj_bias") if recipe.bias else names
+
+
+def canonical_fused(recipe: Recipe, params: Mapping[str, torch.Tensor]) -> ExpertWeights:
+    """The canonical layout of fused experts tensors ``params`` (names of :func:`fused_param_names`, any
+    number of experts on dim 0: the whole layer, or a ``[1, ...]`` slice of one expert)."""
+    stem_in = "gate_up_proj" if recipe.gated else "up_proj"
+    w_in = params[stem_in].detach().float()
+    w_out = params["down_proj"].detach().float()
     b_in = b_out = None
     if recipe.bias:
-        b_in = (experts.gate_up_proj_bias if recipe.gated else experts.up_proj_bias).detach().float()
-        b_out = experts.down_proj_bias.detach().float()
+        b_in = params[f"{stem_in}_bias"].detach().float()
+        b_out = params["down_proj_bias"].detach().float()
     if recipe.transposed:  # [E, in, out] -> [E, out, in]
         w_in = w_in.transpose(1, 2)
         w_out = w_out.transpose(1, 2)
@@ -185,25 +212,50 @@ def _extract_fused(recipe: Recipe, experts: nn.Module) -> ExpertWeights:
     )
 
 
+def _extract_fused(recipe: Recipe, experts: nn.Module) -> ExpertWeights:
+    return canonical_fused(recipe, {n: getattr(experts, n) for n in fused_param_names(recipe)})
+
+
+def per_expert_param_names(recipe: Recipe) -> tuple[str, ...]:
+    """Weights and biases of one expert of a per-expert experts module, relative to the expert's module."""
+    mods = (*recipe.w_in, recipe.w_out)
+    return tuple(f"{m}.{p}" for m in mods for p in ("weight", "bias"))
+
+
+def canonical_expert(
+    recipe: Recipe, params: Mapping[str, torch.Tensor | None], where: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(w_in, w_out, b_in, b_out) of ONE expert of a per-expert layout, from its tensors ``params`` (names of
+    :func:`per_expert_param_names`; a missing or None bias = no bias). ``where`` names it in messages."""
+    w_in = torch.cat([params[f"{n}.weight"].detach().float() for n in recipe.w_in], dim=0)
+    w_out = params[f"{recipe.w_out}.weight"].detach().float()
+    biases = [params.get(f"{n}.bias") for n in (*recipe.w_in, recipe.w_out)]
+    if not any(b is not None for b in biases):
+        return w_in, w_out, None, None
+    if not recipe.bias:
+        raise UnsupportedModelError(f"{recipe.model_type}: {where} has biases; recipe says none")
+    if any(b is None for b in biases):
+        raise UnsupportedModelError(f"{recipe.model_type}: {where}: some of its projections have no bias")
+    b_in = torch.cat([b.detach().float() for b in biases[:-1]], dim=0)  # type: ignore[union-attr]
+    return w_in, w_out, b_in, biases[-1].detach().float()  # type: ignore[union-attr]
+
+
 def _extract_per_expert(recipe: Recipe, experts: nn.Module, num_experts: int, path: str) -> ExpertWeights:
     w_in, w_out, b_in, b_out = [], [], [], []
     for e in range(num_experts):
         name = recipe.per_expert.format(i=e)
         try:
             expert = experts.get_submodule(name)
-            ins = [expert.get_submodule(n) for n in recipe.w_in]
-            out = expert.get_submodule(recipe.w_out)
+            mods = {n: expert.get_submodule(n) for n in (*recipe.w_in, recipe.w_out)}
         except AttributeError as err:
             raise UnsupportedModelError(f"{recipe.model_type}: {path}: {err}") from None
-        w_in.append(torch.cat([m.weight.detach().float() for m in ins], dim=0))
-        w_out.append(out.weight.detach().float())
-        if any(m.bias is not None for m in ins) or out.bias is not None:
-            if not recipe.bias:
-                raise UnsupportedModelError(
-                    f"{recipe.model_type}: {path}.{name} has biases; recipe says none"
-                )
-            b_in.append(torch.cat([m.bias.detach().float() for m in ins], dim=0))
-            b_out.append(out.bias.detach().float())
+        params = {f"{n}.{p}": getattr(m, p, None) for n, m in mods.items() for p in ("weight", "bias")}
+        wi, wo, bi, bo = canonical_expert(recipe, params, f"{path}.{name}")
+        w_in.append(wi)
+        w_out.append(wo)
+        if bi is not None:
+            b_in.append(bi)
+            b_out.append(bo)
     return ExpertWeights(
         torch.stack(w_in).contiguous(),
         torch.stack(w_out).contiguous(),
@@ -227,7 +279,10 @@ def _dense_params(recipe: Recipe, block: nn.Module, path: str) -> dict[str, torc
 
 
 def patch_model(model: PreTrainedModel, recipe: Recipe) -> PatchedModel:
-    """Patch ``model`` in place (see module doc). Returns the MoE layers in manifest order."""
+    """Patch ``model`` in place (see module doc). Returns the MoE layers in manifest order.
+
+    Routed experts on the meta device (a streamed skeleton) give meta ``MoELayer.weights``: shapes only.
+    """
     if model.training:
         raise ValueError("patch_model expects a model in eval mode (router jitter / dropout)")
     config = model.config

@@ -4,11 +4,17 @@ The check is what makes a wrong export loud instead of silent: every MoE layer o
 one ``edgemoe.OffloadedExpert`` node with the right attributes, no routed-expert weight may be left among the
 initializers / constants (compared by content, so transposed or renamed copies are caught), and every router
 and shared-expert parameter must still be there.
+
+The content comparison (:class:`ExpertLeakGuard`) fingerprints only the graph tensors whose element count is
+that of a routed-expert tensor (one expert's w_in / gate / up / w_out, or a whole layer's stack of them), then
+the expert tensors of those sizes. The fingerprint is a multiset hash (invariant to transposition and
+reshaping, and additive over concatenation), so a streamed export (:mod:`.stream`), which never holds a whole
+layer, checks each expert as it is read (:meth:`ExpertLeakGuard.check_expert`) and the layer's stack from the
+sum of its experts' fingerprints (:meth:`ExpertLeakGuard.check_layer`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import warnings
@@ -23,7 +29,7 @@ from onnx import numpy_helper
 from torch import nn
 from torch.export import Dim
 
-from edgemoe_ort.export.op import custom_translation_table
+from edgemoe_ort.export.op import LayerSpec, custom_translation_table, shape_probe
 from edgemoe_ort.export.patch import MoELayer, PatchedModel
 from edgemoe_ort.export.schema import DOMAIN, OP_TYPE, ROUTING_OP_TYPE, TOKEN_OP_TYPE, register_schema
 from edgemoe_ort.export.wrappers import CausalLMWithFlatCache, Seq2SeqDecoderWithFlatCache, Seq2SeqEncoder
@@ -64,7 +70,7 @@ def _probe_cache_shapes(
     model = patched.model
     vocab = int(model.get_input_embeddings().num_embeddings)
     ids = torch.randint(0, vocab, (1, 2))
-    with torch.no_grad():
+    with torch.no_grad(), shape_probe():  # a streamed skeleton's routed experts give zeros here
         if seq2seq:
             out = model(
                 input_ids=ids, decoder_input_ids=ids, return_dict=True
@@ -199,17 +205,163 @@ def trace_graph(plan: GraphPlan) -> onnx.ModelProto:
             onnx_log.setLevel(level)
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise ExportCheckError(f"{plan.role}: torch.onnx.export returned nothing")
-    return program.model_proto
+    proto = program.model_proto
+    _drop_ir_tensors(program.model)
+    return proto
+
+
+def _drop_ir_tensors(model: Any) -> None:  # an onnx_ir Model
+    """Forget the tensors of the exporter's IR once the proto (a copy) is made.
+
+    onnxscript's rewrite rules (``optimize=True``) are module globals whose matchers keep the last graph they
+    matched, and that graph's initializers wrap the torch parameters: without this, every dense weight stays
+    alive after tracing (the torch model's memory cannot be freed).
+    """
+    graphs = [model.graph, *model.graph.subgraphs()]
+    graphs += list(model.functions.values())
+    for graph in graphs:
+        if hasattr(graph, "initializers"):
+            for value in graph.initializers.values():
+                value.const_value = None
+        for node in graph:
+            for value in node.outputs:
+                if value.const_value is not None:
+                    value.const_value = None
 
 
 # --- checks ------------------------------------------------------------------------------------------------
 
 
-def _fingerprint(a: np.ndarray) -> bytes:
-    """Content hash invariant to transposition / reshaping (sorted float32 values)."""
-    return hashlib.blake2b(
-        np.sort(np.asarray(a, dtype=np.float32).ravel()).tobytes(), digest_size=16
-    ).digest()
+#: a fingerprint: two 64-bit lanes of an additive multiset hash
+Fingerprint = tuple[int, int]
+
+_FP_CHUNK = 1 << 20
+_MASK64 = (1 << 64) - 1
+_U = np.uint64
+_LANE_KEYS = (_U(0x9E3779B97F4A7C15), _U(0xD1B54A32D192ED03))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wraps modulo 2**64)."""
+    x = x ^ (x >> _U(30))
+    x = x * _U(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> _U(27))
+    x = x * _U(0x94D049BB133111EB)
+    return x ^ (x >> _U(31))
+
+
+def fingerprint(a: np.ndarray | torch.Tensor) -> Fingerprint:
+    """Content hash of the float32 values of ``a`` as a multiset: invariant to transposition, reshaping and
+    any reordering, and additive (the fingerprint of a concatenation is :func:`fp_add` of its parts').
+    -0.0 counts as 0.0; memory: a few MB of temporaries whatever the size."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().float().numpy()
+    flat = np.asarray(a, dtype=np.float32).reshape(-1)
+    lanes = [0, 0]
+    for i in range(0, flat.size, _FP_CHUNK):
+        bits = (flat[i : i + _FP_CHUNK] + np.float32(0.0)).view(np.uint32).astype(np.uint64)
+        for j, key in enumerate(_LANE_KEYS):
+            lanes[j] += int(_mix(bits * key + key).sum(dtype=np.uint64))
+    return (lanes[0] & _MASK64, lanes[1] & _MASK64)
+
+
+def fp_add(a: Fingerprint, b: Fingerprint) -> Fingerprint:
+    """The fingerprint of the concatenation of two tensors, from theirs."""
+    return ((a[0] + b[0]) & _MASK64, (a[1] + b[1]) & _MASK64)
+
+
+_FP_ZERO: Fingerprint = (0, 0)
+
+
+def _expert_sizes(spec: LayerSpec) -> dict[str, int]:
+    """Element counts of one expert's tensors (w_in, gate, up, w_out) and of the layer's stacks."""
+    rows = 2 * spec.intermediate if spec.gated else spec.intermediate
+    one_in, one_out = rows * spec.hidden, spec.hidden * spec.intermediate
+    return {
+        "w_in": one_in,
+        "half": spec.intermediate * spec.hidden,
+        "w_out": one_out,
+        "stack_in": spec.num_experts * one_in,
+        "stack_out": spec.num_experts * one_out,
+    }
+
+
+class ExpertLeakGuard:
+    """Finds routed-expert weights left in traced graphs, by content (see the module doc).
+
+    Built from the graphs (role, proto) and the MoE layers whose experts must not be in them; then every
+    expert is passed to :meth:`check_expert` (in order, or at least all of a layer before its
+    :meth:`check_layer`). Raises :class:`ExportCheckError` naming the graph tensor and the expert it copies.
+    """
+
+    def __init__(self, graphs: Iterable[tuple[str, onnx.ModelProto]], layers: Iterable[MoELayer]) -> None:
+        self.specs = {m.spec.layer: m.spec for m in layers}
+        sizes = {n for spec in self.specs.values() for n in _expert_sizes(spec).values()}
+        #: element count -> fingerprint -> "role: tensor name", for the graph tensors of an expert's size
+        self.candidates: dict[int, dict[Fingerprint, str]] = {}
+        for role, model in graphs:
+            for name, t in _graph_tensors(model):
+                size = int(np.prod(t.dims)) if t.dims else 1
+                if size in sizes and t.data_type in _FLOAT_TYPES:
+                    fp = fingerprint(numpy_helper.to_array(t))
+                    self.candidates.setdefault(size, {})[fp] = f"{role}: {name}"
+        self._sums: dict[int, list[Fingerprint]] = {}
+
+    def _wants(self, *sizes: int) -> bool:
+        return any(n in self.candidates for n in sizes)
+
+    def _hit(self, size: int, fp: Fingerprint, what: str) -> None:
+        where = self.candidates.get(size, {}).get(fp)
+        if where is not None:
+            role, _, name = where.partition(": ")
+            raise ExportCheckError(f"{role}: routed-expert weight left in the graph: {name} is {what}")
+
+    def check_expert(
+        self, layer: int, expert: int, w_in: np.ndarray | torch.Tensor, w_out: np.ndarray | torch.Tensor
+    ) -> None:
+        """Check one expert (canonical layout: ``w_in [2I or I, H]``, ``w_out [H, I]``)."""
+        spec = self.specs[layer]
+        n = _expert_sizes(spec)
+        sums = self._sums.setdefault(layer, [_FP_ZERO, _FP_ZERO])
+        need_in = self._wants(n["w_in"], n["half"], n["stack_in"])
+        need_out = self._wants(n["w_out"], n["stack_out"])
+        tag = f"layer {layer} expert {expert}"
+        if need_in:
+            if spec.gated:
+                gate = fingerprint(w_in[: spec.intermediate])
+                up = fingerprint(w_in[spec.intermediate :])
+                self._hit(n["half"], gate, f"{tag} gate")
+                self._hit(n["half"], up, f"{tag} up")
+                fp_in = fp_add(gate, up)
+            else:
+                fp_in = fingerprint(w_in)
+            self._hit(n["w_in"], fp_in, f"{tag} w_in")
+            sums[0] = fp_add(sums[0], fp_in)
+        if need_out:
+            fp_out = fingerprint(w_out)
+            self._hit(n["w_out"], fp_out, f"{tag} w_out")
+            sums[1] = fp_add(sums[1], fp_out)
+
+    def check_layer(self, layer: int) -> None:
+        """After all experts of ``layer``: check the whole layer's stacks (from the experts' fingerprints)."""
+        spec = self.specs[layer]
+        n = _expert_sizes(spec)
+        sums = self._sums.pop(layer, [_FP_ZERO, _FP_ZERO])
+        if self._wants(n["stack_in"]):
+            self._hit(n["stack_in"], sums[0], f"layer {layer} w_in (all experts)")
+        if self._wants(n["stack_out"]):
+            self._hit(n["stack_out"], sums[1], f"layer {layer} w_out (all experts)")
+
+    def check_in_memory(self, layers: Iterable[MoELayer]) -> None:
+        """Check layers whose canonical weights are in memory (a non-streamed export)."""
+        for m in layers:
+            w = m.weights
+            for e in range(m.spec.num_experts):
+                self.check_expert(m.spec.layer, e, w.w_in[e], w.w_out[e])
+            self.check_layer(m.spec.layer)
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
 def _graph_tensors(model: onnx.ModelProto) -> Iterable[tuple[str, onnx.TensorProto]]:
@@ -235,26 +387,6 @@ def _all_nodes(model: onnx.ModelProto) -> Iterable[onnx.NodeProto]:
     yield from model.graph.node
     for fn in model.functions:
         yield from fn.node
-
-
-def _expert_fingerprints(layers: list[MoELayer]) -> dict[int, dict[bytes, str]]:
-    by_size: dict[int, dict[bytes, str]] = {}
-
-    def add(t: torch.Tensor, what: str) -> None:
-        a = t.detach().cpu().numpy()
-        by_size.setdefault(a.size, {})[_fingerprint(a)] = what
-
-    for layer in layers:
-        w, spec = layer.weights, layer.spec
-        add(w.w_in, f"layer {spec.layer} w_in (all experts)")
-        add(w.w_out, f"layer {spec.layer} w_out (all experts)")
-        for e in range(spec.num_experts):
-            add(w.w_in[e], f"layer {spec.layer} expert {e} w_in")
-            add(w.w_out[e], f"layer {spec.layer} expert {e} w_out")
-            if spec.gated:
-                add(w.w_in[e, : spec.intermediate], f"layer {spec.layer} expert {e} gate")
-                add(w.w_in[e, spec.intermediate :], f"layer {spec.layer} expert {e} up")
-    return by_size
 
 
 def check_graph(
@@ -296,25 +428,21 @@ def check_graph(
         if bad:
             raise ExportCheckError(f"{role}: layer {layer} node attributes (expected, found): {bad}")
 
-    experts = _expert_fingerprints(plan.layers if all_layers is None else all_layers)
-    present: set[bytes] = set()
+    layers = plan.layers if all_layers is None else all_layers
+    # streamed layers (meta weights) are checked as their experts stream (ExpertLeakGuard, export/api.py)
+    in_memory = [m for m in layers if not m.weights.w_in.is_meta]
+    ExpertLeakGuard([(role, model)], in_memory).check_in_memory(in_memory)
     dense_sizes = {p.numel() for m in plan.layers for p in m.dense.values()}
+    present: set[Fingerprint] = set()
     n_params = 0
-    for name, t in _graph_tensors(model):
+    for _, t in _graph_tensors(model):
         size = int(np.prod(t.dims)) if t.dims else 1
         n_params += size
-        if size not in experts and size not in dense_sizes:
-            continue
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
-            continue
-        fp = _fingerprint(numpy_helper.to_array(t))
-        hit = experts.get(size, {}).get(fp)
-        if hit is not None:
-            raise ExportCheckError(f"{role}: routed-expert weight left in the graph: {name} is {hit}")
-        present.add(fp)
+        if size in dense_sizes and t.data_type in _FLOAT_TYPES:
+            present.add(fingerprint(numpy_helper.to_array(t)))
     for m in plan.layers:
         for pname, p in m.dense.items():
-            if _fingerprint(p.cpu().numpy()) not in present:
+            if fingerprint(p) not in present:
                 raise ExportCheckError(
                     f"{role}: dense parameter {pname} (router / shared expert) is missing from the graph"
                 )

@@ -36,6 +36,8 @@ DTYPES: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 _QMAX: dict[str, int] = {"int8": 255, "int4": 15}
 _F16_MAX = float(np.finfo(np.float16).max)
+#: weights per chunk of rows that :func:`quantize` computes at once (bounds its float32 temporaries)
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def num_groups(cols: int, group_size: int) -> int:
@@ -160,15 +162,23 @@ def quantize(w: np.ndarray, dtype: str, group_size: int = 64) -> QuantizedMatrix
     rows, cols = shape
     g = num_groups(cols, group_size)
     pad = g * group_size - cols
-    # Padding with zeros does not move lo/hi: the range always contains 0.
-    wp = np.pad(w32, ((0, 0), (0, pad))) if pad else w32
-    wg = wp.reshape(rows, g, group_size)
+    # Rows are quantized in chunks of ~_CHUNK_ELEMENTS weights: the float32 temporaries of one chunk, not of
+    # the matrix (an 8x7B expert's w_in is 117 M weights); every step is elementwise or per group, so the
+    # result is the same as in one piece.
+    step = max(1, _CHUNK_ELEMENTS // max(1, g * group_size))
+
+    def groups(r0: int, r1: int) -> np.ndarray:
+        # Padding with zeros does not move lo/hi: the range always contains 0.
+        part = np.pad(w32[r0:r1], ((0, 0), (0, pad))) if pad else w32[r0:r1]
+        return part.reshape(r1 - r0, g, group_size)
+
+    lo = np.zeros((rows, g), np.float32)
+    hi = np.zeros((rows, g), np.float32)
     if cols:
-        lo = np.minimum(wg.min(axis=2), np.float32(0))
-        hi = np.maximum(wg.max(axis=2), np.float32(0))
-    else:
-        lo = np.zeros((rows, g), np.float32)
-        hi = np.zeros((rows, g), np.float32)
+        for r0 in range(0, rows, step):
+            wg = groups(r0, min(rows, r0 + step))
+            lo[r0:r0 + step] = np.minimum(wg.min(axis=2), np.float32(0))
+            hi[r0:r0 + step] = np.maximum(wg.max(axis=2), np.float32(0))
     s = (hi - lo) / np.float32(qmax)  # float32
     if s.size and float(s.max()) > _F16_MAX:
         raise ValueError(
@@ -179,8 +189,11 @@ def quantize(w: np.ndarray, dtype: str, group_size: int = 64) -> QuantizedMatrix
     s16[s16 == 0] = np.float16(1.0)
     s32 = s16.astype(np.float32)
     z = np.clip(np.rint(-lo / s32), 0, qmax).astype(np.float32)
-    q = np.clip(np.rint(wg / s32[:, :, None]) + z[:, :, None], 0, qmax).astype(np.uint8)
-    q = q.reshape(rows, g * group_size)[:, :cols]
+    q = np.empty((rows, cols), np.uint8)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        qc = np.clip(np.rint(groups(r0, r1) / s32[r0:r1, :, None]) + z[r0:r1, :, None], 0, qmax)
+        q[r0:r1] = qc.astype(np.uint8).reshape(r1 - r0, g * group_size)[:, :cols]
     zeros = z.astype(np.uint8)
     data = pack_u4(q) if dtype == "int4" else np.ascontiguousarray(q)
     return QuantizedMatrix(dtype, shape, group_size, data, s16, zeros)

@@ -72,8 +72,8 @@ def export(
     ] = 3,
     dense_bits: Annotated[
         int,
-        typer.Option(help="bits of the dense weights (embeddings, attention, shared experts, LM head; "
-                          "routers stay 32): 32, 16, 8 or 4 (docs/bundle-format.md, 'Dense weights')"),
+        typer.Option(help="bits of the dense weights (embeddings, attention, shared experts, dense MLPs, "
+                          "LM head; routers stay 32): 32, 16, 8 or 4 (docs/bundle-format.md)"),
     ] = DEFAULT_DENSE_BITS,
     dense_group_size: Annotated[
         int, typer.Option(help="block size of --dense-bits 8/4 (a power of two >= 16)")
@@ -155,6 +155,8 @@ def export(
             for line in routed.summary():
                 err.print(f"  {line}", highlight=False, markup=False)
         for role, dq in report.dense.items():
+            if dq.bits == 32:
+                continue
             err.print(f"dense weights ({role}, --dense-bits {dq.bits}):", highlight=False)
             for line in dq.summary():
                 err.print(f"  {line}", highlight=False, markup=False)

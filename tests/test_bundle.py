@@ -1008,3 +1008,29 @@ def test_graph_file_is_written_piecewise_with_save_models_bytes(tmp_path: Path) 
     assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
     onnx.save_model(model, str(tmp_path / "ref.onnx"))
     assert (tmp_path / "m.onnx").read_bytes() == (tmp_path / "ref.onnx").read_bytes()
+
+
+def test_external_graph_is_written_piecewise_and_loads_back(tmp_path: Path) -> None:
+    """Graphs over the threshold (or external_data=True) put each large initializer in <file>.data at an
+    aligned offset, without copying the model; onnx loads them back equal, small ones stay inline."""
+    from edgemoe_ort.bundle.writer import _save_model_external
+
+    big = [numpy_helper.from_array(np.arange(i, i + 700, dtype=np.float32), f"w{i}") for i in range(3)]
+    small = numpy_helper.from_array(np.array([1, 2, 3], np.int64), "shape")
+    nodes = [helper.make_node("Add", ["x", f"w{i}"], [f"y{i}"]) for i in range(3)]
+    outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [700]) for i in range(3)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [700])], outs,
+                          [*big, small])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    before = model.SerializeToString()
+    _save_model_external(model, tmp_path / "m.onnx", "m.onnx.data")
+    assert model.SerializeToString() == before  # the proto given is not modified
+    light = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    external = [t for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in external]
+    assert len(offsets) == 3 and all(o % 4096 == 0 for o in offsets)
+    back = onnx.load(str(tmp_path / "m.onnx"))
+    for a, b in zip(model.graph.initializer, back.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    kept = back.graph.initializer[3]
+    assert kept.raw_data == small.raw_data and not kept.external_data

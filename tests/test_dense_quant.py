@@ -342,3 +342,48 @@ def test_export_qwen2_moe_with_dense_int4_keeps_gates(tmp_path: Path) -> None:
     dense = json.loads(r.stdout)["model"]["dense"]["decoder"]
     assert dense["shared_expert"] == kinds["shared_expert"]
     shutil.rmtree(ckpt)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_with_bias_becomes_matmul_nbits(trans_b: int) -> None:
+    """A Gemm's constant weight (either orientation) and its bias vector go to MatMulNBits (B, bias input)."""
+    rng = np.random.default_rng(trans_b)
+    w = rng.standard_normal((24, 64)).astype(np.float32)  # [N, K]
+    bias = rng.standard_normal(24).astype(np.float32)
+    stored = w if trans_b else np.ascontiguousarray(w.T)
+    gemm = helper.make_node("Gemm", ["A", "W", "C"], ["Y"], name="g", transB=trans_b)
+    gemm.metadata_props.add(key=KIND_KEY, value="attention")
+    g = helper.make_graph([gemm], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [3, 64])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(stored, "W"), numpy_helper.from_array(bias, "C")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    quantize_dense(m, bits=8, block_size=32, accuracy_level=0)
+    assert [n.op_type for n in m.graph.node] == ["MatMulNBits"] and m.graph.node[0].input[5] == "C"
+    a = rng.standard_normal((3, 64)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    ref = a @ block_quantize(w, 8, 32, keep_reference=True).reference().T + bias
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+    kinds = dense_bytes_by_kind_of(m)
+    assert set(kinds["attention"]) == {"int8", "fp32"}  # the bias stays a float32 input
+
+
+def dense_bytes_by_kind_of(m: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        onnx.save(m, f"{d}/m.onnx")
+        return dense_bytes_by_kind(f"{d}/m.onnx")
+
+
+def test_weight_beyond_an_f16_scale_stays_fp32_with_its_reason() -> None:
+    w = np.ones((16, 64), np.float32)
+    w[3, 5] = 3e38  # (hi - lo) / 15 does not fit a float16 scale
+    mm = helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")
+    mm.metadata_props.add(key=KIND_KEY, value="lm_head")
+    g = helper.make_graph([mm], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 16])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g)
+    report = quantize_dense(m, bits=4)
+    assert [n.op_type for n in m.graph.node] == ["MatMul"]
+    assert len(report.skipped) == 1 and report.skipped[0].startswith("W (lm_head): weight range too large")

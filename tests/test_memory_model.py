@@ -83,11 +83,12 @@ def test_kv_and_context_come_from_the_graph_and_config(bundle: Bundle) -> None:
     assert kv_bytes_per_token(bundle) == LAYERS * 2 * KV_HEADS * HEAD_DIM * 4
     assert model_context(bundle) == CONTEXT
     # the reader skips the weights: it agrees with onnx on the I/O
-    ins, outs, uint8 = memory._graph_io(bundle.graph_path("decoder"))
+    ins, outs, by_type = memory._graph_io(bundle.graph_path("decoder"))
     ref = onnx.load(str(bundle.graph_path("decoder")))
     assert [i.name for i in ins] == [i.name for i in ref.graph.input]
     assert [o.name for o in outs] == [o.name for o in ref.graph.output]
-    assert uint8 == 0 and estimate_rss(bundle, "25%")["prepacked_bytes"] == 0  # a float graph
+    assert set(by_type) == {TensorProto.FLOAT, TensorProto.INT64}
+    assert estimate_rss(bundle, "25%")["prepacked_bytes"] == 0  # a float32 graph
 
 
 @pytest.mark.parametrize("external", [False, True])
@@ -98,16 +99,20 @@ def test_prepacked_bytes_count_the_uint8_weights(tmp_path: Path, external: bool)
     big = numpy_helper.from_array(np.zeros((1000, 33), np.uint8), "b")
     other = numpy_helper.from_array(np.zeros(77, np.float32), "f")
     small = numpy_helper.from_array(np.zeros(5, np.uint8), "z")
+    half = numpy_helper.from_array(np.zeros(40, np.float16), "h")
     node = helper.make_node("Identity", ["x"], ["y"])
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [big, other, small])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                          [big, other, small, half])
     model = helper.make_model(g)
     if external:
         onnx.save(model, str(path), save_as_external_data=True, location="g.data", size_threshold=100)
         assert (tmp_path / "g.data").stat().st_size >= 33000
     else:
         onnx.save(model, str(path))
-    assert memory._graph_io(path)[2] == 33000 + 5
+    by_type = memory._graph_io(path)[2]
+    assert by_type[TensorProto.UINT8] == 33000 + 5 and by_type[TensorProto.FLOAT16] == 80
+    assert by_type[TensorProto.FLOAT] == 77 * 4
 
 
 def test_estimate_items_sum_to_the_total(bundle: Bundle) -> None:

@@ -117,13 +117,15 @@ def initializer_kinds(graph: onnx.GraphProto) -> dict[str, str]:
     return kinds
 
 
-_BLOCK_OPS = ("MatMulNBits", "GatherBlockQuantized")
+#: the inputs of ORT's block-quantized ops that hold a quantized weight's pieces (data, scales, zero points)
+_BLOCK_INPUTS = {"MatMulNBits": (1, 2, 3), "GatherBlockQuantized": (0, 2, 3)}
 
 
 def _format(t: onnx.TensorProto, consumers: dict[str, list[onnx.NodeProto]]) -> str:
     """``int4`` / ``int8`` for the pieces of a block-quantized weight, else the tensor's element type."""
     for node in consumers.get(t.name, []):
-        if node.op_type in _BLOCK_OPS:
+        pieces = _BLOCK_INPUTS.get(node.op_type, ())
+        if any(i < len(node.input) and node.input[i] == t.name for i in pieces):
             for a in node.attribute:
                 if a.name == "bits":
                     return f"int{a.i}"

@@ -84,8 +84,10 @@ class DenseQuantReport:
     def summary(self) -> list[str]:
         """Lines for the export log: bytes per kind before -> after, then what was left and why."""
         if self.bits == 32:
-            return ["dense weights: float32 (--dense-bits 32)"]
-        lines = []
+            return []
+        lines = [] if sum(self.weights.values()) else [
+            "no weight was converted: the graph has no weight-kind labels (edgemoe.weight_kind) or none of a "
+            "quantized kind"]
         for k in KINDS:
             before, after = self.bytes_before.get(k, 0), self.bytes_after.get(k, 0)
             if before or after:
@@ -286,14 +288,18 @@ def quantize_dense(
             continue
         w = numpy_helper.to_array(t)
         done: dict[str, tuple[tuple[str, str, str], BlockQuantized]] = {}  # by orientation
-        for use in plan:
-            key = "kn" if use.how == "matmul" else "nk"  # MatMul's [K, N] is transposed first
-            if key not in done:
+        try:  # a range no f16 scale holds: that weight stays float32, the export goes on
+            for key in dict.fromkeys("kn" if u.how == "matmul" else "nk" for u in plan):  # [K, N]: transposed
                 q = block_quantize(w.T if key == "kn" else w, bits, block_size)
                 done[key] = (
                     (f"{t.name}_q{bits}{key}", f"{t.name}_q{bits}{key}_scales", f"{t.name}_q{bits}{key}_zp"),
                     q,
                 )
+        except ValueError as exc:
+            report.skipped.append(f"{t.name} ({kind}): {exc}")
+            continue
+        for use in plan:
+            key = "kn" if use.how == "matmul" else "nk"
             names, q = done[key]
             tag = f"{names[0]}_gather" if use.how == "gather" else names[0]
             for a, n in ((None, tag), (q.scales, names[1]), (q.zero_points, names[2])):

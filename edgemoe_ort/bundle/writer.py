@@ -576,22 +576,13 @@ class BundleWriter:
                 found=repr(filename),
             )
         if not external:
-            external = _model_size(model) > _GRAPH_EXTERNAL_THRESHOLD
+            external = sum(len(t.raw_data) for t in model.graph.initializer) > _GRAPH_EXTERNAL_THRESHOLD
         dest = self._tmp / filename
         self._graphs[role] = filename
         self._write_marker()  # before the file: a killed writer's leftover never holds an unlisted graph
         dest.parent.mkdir(parents=True, exist_ok=True)
         if external:
-            m = onnx.ModelProto()
-            m.CopyFrom(model)  # onnx.save_model strips raw data out of the proto it is given
-            onnx.save_model(
-                m,
-                str(dest),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=f"{Path(filename).name}.data",
-                size_threshold=1024,
-            )
+            _save_model_external(model, dest, f"{Path(filename).name}.data")
         else:
             _save_model_piecewise(model, dest)
         return self.path / filename
@@ -714,7 +705,35 @@ class BundleWriter:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-def _save_model_piecewise(model: onnx.ModelProto, dest: Path) -> None:
+def _save_model_external(
+    model: onnx.ModelProto, dest: Path, data_name: str, *, threshold: int = 1024
+) -> None:
+    """``model`` with every initializer of at least ``threshold`` bytes in ``dest.parent / data_name`` (one
+    file, each tensor at a 4096-byte aligned offset), one tensor at a time: neither the model nor its weights
+    are copied whole (``onnx.save_model`` needs a copy of the proto to strip)."""
+    data = dest.parent / data_name
+    with open(data, "wb") as f:
+
+        def outside(t: onnx.TensorProto) -> onnx.TensorProto:
+            raw = t.raw_data if t.HasField("raw_data") else b""
+            if len(raw) < threshold:
+                return t
+            offset = -(-f.tell() // 4096) * 4096
+            f.seek(offset)
+            f.write(raw)
+            light = onnx.TensorProto()
+            light.name = t.name
+            light.data_type = t.data_type
+            light.dims.extend(t.dims)
+            light.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                light.external_data.add(key=key, value=value)
+            return light
+
+        _save_model_piecewise(model, dest, initializer=outside)
+
+
+def _save_model_piecewise(model: onnx.ModelProto, dest: Path, *, initializer: Any = None) -> None:
     """Write ``model`` to ``dest`` as ``onnx.save_model`` would (the same bytes), serializing its graph one
     field element at a time, so the file's bytes are never all in memory beside the proto (``save_model``
     serializes the whole model first, and so does protobuf's ``ByteSize``: twice the dense weights at the end
@@ -722,42 +741,38 @@ def _save_model_piecewise(model: onnx.ModelProto, dest: Path) -> None:
 
     A message's encoding is its fields' encodings in field-number order; ``ListFields`` yields them in that
     order, and a one-field message of the same type encodes exactly that field.
+
+    ``initializer`` (optional) maps each graph initializer to the tensor written in its place; it is called
+    once per initializer, in order, and its results are kept for the second pass.
     """
+    graph = model.graph
+    done: dict[int, onnx.TensorProto] = {}
+
+    def graph_pieces() -> Any:
+        for fd, value in graph.ListFields():
+            if fd.name == "initializer" and initializer is not None:
+                for i, t in enumerate(value):
+                    if i not in done:
+                        done[i] = initializer(t)
+                    yield from _field_pieces(graph, fd, [done[i]], repeated=True)
+            else:
+                yield from _field_pieces(graph, fd, value)
+
     with open(dest, "wb") as f:
         for fd, value in model.ListFields():
             if fd.name == "graph":
-                f.write(_varint((fd.number << 3) | 2) + _varint(_size(value)))
-                for piece in _pieces(value):
+                size = sum(len(p) for p in graph_pieces())
+                f.write(_varint((fd.number << 3) | 2) + _varint(size))
+                for piece in graph_pieces():
                     f.write(piece)
             else:
                 for piece in _field_pieces(model, fd, value):
                     f.write(piece)
 
 
-def _model_size(model: onnx.ModelProto) -> int:
-    """``model.ByteSize()`` without serializing the whole model at once."""
-    size = 0
-    for fd, value in model.ListFields():
-        if fd.name == "graph":
-            n = _size(value)
-            size += len(_varint((fd.number << 3) | 2)) + len(_varint(n)) + n
-        else:
-            size += sum(len(p) for p in _field_pieces(model, fd, value))
-    return size
-
-
-def _size(msg: Any) -> int:
-    return sum(len(p) for p in _pieces(msg))
-
-
-def _pieces(msg: Any) -> Any:
-    for fd, value in msg.ListFields():
-        yield from _field_pieces(msg, fd, value)
-
-
-def _field_pieces(msg: Any, fd: Any, value: Any) -> Any:
+def _field_pieces(msg: Any, fd: Any, value: Any, *, repeated: bool | None = None) -> Any:
     """The encoding of field ``fd`` of ``msg``, one element of a repeated field at a time."""
-    for item in value if fd.is_repeated else [value]:
+    for item in value if (fd.is_repeated if repeated is None else repeated) else [value]:
         one = type(msg)()
         field = getattr(one, fd.name)
         if fd.is_repeated and fd.type == fd.TYPE_MESSAGE:

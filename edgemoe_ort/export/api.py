@@ -38,7 +38,8 @@ BITS_TO_DTYPE = {4: "int4", 8: "int8", 16: "fp16", 32: "fp32"}
 #: default ``lookahead``: later layers whose router logits each OffloadedExpert node gets as input 3
 DEFAULT_LOOKAHEAD = 3
 
-#: ``progress(stage, done, total)``: stage is one of "load", "patch", "trace", "experts", "write"
+#: ``progress(stage, done, total)``: stage is one of "load", "patch", "trace", "write", "experts", in that
+#: order (the graphs are written before the experts are read, so their weights are gone by then)
 Progress = Callable[[str, int, int], None]
 
 
@@ -206,17 +207,46 @@ def _export(
             seconds["trace"] = time.perf_counter() - t
             tick("trace", len(graphs), len(graphs))
 
-            t = time.perf_counter()
             from edgemoe_ort.export.stream import iter_experts
             from edgemoe_ort.export.trace import ExpertLeakGuard
 
-            total = sum(m.spec.num_experts for m in patched.layers)
-            done = 0
-            # streamed (loaded.experts): each expert is read here, checked against the graphs, then dropped
+            # streamed (loaded.experts): each expert is read after the graphs are written, checked against
+            # them (fingerprints taken here, from the graphs as traced), then dropped
             guard = None
             if loaded.experts is not None:
                 guard = ExpertLeakGuard([(plan.role, proto) for plan, proto, _ in graphs], patched.layers)
                 patched.drop_weights()  # traced: the graphs have their own copy of the dense weights
+
+            # the graphs first: once written, their weights leave memory before any expert is read
+            t = time.perf_counter()
+            tick("write", 0, 1)
+            block_paths = [m.block_path for m in patched.layers]
+            for plan, proto, _ in graphs:
+                label_weight_kinds(proto, loaded.recipe, block_paths)  # before wiring adds unlabelled nodes
+                if lookahead > 0:
+                    wiring[plan.role] = wire_prefetch_inputs(
+                        proto, lookahead=lookahead, token_ids="input_ids" if plan.role == "decoder" else None
+                    )
+                routing[plan.role] = _wire_routing(proto, loaded.recipe, plan.role)
+                dense[plan.role] = dq = quantize_dense(proto, bits=dense_bits, block_size=dense_group_size)
+                if dense_bits < 32 and not sum(dq.weights.values()):
+                    log.warning("%s: --dense-bits %d converted no weight (%s)", plan.role, dense_bits,
+                                "; ".join(dq.summary()[:1] + dq.skipped[:3]))
+                writer.add_graph(plan.role, proto)
+            from edgemoe_ort.export.tokenizer_graphs import write_tokenizer_graphs
+
+            tok_graphs = None
+            if loaded.tokenizer_dir is not None and (loaded.tokenizer_dir / "tokenizer.json").is_file():
+                writer.add_tokenizer(loaded.tokenizer_dir)
+                tok_graphs = write_tokenizer_graphs(writer, loaded.tokenizer_dir).info
+            graph_reports = [r for _, _, r in graphs]
+            del graphs, proto
+            seconds["write"] = time.perf_counter() - t
+            tick("write", 1, 1)
+
+            t = time.perf_counter()
+            total = sum(m.spec.num_experts for m in patched.layers)
+            done = 0
             for m in patched.layers:
                 s = m.spec
                 writer.add_layer(
@@ -248,30 +278,11 @@ def _export(
                 if guard is not None:
                     guard.check_layer(s.layer)
             seconds["experts"] = time.perf_counter() - t
-
             t = time.perf_counter()
-            tick("write", 0, 1)
-            block_paths = [m.block_path for m in patched.layers]
-            for plan, proto, _ in graphs:
-                label_weight_kinds(proto, loaded.recipe, block_paths)  # before wiring adds unlabelled nodes
-                if lookahead > 0:
-                    wiring[plan.role] = wire_prefetch_inputs(
-                        proto, lookahead=lookahead, token_ids="input_ids" if plan.role == "decoder" else None
-                    )
-                routing[plan.role] = _wire_routing(proto, loaded.recipe, plan.role)
-                dense[plan.role] = quantize_dense(proto, bits=dense_bits, block_size=dense_group_size)
-                writer.add_graph(plan.role, proto)
-            from edgemoe_ort.export.tokenizer_graphs import write_tokenizer_graphs
-
-            tok_graphs = None
-            if loaded.tokenizer_dir is not None and (loaded.tokenizer_dir / "tokenizer.json").is_file():
-                writer.add_tokenizer(loaded.tokenizer_dir)
-                tok_graphs = write_tokenizer_graphs(writer, loaded.tokenizer_dir).info
         finally:
             patched.release()
-    seconds["write"] = time.perf_counter() - t
+    seconds["write"] += time.perf_counter() - t  # + the manifest, checks and the move into place
     seconds["total"] = time.perf_counter() - t0
-    tick("write", 1, 1)
     log.info("exported %s to %s in %.1fs", model_id_or_path, out, seconds["total"])
     for role, r in wiring.items():
         for line in r.summary():
@@ -289,7 +300,7 @@ def _export(
         experts=total,
         dtype=dtype,
         seconds=seconds,
-        graphs=[r for _, _, r in graphs],
+        graphs=graph_reports,
         wiring=wiring,
         routing=routing,
         tokenizer_graphs=tok_graphs,

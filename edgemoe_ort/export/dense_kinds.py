@@ -8,7 +8,7 @@ shared experts). Rules, first match wins (docs/bundle-format.md, "Dense weights"
    ``gate`` (Qwen2-MoE's ``shared_expert_gate``) -> ``gate``; another shared-expert child ->
    ``shared_expert``; the rest of the block (its own shape constants) -> ``other``;
 2. a module named ``lm_head`` -> ``lm_head``;
-3. a ``Gather`` whose table (input 0) is a weight -> ``embedding``;
+3. a ``Gather`` whose table (input 0) is a weight -> ``embedding`` (inside an attention module: ``other``);
 4. a module whose name contains ``norm`` -> ``norm``;
 5. a module path with a component containing ``attn`` / ``attention`` -> ``attention``;
 6. a module path with a component ``mlp``, ``ffn``, ``feed_forward`` or ``DenseReluDense`` -> ``dense_mlp``;
@@ -49,11 +49,12 @@ def module_kind(path: str, lookup: bool, recipe: Recipe, block_paths: list[str])
     parts = path.split(".") if path else []
     if parts and parts[-1] == "lm_head":
         return "lm_head"
+    in_attention = any("attn" in p.lower() or "attention" in p.lower() for p in parts)
     if lookup:
-        return "embedding"
+        return "other" if in_attention else "embedding"  # Switch's relative_attention_bias: a tiny table
     if parts and "norm" in parts[-1].lower():
         return "norm"
-    if any("attn" in p.lower() or "attention" in p.lower() for p in parts):
+    if in_attention:
         return "attention"
     if any(p.lower() in _MLP_NAMES for p in parts):
         return "dense_mlp"

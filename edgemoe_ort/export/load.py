@@ -80,6 +80,13 @@ class CheckpointLoadError(ValueError):
     """The checkpoint's weight files are there but do not load (corrupt, truncated, of another model)."""
 
 
+def _weights_error(source: str, exc: BaseException) -> CheckpointLoadError:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return CheckpointLoadError(
+        f"{source}: the checkpoint's weights cannot be loaded ({type(exc).__name__}: {first})"
+    )
+
+
 def load_model(model_id_or_path: str | Path, *, stream: bool = False) -> LoadedModel:
     """``from_pretrained`` in float32, eval mode, with the recipe of its ``model_type``.
 
@@ -106,6 +113,10 @@ def load_model(model_id_or_path: str | Path, *, stream: bool = False) -> LoadedM
         except StreamUnavailable as exc:
             fallback = str(exc)
             log.warning("%s: routed experts not streamed, loading the whole checkpoint: %s", source, fallback)
+        except CheckpointLoadError:
+            raise
+        except Exception as exc:  # a shard's header that safetensors cannot read: the same error as below
+            raise _weights_error(source, exc) from exc
     try:
         if experts is not None:
             from edgemoe_ort.export.stream import load_skeleton
@@ -114,10 +125,7 @@ def load_model(model_id_or_path: str | Path, *, stream: bool = False) -> LoadedM
         else:
             model = auto.from_pretrained(source, config=config, dtype=torch.float32)
     except Exception as exc:  # safetensors, torch.load and transformers each raise their own kinds
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise CheckpointLoadError(
-            f"{source}: the checkpoint's weights cannot be loaded ({type(exc).__name__}: {first})"
-        ) from exc
+        raise _weights_error(source, exc) from exc
     model.eval()
 
     config_dict = checkpoint_config(source)

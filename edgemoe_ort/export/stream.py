@@ -192,7 +192,8 @@ class _LayerPlan:
 
 
 #: conversion operations that may run on one expert's slice: they must not act on dim 0 (the expert axis)
-_PER_EXPERT_OPS = {"Concatenate", "Interleave", "Chunk", "Split", "Transpose"}
+# ("Split" is left out: transformers' Split.convert asks the model for the parameter; the stream passes none)
+_PER_EXPERT_OPS = {"Concatenate", "Interleave", "Chunk", "Transpose"}
 
 
 def _op_dims(op: Any) -> list[int]:

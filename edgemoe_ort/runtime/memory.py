@@ -14,11 +14,13 @@ One definition, used by ``edgemoe-inspect``, the tests and the docs. A process r
   the arena grows by doubling and keeps what it grew.
 - ``op_scratch_bytes``: the ``OffloadedExpert`` op's per-call buffers at ``prompt_tokens`` tokens (gathered
   inputs, per-slot outputs, gate/up and hidden activations: float32, largest layer).
-- ``prepacked_bytes``: ``MatMulNBits`` (``--dense-bits 8|4``) repacks its weights into MLAS's layout when the
-  session is created, and the packed copy is larger than the file's: measured 1.16-1.56x the weight bytes
-  (int4 1.16-1.25x, int8 1.22-1.56x), so :data:`PREPACK_FACTOR` x the graph's uint8 initializer bytes (the
-  block-quantized weights; an embedding's, which is not repacked, is counted too). 0 for float graphs, whose
-  prepacking the fixed overhead covers.
+- ``prepacked_bytes``: what the sessions make of the weights beyond the file, over every model graph
+  (:func:`session_weight_bytes`): ``MatMulNBits`` (``--dense-bits 8|4``) repacks its weights into MLAS's
+  layout when the session is created, and the packed copy is larger than the file's: measured 1.16-1.56x the
+  weight bytes (int4 1.16-1.25x, int8 1.22-1.56x), so :data:`PREPACK_FACTOR` x the uint8 initializer bytes
+  (the block-quantized weights; an embedding's, which is not repacked, is counted too); ``--dense-bits
+  16``'s fp16 weights become float32 copies (2x their bytes). 0 for float32 graphs, whose prepacking the
+  fixed overhead covers.
 - ``load_transient_bytes``: while ORT creates the session it holds the parsed graph file and the weight
   tensors together, so for a moment the dense weights are there twice (measured: up to 2.1x ``dense_bytes``
   at session creation), before any expert is read. Only the part the run-time items above do not already
@@ -49,6 +51,7 @@ __all__ = [
     "FIXED_OVERHEAD_BYTES",
     "ITEMS",
     "PREPACK_FACTOR",
+    "session_weight_bytes",
     "MAX_DEFAULT_PROMPT_TOKENS",
     "activation_bytes",
     "auto_budget",
@@ -179,11 +182,12 @@ def _fields(f: BinaryIO, end: int) -> Any:
 
 
 _UINT8 = 2  # onnx.TensorProto.UINT8
+_FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 
 
-def _uint8_tensor_bytes(f: BinaryIO, end: int) -> int:
-    """Data bytes of the TensorProto in ``[f.tell(), end)`` if it is uint8 (data_type = field 2; raw_data = 9;
-    external_data = 13, its ``length`` entry), else 0; the data itself is skipped."""
+def _tensor_bytes(f: BinaryIO, end: int) -> tuple[int, int]:
+    """(data type, data bytes) of the TensorProto in ``[f.tell(), end)`` (data_type = field 2; raw_data = 9;
+    external_data = 13, its ``length`` entry); the data itself is skipped."""
     data_type = raw = external = 0
     while f.tell() < end:
         key = _varint(f)
@@ -212,18 +216,18 @@ def _uint8_tensor_bytes(f: BinaryIO, end: int) -> int:
             f.seek(4, io.SEEK_CUR)
         else:
             raise ValueError(f"unsupported protobuf wire type {wt}")
-    return (raw or external) if data_type == _UINT8 else 0
+    return data_type, raw or external
 
 
-def _graph_io(path: Path) -> tuple[list[Any], list[Any], int]:
+def _graph_io(path: Path) -> tuple[list[Any], list[Any], dict[int, int]]:
     """(inputs, outputs) of an ONNX model file as ``onnx.ValueInfoProto`` (ModelProto.graph = field 7,
-    GraphProto.input = 11, .output = 12), and the bytes of its uint8 initializers (.initializer = 5), reading
-    only the inputs, outputs and the initializers' headers."""
+    GraphProto.input = 11, .output = 12), and its initializers' data bytes by data type (.initializer = 5),
+    reading only the inputs, outputs and the initializers' headers."""
     import onnx
 
     ins: list[Any] = []
     outs: list[Any] = []
-    uint8 = 0
+    by_type: dict[int, int] = {}
     size = path.stat().st_size
     with open(path, "rb") as f:
         for num, wt, start, n in list(_fields(f, size)):
@@ -235,13 +239,14 @@ def _graph_io(path: Path) -> tuple[list[Any], list[Any], int]:
                     here = f.tell()
                     f.seek(gstart)
                     if gnum == 5:
-                        uint8 += _uint8_tensor_bytes(f, gstart + gn)
+                        dt, n_bytes = _tensor_bytes(f, gstart + gn)
+                        by_type[dt] = by_type.get(dt, 0) + n_bytes
                     else:
                         vi = onnx.ValueInfoProto.FromString(f.read(gn))
                         (ins if gnum == 11 else outs).append(vi)
                     f.seek(here)
             break
-    return ins, outs, uint8
+    return ins, outs, by_type
 
 
 def _dims(vi: Any) -> list[int | None]:
@@ -249,11 +254,11 @@ def _dims(vi: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
 
 
-def _graph_shapes(b: Bundle) -> tuple[int, int | None, int]:
-    """(KV bytes per token, vocab from the logits output, uint8 initializer bytes) of the decoder graph."""
+def _graph_shapes(b: Bundle) -> tuple[int, int | None]:
+    """(KV bytes per token, vocab from the logits output) of the decoder graph."""
     path = b.graph_path("decoder")
     try:
-        ins, outs, uint8 = _graph_io(path)
+        ins, outs, _ = _graph_io(path)
     except (EOFError, ValueError) as exc:  # truncated or not protobuf; onnx's DecodeError is a ValueError too
         raise ValueError(f"{path}: not a valid ONNX model (truncated or corrupt: {exc or 'ends early'}); "
                          "export the bundle again") from None
@@ -268,7 +273,26 @@ def _graph_shapes(b: Bundle) -> tuple[int, int | None, int]:
         if vi.name == "logits":
             d = _dims(vi)
             vocab = d[-1] if d and d[-1] else None
-    return per_token, vocab, uint8
+    return per_token, vocab
+
+
+def session_weight_bytes(bundle: Bundle | str | Path) -> int:
+    """``prepacked_bytes``: what the sessions make of the model graphs' weights beyond their file bytes:
+    :data:`PREPACK_FACTOR` x the uint8 initializer bytes (MatMulNBits repacks them), plus 2x the float16 ones
+    (ORT folds each fp16 weight's Cast into a float32 copy, and may keep the fp16 one until it is done)."""
+    from edgemoe_ort.bundle.format import model_graph_roles
+
+    b = _bundle(bundle)
+    total = 0
+    for role in model_graph_roles(b.graphs):
+        path = b.graph_path(role)
+        try:
+            by_type = _graph_io(path)[2]
+        except (EOFError, ValueError) as exc:
+            raise ValueError(f"{path}: not a valid ONNX model (truncated or corrupt: {exc or 'ends early'}); "
+                             "export the bundle again") from None
+        total += int(PREPACK_FACTOR * by_type.get(_UINT8, 0)) + 2 * by_type.get(_FLOAT16, 0)
+    return total
 
 
 def kv_bytes_per_token(bundle: Bundle | str | Path) -> int:
@@ -336,14 +360,14 @@ def estimate_rss(
     prompt = min(ctx, MAX_DEFAULT_PROMPT_TOKENS) if prompt_tokens is None else int(prompt_tokens)
     if prompt < 1:
         raise ValueError(f"prompt_tokens: expected at least 1 token, found {prompt}")
-    kv_per_token, vocab, uint8 = _graph_shapes(b) if "decoder" in b.graphs else (0, None, 0)
+    kv_per_token, vocab = _graph_shapes(b) if "decoder" in b.graphs else (0, None)
     items = {
         "dense_bytes": b.dense_bytes,
         "expert_bytes": min(budget, b.store_bytes),
         "kv_cache_bytes": 2 * kv_per_token * ctx,
         "activation_bytes": activation_bytes(b, prompt, vocab=vocab),
         "op_scratch_bytes": op_scratch_bytes(b, prompt),
-        "prepacked_bytes": int(PREPACK_FACTOR * uint8),
+        "prepacked_bytes": session_weight_bytes(b),
     }
     running = sum(v for k, v in items.items() if k != "dense_bytes")
     items["load_transient_bytes"] = max(0, items["dense_bytes"] - running)  # the weights twice, at load

@@ -158,9 +158,11 @@ def measure(
     ]
     if not stream:
         cmd.append("--no-stream")
+    load_before = Path("/proc/loadavg").read_text().split()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    load_after = Path("/proc/loadavg").read_text().split()[0]
     timing = _parse_time_v(proc.stderr)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
@@ -189,6 +191,7 @@ def measure(
         "goal_bytes": goal,
         "goal": f"peak RSS <= dense fp32 + {GOAL_SLACK[preset] / GIB:g} GiB",
         "meets_goal": peak <= goal,
+        "loadavg_1min": [float(load_before), float(load_after)],  # the times are noisy when it is high
     }
     Path(out_json).write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -696,8 +696,8 @@ def _export_section(runs: list[dict[str, Any]]) -> list[str]:
         " bytes + 1 GiB (the 1 GiB-store model) and + 1.5 GiB (Mixtral-8x7B's expert shapes).",
         "",
         "| checkpoint | streamed | expert params | dense fp32 | peak RSS | goal | met | wall s | trace s | "
-        "experts s | write s |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "experts s | write s | load avg (1-min) |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         sec = r.get("export_seconds") or {}
@@ -706,15 +706,17 @@ def _export_section(runs: list[dict[str, Any]]) -> list[str]:
             f"{r['expert_params'] / 1e9:.2f} B | {r['dense_fp32_bytes'] / gib:.2f} GiB | "
             f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['goal_bytes'] / gib:.2f} GiB | "
             f"{'yes' if r['meets_goal'] else '**no**'} | {r['elapsed_s']:.0f} | {sec.get('trace', 0):.0f} | "
-            f"{sec.get('experts', 0):.0f} | {sec.get('write', 0):.0f} |"
+            f"{sec.get('experts', 0):.0f} | {sec.get('write', 0):.0f} | "
+            f"{'→'.join('?' if x is None else f'{x:.2f}' for x in r.get('loadavg_1min') or []) or '–'} |"
         )
     L += [
         "",
         "Before streaming (the whole checkpoint loaded in fp32): the 1 GiB-store model peaked at 19.1 GiB "
         "(`build/bench/large-build.log`: 20,068,468 kB, export 165 s); the 8x7B-shape checkpoint would need "
-        "its 17 GB of fp32 experts at once and was not run. What is left above the goal: tracing holds the "
-        "torch model's dense weights and the ONNX graph's copy together (the 1 GiB-store model's peak), and "
-        "one 8x7B expert in fp32 (w_in 470 MB, w_out 235 MB) beside the traced graphs while it is quantized.",
+        "its 17 GB of fp32 experts at once and was not run. The peaks now: tracing, which holds the torch "
+        "model's dense weights and the ONNX graph's copy together (the 1 GiB-store model, above its goal), "
+        "and one 8x7B expert in fp32 (w_in 470 MB, w_out 235 MB) while it is quantized; the graphs are "
+        "written before the experts are read, so their weights are gone by then.",
         "",
     ]
     return L

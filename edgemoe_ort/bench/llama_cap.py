@@ -542,12 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         caps = [Cap(**c) for c in result["caps"]]
         result["summary"] = summarize(result["runs"], caps)
         result["findings"] = _findings(result, caps)
-        a.out.write_text(json.dumps(result, indent=1))
-        table = markdown_table(result)
-        if a.markdown:
-            a.markdown.write_text(table)
-        print(table)
-        return 0
+        return _write_outputs(result, a.out, a.markdown)
     missing = [f"--{k}" for k in ("bin", "gguf", "check", "bundle") if getattr(a, k) is None]
     if missing:
         ap.error(f"expected {', '.join(missing)} (all but --out may be left out only with --from-json)")
@@ -565,11 +560,16 @@ def main(argv: list[str] | None = None) -> int:
     result["check"] = {k: check["check"].get(k) for k in ("gguf", "tokens", "passed", "prompt_ids", "mode",
                                                            "near_ties", "tie_margin", "strict_error")}
     result["gguf_notes"] = [n for n in check.get("notes", []) if n.startswith(a.gguf.stem + ":")]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1))
+    return _write_outputs(result, a.out, a.markdown)
+
+
+def _write_outputs(result: dict[str, Any], out: Path, markdown: Path | None) -> int:
+    """The results JSON, the table (markdown file if asked, and stdout); exit status 0."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     table = markdown_table(result)
-    if a.markdown:
-        a.markdown.write_text(table)
+    if markdown:
+        markdown.write_text(table)
     print(table)
     return 0
 

@@ -21,6 +21,7 @@ __all__ = [
     "KINDS",
     "KIND_KEY",
     "QUANTIZED_KINDS",
+    "bytes_by_kind",
     "dense_bytes_by_kind",
     "initializer_bytes",
     "initializer_kinds",
@@ -134,21 +135,26 @@ def _format(t: onnx.TensorProto, consumers: dict[str, list[onnx.NodeProto]]) -> 
     return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
 
 
+def bytes_by_kind(graph: onnx.GraphProto) -> dict[str, dict[str, int]]:
+    """Bytes of ``graph``'s weights: ``{kind: {format: bytes}}`` for the kinds present, in :data:`KINDS`
+    order; formats ``fp32``, ``fp16``, ``int8``, ``int4`` (data, scales and zero points of a block-quantized
+    weight together), or the element type of other constants (``int64``...)."""
+    kinds = initializer_kinds(graph)
+    consumers = _consumers(graph)
+    out: dict[str, dict[str, int]] = {}
+    for t in graph.initializer:
+        per = out.setdefault(kinds[t.name], {})
+        fmt = _format(t, consumers)
+        per[fmt] = per.get(fmt, 0) + initializer_bytes(t)
+    return {k: out[k] for k in KINDS if k in out}
+
+
 def dense_bytes_by_kind(graph_file: str | Path) -> dict[str, dict[str, int]]:
-    """Bytes of the weights of one graph file: ``{kind: {format: bytes}}`` for the kinds present, in
-    :data:`KINDS` order; formats ``fp32``, ``fp16``, ``int8``, ``int4`` (data, scales and zero points of a
-    block-quantized weight together), or the element type of other constants (``int64``...)."""
+    """:func:`bytes_by_kind` of one graph file (its weights' bytes, without loading external data)."""
     try:
         model = onnx.load(str(graph_file), load_external_data=False)
     except (ValueError, DecodeError) as exc:
         why = str(exc) or "ends early"
         raise ValueError(f"{graph_file}: not a valid ONNX model (truncated or corrupt: {why}); export the "
                          "bundle again") from None
-    kinds = initializer_kinds(model.graph)
-    consumers = _consumers(model.graph)
-    out: dict[str, dict[str, int]] = {}
-    for t in model.graph.initializer:
-        per = out.setdefault(kinds[t.name], {})
-        fmt = _format(t, consumers)
-        per[fmt] = per.get(fmt, 0) + initializer_bytes(t)
-    return {k: out[k] for k in KINDS if k in out}
+    return bytes_by_kind(model.graph)

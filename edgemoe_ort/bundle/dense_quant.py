@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from edgemoe_ort.bundle.dense import (
     KINDS,
     QUANTIZED_KINDS,
-    initializer_bytes,
+    bytes_by_kind,
     initializer_kinds,
     node_kind,
     set_node_kind,
@@ -100,10 +100,8 @@ class DenseQuantReport:
 
 
 def _by_kind(graph: onnx.GraphProto) -> dict[str, int]:
-    kinds = initializer_kinds(graph)
     out = dict.fromkeys(KINDS, 0)
-    for t in graph.initializer:
-        out[kinds[t.name]] += initializer_bytes(t)
+    out.update({k: sum(formats.values()) for k, formats in bytes_by_kind(graph).items()})
     return out
 
 

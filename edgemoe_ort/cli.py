@@ -17,7 +17,9 @@ import typer
 
 from edgemoe_ort.cli_common import (
     CONTEXT_SETTINGS,
+    MissPrecisionOption,
     QuietOption,
+    ThresholdsOption,
     VerboseOption,
     VersionOption,
     check_output_file,
@@ -28,6 +30,7 @@ from edgemoe_ort.cli_common import (
     make_parents,
     out,
     output,
+    parse_thresholds,
     print_table,
     write_output_file,
 )
@@ -52,7 +55,8 @@ export_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS
     ["edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny",
      "edgemoe-export mistralai/Mixtral-8x7B-v0.1 -o bundles/mixtral-int4 --bits 4 --group-size 64",
      "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny --bits 8 --force",
-     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny-d4 --dense-bits 4"],
+     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny-d4 --dense-bits 4",
+     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny-twins --bits 8 --twin int4"],
 ))
 @friendly_errors
 def export(
@@ -78,6 +82,11 @@ def export(
     dense_group_size: Annotated[
         int, typer.Option(help="block size of --dense-bits 8/4 (a power of two >= 16)")
     ] = DEFAULT_DENSE_BLOCK_SIZE,
+    twin: Annotated[
+        str | None,
+        typer.Option(help="add a low-bit twin of every expert in this format (fewer bits than --bits, e.g. "
+                          "int2): edgemoe-run --miss-precision dynamic reads it for unimportant misses"),
+    ] = None,
     version: VersionOption = False,
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
@@ -110,6 +119,15 @@ def export(
         raise ValueError(f"--dense-bits: expected {', '.join(map(str, DENSE_BITS))}, found {dense_bits}")
     if not is_valid_block_size(dense_group_size):
         raise ValueError(f"--dense-group-size: expected a power of two >= 16, found {dense_group_size}")
+    if twin is not None:
+        from edgemoe_ort.bundle.format import twin_choices
+        from edgemoe_ort.quant import BITS
+
+        primary = next(d for d, b in BITS.items() if b == bits)
+        if twin not in twin_choices(primary):
+            listed = ", ".join(twin_choices(primary)) or "none"
+            raise ValueError(f"--twin: expected a format with fewer bits than --bits {bits} ({listed}), "
+                             f"found {twin!r}")
     try:  # all before torch is even imported
         check_target(output_dir, force=force)
     except BundleError as exc:
@@ -141,6 +159,7 @@ def export(
             lookahead=lookahead,
             dense_bits=dense_bits,
             dense_group_size=dense_group_size,
+            twin=twin,
         )
     finally:
         if tasks:
@@ -250,6 +269,8 @@ def run(
     routing_window: Annotated[
         int, typer.Option(help="max-rank: M, the true top-M a resident expert may come from (0 = 2k)")
     ] = 0,
+    miss_precision: MissPrecisionOption = "exact",
+    thresholds: ThresholdsOption = None,
     save_resident: Annotated[
         Path | None, typer.Option(help="after generating, save the resident experts here (for --warm-start)")
     ] = None,
@@ -310,7 +331,8 @@ def run(
                              pin_experts=pin_experts, predictor=predictor, prefetch_depth=prefetch_depth,
                              prefetch_threshold=prefetch_threshold, profile=profile, warm_start=warm_start,
                              routing=routing, routing_lambda=routing_lambda, routing_keep=routing_keep,
-                             routing_window=routing_window)
+                             routing_window=routing_window, miss_precision=miss_precision,
+                             thresholds=parse_thresholds(thresholds))
     try:
         model = load_model(bundle, options, tokenizer=tokenizer)
     except KeyboardInterrupt:
@@ -696,12 +718,13 @@ def inspect(
     print_table(table)
     moe = Table(title="MoE layers")
     for col in ("layers", "experts", "top-k", "hidden", "intermediate", "activation", "dtype", "bits",
-                "group", "bytes/expert"):
-        moe.add_column(col, justify="left" if col in ("layers", "activation", "dtype") else "right")
+                "group", "bytes/expert", "twin"):
+        moe.add_column(col, justify="left" if col in ("layers", "activation", "dtype", "twin") else "right")
     for g in model["layer_groups"]:
         moe.add_row(g["layers"], str(g["num_experts"]), str(g["top_k"]), str(g["hidden"]),
                     str(g["intermediate"]), g["activation"] + (" (gated)" if g["gated"] else ""), g["dtype"],
-                    str(g["bits"]), str(g["group_size"] or "–"), _fmt_bytes(g["expert_bytes"]))
+                    str(g["bits"]), str(g["group_size"] or "–"), _fmt_bytes(g["expert_bytes"]),
+                    g["twin"] or "–")
     print_table(moe)
     dense = Table(title="dense weights (docs/bundle-format.md, 'Dense weights')")
     for col in ("graph", "kind", "format", "bytes"):
@@ -741,8 +764,12 @@ def _model_report(bundle: Any) -> dict[str, Any]:
 
     cfg = bundle.config
     records: dict[int, list[dict[str, Any]]] = {}
+    twins: dict[int, set[str]] = {}
     for r in bundle.manifest["experts"]:
-        records.setdefault(int(r["layer"]), []).append(r)
+        if r.get("variant", 0):
+            twins.setdefault(int(r["layer"]), set()).add(r["format"]["dtype"])
+        else:
+            records.setdefault(int(r["layer"]), []).append(r)
     layers = []
     for lay in bundle.layers:
         recs = records.get(int(lay["layer"]), [])
@@ -756,6 +783,7 @@ def _model_report(bundle: Any) -> dict[str, Any]:
             "bits": max((BITS[f[0]] for f in fmts), default=0),
             "group_size": groups[0] if len(groups) == 1 else None,
             "expert_bytes": max((int(r["length"]) for r in recs), default=0),
+            "twin": ",".join(sorted(twins.get(int(lay["layer"]), ()))) or None,
         })
     groups_out: list[dict[str, Any]] = []
     for lay in layers:
@@ -796,7 +824,7 @@ def _memory_report(
         budget = str(_auto_budget(bundle.path))
     if budget is not None:
         try:
-            resolved = parse_budget(budget, bundle.store_bytes)
+            resolved = parse_budget(budget, bundle.store_bytes, bundle.primary_bytes)
         except ValueError as exc:
             raise ValueError(f"--{exc}") from None
         if resolved < floor:
@@ -806,7 +834,7 @@ def _memory_report(
             )
     estimates: list[dict[str, Any]] = []
     for b in [budget] if budget is not None else ["10%", "25%", "50%", "100%"]:
-        resolved = parse_budget(b, bundle.store_bytes)
+        resolved = parse_budget(b, bundle.store_bytes, bundle.primary_bytes)
         if resolved < floor:
             estimates.append({"budget": b, "budget_bytes": resolved,
                               "error": "< minimum"})

@@ -82,6 +82,9 @@ _FLAG_OF_NAME = {
     "edgemoe.routing_lambda": "--routing-lambda",
     "edgemoe.routing_keep": "--routing-keep",
     "edgemoe.routing_window": "--routing-window",
+    "edgemoe.miss_precision": "--miss-precision",
+    "edgemoe.thresholds": "--thresholds",
+    "miss_precision": "--miss-precision",
     "max_new_tokens": "--max-new-tokens",
     "intra_op_threads": "--threads",
     "io_threads": "--io-threads",
@@ -104,9 +107,36 @@ _NAMES = "|".join(re.escape(k) for k in sorted(_FLAG_OF_NAME, key=len, reverse=T
 _NAME_RE = re.compile(r"(?<![\w.-])(" + _NAMES + r")(?!\w)")
 #: plain words that are a flag only at the start of a message ("budget: expected ...")
 _LEADING_FLAGS = ("budget", "policy", "io", "predictor", "temperature", "seed", "frequencies", "profile",
-                  "stop", "routing")
+                  "stop", "routing", "thresholds", "twin")
 _LEADING_RE = re.compile(r"^(" + "|".join(_LEADING_FLAGS) + r")(?=:| must )")
 _ORT_PREFIX = re.compile(r"^(\[ONNXRuntimeError\] : \d+ : \w+ : )?(Exception during initialization: )?")
+
+
+MissPrecisionOption = Annotated[
+    str, typer.Option(help="which copy a cache miss reads: exact (the primary) or dynamic (HOBBIT: the "
+                      "low-bit twin for unimportant uses, nothing for the least important; "
+                      "docs/op-contract.md)")
+]
+ThresholdsOption = Annotated[
+    str | None, typer.Option(help="dynamic: T1,T2 with 0 <= T1 < T2 <= 1 (e.g. 0.6,0.9)",
+                             show_default="from the bundle's profile, else 0.6,0.9")
+]
+
+
+def parse_thresholds(text: str | None) -> tuple[float, float] | None:
+    """``--thresholds "0.6,0.9"`` -> ``(0.6, 0.9)``; None stays None. Raises ValueError naming the flag."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        t1, t2 = (float(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        t1 = t2 = None
+    if t1 is None or t2 is None or not (0 <= t1 < t2 <= 1):
+        raise ValueError(
+            f"--thresholds: expected T1,T2 with 0 <= T1 < T2 <= 1 (e.g. 0.6,0.9), found {text!r}"
+        )
+    return t1, t2
 
 
 def cli_words(message: str) -> str:

@@ -118,7 +118,7 @@ def test_inspect_json_matches_the_schema(tiny_bundle: Path) -> None:
     assert m["context_length"] == 256 and m["vocab_size"] == 4096 and m["moe_layers"] == 4
     assert m["layer_groups"] == [{"layers": "0-3", "num_experts": 8, "top_k": 2, "hidden": 256,
                                   "intermediate": 384, "gated": True, "activation": "silu", "dtype": "int4",
-                                  "bits": 4, "group_size": 64, "expert_bytes": 163840}]
+                                  "bits": 4, "group_size": 64, "expert_bytes": 163840, "twin": None}]
     assert doc["memory"]["minimum_budget_bytes"] == 163840
     one = _json("edgemoe-inspect", tiny_bundle, "--budget", "25%", "--json")
     _check(one, "edgemoe-inspect --json")

@@ -216,6 +216,29 @@ void apply_routing_keep(RuntimeConfig& c, const std::string& v) {
 void apply_routing_window(RuntimeConfig& c, const std::string& v) {
   c.routing.window = static_cast<int32_t>(parse_int("edgemoe.routing_window", v, 0, 1024));
 }
+void apply_miss_precision(RuntimeConfig& c, const std::string& v) {
+  if (v == "exact") c.precision.mode = MissPrecision::Exact;
+  else if (v == "dynamic") c.precision.mode = MissPrecision::Dynamic;
+  else throw Error("edgemoe.miss_precision: expected exact or dynamic, found '" + v + "'");
+}
+void apply_thresholds(RuntimeConfig& c, const std::string& v) {
+  auto bad = [&] {
+    return Error("edgemoe.thresholds: expected 'T1,T2' with 0 <= T1 < T2 <= 1 (e.g. '0.6,0.9'), found '" + v + "'");
+  };
+  const size_t comma = v.find(',');
+  if (comma == std::string::npos) throw bad();
+  auto num = [&](const std::string& t) {
+    char* end = nullptr;
+    const double x = std::strtod(t.c_str(), &end);
+    if (t.empty() || end != t.c_str() + t.size() || !(x >= 0 && x <= 1)) throw bad();
+    return static_cast<float>(x);
+  };
+  const float t1 = num(v.substr(0, comma)), t2 = num(v.substr(comma + 1));
+  if (!(t1 < t2)) throw bad();
+  c.precision.t1 = t1;
+  c.precision.t2 = t2;
+  c.precision.thresholds_given = true;
+}
 }  // namespace
 
 const std::vector<ConfigKey>& config_keys() {
@@ -281,6 +304,13 @@ const std::vector<ConfigKey>& config_keys() {
        apply_routing_keep, false},
       {"edgemoe.routing_window", "2k", "`max-rank`: M, the true top-M a resident expert may come from, `0..1024` (0 = 2k)",
        apply_routing_window, false},
+      {"edgemoe.miss_precision", "exact",
+       "which copy a cache miss reads: `exact` (the primary, always) or `dynamic` (HOBBIT: by the use's unimportance "
+       "s, the primary for s <= T1, the bundle's low-bit twin for T1 < s <= T2, nothing above T2)",
+       apply_miss_precision, false},
+      {"edgemoe.thresholds", "from the profile, else 0.6,0.9",
+       "`dynamic`: `T1,T2`, 0 <= T1 < T2 <= 1 (default: the profile's gate weights give HOBBIT's 67/30/3 split)",
+       apply_thresholds, false},
   };
   return table;
 }

@@ -3,14 +3,16 @@
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <tuple>
 
 #include "edgemoe/warm_start.h"
 
 namespace edgemoe {
 
 namespace {
-std::optional<RoutingProfile> open_profile(const Manifest& m, const PrefetchOptions& o) {
-  const bool needed = o.predictor != "none" || o.warm_start == "profile";
+std::optional<RoutingProfile> open_profile(const Manifest& m, const PrefetchOptions& o,
+                                          bool derive_thresholds_from_profile) {
+  const bool needed = o.predictor != "none" || o.warm_start == "profile" || derive_thresholds_from_profile;
   if (!needed) return std::nullopt;
   std::string path = o.profile;
   if (path.empty()) {
@@ -36,7 +38,10 @@ std::map<std::string, std::weak_ptr<Engine>>& registry() {
 
 Engine::Engine(Manifest manifest, const RuntimeConfig& cfg) {
   const PrefetchOptions& po = cfg.prefetch;
-  std::optional<RoutingProfile> profile = open_profile(manifest, po);
+  precision_ = cfg.precision;
+  const bool derive = precision_.mode == MissPrecision::Dynamic && !precision_.thresholds_given;
+  std::optional<RoutingProfile> profile = open_profile(manifest, po, derive);
+  if (derive && profile) std::tie(precision_.t1, precision_.t2) = derive_thresholds(*profile);
   std::vector<ExpertKey> warm;
   if (!po.warm_start.empty()) {
     if (po.warm_start == "profile" && !profile)
@@ -46,7 +51,8 @@ Engine::Engine(Manifest manifest, const RuntimeConfig& cfg) {
     warm = warm_set(po.warm_start, manifest, profile ? &*profile : nullptr);
   }
   StoreOptions so = cfg.store;
-  so.budget_bytes = parse_budget(cfg.budget, manifest.store_size);
+  // "" = everything fits (twins too); a percentage is of the primaries (the whole store without twins).
+  so.budget_bytes = cfg.budget.empty() ? manifest.store_size : parse_budget(cfg.budget, manifest.primary_bytes());
   const size_t num_layers = manifest.layers.size();
   store_ = std::make_unique<ExpertStore>(std::move(manifest), so);
   router_ = std::make_unique<CacheAwareRouter>(cfg.routing, num_layers);
@@ -54,8 +60,16 @@ Engine::Engine(Manifest manifest, const RuntimeConfig& cfg) {
     const std::shared_ptr<StoreStats>& st = store_->stats();
     std::lock_guard<std::mutex> lk(st->mu);
     st->routing = routing_rule_name(cfg.routing.rule);
+    st->miss_precision = precision_.mode == MissPrecision::Dynamic ? "dynamic" : "exact";
+    st->threshold_t1 = precision_.mode == MissPrecision::Dynamic ? precision_.t1 : 0.0;
+    st->threshold_t2 = precision_.mode == MissPrecision::Dynamic ? precision_.t2 : 0.0;
+    size_t twins = 0;
+    for (const auto& l : store_->manifest().twins)
+      for (const auto& t : l) twins += t.has_value();
+    st->num_twins = twins;
   }
-  if (po.predictor != "none") prefetcher_ = std::make_unique<Prefetcher>(*store_, po, std::move(profile));
+  if (po.predictor != "none")
+    prefetcher_ = std::make_unique<Prefetcher>(*store_, po, std::move(profile), precision_);
   if (!warm.empty()) warm_start(*store_, warm);
 }
 

@@ -71,28 +71,54 @@ const char* activation_name(Activation a) {
   return "?";
 }
 
-const ExpertRecord& Manifest::record(int64_t layer, int64_t expert) const {
+const ExpertRecord& Manifest::record(int64_t layer, int64_t expert, int32_t variant) const {
   if (layer < 0 || layer >= static_cast<int64_t>(experts.size()) || expert < 0 ||
-      expert >= static_cast<int64_t>(experts[static_cast<size_t>(layer)].size())) {
+      expert >= static_cast<int64_t>(experts[static_cast<size_t>(layer)].size()) ||
+      (variant != kPrimary && variant != kTwin)) {
     throw Error(error_message(manifest_path.string(), layer, expert, "", "no such expert",
                               "layer < " + std::to_string(experts.size()) + " and expert < num_experts",
                               "no record"));
   }
+  if (variant == kTwin) {
+    const ExpertRecord* t = twin(layer, expert);
+    if (!t) throw Error(error_message(manifest_path.string(), layer, expert, "", "no such twin", "a twin record", "none"));
+    return *t;
+  }
   return experts[static_cast<size_t>(layer)][static_cast<size_t>(expert)];
+}
+
+const ExpertRecord* Manifest::twin(int64_t layer, int64_t expert) const {
+  if (twins.empty() || layer < 0 || layer >= static_cast<int64_t>(twins.size()) || expert < 0 ||
+      expert >= static_cast<int64_t>(twins[static_cast<size_t>(layer)].size()))
+    return nullptr;
+  const auto& t = twins[static_cast<size_t>(layer)][static_cast<size_t>(expert)];
+  return t ? &*t : nullptr;
 }
 
 uint64_t Manifest::largest_length() const {
   uint64_t m = 0;
   for (const auto& l : experts)
     for (const auto& r : l) m = std::max(m, r.length);
+  for (const auto& l : twins)
+    for (const auto& r : l)
+      if (r) m = std::max(m, r->length);
   return m;
 }
 
-size_t Manifest::num_records() const { return layer_base_.empty() ? 0 : layer_base_.back(); }
+uint64_t Manifest::primary_bytes() const {
+  uint64_t n = 0;
+  for (const auto& l : experts)
+    for (const auto& r : l) n += r.length;
+  return n;
+}
 
-size_t Manifest::record_index(int64_t layer, int64_t expert) const {
-  (void)record(layer, expert);  // bounds check
-  return layer_base_[static_cast<size_t>(layer)] + static_cast<size_t>(expert);
+size_t Manifest::num_experts() const { return layer_base_.empty() ? 0 : layer_base_.back(); }
+
+size_t Manifest::num_records() const { return num_experts() * (has_twins() ? 2 : 1); }
+
+size_t Manifest::record_index(int64_t layer, int64_t expert, int32_t variant) const {
+  (void)record(layer, expert, variant);  // bounds check
+  return (variant == kTwin ? num_experts() : 0) + layer_base_[static_cast<size_t>(layer)] + static_cast<size_t>(expert);
 }
 
 const std::vector<ReaderLimit>& reader_limits() {
@@ -344,8 +370,9 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
     if (it == doc.end() || !it->is_string() || it->get<std::string>() != "edgemoe-bundle")
       v.fail("format", "", "'edgemoe-bundle'", it == doc.end() ? "nothing" : dump(*it));
     auto vt = doc.find("format_version");
-    if (vt == doc.end() || !vt->is_number_integer() || vt->get<int64_t>() != 1)
-      v.fail("format_version", "unsupported format version", "1", vt == doc.end() ? "nothing" : dump(*vt));
+    if (vt == doc.end() || !vt->is_number_integer() || (vt->get<int64_t>() != 1 && vt->get<int64_t>() != 2))
+      v.fail("format_version", "unsupported format version", "1 or 2", vt == doc.end() ? "nothing" : dump(*vt));
+    m.format_version = static_cast<int>(vt->get<int64_t>());
   }
 
   // --- store -------------------------------------------------------------------------------------------
@@ -426,9 +453,11 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
   const json& recs = v.get(doc, "experts", "experts", json::value_t::array, "list");
   std::vector<ExpertRecord> parsed;
   parsed.reserve(recs.size());
-  std::unordered_map<uint64_t, size_t> where;  // (layer << 32 | expert) -> index in recs
+  std::unordered_map<uint64_t, size_t> where;  // (layer << 32 | expert << 1 | variant) -> index in recs
   where.reserve(recs.size());
-  auto key_of = [](int64_t l, int64_t e) { return static_cast<uint64_t>(l) << 32 | static_cast<uint64_t>(e); };
+  auto key_of = [](int64_t l, int64_t e, int64_t variant = kPrimary) {
+    return static_cast<uint64_t>(l) << 32 | static_cast<uint64_t>(e) << 1 | static_cast<uint64_t>(variant);
+  };
   for (size_t n = 0; n < recs.size(); ++n) {
     const std::string f = "experts[" + std::to_string(n) + "]";
     const json& R = recs[n];
@@ -440,14 +469,23 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
     const int64_t e = v.get_int(R, "expert", f + ".expert", 0, li);
     if (e >= lay.num_experts)
       v.fail(f + ".expert", "", "< num_experts (" + std::to_string(lay.num_experts) + ")", std::to_string(e), li);
-    const auto seen = where.emplace(key_of(li, e), n);
+    int64_t variant = kPrimary;
+    if (auto vr = R.find("variant"); vr != R.end()) {
+      if (m.format_version < 2)
+        v.fail(f + ".variant", "", "no variant in format_version 1", dump(*vr), li, e);
+      if (!vr->is_number_integer() || (vr->get<int64_t>() != kPrimary && vr->get<int64_t>() != kTwin))
+        v.fail(f + ".variant", "", "one of 0, 1", dump(*vr), li, e);
+      variant = vr->get<int64_t>();
+    }
+    const auto seen = where.emplace(key_of(li, e, variant), n);
     if (!seen.second)
-      v.fail(f, "duplicate expert record", "one record", "another at experts[" + std::to_string(seen.first->second) + "]",
-             li, e);
+      v.fail(f, variant == kTwin ? "duplicate twin record" : "duplicate expert record", "one record",
+             "another at experts[" + std::to_string(seen.first->second) + "]", li, e);
 
     ExpertRecord r;
     r.layer = static_cast<int32_t>(li);
     r.expert = static_cast<int32_t>(e);
+    r.variant = static_cast<int32_t>(variant);
     r.offset = static_cast<uint64_t>(v.get_int(R, "offset", f + ".offset", 0, li, e));
     r.length = static_cast<uint64_t>(v.get_int(R, "length", f + ".length", 1, li, e));
     r.size = static_cast<uint64_t>(v.get_int(R, "size", f + ".size", 0, li, e));
@@ -563,7 +601,8 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
   // incomplete one looks at most (its records + 1) keys.
   {
     std::vector<int64_t> per_layer(m.layers.size(), 0);
-    for (const auto& r : parsed) ++per_layer[static_cast<size_t>(r.layer)];
+    for (const auto& r : parsed)
+      if (r.variant == kPrimary) ++per_layer[static_cast<size_t>(r.layer)];
     for (size_t li = 0; li < m.layers.size(); ++li) {
       if (per_layer[li] == m.layers[li].num_experts) continue;
       int64_t e = 0;
@@ -571,22 +610,50 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
       v.fail("experts", "missing expert record", "one record", "none", static_cast<int64_t>(li), e);
     }
   }
+  const bool any_twin = std::any_of(parsed.begin(), parsed.end(), [](const ExpertRecord& r) { return r.variant == kTwin; });
   m.experts.resize(m.layers.size());
+  if (any_twin) m.twins.resize(m.layers.size());
   m.layer_base_.assign(m.layers.size() + 1, 0);
   for (size_t i = 0; i < m.layers.size(); ++i) {
     m.layer_base_[i + 1] = m.layer_base_[i] + static_cast<size_t>(m.layers[i].num_experts);
     m.experts[i].resize(static_cast<size_t>(m.layers[i].num_experts));
+    if (any_twin) m.twins[i].resize(static_cast<size_t>(m.layers[i].num_experts));
   }
-  for (auto& r : parsed) {
+  for (size_t n = 0; n < parsed.size(); ++n) {
+    ExpertRecord& r = parsed[n];
     const size_t li = static_cast<size_t>(r.layer), e = static_cast<size_t>(r.expert);
-    m.experts[li][e] = std::move(r);
+    if (r.variant == kTwin) {
+      m.twins[li][e] = std::move(r);
+      ++m.num_twins_;
+    } else {
+      m.experts[li][e] = std::move(r);
+    }
+  }
+  // a twin has fewer bits than its primary
+  for (size_t li = 0; li < m.twins.size(); ++li) {
+    for (size_t e = 0; e < m.twins[li].size(); ++e) {
+      const auto& t = m.twins[li][e];
+      if (!t) continue;
+      const FormatTraits& tp = format_traits(m.experts[li][e].dtype);
+      const FormatTraits& tt = format_traits(t->dtype);
+      if (tt.bits >= tp.bits)
+        v.fail("experts[" + std::to_string(where.at(key_of(static_cast<int64_t>(li), static_cast<int64_t>(e), kTwin))) +
+                   "].format.dtype",
+               std::string("a twin has fewer bits than its primary: twin ") + tt.name + " (" +
+                   std::to_string(tt.bits) + " bits) beside primary " + tp.name + " (" + std::to_string(tp.bits) +
+                   " bits)",
+               "", "", static_cast<int64_t>(li), static_cast<int64_t>(e));
+    }
   }
   // blobs must not overlap
   std::vector<const ExpertRecord*> by_off;
   for (const auto& l : m.experts)
     for (const auto& r : l) by_off.push_back(&r);
+  for (const auto& l : m.twins)
+    for (const auto& r : l)
+      if (r) by_off.push_back(&*r);
   std::sort(by_off.begin(), by_off.end(), [](const ExpertRecord* a, const ExpertRecord* b) {
-    return std::tie(a->offset, a->layer, a->expert) < std::tie(b->offset, b->layer, b->expert);
+    return std::tie(a->offset, a->layer, a->expert, a->variant) < std::tie(b->offset, b->layer, b->expert, b->variant);
   });
   for (size_t i = 1; i < by_off.size(); ++i) {
     const ExpertRecord& a = *by_off[i - 1];

@@ -74,8 +74,12 @@ void gemm_parallel(const ParallelFor& pf, const QMatrix& W, const float* X, int6
   });
 }
 
+constexpr int32_t kSkipped = -1;  // a variant value: the expert is not computed this call
+
 struct Workspace {
   MoePlan plan;
+  std::vector<int32_t> variant;
+  std::vector<float> smin, s, wk;
   FloatScratch z, xg, a, hb;
   void trim() noexcept {
     z.trim();
@@ -89,7 +93,7 @@ struct Workspace {
 
 void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_t* idx, const float* w,
              int64_t T, int64_t H, int64_t K, float* Y, const ParallelFor& pf,
-             const std::function<void()>& after_demands) {
+             const std::function<void()>& after_demands, const PrecisionOptions& precision) {
   const Manifest& m = store.manifest();
   const LayerInfo& lay = m.layers.at(static_cast<size_t>(a.layer));
   const int64_t E = lay.num_experts;
@@ -116,8 +120,44 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
   // 1. Group (token, slot) pairs by expert: counting sort, pairs of one expert in (token, slot) order.
   MoePlan& plan = ws.plan;
   plan.build(idx, T, K, E, where);
-  // 2. Access order: resident experts first (they compute while the others are read), then the rest.
-  plan.order_by_residency([&](int32_t e) { return store.is_resident(a.layer, e); });
+  // 2. Which copy of each used expert (exact: the primary), then the access order: resident experts first
+  //    (they compute while the others are read), then the rest; skipped experts are left out.
+  std::vector<int32_t>& variant = ws.variant;  // per expert: kPrimary, kTwin or kSkipped
+  variant.assign(static_cast<size_t>(E), kPrimary);
+  const bool dynamic = precision.mode == MissPrecision::Dynamic;
+  bool any_skip = false;
+  if (dynamic) {
+    std::vector<float>& smin = ws.smin;  // per expert: the unimportance of its most important use
+    std::vector<float>& s = ws.s;
+    smin.assign(static_cast<size_t>(E), 2.0f);
+    s.resize(static_cast<size_t>(K));
+    ws.wk.resize(static_cast<size_t>(K));
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t k = 0; k < K; ++k) ws.wk[static_cast<size_t>(k)] = idx[t * K + k] >= 0 ? w[t * K + k] : 0.0f;
+      unimportance(ws.wk.data(), K, s.data());
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t e = idx[t * K + k];
+        if (e >= 0) smin[static_cast<size_t>(e)] = std::min(smin[static_cast<size_t>(e)], s[static_cast<size_t>(k)]);
+      }
+    }
+    for (int32_t e = 0; e < E; ++e) {
+      if (plan.count(e) == 0 || store.is_resident(a.layer, e, kPrimary)) continue;
+      const Precision p = precision_for(smin[static_cast<size_t>(e)], precision);
+      if (p == Precision::High) continue;  // read the primary (also upgrades over a resident twin)
+      const bool twin = m.twin(a.layer, e) != nullptr;
+      if (twin && (p == Precision::Low || store.is_resident(a.layer, e, kTwin))) {
+        variant[static_cast<size_t>(e)] = kTwin;
+      } else if (p == Precision::Skip) {
+        variant[static_cast<size_t>(e)] = kSkipped;
+        any_skip = true;
+      }
+    }
+  }
+  plan.order_by_residency([&](int32_t e) {
+    const int32_t v = variant[static_cast<size_t>(e)];
+    return v != kSkipped && store.is_resident(a.layer, e, v);
+  });
+  if (any_skip) plan.drop_from_order([&](int32_t e) { return variant[static_cast<size_t>(e)] == kSkipped; });
   const std::vector<int32_t>& order = plan.order();
   const int64_t P = plan.pairs(), max_n = plan.max_count();
 
@@ -133,7 +173,8 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
   size_t issued = 0;
   auto issue_ahead = [&] {
     while (issued < order.size()) {
-      std::optional<ExpertStore::Pin> p = store.try_acquire(a.layer, order[issued]);
+      std::optional<ExpertStore::Pin> p =
+          store.try_acquire(a.layer, order[issued], variant[static_cast<size_t>(order[issued])]);
       if (!p) break;
       pins[issued++] = std::move(p);
     }
@@ -151,7 +192,7 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
   for (size_t oi = 0; oi < order.size(); ++oi) {
     const int32_t e = order[oi];
     if (oi == issued) {  // not issued ahead: no pins held now
-      pins[oi] = store.acquire(a.layer, e);
+      pins[oi] = store.acquire(a.layer, e, variant[static_cast<size_t>(e)]);
       ++issued;
     }
     issue_ahead();
@@ -195,22 +236,52 @@ void run_moe(ExpertStore& store, const MoeAttrs& a, const float* X, const int64_
     pins[oi]->release();
   }
 
-  // 5. Y[t] = sum_k w[t,k] * Z[pair(t,k)], in slot order (deterministic whatever the access order).
+  // 5. Y[t] = sum_k w[t,k] * Z[pair(t,k)], in slot order (deterministic whatever the access order). A token
+  //    that lost an expert to a skip has its remaining weights scaled by (sum of all) / (sum of the kept).
+  auto skipped = [&](int64_t t, int64_t k) {
+    return any_skip && variant[static_cast<size_t>(idx[t * K + k])] == kSkipped;
+  };
   const int64_t tchunk = 16;
   run_parallel(pf, static_cast<size_t>((T + tchunk - 1) / tchunk), [&](size_t c) {
     const int64_t t1 = std::min(T, static_cast<int64_t>(c + 1) * tchunk);
     for (int64_t t = static_cast<int64_t>(c) * tchunk; t < t1; ++t) {
       float* y = Y + t * H;
       std::fill(y, y + H, 0.0f);
+      float scale = 1.0f;
+      bool rescale = false;
+      if (any_skip) {
+        double all = 0, kept = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          if (plan.pair_of(t, k) < 0) continue;
+          all += w[t * K + k];
+          if (!skipped(t, k)) kept += w[t * K + k];
+          else rescale = true;
+        }
+        if (rescale && kept > 0) scale = static_cast<float>(all / kept);
+      }
       for (int64_t k = 0; k < K; ++k) {
         const int64_t p = plan.pair_of(t, k);
-        if (p < 0) continue;
-        const float wk = w[t * K + k];
+        if (p < 0 || skipped(t, k)) continue;
+        const float wk = rescale ? w[t * K + k] * scale : w[t * K + k];
         const float* z = &Z[static_cast<size_t>(p * H)];
         for (int64_t j = 0; j < H; ++j) y[j] += wk * z[j];
       }
     }
   });
+  {  // uses by precision
+    uint64_t high = 0, low = 0, skip = 0;
+    for (int32_t e = 0; e < E; ++e) {
+      const uint64_t n = static_cast<uint64_t>(plan.count(e));
+      if (!n) continue;
+      const int32_t v = variant[static_cast<size_t>(e)];
+      (v == kPrimary ? high : v == kTwin ? low : skip) += n;
+    }
+    CallStats* sink = thread_stats_current(store.options().store_id).get();
+    StoreStats& st = *store.stats();
+    if (high) st.count(&LayerCounters::uses_high, a.layer, sink, high);
+    if (low) st.count(&LayerCounters::uses_low, a.layer, sink, low);
+    if (skip) st.count(&LayerCounters::uses_skipped, a.layer, sink, skip);
+  }
   store.stats()->calls.fetch_add(1, std::memory_order_relaxed);
 }
 

@@ -50,6 +50,10 @@ void MoePlan::order_by_residency(const std::function<bool(int32_t)>& resident) {
   order_.insert(order_.end(), cold_.begin(), cold_.end());
 }
 
+void MoePlan::drop_from_order(const std::function<bool(int32_t)>& drop) {
+  order_.erase(std::remove_if(order_.begin(), order_.end(), [&](int32_t e) { return drop(e); }), order_.end());
+}
+
 float* FloatScratch::get(size_t floats) {
   const size_t bytes = std::max<size_t>(floats, 1) * sizeof(float);
   if (mem_.size() < bytes) {

@@ -20,7 +20,8 @@ constexpr Counter kCounters[] = {
     &LayerCounters::prefetch_issued_bytes, &LayerCounters::prefetch_used, &LayerCounters::prefetch_hidden,
     &LayerCounters::prefetch_hidden_bytes, &LayerCounters::prefetch_late, &LayerCounters::prefetch_wasted,
     &LayerCounters::prefetch_wasted_bytes, &LayerCounters::prefetch_dropped, &LayerCounters::route_selections,
-    &LayerCounters::route_changed,
+    &LayerCounters::route_changed,  &LayerCounters::uses_high,       &LayerCounters::uses_low,
+    &LayerCounters::uses_skipped,
 };
 }  // namespace
 
@@ -60,6 +61,7 @@ nlohmann::ordered_json LayerCounters::to_json() const {
   j["routing"] = {{"selections", ld(route_selections)},
                   {"changed", ld(route_changed)},
                   {"misses_avoided", route_misses_avoided.load(std::memory_order_relaxed)}};
+  j["uses"] = {{"high", ld(uses_high)}, {"low", ld(uses_low)}, {"skipped", ld(uses_skipped)}};
   return j;
 }
 
@@ -145,6 +147,8 @@ std::string StoreStats::to_json() const {
     j["prefetch"] = summed["prefetch"];
     j["routing"] = summed["routing"];
     j["routing"]["rule"] = routing;
+    j["uses"] = summed["uses"];
+    j["miss_precision"] = {{"mode", miss_precision}, {"t1", threshold_t1}, {"t2", threshold_t2}, {"twins", num_twins}};
     nlohmann::ordered_json ls = nlohmann::ordered_json::array();
     for (const auto& l : layers) ls.push_back(l.to_json());
     j["layers"] = std::move(ls);

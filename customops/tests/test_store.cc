@@ -69,9 +69,9 @@ static void test_manifest_errors() {
   }
   {
     TestBundle b = fresh();
-    b.manifest["format_version"] = 2;
+    b.manifest["format_version"] = 3;
     b.write_manifest();
-    EXPECT_ERROR(load_manifest(d), "format_version", "expected 1", "found 2");
+    EXPECT_ERROR(load_manifest(d), "format_version", "expected 1 or 2", "found 3");
   }
   {
     TestBundle b = fresh();

@@ -58,14 +58,21 @@ def validate_args(
     io_threads: int,
     predictors: str | None = None,
     routings: str | None = None,
+    precisions: str | None = None,
     threads: int | None,
     rss: bool,
     rss_tokens: int,
 ) -> dict[str, Any]:
     """Check every flag (ValueError / FileNotFoundError with one line naming it) and return the parsed
     values: ``budgets``, ``modes`` (or None), ``policies`` (or None), ``predictors`` (or None), ``routings``
-    (or None), ``profile`` (dict or None)."""
-    from edgemoe_ort.bench.runner import check_policies, parse_policies, parse_predictors, parse_routings
+    (or None), ``precisions`` (or None), ``profile`` (dict or None)."""
+    from edgemoe_ort.bench.runner import (
+        check_policies,
+        parse_policies,
+        parse_precisions,
+        parse_predictors,
+        parse_routings,
+    )
     from edgemoe_ort.bench.storage import load_profile
     from edgemoe_ort.bundle import Bundle
     from edgemoe_ort.runtime.ops import RuntimeOptions, parse_budget
@@ -84,7 +91,7 @@ def validate_args(
     b = Bundle.open(bundle)
     for x in budget_list:
         try:
-            parse_budget(x, b.store_bytes)
+            parse_budget(x, b.store_bytes, b.primary_bytes)
         except ValueError as e:
             raise ValueError(f"--budgets: {e}") from None
     mode_list = None
@@ -132,6 +139,12 @@ def validate_args(
         routing_list = parse_routings(routings)
         if mode_list is not None and "edgemoe" not in mode_list:
             raise ValueError("--routing chooses the edgemoe mode's routing rule, but --modes leaves it out")
+    precision_list = None
+    if precisions is not None:
+        precision_list = parse_precisions(precisions)
+        if mode_list is not None and "edgemoe" not in mode_list:
+            raise ValueError("--miss-precision chooses the edgemoe mode's miss precision, but --modes leaves "
+                             "it out")
     prof = load_profile(profile) if profile else None
     if trace is not None and not trace.is_file():
         raise FileNotFoundError(f"--trace: {trace}: no such file")
@@ -145,8 +158,19 @@ def validate_args(
         "policies": policy_list,
         "predictors": predictor_list,
         "routings": routing_list,
+        "precisions": precision_list,
         "profile": prof,
     }
+
+
+def _miss_cell(m: dict[str, Any]) -> str:
+    """``exact``, or ``dynamic 70/27/3`` (the decode uses high / low / skipped, percent)."""
+    spec = m.get("miss_precision") or "exact"
+    u = m.get("uses_per_token") or {}
+    total = sum(u.values())
+    if spec == "exact" or not total:
+        return spec
+    return f"{spec} " + "/".join(f"{100 * u.get(k, 0) / total:.0f}" for k in ("high", "low", "skipped"))
 
 
 bench_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS)
@@ -214,6 +238,13 @@ def bench(
             " max-rank:J[:M]): each is a mode edgemoe[P/rule]@budget in the same interleaved run"
         ),
     ] = None,
+    miss_precision: Annotated[
+        str | None,
+        typer.Option(
+            help="miss precisions to compare, e.g. exact,dynamic or dynamic:0.6:0.9 (a bundle with twins: "
+            "edgemoe-export --twin): each is a mode edgemoe[P~spec]@budget in the same interleaved run"
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="ORT intra-op threads")] = None,
     io_threads: Annotated[int, typer.Option(help="I/O threads")] = 2,
     rss: Annotated[bool, typer.Option(help="measure peak RSS per mode in a fresh subprocess")] = True,
@@ -237,7 +268,7 @@ def bench(
         bundle, budgets=budgets, tokens=tokens, repeats=repeats, profile=profile, trace=trace, modes=modes,
         policy=policy, policies=policies, frequencies=frequencies, policy_weights=policy_weights,
         pin_experts=pin_experts, io_threads=io_threads, threads=threads, rss=rss, rss_tokens=rss_tokens,
-        predictors=predictors, routings=routing,
+        predictors=predictors, routings=routing, precisions=miss_precision,
     )
     if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
         raise ValueError(f"--json and --plot: both name {json_out}")
@@ -281,7 +312,7 @@ def bench(
         bundle, budgets=v["budgets"], tokens=tokens, prompt_ids=prompt_ids, trace=trace, repeats=repeats,
         profile=profile, io_threads=io_threads, threads=threads, rss=rss, rss_decode_tokens=rss_tokens,
         modes=v["modes"], policies=v["policies"], predictors=v["predictors"], routings=v["routings"],
-        frequencies=frequencies,
+        precisions=v["precisions"], frequencies=frequencies,
         policy_weights=policy_weights,
         pin_experts=pin_experts,
         log=lambda s: None if output.quiet else err.print(f"[dim]{escape(s)}[/]", highlight=False),
@@ -296,7 +327,7 @@ def bench(
                         f"median of {repeats}, "
                         f"roofline bw {result['roofline_bw_bytes_per_s'] / 1e6:.0f} MB/s, "
                         f"compute {result['compute_s_per_token'] * 1e3:.1f} ms/token{busy}")
-    left = ("mode", "policy", "predictor", "routing", "budget")
+    left = ("mode", "policy", "predictor", "routing", "miss", "budget")
     for col in (*left, "decode tok/s", "prefill tok/s", "TTFT s", "MB/tok", "hit", "stall ms/tok",
                 "pf precision", "peak RSS", "ratio to roofline"):
         table.add_column(col, justify="left" if col in left else "right")
@@ -304,7 +335,8 @@ def bench(
         prec = m.get("prefetch_precision")
         table.add_row(
             m["mode"], m.get("policy") or "–", m.get("predictor") or "–",
-            (m.get("routing") or "exact") if m["mode"] == "edgemoe" else "–", m["budget"] or "–",
+            (m.get("routing") or "exact") if m["mode"] == "edgemoe" else "–",
+            _miss_cell(m) if m["mode"] == "edgemoe" else "–", m["budget"] or "–",
             f"{m['decode_tokens_per_s']:.2f}",
             f"{m['prefill_tokens_per_s']:.1f}",
             f"{m['ttft_s']:.3f}", f"{m['bytes_read_per_token'] / 1e6:.2f}",

@@ -116,7 +116,8 @@ def ours_budget_for_cap(bundle: Any, cap: Cap, *, context: int, prompt_tokens: i
     from edgemoe_ort.runtime.ops import parse_budget
 
     if cap.kind == "ours" and cap.budget is not None:
-        return parse_budget(cap.budget, bundle.store_bytes), f"{cap.budget} (the cap's own budget)"
+        own = parse_budget(cap.budget, bundle.store_bytes, bundle.primary_bytes)
+        return own, f"{cap.budget} (the cap's own budget)"
     floor = minimum_budget(bundle)
 
     def total(b: int) -> int:

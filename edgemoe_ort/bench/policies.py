@@ -188,7 +188,7 @@ def run_policies(
     if tokens < windows:
         raise ValueError(f"--tokens {tokens}: at least one decode token per window ({windows} windows)")
     per_window = tokens // windows
-    budget_bytes = parse_budget(budget, bundle.store_bytes)
+    budget_bytes = parse_budget(budget, bundle.store_bytes, bundle.primary_bytes)
     lengths = lengths_from_bundle(bundle)
     num_layers = len(lengths)
     eval_windows = heldout_windows(tok, windows, prompt + per_window)

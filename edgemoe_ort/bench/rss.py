@@ -1,6 +1,7 @@
 """Peak RSS of one mode, in a fresh process: ``python -m edgemoe_ort.bench.rss '<json spec>'``.
 
-The spec (JSON): ``bundle``, ``mode``, ``budget``, ``policy``, ``predictor`` and ``routing`` (edgemoe modes),
+The spec (JSON): ``bundle``, ``mode``, ``budget``, ``policy``, ``predictor``, ``routing`` and ``precision``
+(edgemoe modes),
 ``tokens`` (generation length: prefill + ``tokens - 1`` decode steps), ``prompt_ids``, ``trace``,
 ``io_threads``, ``threads``, ``profile``, ``policy_options`` (``frequencies`` / ``policy_weights`` /
 ``pin_experts``).
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     bundle = Bundle.open(spec["bundle"])
     prof = load_profile(spec["profile"]) if spec.get("profile") else None
     mode = Mode(
-        spec["mode"], spec.get("budget"), spec.get("policy"), spec.get("predictor"), spec.get("routing")
+        spec["mode"], spec.get("budget"), spec.get("policy"), spec.get("predictor"), spec.get("routing"),
+        spec.get("precision"),
     )
     wl = make_workload(
         bundle, tokens=int(spec["tokens"]), prompt_ids=spec.get("prompt_ids"), trace=spec.get("trace")

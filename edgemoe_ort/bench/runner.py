@@ -66,6 +66,8 @@ __all__ = [
     "parse_predictors",
     "parse_routing",
     "parse_routings",
+    "parse_precision",
+    "parse_precisions",
     "parse_policies",
     "CACHE_POLICIES",
     "RESULT_FIELDS",
@@ -107,14 +109,17 @@ class Mode:
     policy: str | None = None  # edgemoe only: lru | lfu | edgemoe | hobbit | pinned (None = lru)
     predictor: str | None = None  # edgemoe only: table | gates | token | auto (None = no prefetching)
     routing: str | None = None  # edgemoe only: a routing spec (parse_routing; None = exact)
+    precision: str | None = None  # edgemoe only: a miss-precision spec (parse_precision; None = exact)
 
     @property
     def label(self) -> str:
         """Unique name in a run: ``naive``, ``mmap@25%``, ``edgemoe@25%``, ``edgemoe[lfu]@25%``,
         ``edgemoe[lfu+auto]@25%``, ``edgemoe[+gates]@25%`` (default policy, predictor gates),
-        ``edgemoe[lru/cache-prior:0.35]@25%`` (a routing rule)."""
+        ``edgemoe[lru/cache-prior:0.35]@25%`` (a routing rule), ``edgemoe[lru~dynamic]@25%`` (a miss
+        precision)."""
         tag = (self.policy or "") + (f"+{self.predictor}" if self.predictor else "")
         tag += f"/{self.routing}" if self.routing else ""
+        tag += f"~{self.precision}" if self.precision else ""
         name = f"{self.name}[{tag}]" if tag else self.name
         return name if self.budget is None else f"{name}@{self.budget}"
 
@@ -153,6 +158,7 @@ class Mode:
             extra = {k: v for k, v in (policy_options or {}).items() if v is not None}
             common["predictor"] = self.predictor or "none"
             common.update(parse_routing(self.routing) if self.routing else {})
+            common.update(parse_precision(self.precision) if self.precision else {})
             return RuntimeOptions(
                 policy=self.policy or "lru", io="direct", budget=self.budget, **common, **extra
             )
@@ -166,19 +172,52 @@ def modes_for(
     policies: Sequence[str] | None = None,
     predictors: Sequence[str] | None = None,
     routings: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None,
 ) -> list[Mode]:
     """Every mode of a run: resident, inmemory, naive, mmap at each budget, then edgemoe at each budget —
     once (policy lru, label ``edgemoe@B``) if ``policies`` is None, else once per policy and budget (label
     ``edgemoe[P]@B``), grouped by policy; with ``predictors`` once per policy, predictor and budget
     (``edgemoe[P+pred]@B``; predictor ``none`` is the mode without prefetching); with ``routings`` once
-    more per routing spec (``edgemoe[P+pred/spec]@B``; ``exact`` is the router's own choice)."""
+    more per routing spec (``edgemoe[P+pred/spec]@B``; ``exact`` is the router's own choice); with
+    ``precisions`` once more per miss-precision spec (``edgemoe[P~dynamic]@B``; ``exact`` reads primaries)."""
     out = [Mode("resident"), Mode("inmemory"), Mode("naive")]
     out += [Mode("mmap", b) for b in budgets]
     pols: list[str | None] = list(policies) if policies is not None else [None]
     preds: list[str | None] = [None if x == "none" else x for x in predictors] if predictors else [None]
     routes: list[str | None] = [None if x == "exact" else x for x in routings] if routings else [None]
-    out += [Mode("edgemoe", b, p, q, r) for p in pols for q in preds for r in routes for b in budgets]
+    precs: list[str | None] = [None if x == "exact" else x for x in precisions] if precisions else [None]
+    out += [Mode("edgemoe", b, p, q, r, c) for p in pols for q in preds for r in routes for c in precs
+            for b in budgets]
     return out
+
+
+def parse_precision(spec: str) -> dict[str, Any]:
+    """A miss-precision spec -> RuntimeOptions fields: ``exact``; ``dynamic`` (thresholds from the profile);
+    ``dynamic:T1:T2``. Raises ValueError naming ``--miss-precision``."""
+    parts = spec.split(":")
+    try:
+        if parts == ["exact"]:
+            return {"miss_precision": "exact"}
+        if parts[0] == "dynamic" and len(parts) in (1, 3):
+            out: dict[str, Any] = {"miss_precision": "dynamic"}
+            if len(parts) == 3:
+                out["thresholds"] = (float(parts[1]), float(parts[2]))
+            RuntimeOptions(**out)  # the ranges
+            return out
+    except ValueError:
+        pass
+    raise ValueError(f"--miss-precision: expected exact, dynamic or dynamic:T1:T2 (0 <= T1 < T2 <= 1), "
+                     f"found {spec!r}")
+
+
+def parse_precisions(text: str | Sequence[str], *, flag: str = "--miss-precision") -> list[str]:
+    """``"exact,dynamic:0.6:0.9"`` (or a list) -> the specs, each checked by :func:`parse_precision`."""
+    items = [x.strip() for x in text.split(",")] if isinstance(text, str) else list(text)
+    if not items or any(not x for x in items) or len(set(items)) != len(items):
+        raise ValueError(f"{flag}: expected a comma-separated list of specs without repeats, found {text!r}")
+    for x in items:
+        parse_precision(x)
+    return items
 
 
 def parse_routing(spec: str) -> dict[str, Any]:
@@ -514,16 +553,20 @@ class ReplayWorkload:
 _PREFETCH_KEYS = ("issued", "used", "hidden", "wasted", "wasted_bytes")
 
 
+_USES_KEYS = ("high", "low", "skipped")
+
+
 def _flat(st: dict[str, Any]) -> dict[str, Any]:
-    """The stats with the nested ``prefetch`` counters as ``prefetch_<key>``."""
-    p = st.get("prefetch") or {}
-    return {**st, **{f"prefetch_{k}": p.get(k, 0) for k in _PREFETCH_KEYS}}
+    """The stats with the nested ``prefetch`` and ``uses`` counters as ``prefetch_<key>``, ``uses_<key>``."""
+    p, u = st.get("prefetch") or {}, st.get("uses") or {}
+    return {**st, **{f"prefetch_{k}": p.get(k, 0) for k in _PREFETCH_KEYS},
+            **{f"uses_{k}": u.get(k, 0) for k in _USES_KEYS}}
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     keys = ("hits", "misses", "reads", "bytes_read", "read_s", "stall_s", "throttle_s", "evictions") + tuple(
         f"prefetch_{k}" for k in _PREFETCH_KEYS
-    )
+    ) + tuple(f"uses_{k}" for k in _USES_KEYS)
     a, b = _flat(a), _flat(b)
     return {k: float(b.get(k, 0)) - float(a.get(k, 0)) for k in keys}
 
@@ -591,6 +634,9 @@ def summarize(
         "policy": mode.cache_policy,
         "predictor": mode.predictor,
         "routing": mode.routing or "exact",
+        "miss_precision": mode.precision or "exact",
+        "uses_per_token": {k: _median([r["decode_stats"].get(f"uses_{k}", 0.0) / max(dec_tokens, 1)
+                                       for r in runs]) for k in ("high", "low", "skipped")},
         "prefetch_precision": used / issued if issued else None,
         "prefetch_wasted_bytes_per_token": _median(
             [r["decode_stats"].get("prefetch_wasted_bytes", 0.0) / max(dec_tokens, 1) for r in runs]
@@ -667,6 +713,7 @@ def measure_rss(
                 "policy": mode.policy,
                 "predictor": mode.predictor,
                 "routing": mode.routing,
+                "precision": mode.precision,
             }
         ),
     ]
@@ -759,6 +806,7 @@ def run_bench(
     policies: Sequence[str] | None = None,
     predictors: Sequence[str] | None = None,
     routings: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None,
     frequencies: str | Path | None = None,
     policy_weights: str | None = None,
     pin_experts: int | None = None,
@@ -779,9 +827,11 @@ def run_bench(
         predictors = parse_predictors(list(predictors))
     if routings is not None:
         routings = parse_routings(list(routings))
+    if precisions is not None:
+        precisions = parse_precisions(list(precisions))
     if rss and rss_decode_tokens < 1:
         raise ValueError(f"rss_decode_tokens: expected at least 1, found {rss_decode_tokens}")
-    all_modes = modes_for(list(budgets), policies, predictors, routings)
+    all_modes = modes_for(list(budgets), policies, predictors, routings, precisions)
     if modes is not None:
         all_modes = [m for m in all_modes if m.name in set(modes) or m.name == "resident"]
     workload = make_workload(bundle, tokens=tokens, prompt_ids=prompt_ids, trace=trace)
@@ -807,6 +857,7 @@ def run_bench(
         "policies": list(policies) if policies is not None else None,
         "predictors": list(predictors) if predictors is not None else None,
         "routings": list(routings) if routings is not None else None,
+        "precisions": list(precisions) if precisions is not None else None,
         "policy_options": policy_options,
         "io_threads": io_threads,
         "threads": threads,
@@ -868,7 +919,7 @@ def run_bench(
     log(f"  resident compute {compute_s * 1e3:.1f} ms/token (misses during it: {misses})")
     rows = []
     for m in all_modes:
-        bb = None if m.budget is None else parse_budget(m.budget, bundle.store_bytes)
+        bb = None if m.budget is None else parse_budget(m.budget, bundle.store_bytes, bundle.primary_bytes)
         rows.append(summarize(m, runs[m.label], workload.prompt_tokens(), compute_s, bw, bb))
     result["modes"] = rows
     result["ratios_withheld"] = ratios_withheld(rows, compute_s)

@@ -209,7 +209,7 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
             b = Bundle.open(path)  # names the missing / bad manifest
             for x in [v for v in (a.budgets if flag == "small" else a.large_budgets).split(",") if v]:
                 try:
-                    parse_budget(x, b.store_bytes)
+                    parse_budget(x, b.store_bytes, b.primary_bytes)
                 except ValueError as e:
                     raise ValueError(f"--{'budgets' if flag == 'small' else 'large-budgets'}: {e}") from None
     if a.trace is not None and not Path(a.trace).is_file():

@@ -1,4 +1,4 @@
-"""Constants and shared helpers of bundle format v1 (docs/bundle-format.md)."""
+"""Constants and shared helpers of the bundle format, versions 1 and 2 (docs/bundle-format.md)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ from typing import Any
 import numpy as np
 
 from edgemoe_ort.bundle.errors import MAX_MESSAGE_PART
-from edgemoe_ort.quant import DTYPES, QuantizedMatrix, num_groups
+from edgemoe_ort.quant import BITS, DTYPES, QuantizedMatrix, num_groups
 
 FORMAT = "edgemoe-bundle"
-FORMAT_VERSION = 1
+#: the newest format version; a bundle is written with the lowest version that can hold it
+#: (:func:`manifest_version`), so bundles without twins stay readable by version-1 readers
+FORMAT_VERSION = 2
+#: the versions the readers accept (the native reader: customops/src/manifest.cc, the same rules)
+FORMAT_VERSIONS = (1, 2)
+#: expert record ``variant`` (version 2): 0 the primary copy, 1 its low-bit twin (HOBBIT); version-1
+#: records have no ``variant`` and are primaries
+PRIMARY = 0
+TWIN = 1
+VARIANTS = (PRIMARY, TWIN)
 MANIFEST = "manifest.json"
 STORE_FILE = "experts.bin"
 ALIGNMENT = 4096
@@ -65,6 +74,25 @@ TENSOR_DTYPES: dict[str, np.dtype] = {
 #: weight dtype of each expert format
 WEIGHT_TENSOR_DTYPE: dict[str, str] = {"fp32": "f32", "fp16": "f16", "int8": "u8", "int4": "u4"}
 QUANTIZED = ("int8", "int4")
+
+
+def manifest_version(has_twins: bool) -> int:
+    """The format version a bundle is written with: 2 if it holds a twin record, else 1."""
+    return 2 if has_twins else 1
+
+
+def twin_error(primary_dtype: str, twin_dtype: str) -> str | None:
+    """Why a twin of ``twin_dtype`` cannot stand beside a primary of ``primary_dtype`` (a twin has fewer
+    bits than its primary), or None."""
+    if BITS[twin_dtype] >= BITS[primary_dtype]:
+        return (f"a twin has fewer bits than its primary: twin {twin_dtype} ({BITS[twin_dtype]} bits) beside "
+                f"primary {primary_dtype} ({BITS[primary_dtype]} bits)")
+    return None
+
+
+def twin_choices(primary_dtype: str) -> tuple[str, ...]:
+    """The formats a twin of a ``primary_dtype`` expert may have: the quantized ones with fewer bits."""
+    return tuple(d for d in QUANTIZED if BITS[d] < BITS[primary_dtype])
 
 
 def model_graph_roles(graphs: Any) -> list[str]:

@@ -21,7 +21,7 @@ from .format import (
     ALIGNMENT,
     CHECKSUM,
     FORMAT,
-    FORMAT_VERSION,
+    FORMAT_VERSIONS,
     MANIFEST,
     MAX_DIM,
     MAX_EXPERTS,
@@ -31,11 +31,14 @@ from .format import (
     SCHEME_QUANT,
     TENSOR_ALIGNMENT,
     TENSOR_DTYPES,
+    TWIN,
+    VARIANTS,
     check_relpath,
     expected_tensors,
     inside,
     json_nesting_error,
     tensor_nbytes,
+    twin_error,
 )
 
 _HEX16 = re.compile(r"[0-9a-f]{16}")  # used with fullmatch: "$" would also match before a final newline
@@ -47,6 +50,8 @@ def _is_int(v: object) -> bool:
 
 class _Validator:
     def __init__(self, root: Path, manifest_path: Path, m: Any) -> None:
+        self.version = 1
+        self.twins: dict[tuple[int, int], dict[str, Any]] = {}
         self.root = root
         self.mf = manifest_path
         self.m = m
@@ -125,10 +130,14 @@ class _Validator:
         if fmt != FORMAT:
             raise self.err(field="format", expected=repr(FORMAT), found=repr(fmt))
         ver = m.get("format_version")
-        if not _is_int(ver) or ver != FORMAT_VERSION:
+        if not _is_int(ver) or ver not in FORMAT_VERSIONS:
             raise self.err(
-                "unsupported format version", field="format_version", expected=FORMAT_VERSION, found=repr(ver)
+                "unsupported format version",
+                field="format_version",
+                expected=" or ".join(map(str, FORMAT_VERSIONS)),
+                found=repr(ver),
             )
+        self.version = int(ver)
         model = self.get(m, "model", "model", "dict")
         self.get(model, "family", "model.family", "str")
         self.get(model, "config", "model.config", "dict")
@@ -189,21 +198,24 @@ class _Validator:
 
         records = self.get(m, "experts", "experts", "list")
         by_key: dict[tuple[int, int], dict[str, Any]] = {}
-        where: dict[tuple[int, int], int] = {}
+        twins: dict[tuple[int, int], dict[str, Any]] = {}
+        where: dict[tuple[int, int, int], int] = {}
         for n, rec in enumerate(records):
-            by_key_item = self.record(n, rec, layers, size)
-            key = (by_key_item["layer"], by_key_item["expert"])
-            if key in by_key:
+            item = self.record(n, rec, layers, size)
+            key = (item["layer"], item["expert"])
+            variant = item["variant"]
+            table = twins if variant == TWIN else by_key
+            if key in table:
                 raise self.err(
-                    "duplicate expert record",
+                    "duplicate twin record" if variant == TWIN else "duplicate expert record",
                     field=f"experts[{n}]",
                     layer=key[0],
                     expert=key[1],
                     expected="one record",
-                    found=f"another at experts[{where[key]}]",
+                    found=f"another at experts[{where[(*key, variant)]}]",
                 )
-            by_key[key] = rec
-            where[key] = n
+            table[key] = rec
+            where[(*key, variant)] = n
         for li, layer in enumerate(layers):
             for e in range(layer["num_experts"]):
                 if (li, e) not in by_key:
@@ -215,8 +227,18 @@ class _Validator:
                         expected="one record",
                         found="none",
                     )
+        for key, twin in twins.items():  # every twin stands beside its primary (checked complete above)
+            why = twin_error(by_key[key]["format"]["dtype"], twin["format"]["dtype"])
+            if why:
+                raise self.err(
+                    why, field=f"experts[{where[(*key, TWIN)]}].format.dtype", layer=key[0], expert=key[1]
+                )
+        self.twins = twins
         # blobs must not overlap
-        spans = sorted((r["offset"], r["offset"] + r["length"], k) for k, r in by_key.items())
+        spans = sorted(
+            [(r["offset"], r["offset"] + r["length"], k) for k, r in by_key.items()]
+            + [(r["offset"], r["offset"] + r["length"], k) for k, r in twins.items()]
+        )
         for (_, end0, k0), (start1, _, k1) in zip(spans, spans[1:], strict=False):
             if start1 < end0:
                 raise self.err(
@@ -241,6 +263,15 @@ class _Validator:
         if e >= ne:
             raise self.err(field=f"{f}.expert", layer=li, expected=f"< num_experts ({ne})", found=e)
         kw: dict[str, Any] = {"layer": li, "expert": e}
+        variant = 0
+        if "variant" in rec:
+            if self.version < 2:
+                raise self.err(field=f"{f}.variant", expected="no variant in format_version 1",
+                               found=repr(rec["variant"]), **kw)
+            variant = rec["variant"]
+            if not _is_int(variant) or variant not in VARIANTS:
+                raise self.err(field=f"{f}.variant", expected=f"one of {', '.join(map(str, VARIANTS))}",
+                               found=repr(variant), **kw)
         off = self.get_int(rec, "offset", f"{f}.offset", **kw)
         length = self.get_int(rec, "length", f"{f}.length", 1, **kw)
         size = self.get_int(rec, "size", f"{f}.size", **kw)
@@ -355,7 +386,7 @@ class _Validator:
                     found=s1,
                     **kw,
                 )
-        return {"layer": li, "expert": e}
+        return {"layer": li, "expert": e, "variant": int(variant)}
 
 
 def _read_manifest(mf: Path) -> Any:
@@ -450,11 +481,13 @@ class Bundle:
         manifest: dict[str, Any],
         store_path: Path,
         records: dict[tuple[int, int], dict[str, Any]],
+        twins: dict[tuple[int, int], dict[str, Any]] | None = None,
     ) -> None:
         self._path = path
         self._manifest = manifest
         self._store_path = store_path
         self._records = records
+        self._twins = dict(twins or {})
 
     @classmethod
     def open(cls, path: str | Path) -> Bundle:
@@ -474,11 +507,12 @@ class Bundle:
         mf = root / MANIFEST
         manifest = _read_manifest(mf)
         try:
-            store_path, _, records = _Validator(root, mf, manifest).run()
+            validator = _Validator(root, mf, manifest)
+            store_path, _, records = validator.run()
         except OSError as exc:  # a path the OS refuses (too long a name, a loop of symlinks...)
             where = Path(exc.filename) if isinstance(exc.filename, str) else mf
             raise BundleError(where, f"cannot be read: {exc.strerror or exc}") from None
-        return cls(root, manifest, store_path, records)
+        return cls(root, manifest, store_path, records, validator.twins)
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -519,6 +553,17 @@ class Bundle:
         return int(self._manifest["store"]["size"])
 
     @property
+    def primary_bytes(self) -> int:
+        """Bytes of the primary experts' blobs: what a budget given in percent is a share of (the whole store
+        for a bundle without twins)."""
+        return sum(int(r["length"]) for r in self._records.values())
+
+    @property
+    def twins(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """The low-bit twin records by ``(layer, expert)`` (empty for a bundle without twins)."""
+        return dict(self._twins)
+
+    @property
     def dense_bytes(self) -> int:
         """Bytes of the graph files and their external data (sibling files named ``<graph file>*``)."""
         files: set[Path] = set()
@@ -541,23 +586,27 @@ class Bundle:
             )
         return self._path / graphs[role]
 
-    def expert_record(self, layer: int, expert: int) -> dict[str, Any]:
-        rec = self._records.get((int(layer), int(expert)))
+    def expert_record(self, layer: int, expert: int, variant: int = 0) -> dict[str, Any]:
+        """The manifest record of ``(layer, expert)``: its primary, or its twin for ``variant`` 1."""
+        table = self._twins if variant == TWIN else self._records
+        rec = table.get((int(layer), int(expert)))
         if rec is None:
             raise BundleError(
                 self._path / MANIFEST,
-                "no such expert",
+                "no such twin" if variant == TWIN else "no such expert",
                 layer=layer,
                 expert=expert,
-                expected=f"layer < {len(self.layers)} and expert < num_experts",
+                expected=f"layer < {len(self.layers)} and expert < num_experts"
+                + (" with a twin record" if variant == TWIN else ""),
                 found="no record",
             )
         return rec
 
     # -- reading ----------------------------------------------------------------------------------------
-    def read_blob(self, layer: int, expert: int, verify: bool = True) -> bytes:
-        """The meaningful bytes ``blob[0:size]`` of one expert; checksum verified unless ``verify=False``."""
-        rec = self.expert_record(layer, expert)
+    def read_blob(self, layer: int, expert: int, verify: bool = True, variant: int = 0) -> bytes:
+        """The meaningful bytes ``blob[0:size]`` of one expert (its twin for ``variant`` 1); checksum verified
+        unless ``verify=False``."""
+        rec = self.expert_record(layer, expert, variant)
         with open(self._store_path, "rb") as f:
             f.seek(rec["offset"])
             buf = f.read(rec["size"])
@@ -585,10 +634,12 @@ class Bundle:
                 )
         return buf
 
-    def read_expert(self, layer: int, expert: int, verify: bool = True) -> dict[str, np.ndarray]:
+    def read_expert(
+        self, layer: int, expert: int, verify: bool = True, variant: int = 0
+    ) -> dict[str, np.ndarray]:
         """Raw stored tensors of one expert by name (``u4`` as packed ``uint8 [rows, ceil(cols/2)]``)."""
-        rec = self.expert_record(layer, expert)
-        buf = self.read_blob(layer, expert, verify=verify)
+        rec = self.expert_record(layer, expert, variant)
+        buf = self.read_blob(layer, expert, verify=verify, variant=variant)
         out: dict[str, np.ndarray] = {}
         for name, t in rec["tensors"].items():
             dt = TENSOR_DTYPES[t["dtype"]]
@@ -601,13 +652,13 @@ class Bundle:
         return out
 
     def expert_matrices(
-        self, layer: int, expert: int, verify: bool = True
+        self, layer: int, expert: int, verify: bool = True, variant: int = 0
     ) -> tuple[QuantizedMatrix, QuantizedMatrix, np.ndarray | None, np.ndarray | None]:
-        rec = self.expert_record(layer, expert)
+        rec = self.expert_record(layer, expert, variant)
         fmt = rec["format"]
         dtype = fmt["dtype"]
         gs = int(fmt["group_size"]) if dtype in QUANTIZED else 0
-        t = self.read_expert(layer, expert, verify=verify)
+        t = self.read_expert(layer, expert, verify=verify, variant=variant)
         mats = []
         for w in ("w_in", "w_out"):
             shape = rec["tensors"][w]["shape"]
@@ -619,10 +670,10 @@ class Bundle:
         return mats[0], mats[1], t.get("b_in"), t.get("b_out")
 
     def dequantized_expert(
-        self, layer: int, expert: int, verify: bool = True
+        self, layer: int, expert: int, verify: bool = True, variant: int = 0
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """``(w_in f32 [rows_in, H], w_out f32 [H, I], b_in, b_out)`` exactly as the kernels see them."""
-        w_in, w_out, b_in, b_out = self.expert_matrices(layer, expert, verify=verify)
+        w_in, w_out, b_in, b_out = self.expert_matrices(layer, expert, verify=verify, variant=variant)
         return w_in.dequantize(), w_out.dequantize(), b_in, b_out
 
     # -- reporting --------------------------------------------------------------------------------------
@@ -641,7 +692,13 @@ class Bundle:
             "store_bytes": self.store_bytes,
             "dense_bytes": self.dense_bytes,
             "expert_bytes": sum(int(r["size"]) for r in recs),
-            "largest_expert_bytes": max((int(r["length"]) for r in recs), default=0),
+            "twins": len(self._twins),
+            "twin_dtypes": dict(sorted(Counter(r["format"]["dtype"] for r in self._twins.values()).items())),
+            "twin_bytes": sum(int(r["size"]) for r in self._twins.values()),
+            "primary_bytes": self.primary_bytes,
+            "largest_expert_bytes": max(
+                (int(r["length"]) for r in [*recs, *self._twins.values()]), default=0
+            ),
             "graphs": dict(self.graphs),
             "tokenizer": self._manifest.get("tokenizer"),
         }

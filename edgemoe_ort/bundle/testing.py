@@ -149,10 +149,12 @@ def make_synthetic_bundle(
     force: bool = False,
     lookahead: int = 0,
     token_ids: bool = False,
+    twin: str | None = None,
 ) -> Bundle:
     """Write a bundle of random experts (weights ~ N(0, 1/sqrt(in))) plus a ``model.onnx`` chaining one
     ``OffloadedExpert`` node per layer (see :func:`make_moe_graph`, which gets ``lookahead`` and
-    ``token_ids``). Returns the opened bundle.
+    ``token_ids``). Returns the opened bundle. ``twin``: add a low-bit twin of every expert in that format
+    (the same random primaries as without, for the same ``seed``).
 
     ``dtype``: one format for every expert; a list indexed by expert (same for every layer); a list of
     lists indexed ``[layer][expert]``; or a callable ``(layer, expert) -> dtype``.
@@ -189,6 +191,9 @@ def make_synthetic_bundle(
                     b_in=b_in,
                     b_out=b_out,
                 )
+                if twin is not None:
+                    w.add_expert(li, e, w_in, w_out, dtype=twin, group_size=group_size, b_in=b_in,
+                                 b_out=b_out, variant=1)
         layers = [
             dict(
                 num_experts=num_experts,

@@ -19,7 +19,7 @@ import onnx
 import psutil
 import xxhash
 
-from edgemoe_ort.quant import quantize
+from edgemoe_ort.quant import DTYPES, quantize
 
 from .errors import BundleError, BundleExistsError
 from .format import (
@@ -27,17 +27,21 @@ from .format import (
     ALIGNMENT,
     CHECKSUM,
     FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
+    PRIMARY,
     STORE_FILE,
     TENSOR_ALIGNMENT,
     TOKENIZER_DIR,
     TOKENIZER_FILES,
+    TWIN,
+    VARIANTS,
     align_up,
     check_relpath,
     layer_shapes,
+    manifest_version,
     matrix_tensors,
     record_format,
+    twin_error,
     version_string,
 )
 from .profile import PROFILE, PROFILE_FORMAT, manifest_identity
@@ -318,7 +322,7 @@ class BundleWriter:
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._tmp.mkdir()
         self._layers: dict[int, dict[str, Any]] = {}
-        self._records: dict[tuple[int, int], dict[str, Any]] = {}
+        self._records: dict[tuple[int, int, int], dict[str, Any]] = {}  # (layer, expert, variant)
         self._graphs: dict[str, str] = {}
         self._tokenizer: str | None = None
         self._tokenizer_graphs: dict[str, Any] | None = None
@@ -427,11 +431,16 @@ class BundleWriter:
         group_size: int = 64,
         b_in: np.ndarray | None = None,
         b_out: np.ndarray | None = None,
+        variant: int = PRIMARY,
     ) -> dict[str, Any]:
-        """Quantize one expert and append its blob to the store now. Returns its manifest record."""
+        """Quantize one expert and append its blob to the store now. Returns its manifest record.
+
+        ``variant`` :data:`~edgemoe_ort.bundle.format.TWIN` adds the expert's low-bit twin (fewer bits than
+        its primary, which is added first); a bundle with twins is written as format version 2.
+        """
         self._require_open()
         try:
-            return self._add_expert(layer, expert, w_in, w_out, dtype, group_size, b_in, b_out)
+            return self._add_expert(layer, expert, w_in, w_out, dtype, group_size, b_in, b_out, variant)
         except BaseException:
             self.abort()
             raise
@@ -446,6 +455,7 @@ class BundleWriter:
         group_size: int,
         b_in: np.ndarray | None,
         b_out: np.ndarray | None,
+        variant: int = PRIMARY,
     ) -> dict[str, Any]:
         kw: dict[str, Any] = {"layer": layer, "expert": expert}
         if layer not in self._layers:
@@ -466,9 +476,20 @@ class BundleWriter:
             raise BundleError(
                 self.path, field="expert", expected=f"0 <= expert < {lay['num_experts']}", found=expert, **kw
             )
-        key = (int(layer), int(expert))
+        if isinstance(variant, bool) or variant not in VARIANTS:
+            raise BundleError(
+                self.path, field="variant", expected=f"one of {list(VARIANTS)}", found=variant, **kw
+            )
+        key = (int(layer), int(expert), int(variant))
         if key in self._records:
-            raise BundleError(self.path, "expert added twice", **kw)
+            raise BundleError(self.path, "twin added twice" if variant else "expert added twice", **kw)
+        if variant == TWIN:
+            primary = self._records.get((key[0], key[1], PRIMARY))
+            if primary is None:
+                raise BundleError(self.path, "add the primary before its twin", field="variant", **kw)
+            why = twin_error(primary["format"]["dtype"], dtype) if dtype in DTYPES else None
+            if why:
+                raise BundleError(self.path, why, field="dtype", **kw)
         shapes = layer_shapes(lay)
         arrays = {"w_in": w_in, "w_out": w_out, "b_in": b_in, "b_out": b_out}
         for name, a in arrays.items():
@@ -626,10 +647,16 @@ class BundleWriter:
     # -- finish -----------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         layers = [self._layers[i] for i in sorted(self._layers)]
+        version = manifest_version(any(k[2] == TWIN for k in self._records))
+        records = [self._records[k] for k in sorted(self._records)]
+        if version >= 2:  # every record names its variant, after its expert (version 1 has none)
+            records = [{"layer": r["layer"], "expert": r["expert"], "variant": k[2],
+                        **{f: v for f, v in r.items() if f not in ("layer", "expert")}}
+                       for k, r in zip(sorted(self._records), records, strict=True)]
         extra = {} if self._tokenizer_graphs is None else {"tokenizer_graphs": self._tokenizer_graphs}
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "created_by": version_string(),
             "model": {"family": self.family, "config": self.config},
             "graphs": dict(self._graphs),
@@ -642,7 +669,7 @@ class BundleWriter:
                 "checksum": CHECKSUM,
             },
             "layers": layers,
-            "experts": [self._records[k] for k in sorted(self._records)],
+            "experts": records,
         }
 
     def close(self) -> Bundle:
@@ -660,7 +687,7 @@ class BundleWriter:
                 )
             for li in ids:
                 for e in range(self._layers[li]["num_experts"]):
-                    if (li, e) not in self._records:
+                    if (li, e, PRIMARY) not in self._records:
                         raise BundleError(self.path, "expert never added", layer=li, expert=e)
             self._store.flush()
             os.fsync(self._store.fileno())

@@ -14,7 +14,9 @@ import typer
 
 from edgemoe_ort.cli_common import (
     CONTEXT_SETTINGS,
+    MissPrecisionOption,
     QuietOption,
+    ThresholdsOption,
     VerboseOption,
     VersionOption,
     command_kwargs,
@@ -23,6 +25,7 @@ from edgemoe_ort.cli_common import (
     friendly_errors,
     out,
     output,
+    parse_thresholds,
 )
 
 from .perplexity import DEFAULT_WINDOW, MODES
@@ -80,6 +83,8 @@ def evaluate(
         int, typer.Option(help="max-rank: M, the true top-M a resident expert may come from (0 = 2k)")
     ] = 0,
     io: Annotated[str, typer.Option(help="expert reads: direct, buffered, mmap")] = "direct",
+    miss_precision: MissPrecisionOption = "exact",
+    thresholds: ThresholdsOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     version: VersionOption = False,
     verbose: VerboseOption = False,
@@ -106,6 +111,7 @@ def evaluate(
     options = RuntimeOptions(
         budget=budget, policy=policy, predictor=predictor, io=io, routing=routing,
         routing_lambda=routing_lambda, routing_keep=routing_keep, routing_window=routing_window,
+        miss_precision=miss_precision, thresholds=parse_thresholds(thresholds),
     )
     b = Bundle.open(bundle)
     from edgemoe_ort.bundle.format import model_graph_roles
@@ -152,6 +158,11 @@ def evaluate(
     if r:
         out.print(f"routing {r.get('rule', routing)}: {r.get('changed', 0)} of {r.get('selections', 0)} "
                   f"selections changed, {r.get('misses_avoided', 0)} reads avoided", highlight=False)
+    u, mp = c.get("uses") or {}, c.get("miss_precision") or {}
+    if mp.get("mode") == "dynamic":
+        out.print(f"miss precision dynamic (T1 {mp['t1']:.3f}, T2 {mp['t2']:.3f}): uses "
+                  f"{u.get('high', 0)} high, {u.get('low', 0)} low (twin), {u.get('skipped', 0)} skipped",
+                  highlight=False)
 
 
 def _all_tokens(files: list[Any], tokenizer: Any, separator: int | None, cap: int) -> Any:
@@ -170,5 +181,5 @@ def _all_tokens(files: list[Any], tokenizer: Any, separator: int | None, cap: in
 
 def _options_doc(o: Any) -> dict[str, Any]:
     keys = ("budget", "policy", "predictor", "io", "routing", "routing_lambda", "routing_keep",
-            "routing_window")
+            "routing_window", "miss_precision", "thresholds")
     return {k: getattr(o, k) for k in keys}

@@ -58,7 +58,8 @@ class EvalResult:
 
 def cache_summary(stats: dict[str, Any]) -> dict[str, Any]:
     """The store counters a quality measurement is read with: hits, misses, hit rate, reads, bytes, stalls,
-    the routing counters (``selections``, ``changed``, ``misses_avoided``, ``rule``), the prefetch summary."""
+    the routing counters (``selections``, ``changed``, ``misses_avoided``, ``rule``), the prefetch summary,
+    the uses by precision (``high``, ``low``, ``skipped``) and the miss-precision rule in effect."""
     hits, misses = int(stats.get("hits", 0)), int(stats.get("misses", 0))
     return {
         "budget_bytes": stats.get("budget_bytes"),
@@ -71,6 +72,8 @@ def cache_summary(stats: dict[str, Any]) -> dict[str, Any]:
         "stall_s": stats.get("stall_s", 0.0),
         "routing": stats.get("routing", {}),
         "prefetch": stats.get("prefetch", {}),
+        "uses": stats.get("uses", {}),
+        "miss_precision": stats.get("miss_precision", {}),
     }
 
 

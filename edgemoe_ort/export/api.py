@@ -20,6 +20,7 @@ from edgemoe_ort.bundle.dense_quant import (
     check_dense_options,
     quantize_dense,
 )
+from edgemoe_ort.bundle.format import PRIMARY, TWIN, twin_choices
 from edgemoe_ort.bundle.routing import RoutingReport, wire_routing
 from edgemoe_ort.bundle.wiring import WiringReport, wire_prefetch_inputs
 from edgemoe_ort.bundle.writer import check_target
@@ -60,6 +61,8 @@ class ExportReport:
     tokenizer_graphs: dict[str, object] | None = None
     #: per graph role, the dense weights' bytes per kind before / after ``dense_bits`` (bundle/dense_quant.py)
     dense: dict[str, DenseQuantReport] = field(default_factory=dict)
+    #: the low-bit twins' dtype, or None
+    twin: str | None = None
 
 
 def export_model(
@@ -74,6 +77,7 @@ def export_model(
     dense_bits: int = DEFAULT_DENSE_BITS,
     dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     stream: bool = True,
+    twin: str | None = None,
 ) -> Path:
     """Export a HF MoE checkpoint (hub id or local folder) to a bundle folder and return its path.
 
@@ -104,6 +108,10 @@ def export_model(
     and LM head in that many bits, 8 and 4 block-wise in groups of ``dense_group_size`` through ORT's
     ``MatMulNBits`` / ``GatherBlockQuantized``; routers stay float32 (docs/bundle-format.md, "Dense weights").
 
+    ``twin`` (a quantized dtype with fewer bits than ``bits``, e.g. ``"int2"``) adds HOBBIT's low-bit twin of
+    every expert (bundle format version 2): with ``miss_precision="dynamic"`` the runtime reads it on a miss
+    of an unimportant expert (docs/op-contract.md, "Miss precision"). The same group size.
+
     Every option is checked before anything is loaded.
     """
     return export_model_with_report(
@@ -117,6 +125,7 @@ def export_model(
         dense_bits=dense_bits,
         dense_group_size=dense_group_size,
         stream=stream,
+        twin=twin,
     ).bundle
 
 
@@ -132,22 +141,23 @@ def export_model_with_report(
     dense_bits: int = DEFAULT_DENSE_BITS,
     dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     stream: bool = True,
+    twin: str | None = None,
 ) -> ExportReport:
     """:func:`export_model`, returning timings, graph statistics, the prefetch wiring and the dense
     quantization as well."""
     check_export_options(bits=bits, group_size=group_size, lookahead=lookahead, dense_bits=dense_bits,
-                         dense_group_size=dense_group_size)
+                         dense_group_size=dense_group_size, twin=twin)
     dtype = BITS_TO_DTYPE[bits]
     check_target(out_dir, force=force)  # before anything slow (BundleWriter checks again)
     source = check_source(model_id_or_path)
     with hub_offline(source.offline):
         return _export(source.name, Path(out_dir), dtype=dtype, group_size=group_size, force=force,
                        progress=progress, lookahead=lookahead, dense_bits=dense_bits,
-                       dense_group_size=dense_group_size, stream=stream)
+                       dense_group_size=dense_group_size, stream=stream, twin=twin)
 
 
 def check_export_options(*, bits: int, group_size: int, lookahead: int, dense_bits: int,
-                         dense_group_size: int) -> None:
+                         dense_group_size: int, twin: str | None = None) -> None:
     """Raise ValueError naming the first bad option (expected vs found); cheap, so it runs before any load."""
     if isinstance(bits, bool) or bits not in BITS_TO_DTYPE:
         raise ValueError(f"bits must be one of {sorted(BITS_TO_DTYPE)}, found {bits!r}")
@@ -156,6 +166,13 @@ def check_export_options(*, bits: int, group_size: int, lookahead: int, dense_bi
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise ValueError(f"lookahead must be an integer >= 0, found {lookahead!r}")
     check_dense_options(dense_bits, dense_group_size)
+    if twin is not None:
+        choices = twin_choices(BITS_TO_DTYPE[bits])
+        if twin not in choices:
+            listed = ", ".join(choices) or "(none: no format has fewer bits)"
+            raise ValueError(f"twin must be one of {listed} "
+                             f"(a quantized format with fewer bits than the experts' {BITS_TO_DTYPE[bits]}), "
+                             f"found {twin!r}")
 
 
 def _export(
@@ -170,6 +187,7 @@ def _export(
     dense_bits: int,
     dense_group_size: int,
     stream: bool = True,
+    twin: str | None = None,
 ) -> ExportReport:
     def tick(stage: str, done: int, total: int) -> None:
         if progress is not None:
@@ -258,21 +276,17 @@ def _export(
                     gated=s.gated,
                     activation=s.activation,
                 )
+                copies = [(PRIMARY, dtype)] + ([(TWIN, twin)] if twin is not None else [])
                 for e, w in iter_experts(m, loaded.experts):
                     w_in, w_out = _np(w.w_in), _np(w.w_out)
                     if guard is not None:
                         guard.check_expert(s.layer, e, w_in, w_out)
-                    writer.add_expert(
-                        s.layer,
-                        e,
-                        w_in,
-                        w_out,
-                        dtype=dtype,
-                        group_size=group_size,
-                        b_in=None if w.b_in is None else _np(w.b_in),
-                        b_out=None if w.b_out is None else _np(w.b_out),
-                    )
-                    del w, w_in, w_out  # before the next expert is read
+                    b_in = None if w.b_in is None else _np(w.b_in)
+                    b_out = None if w.b_out is None else _np(w.b_out)
+                    for variant, fmt in copies:  # the primary, then its twin (if any) from the same weights
+                        writer.add_expert(s.layer, e, w_in, w_out, dtype=fmt, group_size=group_size,
+                                          b_in=b_in, b_out=b_out, variant=variant)
+                    del w, w_in, w_out, b_in, b_out  # before the next expert is read
                     done += 1
                     tick("experts", done, total)
                 if guard is not None:
@@ -294,6 +308,7 @@ def _export(
         for line in dq.summary():
             log.info("dense weights (%s): %s", role, line)
     return ExportReport(
+        twin=twin,
         bundle=out.absolute(),
         family=model_type,
         layers=len(patched.layers),

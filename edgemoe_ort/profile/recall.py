@@ -200,7 +200,7 @@ def hit_rates(
     freq = [[float(v) for v in row] for row in frequencies]
     out = []
     for b in budgets:
-        budget = parse_budget(b, bundle.store_bytes)
+        budget = parse_budget(b, bundle.store_bytes, bundle.primary_bytes)
         if budget < largest:
             continue
         for name in policies:

@@ -524,7 +524,7 @@ def _check_budget(bundle: Bundle, options: RuntimeOptions) -> None:
 
     if options.budget is None:
         return
-    budget = parse_budget(options.budget, bundle.store_bytes)
+    budget = parse_budget(options.budget, bundle.store_bytes, bundle.primary_bytes)
     floor = minimum_budget(bundle)
     if budget < floor:
         big = max(bundle.manifest["experts"], key=lambda r: int(r["length"]))

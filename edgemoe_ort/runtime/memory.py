@@ -348,7 +348,7 @@ def estimate_rss(
     and ``prompt_tokens``. Raises ValueError for a budget below :func:`minimum_budget` (the store refuses it).
     """
     b = _bundle(bundle)
-    budget = parse_budget(budget_bytes, b.store_bytes)
+    budget = parse_budget(budget_bytes, b.store_bytes, b.primary_bytes)
     floor = minimum_budget(b)
     if budget < floor:
         raise ValueError(

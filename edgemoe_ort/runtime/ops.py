@@ -25,6 +25,7 @@ __all__ = [
     "POLICIES",
     "PREDICTORS",
     "ROUTING_RULES",
+    "MISS_PRECISIONS",
     "ExpertSession",
     "RuntimeOptions",
     "kernel_path",
@@ -46,6 +47,7 @@ LIB_NAME = "libedgemoe_customops.so"
 POLICIES = ("lru", "lfu", "edgemoe", "hobbit", "pinned", "none")
 PREDICTORS = ("none", "table", "gates", "token", "auto")
 ROUTING_RULES = ("exact", "cache-prior", "max-rank")
+MISS_PRECISIONS = ("exact", "dynamic")
 MAX_ROUTING_LAMBDA = 100.0
 MAX_ROUTING_RANK = 1024
 MAX_PREFETCH_DEPTH = 8
@@ -121,12 +123,15 @@ def _lib() -> ctypes.CDLL:
         return lib
 
 
-def parse_budget(budget: int | str | None, store_bytes: int) -> int:
+def parse_budget(budget: int | str | None, store_bytes: int, percent_of: int | None = None) -> int:
     """Resident-expert budget in bytes. ``None`` = the whole store; an int = bytes; a string: ``"268435456"``,
-    ``"256MB"`` (10^6), ``"256MiB"``/``"256M"`` (2^20), ``"1.5GiB"``, ``"25%"`` (of ``store_bytes``).
+    ``"256MB"`` (10^6), ``"256MiB"``/``"256M"`` (2^20), ``"1.5GiB"``, ``"25%"`` (of ``percent_of``, default
+    ``store_bytes``; pass a bundle's ``primary_bytes``: a percentage is of the primary experts, twins aside).
     Same grammar as the C++ side (``edgemoe.budget``)."""
     if budget is None:
         return int(store_bytes)
+    if percent_of is not None:
+        store_bytes = percent_of
     if isinstance(budget, bool):
         raise ValueError(f"budget: expected bytes, a size string or a percentage, found {budget!r}")
     if isinstance(budget, int):
@@ -190,6 +195,9 @@ class RuntimeOptions:
     routing_lambda: float = 0.5  # cache-prior: bias in units of the layer's mean router-logit range
     routing_keep: int = 1  # J, the true top experts always kept (cache-prior and max-rank)
     routing_window: int = 0  # max-rank: M, the true top-M residents may come from (0 = 2 * top_k)
+    # Low-bit twins on a miss (edgemoe.miss_precision; docs/op-contract.md, "Miss precision").
+    miss_precision: str = "exact"  # exact | dynamic
+    thresholds: tuple[float, float] | None = None  # dynamic: (T1, T2); None = from the profile, else 0.6, 0.9
 
     def __post_init__(self) -> None:
         self.validate()
@@ -247,6 +255,17 @@ class RuntimeOptions:
         t = self.prefetch_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
             raise ValueError(f"prefetch_threshold: expected a probability in (0, 1], found {t!r}")
+        if self.miss_precision not in MISS_PRECISIONS:
+            raise ValueError(
+                f"miss_precision: expected one of {', '.join(MISS_PRECISIONS)}, found {self.miss_precision!r}"
+            )
+        if self.thresholds is not None:
+            th = self.thresholds
+            ok = (isinstance(th, (tuple, list)) and len(th) == 2
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in th)
+                  and 0 <= th[0] < th[1] <= 1)
+            if not ok:
+                raise ValueError(f"thresholds: expected (T1, T2) with 0 <= T1 < T2 <= 1, found {th!r}")
         if self.routing not in ROUTING_RULES:
             raise ValueError(f"routing: expected one of {', '.join(ROUTING_RULES)}, found {self.routing!r}")
         lam = self.routing_lambda
@@ -271,13 +290,17 @@ class RuntimeOptions:
             )
 
 
-def _store_size(bundle_dir: Path) -> int | None:
-    """``store.size`` from the manifest, or None if unreadable (the C++ side then reports the problem)."""
+def _percent_base(bundle_dir: Path) -> int | None:
+    """What a budget in percent is a share of: the bytes of the manifest's primary expert records (the whole
+    store without twins), or None if unreadable (the C++ side then reports the problem)."""
     try:
         m = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
-        size = m["store"]["size"]
-        return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
-    except (OSError, ValueError, KeyError, TypeError):
+        total = 0
+        for r in m["experts"]:
+            if r.get("variant", 0) == 0:
+                total += int(r["length"])
+        return total
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -286,7 +309,7 @@ def session_config_entries(bundle_dir: Path, options: RuntimeOptions, store_id: 
     bdir = bundle_dir
     budget = options.budget
     if isinstance(budget, str) and budget.strip().endswith("%"):
-        size = _store_size(bdir)
+        size = _percent_base(bdir)
         if size is not None:
             budget = parse_budget(budget, size)
     entries = {
@@ -321,6 +344,9 @@ def session_config_entries(bundle_dir: Path, options: RuntimeOptions, store_id: 
         entries["edgemoe.routing_lambda"] = repr(float(options.routing_lambda))
         entries["edgemoe.routing_keep"] = str(options.routing_keep)
         entries["edgemoe.routing_window"] = str(options.routing_window)
+    entries["edgemoe.miss_precision"] = options.miss_precision
+    if options.thresholds is not None:
+        entries["edgemoe.thresholds"] = f"{float(options.thresholds[0])!r},{float(options.thresholds[1])!r}"
     if options.profile is not None:
         entries["edgemoe.profile"] = str(Path(options.profile).expanduser().resolve())
     if options.warm_start is not None:

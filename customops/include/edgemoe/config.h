@@ -11,6 +11,7 @@
 #include "edgemoe/blob_source.h"
 #include "edgemoe/manifest.h"
 #include "edgemoe/policy.h"
+#include "edgemoe/precision.h"
 #include "edgemoe/routing.h"
 
 namespace edgemoe {
@@ -47,6 +48,7 @@ struct RuntimeConfig {
   StoreOptions store;
   PrefetchOptions prefetch;
   RoutingOptions routing;
+  PrecisionOptions precision;
 };
 
 struct ConfigKey {

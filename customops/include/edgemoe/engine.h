@@ -25,8 +25,11 @@ class Engine {
   Prefetcher* prefetcher() { return prefetcher_.get(); }
   // The routing rule of the CacheAwareTopK nodes (edgemoe.routing).
   CacheAwareRouter& router() { return *router_; }
+  // Miss precision in effect (edgemoe.miss_precision; the thresholds resolved against the profile).
+  const PrecisionOptions& precision() const { return precision_; }
 
  private:
+  PrecisionOptions precision_;
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<Prefetcher> prefetcher_;  // after the store: destroyed first
   std::unique_ptr<CacheAwareRouter> router_;

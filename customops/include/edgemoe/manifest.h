@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <nlohmann/json_fwd.hpp>
 #include <stdexcept>
 #include <string>
@@ -63,9 +64,14 @@ struct TensorRef {
   std::vector<int64_t> shape;
 };
 
+// Record `variant` (format version 2): the primary copy of an expert, or its low-bit twin (HOBBIT).
+constexpr int32_t kPrimary = 0;
+constexpr int32_t kTwin = 1;
+
 struct ExpertRecord {
   int32_t layer = 0;
   int32_t expert = 0;
+  int32_t variant = kPrimary;
   uint64_t offset = 0;  // in the store, multiple of alignment
   uint64_t length = 0;  // bytes read (multiple of alignment); also the bytes a resident copy occupies
   uint64_t size = 0;    // meaningful bytes; the checksum covers [0, size)
@@ -92,18 +98,32 @@ struct Manifest {
   std::filesystem::path store_path;     // absolute
   uint64_t store_size = 0;
   uint64_t alignment = 0;
+  int format_version = 1;
   std::vector<LayerInfo> layers;
-  std::vector<std::vector<ExpertRecord>> experts;  // [layer][expert]
+  std::vector<std::vector<ExpertRecord>> experts;                // [layer][expert]: the primaries
+  std::vector<std::vector<std::optional<ExpertRecord>>> twins;   // [layer][expert]; empty without twins
 
-  const ExpertRecord& record(int64_t layer, int64_t expert) const;  // throws edgemoe::Error if absent
+  // The record of (layer, expert, variant); throws edgemoe::Error if absent (a twin the bundle lacks too).
+  const ExpertRecord& record(int64_t layer, int64_t expert, int32_t variant = kPrimary) const;
+  // The twin of (layer, expert), or nullptr.
+  const ExpertRecord* twin(int64_t layer, int64_t expert) const;
+  bool has_twins() const { return num_twins_ > 0; }
+  // The largest `length` of any record (primary or twin).
   uint64_t largest_length() const;
+  // Bytes of the primaries' blobs (sum of `length`): what a budget in percent is a share of (the whole store
+  // for a bundle without twins).
+  uint64_t primary_bytes() const;
+  // Number of (layer, expert) pairs: the primaries.
+  size_t num_experts() const;
+  // Dense index of (layer, expert, variant) in [0, num_records()): primaries first, then (if the bundle has
+  // twins) one slot per expert for its twin.
   size_t num_records() const;
-  // Dense index of (layer, expert) in [0, num_records()).
-  size_t record_index(int64_t layer, int64_t expert) const;
+  size_t record_index(int64_t layer, int64_t expert, int32_t variant = kPrimary) const;
 
  private:
   friend Manifest load_manifest(const std::filesystem::path&, const std::string&);
   std::vector<size_t> layer_base_;
+  size_t num_twins_ = 0;
 };
 
 // Checks that `rel` is a bundle-relative path: non-empty, at most kMaxPathBytes, POSIX (no backslash or

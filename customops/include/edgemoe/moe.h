@@ -6,6 +6,7 @@
 #include <string>
 
 #include "edgemoe/manifest.h"
+#include "edgemoe/precision.h"
 #include "edgemoe/store.h"
 
 namespace edgemoe {
@@ -33,8 +34,12 @@ ParallelFor serial_parallel_for();
 // its own row and reduced in slot order. Throws edgemoe::Error for bad indices or store failures.
 // `after_demands` (optional) runs once every expert of this call has its read queued or is pinned (the
 // prefetcher: its reads then never take budget or I/O ahead of this layer's own).
+// `precision` (precision.h): exact (default) computes every use with the primary; dynamic picks per expert the
+// copy its most important use in the call asks for (a resident primary is always used), skips an expert whose
+// every use is above T2 when neither copy is resident, and renormalizes a token's remaining weights to their
+// sum before the skip (so the output keeps its scale). Counts per layer: uses high / low / skipped.
 void run_moe(ExpertStore& store, const MoeAttrs& attrs, const float* X, const int64_t* idx, const float* w,
              int64_t T, int64_t H, int64_t K, float* Y, const ParallelFor& parallel_for,
-             const std::function<void()>& after_demands = {});
+             const std::function<void()>& after_demands = {}, const PrecisionOptions& precision = {});
 
 }  // namespace edgemoe

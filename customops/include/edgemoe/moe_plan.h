@@ -18,6 +18,8 @@ struct MoePlan {
   // Access order: the used experts resident at the start of the call in ascending id, then the others in
   // ascending id (docs/op-contract.md, "Access order").
   void order_by_residency(const std::function<bool(int32_t)>& resident);
+  // Removes the experts `drop` selects from the access order (skipped experts: not acquired, not computed).
+  void drop_from_order(const std::function<bool(int32_t)>& drop);
 
   int64_t count(int32_t e) const { return count_[static_cast<size_t>(e) + 1]; }
   int64_t first_pair(int32_t e) const { return start_[static_cast<size_t>(e)]; }

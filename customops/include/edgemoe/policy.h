@@ -16,25 +16,34 @@ namespace edgemoe {
 
 struct Manifest;
 
+// One cached blob: (layer, expert) and which copy of it (variant 0 the primary, 1 its low-bit twin).
 struct ExpertKey {
   int32_t layer = 0;
   int32_t expert = 0;
-  bool operator==(const ExpertKey& o) const { return layer == o.layer && expert == o.expert; }
+  int32_t variant = 0;
+  bool operator==(const ExpertKey& o) const {
+    return layer == o.layer && expert == o.expert && variant == o.variant;
+  }
   bool operator!=(const ExpertKey& o) const { return !(*this == o); }
-  bool operator<(const ExpertKey& o) const { return layer != o.layer ? layer < o.layer : expert < o.expert; }
+  bool operator<(const ExpertKey& o) const {
+    if (layer != o.layer) return layer < o.layer;
+    return expert != o.expert ? expert < o.expert : variant < o.variant;
+  }
+  ExpertKey primary() const { return ExpertKey{layer, expert, 0}; }
 };
 
 struct ExpertKeyHash {
   size_t operator()(const ExpertKey& k) const noexcept {
-    return std::hash<uint64_t>()((static_cast<uint64_t>(static_cast<uint32_t>(k.layer)) << 32) |
-                                 static_cast<uint32_t>(k.expert));
+    return std::hash<uint64_t>()((static_cast<uint64_t>(static_cast<uint32_t>(k.layer)) << 32) ^
+                                 (static_cast<uint64_t>(static_cast<uint32_t>(k.expert)) << 1) ^
+                                 static_cast<uint64_t>(static_cast<uint32_t>(k.variant)));
   }
 };
 
 // What the store remembers of an expert since it opened (kept across evictions).
 struct UsageRecord {
   uint64_t uses = 0;       // acquires (hits + misses)
-  uint64_t hp_uses = 0;    // acquires served at high precision (= uses until low-bit twins exist)
+  uint64_t hp_uses = 0;    // acquires served at high precision (a primary's; a twin's stay 0)
   uint64_t last_use = 0;   // access clock at the latest insert or acquire (unique per expert; 0 = never)
   uint64_t last_step = 0;  // forward pass (step) of the latest acquire
 };

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "edgemoe/config.h"
+#include "edgemoe/precision.h"
 #include "edgemoe/profile.h"
 #include "edgemoe/store.h"
 
@@ -44,7 +45,10 @@ class Prefetcher {
  public:
   // `profile` may be empty (then only `gates` can predict). Throws edgemoe::Error if options.predictor needs
   // a profile that is missing.
-  Prefetcher(ExpertStore& store, const PrefetchOptions& options, std::optional<RoutingProfile> profile);
+  // `precision` dynamic: a prefetch reads the copy its predicted unimportance implies (precision.h; s from the
+  // predicted probabilities of the layer's top K, normalized), the twin or nothing for unimportant ones.
+  Prefetcher(ExpertStore& store, const PrefetchOptions& options, std::optional<RoutingProfile> profile,
+             const PrecisionOptions& precision = {});
   ~Prefetcher();
   Prefetcher(const Prefetcher&) = delete;
   Prefetcher& operator=(const Prefetcher&) = delete;
@@ -68,6 +72,7 @@ class Prefetcher {
   struct Read {
     int32_t layer, expert, distance;
     float confidence;
+    int32_t variant;
   };
   // Remembers q as the protections of `target` and appends the reads of its selection (the up to K most
   // likely with q >= threshold that are not resident); true if every selected expert was resident.
@@ -81,6 +86,7 @@ class Prefetcher {
 
   ExpertStore& store_;
   PrefetchOptions options_;
+  PrecisionOptions precision_;
   std::optional<RoutingProfile> profile_;
   uint32_t modes_ = 0;  // PredictorBit set allowed by options.predictor
   bool auto_ = false;

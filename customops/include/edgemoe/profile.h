@@ -25,6 +25,9 @@ struct LayerProfile {
   std::unordered_map<std::string, SparseDist> order1, order2;
   std::unordered_map<int64_t, SparseDist> tokens;
   uint32_t auto_members = 0;  // PredictorBit set the held-out split measured best for this layer
+  // gate_weights: per rank (top_k rows) a histogram of the normalized gate weight over bins [edges[b], edges[b+1])
+  std::vector<double> gate_edges;
+  std::vector<std::vector<uint64_t>> gate_counts;
 };
 
 struct RoutingProfile {

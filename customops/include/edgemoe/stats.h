@@ -27,11 +27,15 @@ struct LayerCounters {
   // reads they avoided (distinct non-resident experts of the exact choice minus of the taken one, per call).
   std::atomic<uint64_t> route_selections{0}, route_changed{0};
   std::atomic<int64_t> route_misses_avoided{0};
+  // Miss precision (precision.h): (token, expert) uses computed with the primary, with the low-bit twin, or
+  // skipped (exact mode: every use is high).
+  std::atomic<uint64_t> uses_high{0}, uses_low{0}, uses_skipped{0};
 
   void reset();
   void add(const LayerCounters& other);  // every counter += other's
   // {"hits", ..., "prefetch": {"issued", "used", "hidden", "late", "wasted", "wasted_bytes", "dropped",
-  //  "precision", "recall"}, "routing": {"selections", "changed", "misses_avoided"}}
+  //  "precision", "recall"}, "routing": {"selections", "changed", "misses_avoided"},
+  //  "uses": {"high", "low", "skipped"}}
   nlohmann::ordered_json to_json() const;
 };
 
@@ -76,6 +80,9 @@ struct StoreStats {
   mutable std::mutex mu;
   std::string store_id, bundle_dir, policy, io_mode, io_note, kernel;
   std::string routing = "exact";  // the routing rule (set by the engine)
+  std::string miss_precision = "exact";   // exact | dynamic (set by the engine)
+  double threshold_t1 = 0, threshold_t2 = 0;  // dynamic: the thresholds in effect
+  uint64_t num_twins = 0;                 // twin records of the bundle
   bool direct_io = false;
   uint64_t budget_bytes = 0, store_bytes = 0, num_experts = 0, io_threads = 0;
   bool verify_checksums = true, mlock = false;

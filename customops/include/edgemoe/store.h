@@ -90,24 +90,25 @@ class ExpertStore {
   // Pins (layer, expert), reading it if needed (a demand read: before every prefetch); waits for budget if
   // the cache is full of pinned experts. The returned pin may still be pending: call wait(). A caller that
   // blocks here must not hold other pins of this store that it will only release later.
-  Pin acquire(int32_t layer, int32_t expert);
+  // `variant` kTwin acquires the expert's low-bit twin (a separate entry: both copies may be resident).
+  Pin acquire(int32_t layer, int32_t expert, int32_t variant = kPrimary);
   // Non-blocking acquire: like acquire() but returns std::nullopt instead of waiting for budget.
-  std::optional<Pin> try_acquire(int32_t layer, int32_t expert);
+  std::optional<Pin> try_acquire(int32_t layer, int32_t expert, int32_t variant = kPrimary);
   // Queues a read of (layer, expert) and returns at once. No-op (false) if it is resident or in flight, if
   // the cache is disabled (policy none), or if room cannot be made without waiting: a prefetch evicts only
   // fully read, unpinned experts of the same layer whose protection is below its confidence (never a pinned,
   // in-flight or more likely one, never another layer's).
-  bool prefetch(int32_t layer, int32_t expert, PrefetchHint hint = {});
+  bool prefetch(int32_t layer, int32_t expert, PrefetchHint hint = {}, int32_t variant = kPrimary);
   // Replaces the set of protected experts (predicted for the layers about to run) with their confidences.
   // A prefetch evicts only experts of its own layer that are less likely than itself, least likely first: an
   // expert left out of its layer's list counts 0, one of a layer without any 0.5. Demand reads evict in the
-  // policy's order.
+  // policy's order. A protection covers both copies of an expert (keys are given as primaries).
   void protect(const std::vector<std::pair<ExpertKey, float>>& predicted);
   // Blocks until every read queued or in flight at the call has completed (or was cancelled).
   void drain();
-  // True if (layer, expert) is resident, in flight or queued (a snapshot).
-  bool is_resident(int32_t layer, int32_t expert) const;
-  // is_resident() of experts 0..n-1 of `layer` into out[0..n), under one lock (a snapshot).
+  // True if (layer, expert, variant) is resident, in flight or queued (a snapshot).
+  bool is_resident(int32_t layer, int32_t expert, int32_t variant = kPrimary) const;
+  // is_resident() of the primaries of experts 0..n-1 of `layer` into out[0..n), under one lock (a snapshot).
   void residency(int32_t layer, uint8_t* out, int32_t n) const;
   // The fully read experts, most recently used first (a snapshot).
   std::vector<ExpertKey> resident_keys() const;
@@ -125,14 +126,15 @@ class ExpertStore {
 
  private:
   static uint64_t charge_of(const ExpertRecord& rec) { return charge_of(rec.length); }
-  std::optional<Pin> request(int32_t layer, int32_t expert, bool block);
+  std::optional<Pin> request(const ExpertKey& key, bool block);
   std::shared_ptr<Entry> new_entry(const ExpertKey& key);
   // oldest_victim (prefetch): set to the smallest last_use among the evicted, 0 left if none was evicted.
   bool try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch, int32_t layer = -1,
                           uint64_t* oldest_victim = nullptr);
-  void touch_locked(size_t index, bool access);  // access clock; a use if `access`
+  void touch_locked(const Entry& e, bool access);  // access clock; a use if `access`
   void insert_locked(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk);
   void evict_locked(const std::shared_ptr<Entry>& e);
+  void drop_superseded_twin_locked(const ExpertKey& key);
   void release_bytes_locked(Entry& e);
   void drop_queued_locked(const std::shared_ptr<Entry>& e);
   void unpin(const std::shared_ptr<Entry>& e) noexcept;

@@ -52,7 +52,7 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
   const ExpertRecord* largest = nullptr;
   for (const auto& l : manifest_.experts)
     for (const auto& r : l)
-      if (!largest || r.length > largest->length) largest = &r;
+      if (!largest || r.length > largest->length) largest = &r;  // a twin is smaller than its primary
   if (largest && budget_ < charge_of(*largest)) {
     throw Error(error_message(mfile, largest->layer, largest->expert, "edgemoe.budget",
                               "budget below the largest expert",
@@ -95,7 +95,7 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
       stats_->kernel = kernel_path();
       stats_->budget_bytes = budget_;
       stats_->store_bytes = manifest_.store_size;
-      stats_->num_experts = manifest_.num_records();
+      stats_->num_experts = manifest_.num_experts();
       stats_->io_threads = static_cast<uint64_t>(options_.io_threads);
       stats_->verify_checksums = options_.verify_checksums;
       stats_->throttle_bw = options_.throttle_bw;
@@ -151,9 +151,9 @@ uint64_t ExpertStore::resident_bytes() const {
   return reserved_;
 }
 
-bool ExpertStore::is_resident(int32_t layer, int32_t expert) const {
+bool ExpertStore::is_resident(int32_t layer, int32_t expert, int32_t variant) const {
   std::lock_guard<std::mutex> lk(mu_);
-  return entries_.count(ExpertKey{layer, expert}) != 0;
+  return entries_.count(ExpertKey{layer, expert, variant}) != 0;
 }
 
 void ExpertStore::residency(int32_t layer, uint8_t* out, int32_t n) const {
@@ -222,18 +222,18 @@ void ExpertStore::drop_queued_locked(const std::shared_ptr<Entry>& e) {
 std::shared_ptr<ExpertStore::Entry> ExpertStore::new_entry(const ExpertKey& key) {
   auto e = std::make_shared<Entry>();
   e->key = key;
-  e->rec = &manifest_.record(key.layer, key.expert);
+  e->rec = &manifest_.record(key.layer, key.expert, key.variant);
   e->charge = charge_of(*e->rec);
-  e->index = manifest_.record_index(key.layer, key.expert);
+  e->index = manifest_.record_index(key.layer, key.expert, key.variant);
   return e;
 }
 
-void ExpertStore::touch_locked(size_t index, bool access) {
-  UsageRecord& u = usage_[index];
+void ExpertStore::touch_locked(const Entry& e, bool access) {
+  UsageRecord& u = usage_[e.index];
   u.last_use = ++clock_;
   if (access) {
     ++u.uses;
-    ++u.hp_uses;
+    if (e.key.variant == kPrimary) ++u.hp_uses;
     u.last_step = ctx_.step;
   }
 }
@@ -261,7 +261,7 @@ bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetc
       // expert is as likely as not to be reused: the default model reuses 51% of the previous token's).
       float prot = kUnpredictedResident;
       if (prefetch && !protected_.empty()) {
-        auto p = protected_.find(kv.first);
+        auto p = protected_.find(kv.first.primary());
         if (p != protected_.end()) prot = p->second;
         else if (protected_layers_[static_cast<size_t>(kv.first.layer)]) prot = 0.0f;
       }
@@ -323,7 +323,7 @@ void ExpertStore::insert_locked(const std::shared_ptr<Entry>& e, std::unique_loc
     throw;
   }
   e->cached = true;
-  touch_locked(e->index, false);
+  touch_locked(*e, false);
 }
 
 void ExpertStore::release_bytes_locked(Entry& e) {
@@ -333,6 +333,16 @@ void ExpertStore::release_bytes_locked(Entry& e) {
     reserved_ -= e.charge;
     stats_->sub_resident(e.charge);
   }
+}
+
+// A primary about to be read makes its twin useless (a resident primary is always the one used): the twin
+// leaves first, unless it is pinned or still being read, so its bytes go to the primary.
+void ExpertStore::drop_superseded_twin_locked(const ExpertKey& key) {
+  if (key.variant != kPrimary || !policy_ || !manifest_.has_twins()) return;
+  auto it = entries_.find(ExpertKey{key.layer, key.expert, kTwin});
+  if (it == entries_.end() || it->second->pins != 0 || it->second->state != Entry::State::Ready) return;
+  const std::shared_ptr<Entry> twin = it->second;
+  evict_locked(twin);
 }
 
 void ExpertStore::evict_locked(const std::shared_ptr<Entry>& e) {
@@ -347,8 +357,8 @@ void ExpertStore::evict_locked(const std::shared_ptr<Entry>& e) {
   release_bytes_locked(*e);
 }
 
-std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expert, bool block) {
-  const ExpertKey key{layer, expert};
+std::optional<ExpertStore::Pin> ExpertStore::request(const ExpertKey& key, bool block) {
+  const int32_t layer = key.layer;
   const auto t0 = Clock::now();
   bool waited = false;
   const std::shared_ptr<CallStats> sink = thread_stats_current(options_.store_id);
@@ -368,7 +378,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
         auto it = entries_.find(key);
         if (it != entries_.end()) {
           std::shared_ptr<Entry> e = it->second;  // Loading or Ready (failed entries are removed)
-          touch_locked(e->index, true);
+          touch_locked(*e, true);
           ++e->pins;
           const bool first_prefetched_use = e->by_prefetch && !e->used;
           CallStats* issuer = e->sink.get();  // prefetch outcomes go to the thread that issued it
@@ -406,6 +416,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
         lk.lock();
         continue;  // the cache may have changed meanwhile
       }
+      drop_superseded_twin_locked(key);
       if (try_reserve_locked(fresh->charge, nullptr)) {
         Entry& e = *fresh;
         e.pins = 1;
@@ -414,7 +425,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
         e.priority = ReadPriority{ReadPriority::Kind::Demand, 0, 1.0f};
         e.sink = sink;
         if (policy_) insert_locked(fresh, lk);
-        touch_locked(e.index, true);
+        touch_locked(e, true);
         stats_->misses.fetch_add(1, std::memory_order_relaxed);
         stats_->count(&LayerCounters::misses, layer, sink.get());
         ++reads_pending_;
@@ -431,17 +442,17 @@ std::optional<ExpertStore::Pin> ExpertStore::request(int32_t layer, int32_t expe
   return Pin(this, std::move(fresh));
 }
 
-ExpertStore::Pin ExpertStore::acquire(int32_t layer, int32_t expert) {
-  std::optional<Pin> p = request(layer, expert, true);
+ExpertStore::Pin ExpertStore::acquire(int32_t layer, int32_t expert, int32_t variant) {
+  std::optional<Pin> p = request(ExpertKey{layer, expert, variant}, true);
   return std::move(*p);
 }
 
-std::optional<ExpertStore::Pin> ExpertStore::try_acquire(int32_t layer, int32_t expert) {
-  return request(layer, expert, false);
+std::optional<ExpertStore::Pin> ExpertStore::try_acquire(int32_t layer, int32_t expert, int32_t variant) {
+  return request(ExpertKey{layer, expert, variant}, false);
 }
 
-bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
-  const ExpertKey key{layer, expert};
+bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint, int32_t variant) {
+  const ExpertKey key{layer, expert, variant};
   if (!(hint.confidence > 0.0f && hint.confidence <= 1.0f))
     throw Error("prefetch: confidence: expected a probability in (0, 1], found " + std::to_string(hint.confidence));
   {
@@ -455,6 +466,7 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint) {
     std::unique_lock<std::mutex> lk(mu_);
     if (entries_.count(key)) return false;
     uint64_t victim_last_use = 0;  // 0: no eviction was needed
+    drop_superseded_twin_locked(key);
     if (!try_reserve_locked(fresh->charge, &hint, layer, &victim_last_use)) {
       stats_->prefetch_dropped.fetch_add(1, std::memory_order_relaxed);
       stats_->count(&LayerCounters::prefetch_dropped, layer, sink.get());
@@ -517,7 +529,8 @@ void ExpertStore::read_entry(const std::shared_ptr<Entry>& e) noexcept {
   try {
     // The source's messages are "<file>: <what>: blob bytes: ..." (docs/op-contract.md, "Errors"): `what` names
     // the expert only (it once held the file too, and every read error named the store twice).
-    const std::string what = "layer " + std::to_string(rec.layer) + " expert " + std::to_string(rec.expert);
+    const std::string what = "layer " + std::to_string(rec.layer) + " expert " + std::to_string(rec.expert) +
+                             (rec.variant == kTwin ? " (twin)" : "");
     buf = arena_->take(rec.length);
     const auto t0 = Clock::now();
     source_->read(rec.offset, rec.length, buf.data(), what);

@@ -105,7 +105,7 @@ struct OffloadedExpertKernel {
         predict = [pre, &sig] { pre->on_layer(sig); };
       }
       run_moe(*store, attrs, X.GetTensorData<float>(), ip, wts.GetTensorData<float>(), T, hidden, K,
-              Y.GetTensorMutableData<float>(), pf, predict);
+              Y.GetTensorMutableData<float>(), pf, predict, engine->precision());
       return nullptr;
     });
   }

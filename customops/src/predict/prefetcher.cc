@@ -53,8 +53,13 @@ struct Prefetcher::Stream {
   }
 };
 
-Prefetcher::Prefetcher(ExpertStore& store, const PrefetchOptions& options, std::optional<RoutingProfile> profile)
-    : store_(store), options_(options), profile_(std::move(profile)), id_(next_prefetcher_id.fetch_add(1)) {
+Prefetcher::Prefetcher(ExpertStore& store, const PrefetchOptions& options, std::optional<RoutingProfile> profile,
+                       const PrecisionOptions& precision)
+    : store_(store),
+      options_(options),
+      precision_(precision),
+      profile_(std::move(profile)),
+      id_(next_prefetcher_id.fetch_add(1)) {
   const std::string& p = options_.predictor;
   if (p == "auto") {
     auto_ = true;
@@ -167,6 +172,10 @@ bool Prefetcher::select(int32_t target, int32_t distance, const std::vector<floa
   // expert of that layer is as likely to be needed as its probability says, and a prefetch may only replace
   // one that is less likely than itself.
   remember(target, q, st);
+  const bool dynamic = precision_.mode == MissPrecision::Dynamic;
+  double top = 0;  // dynamic: the predicted weights of the top K, for each one's predicted unimportance
+  for (int64_t i = 0; dynamic && i < K && i < static_cast<int64_t>(order.size()); ++i) top += q[static_cast<size_t>(order[static_cast<size_t>(i)])];
+  double above = 0;
   bool all_resident = true;
   int64_t selected = 0;
   for (int64_t i = 0; i < K && i < static_cast<int64_t>(order.size()); ++i) {
@@ -174,15 +183,23 @@ bool Prefetcher::select(int32_t target, int32_t distance, const std::vector<floa
     const float c = q[static_cast<size_t>(e)];
     if (!(c >= options_.threshold)) break;
     ++selected;
-    if (store_.is_resident(target, e)) continue;
+    int32_t variant = kPrimary;
+    const float s = top > 0 ? static_cast<float>(above / top) : 0.0f;  // predicted unimportance (rank order)
+    above += c;
+    if (dynamic) {
+      const Precision p = precision_for(s, precision_);
+      if (p == Precision::Skip) continue;  // a miss of it would be skipped: nothing to read
+      if (p == Precision::Low && store_.manifest().twin(target, e)) variant = kTwin;
+    }
+    if (store_.is_resident(target, e) || (variant == kTwin && store_.is_resident(target, e, kTwin))) continue;
     all_resident = false;
-    reads.push_back(Read{target, e, distance, c});
+    reads.push_back(Read{target, e, distance, c, variant});
   }
   return selected > 0 && all_resident;  // nothing confident enough: no reason to look further
 }
 
 void Prefetcher::issue(const std::vector<Read>& reads) {
-  for (const Read& r : reads) store_.prefetch(r.layer, r.expert, PrefetchHint{r.distance, r.confidence});
+  for (const Read& r : reads) store_.prefetch(r.layer, r.expert, PrefetchHint{r.distance, r.confidence}, r.variant);
 }
 
 void Prefetcher::remember(int32_t target, const std::vector<float>& q, Stream& st) const {

@@ -194,7 +194,33 @@ RoutingProfile load_profile(const std::string& path, const Manifest& m) {
       prev_id = id;
       lp.tokens.emplace(id, c.dist(nxt[i], f + ".tokens.next[" + std::to_string(i) + "]", E));
     }
-    (void)K;
+    {  // gate_weights: {"edges": [>= 2 increasing numbers in [0, 1]], "counts": K rows of len(edges) - 1 ints >= 0}
+      const std::string fg = f + ".gate_weights";
+      const json& gw = c.member(L, "gate_weights", fg);
+      const json& edges = c.array(gw, "edges", fg + ".edges");
+      if (edges.size() < 2) c.fail(fg + ".edges", "at least 2 edges", std::to_string(edges.size()));
+      for (size_t i = 0; i < edges.size(); ++i) {
+        const std::string fe = fg + ".edges[" + std::to_string(i) + "]";
+        if (!edges[i].is_number() || !(edges[i].get<double>() >= 0 && edges[i].get<double>() <= 1))
+          c.fail(fe, "a number in [0, 1]", short_dump(edges[i]));
+        const double x = edges[i].get<double>();
+        if (i > 0 && !(x > lp.gate_edges.back()))
+          c.fail(fe, "increasing edges (> " + short_dump(edges[i - 1]) + ")", short_dump(edges[i]));
+        lp.gate_edges.push_back(x);
+      }
+      const json& counts = c.array(gw, "counts", fg + ".counts");
+      if (counts.size() != static_cast<size_t>(K))
+        c.fail(fg + ".counts", std::to_string(K) + " rows (one per rank)", std::to_string(counts.size()));
+      for (size_t r = 0; r < counts.size(); ++r) {
+        const std::string fr = fg + ".counts[" + std::to_string(r) + "]";
+        if (!counts[r].is_array() || counts[r].size() != edges.size() - 1)
+          c.fail(fr, std::to_string(edges.size() - 1) + " counts", short_dump(counts[r]));
+        std::vector<uint64_t> row;
+        for (size_t b = 0; b < counts[r].size(); ++b)
+          row.push_back(static_cast<uint64_t>(c.integer(counts[r][b], fr + "[" + std::to_string(b) + "]", 0, INT64_MAX)));
+        lp.gate_counts.push_back(std::move(row));
+      }
+    }
     const json& a = autos[l];
     const std::string fa = "auto[" + std::to_string(l) + "]";
     if (!a.is_array()) c.fail(fa, "a list of predictor names", short_dump(a));

@@ -62,12 +62,15 @@ std::vector<ExpertKey> warm_set(const std::string& spec, const Manifest& m, cons
   for (size_t i = 0; i < ex->size(); ++i) {
     const auto& p = (*ex)[i];
     const std::string f = "experts[" + std::to_string(i) + "]";
-    if (!p.is_array() || p.size() != 2 || !p[0].is_number_integer() || !p[1].is_number_integer())
-      throw fail(f, "a [layer, expert] pair of integers", json_summary(p));
+    if (!p.is_array() || (p.size() != 2 && p.size() != 3) || !p[0].is_number_integer() || !p[1].is_number_integer() ||
+        (p.size() == 3 && !(p[2].is_number_integer() && p[2].get<int64_t>() == kTwin)))
+      throw fail(f, "a [layer, expert] pair of integers (or [layer, expert, 1] for a twin)", json_summary(p));
     const int64_t l = p[0].get<int64_t>(), e = p[1].get<int64_t>();
-    if (l < 0 || l >= static_cast<int64_t>(m.layers.size()) || e < 0 || e >= m.layers[static_cast<size_t>(l)].num_experts)
+    const int32_t v = p.size() == 3 ? kTwin : kPrimary;
+    if (l < 0 || l >= static_cast<int64_t>(m.layers.size()) || e < 0 || e >= m.layers[static_cast<size_t>(l)].num_experts ||
+        (v == kTwin && !m.twin(l, e)))
       throw fail(f, "an expert of the manifest", json_summary(p));
-    keys.push_back(ExpertKey{static_cast<int32_t>(l), static_cast<int32_t>(e)});
+    keys.push_back(ExpertKey{static_cast<int32_t>(l), static_cast<int32_t>(e), v});
   }
   return keys;
 }
@@ -85,9 +88,9 @@ size_t warm_start(ExpertStore& store, const std::vector<ExpertKey>& keys) {
   const int32_t far = static_cast<int32_t>(m.layers.size()) + 1;  // behind every real prefetch
   size_t n = 0;
   for (const auto& k : keys) {
-    const uint64_t c = store.charge_of(m.record(k.layer, k.expert).length);
+    const uint64_t c = store.charge_of(m.record(k.layer, k.expert, k.variant).length);
     if (used + c > room) continue;  // a smaller one may still fit
-    if (store.prefetch(k.layer, k.expert, PrefetchHint{far, 1e-6f})) {
+    if (store.prefetch(k.layer, k.expert, PrefetchHint{far, 1e-6f}, k.variant)) {
       used += c;
       ++n;
     }
@@ -113,7 +116,10 @@ void save_resident_set(const ExpertStore& store, const std::string& path) {
   j["version"] = 1;
   j["manifest_xxh3"] = manifest_identity(store.manifest());
   nlohmann::ordered_json ex = nlohmann::ordered_json::array();
-  for (const auto& k : store.resident_keys()) ex.push_back({k.layer, k.expert});
+  for (const auto& k : store.resident_keys()) {
+    if (k.variant == kTwin) ex.push_back({k.layer, k.expert, kTwin});
+    else ex.push_back({k.layer, k.expert});
+  }
   j["experts"] = std::move(ex);
   // A temporary file of a fresh name (mkstemp: created exclusively, so no file of the user's is overwritten),
   // written in full, then renamed over `path`.

@@ -6,6 +6,7 @@ import copy
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from edgemoe_ort.bench.cli import bench_app
@@ -116,3 +117,50 @@ def test_ratios_are_withheld_when_the_resident_baseline_was_slower_than_a_storag
 
     files = plot_run("x", slow, tmp_path / "img")  # the ratio panel says withheld instead of plotting them
     assert files and all((tmp_path / "img" / f).is_file() for f in files)
+
+
+def test_miss_precision_modes_and_the_twins_section(tmp_path):
+    """A bundle with twins: --miss-precision exact,dynamic:... are modes of one interleaved run, each row
+    carries its uses split, and the twins section pairs the dynamic rows with exact."""
+    from edgemoe_ort.bench.report_twins import twins_markdown
+    from edgemoe_ort.bench.runner import modes_for, parse_precision
+
+    assert parse_precision("exact") == {"miss_precision": "exact"}
+    assert parse_precision("dynamic:0.5:0.9") == {"miss_precision": "dynamic", "thresholds": (0.5, 0.9)}
+    for bad in ("dynamic:0.9:0.5", "dynamic:0.5", "fast"):
+        with pytest.raises(ValueError, match="--miss-precision"):
+            parse_precision(bad)
+    modes = modes_for(["25%"], ["lru"], None, None, ["exact", "dynamic"])
+    labels = [m.label for m in modes if m.name == "edgemoe"]
+    assert labels == ["edgemoe[lru]@25%", "edgemoe[lru~dynamic]@25%"]
+
+    b = make_synthetic_bundle(tmp_path / "b", num_layers=2, num_experts=8, hidden=64, intermediate=128,
+                              dtype="int8", twin="int4", group_size=32)
+    _trace(tmp_path / "t.npz")
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(
+        bench_app,
+        [str(b.path), "--trace", str(tmp_path / "t.npz"), "--budgets", "25%", "--tokens", "6",
+         "--repeats", "2", "--modes", "edgemoe", "--miss-precision", "exact,dynamic:0.5:0.9", "--no-rss",
+         "--json", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    run = json.loads(out.read_text())
+    rows = {m["label"]: m for m in run["modes"] if m["mode"] == "edgemoe"}
+    assert set(rows) == {"edgemoe@25%", "edgemoe[~dynamic:0.5:0.9]@25%"}
+    exact, dyn = rows["edgemoe@25%"], rows["edgemoe[~dynamic:0.5:0.9]@25%"]
+    assert exact["miss_precision"] == "exact" and exact["uses_per_token"]["low"] == 0
+    assert dyn["miss_precision"] == "dynamic:0.5:0.9" and dyn["uses_per_token"]["low"] > 0
+    assert "dynamic:0.5:0.9 " in res.output  # the table's miss column shows the split
+    curve = {"bundle": str(b.path), "budget": "25%", "policy": "lru", "tokens": 10, "best": "dynamic:0.5:0.9",
+             "formats": {"primary": ["int8"], "twin": ["int4"]},
+             "rows": [{"setting": "exact", "perplexity": 10.0, "ppl_increase": 0.0, "bytes_per_token": 2e6,
+                       "fewer_bytes": 0.0, "uses": {"high": 8, "low": 0, "skipped": 0}, "thresholds": None},
+                      {"setting": "dynamic:0.5:0.9", "perplexity": 10.1, "ppl_increase": 0.01,
+                       "bytes_per_token": 1.5e6, "fewer_bytes": 0.25,
+                       "uses": {"high": 5, "low": 3, "skipped": 0}, "thresholds": [0.5, 0.9]}]}
+    run["precisions"] = ["exact", "dynamic:0.5:0.9"]
+    text = "\n".join(twins_markdown({"twins_curve": curve, "runs": {"twins-small-rpi4": run}}))
+    assert "| `dynamic:0.5:0.9` | 0.500, 0.900 | 10.100 | +1.00% | 1.500 | 25.0 % | 62 / 38 / 0 |" in text
+    assert "`dynamic:0.5:0.9` vs exact: **" in text and "goal ≥ 1.2x within 2%" in text
+    assert twins_markdown({"runs": {}}) == []

@@ -269,7 +269,8 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = 
         _set(["format"], "onnx-bundle"),
         ["manifest.json", "format", "'edgemoe-bundle'", "'onnx-bundle'"],
     ),
-    ("version", _set(["format_version"], 3), ["manifest.json", "format_version", "expected 1 or 2", "found 3"]),
+    ("version", _set(["format_version"], 3),
+     ["manifest.json", "format_version", "expected 1 or 2", "found 3"]),
     ("version_str", _set(["format_version"], "1"), ["format_version", "found '1'"]),
     (
         "abs_store",

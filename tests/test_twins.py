@@ -301,3 +301,19 @@ def test_export_refuses_a_bad_twin_before_loading(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="twin must be one of"):
         check_export_options(bits=4, group_size=64, lookahead=3, dense_bits=32, dense_group_size=32,
                              twin="fp16")
+
+
+def test_sweeps_score_each_setting_in_a_fresh_session(default_twins: Path) -> None:
+    from edgemoe_ort.bench import routing, twins
+
+    ids = np.arange(3, 3 + 96, dtype=np.int64) % 4000
+    rows = twins.sweep(default_twins, ids, settings=["dynamic:0.5:0.9"], budget="25%")
+    assert [r["setting"] for r in rows] == ["exact", "dynamic:0.5:0.9"]
+    exact, dyn = rows
+    assert exact["ppl_increase"] == 0.0 and exact["uses"]["low"] == 0 and exact["thresholds"] is None
+    assert dyn["uses"]["low"] > 0 and dyn["thresholds"] == [0.5, pytest.approx(0.9)]
+    assert dyn["bytes_per_token"] < exact["bytes_per_token"] and dyn["fewer_bytes"] > 0
+    assert twins.best_setting(rows, max_increase=1.0) is dyn and twins.best_setting(rows, -1.0) is None
+    r = routing.sweep(default_twins, ids, settings=["cache-prior:0.5"], budget="25%")
+    assert [x["setting"] for x in r] == ["exact", "cache-prior:0.5"] and r[1]["changed"] > 0
+    assert r[0]["perplexity"] == exact["perplexity"]  # the same tokens, routing and primaries

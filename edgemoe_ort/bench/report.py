@@ -47,14 +47,17 @@ def edgemoe_row(
     policy: str = "lru",
     predictor: str | None = None,
     routing: str = "exact",
+    precision: str = "exact",
 ) -> dict[str, Any] | None:
-    """The edgemoe row at ``budget`` with ``policy``, ``predictor`` (None: no prefetching) and ``routing``
-    (labelled ``edgemoe@B``, ``edgemoe[P]@B``, ``edgemoe[P+pred]@B`` or ``edgemoe[P+pred/spec]@B``)."""
+    """The edgemoe row at ``budget`` with ``policy``, ``predictor`` (None: no prefetching), ``routing`` and
+    miss ``precision`` (labelled ``edgemoe@B``, ``edgemoe[P]@B``, ``edgemoe[P+pred]@B``,
+    ``edgemoe[P+pred/spec]@B`` or ``edgemoe[P+pred~spec]@B``)."""
     return next(
         (
             m
             for m in edgemoe_rows(run, budget)
             if row_policy(m) == policy and m.get("predictor") == predictor and row_routing(m) == routing
+            and (m.get("miss_precision") or "exact") == precision
         ),
         None,
     )
@@ -582,6 +585,9 @@ def write_report(
     from edgemoe_ort.bench.report_routing import routing_markdown
 
     L += routing_markdown(results, img_dir, rel_img)
+    from edgemoe_ort.bench.report_twins import twins_markdown
+
+    L += twins_markdown(results)
     ws = results.get("warm_start")
     if ws:
         L += [

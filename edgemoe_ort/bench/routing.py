@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +52,14 @@ def sweep(
     """One row per setting: ``setting``, ``perplexity``, ``misses``, ``hits``, ``miss_rate`` (misses per
     expert use), ``changed`` / ``selections``, ``misses_avoided``, the prefetch summary, and relative to
     the ``exact`` row of the sweep (run first if missing): ``fewer_misses``, ``ppl_increase``."""
-    from edgemoe_ort.eval import evaluate
-    from edgemoe_ort.runtime.generate import MoEModel
+    from edgemoe_ort.bench.sweep import evaluate_settings
     from edgemoe_ort.runtime.ops import RuntimeOptions
 
-    settings = list(settings)
-    if "exact" not in settings:
-        settings.insert(0, "exact")
+    def options_of(spec: str) -> RuntimeOptions:
+        return RuntimeOptions(budget=budget, policy=policy, predictor=predictor, **parse_routing(spec))
+
     rows = []
-    for spec in settings:
-        opts = RuntimeOptions(budget=budget, policy=policy, predictor=predictor, **parse_routing(spec))
-        t0 = time.perf_counter()
-        with MoEModel.load(bundle, opts) as model:
-            r = evaluate(model, token_ids, window=window, mode="decode")
+    for spec, r, seconds in evaluate_settings(bundle, token_ids, list(settings), options_of, window=window):
         c = r.cache
         uses = c["hits"] + c["misses"]
         row = {
@@ -80,7 +74,7 @@ def sweep(
             "changed": c["routing"].get("changed", 0),
             "misses_avoided": c["routing"].get("misses_avoided", 0),
             "prefetch": c["prefetch"],
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds,
         }
         rows.append(row)
         if log is not None:

@@ -199,10 +199,12 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
     from edgemoe_ort.runtime.ops import parse_budget
 
     known = {"small", "small-profile", "large", "large-focus", "large-profile", "replay", "kernels",
-             "policies", "prefetch", "routing"}
+             "policies", "prefetch", "routing", "twins"}
     bad = sorted(parts - known)
     if bad or not parts:
         raise ValueError(f"--parts: expected a subset of {','.join(sorted(known))}, found {a.parts!r}")
+    if a.twins is not None and not Bundle.open(a.twins).twins:
+        raise ValueError(f"--twins: {a.twins}: the bundle has no twins (export it with --twin)")
     for flag in ("small", "large", "replay"):
         path = getattr(a, flag)
         if path is not None:
@@ -304,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replay")
     ap.add_argument("--trace")
     ap.add_argument("--kernel-bundle")
+    ap.add_argument("--twins", help="the default model with low-bit twins (edgemoe-export --twin): the "
+                    "`twins` part")
+    ap.add_argument("--twins-tokens", type=int, default=4096, help="held-out tokens of the `twins` sweep")
     ap.add_argument("--profile", default="rpi4", help="storage profile for the throttled run (small model)")
     ap.add_argument("--budgets", default="10%,25%,50%,100%")
     ap.add_argument("--large-budgets", default="10%,25%,50%")
@@ -325,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--parts",
         default="small,small-profile,large,large-focus,large-profile,replay,kernels,policies,prefetch,"
-        "routing",
+        "routing,twins",
         help="which parts to run",
     )
     ap.add_argument("--merge", action="store_true", help="update an existing --out file with these parts")
@@ -444,6 +449,10 @@ def main(argv: list[str] | None = None) -> None:
         run_prefetch_part(a, results, common)
     if a.small and "routing" in parts:
         run_routing_part(a, results, common)
+    if a.twins and "twins" in parts:
+        from edgemoe_ort.bench.twins import run_twins_part
+
+        run_twins_part(a, results, common, log=_log)
     results["findings"] = findings(results)
     results["elapsed_s"] = time.time() - results["started"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,34 @@ def test_ratios_are_withheld_when_the_resident_baseline_was_slower_than_a_storag
 
     files = plot_run("x", slow, tmp_path / "img")  # the ratio panel says withheld instead of plotting them
     assert files and all((tmp_path / "img" / f).is_file() for f in files)
+
+
+def test_kernel_tables_cover_every_quantized_format(tmp_path):
+    """The suite's kernel part: the int4 comparison with ORT's ops, and `ours` across int8/int4/int3/int2."""
+    from edgemoe_ort.bench.kernels import (
+        KERNEL_FORMATS,
+        format_bundle_path,
+        kernel_bundle,
+        run_format_bench,
+        run_kernel_bench,
+    )
+
+    shape = dict(hidden=64, intermediate=128, group_size=32)
+    kb = kernel_bundle(tmp_path / "kb", dtype="int4", **shape)
+    k = run_kernel_bench(kb.path, tokens=(1, 3), samples=1, calls=1)
+    k["formats"] = run_format_bench(tmp_path / "kb", tokens=(1, 3), samples=2, calls=1, **shape)
+    assert KERNEL_FORMATS == ("int8", "int4", "int3", "int2")
+    assert format_bundle_path(tmp_path / "kb", "int3") == tmp_path / "kb-int3"
+    assert format_bundle_path(tmp_path / "kb", "int4") == tmp_path / "kb"
+    rows = k["formats"]["results"]
+    assert [(r["dtype"], r["T"]) for r in rows] == [(d, t) for t in (1, 3) for d in KERNEL_FORMATS]
+    sizes = {r["dtype"]: r["expert_bytes"] for r in rows}
+    assert sizes["int8"] > sizes["int4"] > sizes["int3"] > sizes["int2"]
+    assert all(r["over_int4"] == 1.0 for r in rows if r["dtype"] == "int4")
+    results = {"runs": {}, "kernels": k, "commands": ["x"], "notes": []}
+    md = tmp_path / "bench.md"
+    write_report(results, md, tmp_path / "img")
+    text = md.read_text()
+    assert "## Kernel micro-benchmark" in text and "### Ours across expert formats" in text
+    for d in KERNEL_FORMATS:
+        assert f"| {d} | 1 |" in text and f"| {d} | 3 |" in text

@@ -645,6 +645,28 @@ def write_report(
                 f"{r['max_abs_diff_vs_ours']['matmulnbits']:.1e} |"
             )
         L.append("")
+        kf = k.get("formats")
+        if kf:
+            L += [
+                "### Ours across expert formats",
+                "",
+                f"The same expert shape (H={kf['hidden']}, I={kf['intermediate']}, g{kf['group_size']}, "
+                f"{kf['threads']} thread(s)) in each quantized format, `ours` only, the formats timed "
+                f"interleaved (median of {kf['samples']} samples × {kf['calls']} calls); the comparison "
+                "with ORT's ops stays int4 (above: ORT has no 3-bit QMoE / MatMulNBits, and int2 is not "
+                "converted to them here). Expert MB = the expert's blob (weights, scales, zero points); "
+                "GB/s = those bytes over the time.",
+                "",
+                "| format | T | ours ms | expert MB | GB/s | vs int4 |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for r in kf["results"]:
+                rel = r.get("over_int4")
+                L.append(
+                    f"| {r['dtype']} | {r['T']} | {r['median_s'] * 1e3:.2f} | {r['expert_bytes'] / 1e6:.1f} "
+                    f"| {r['bytes_per_s'] / 1e9:.2f} | {'' if rel is None else f'{rel:.2f}x'} |"
+                )
+            L.append("")
     if llama:
         from edgemoe_ort.bench.llama_cap import markdown_table as llama_table
 

@@ -587,8 +587,7 @@ class Bundle:
         return buf
 
     def read_expert(self, layer: int, expert: int, verify: bool = True) -> dict[str, np.ndarray]:
-        """Raw stored tensors of one expert by name (packed ``u4`` / ``u3`` / ``u2`` as ``uint8 [rows,
-        ceil(bits * cols / 8)]``)."""
+        """Raw stored tensors of one expert by name (packed dtypes as ``uint8 [rows, ceil(bits*cols/8)]``)."""
         rec = self.expert_record(layer, expert)
         buf = self.read_blob(layer, expert, verify=verify)
         out: dict[str, np.ndarray] = {}

@@ -41,15 +41,27 @@ struct QuantRow {
   static constexpr int kBits = wdtype_bits(DT);
   static constexpr bool kPacked = kBits < 8;  // U4 / U3 / U2: a little-endian bit stream per row
 
+  // The kBits bytes at p (exactly those) in the low 8 * kBits bits of every 32-bit lane, by broadcast loads
+  // (no trip through a general register): U4 one dword, U2 one word (the lane's high half repeats it, bits
+  // a mask drops), U3 a word and a byte blended (bits 24-31 repeat byte 2, likewise dropped).
+  static __m256i broadcast_chunk(const uint8_t* p) {
+    if constexpr (kBits == 4) {
+      return _mm256_set1_epi32(static_cast<int32_t>(load_le<4>(p)));
+    } else {
+      const __m256i w = _mm256_broadcastw_epi16(_mm_loadu_si16(p));
+      if constexpr (kBits == 2) return w;
+      else return _mm256_blend_epi16(w, _mm256_set1_epi8(static_cast<char>(p[2])), 0xAA);
+    }
+  }
+
   // q - z for weights [c, c+8) as int32. c is a multiple of 8, so a packed chunk is exactly kBits bytes
   // starting at byte kBits * c / 8: read just those (never past the row), broadcast, shift lane j right by
   // j * kBits, mask.
   __m256i diff8(int64_t c, __m256i zv) const {
     if constexpr (kPacked) {
-      const uint32_t packed = load_le<kBits>(row + (c >> 3) * kBits);
       const __m256i shifts =
           _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits, 6 * kBits, 7 * kBits);
-      const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(packed)), shifts),
+      const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(broadcast_chunk(row + (c >> 3) * kBits), shifts),
                                          _mm256_set1_epi32((1 << kBits) - 1));
       return _mm256_sub_epi32(q, zv);
     } else {

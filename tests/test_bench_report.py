@@ -147,3 +147,5 @@ def test_kernel_tables_cover_every_quantized_format(tmp_path):
     assert "## Kernel micro-benchmark" in text and "### Ours across expert formats" in text
     for d in KERNEL_FORMATS:
         assert f"| {d} | 1 |" in text and f"| {d} | 3 |" in text
+    assert len(k["loadavg_start"]) == 3 and len(k["formats"]["loadavg_end"]) == 3
+    assert text.count("1-minute load average") == 2

@@ -15,6 +15,7 @@ and int2 bundles are not converted to them here: the ORT comparison stays the in
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -172,6 +173,7 @@ def run_kernel_bench(
         "threads": threads,
         "samples": samples,
         "calls": calls,
+        "loadavg_start": os.getloadavg(),
         "results": [],
     }
     for T in tokens:
@@ -215,6 +217,7 @@ def run_kernel_bench(
             f"{med['matmulnbits'] * 1e3:.2f} ms -> ours/QMoE {row['ours_over_qmoe']:.2f}x, "
             f"ours/MatMulNBits {row['ours_over_matmulnbits']:.2f}x"
         )
+    out["loadavg_end"] = os.getloadavg()
     return out
 
 
@@ -240,9 +243,10 @@ def run_format_bench(
 ) -> dict[str, Any]:
     """``ours`` (OffloadedExpert, expert cached) per expert format at one shape, formats timed interleaved.
 
-    Returns ``{"hidden", "intermediate", "group_size", "threads", "samples", "calls", "results": [{"dtype",
-    "bits", "T", "median_s", "samples_s", "expert_bytes", "bytes_per_s", "over_int4"}]}`` (``expert_bytes``:
-    the expert's blob, weights + scales + zeros; ``bytes_per_s``: expert_bytes / median time).
+    Returns ``{"hidden", "intermediate", "group_size", "threads", "samples", "calls", "loadavg_start",
+    "loadavg_end", "results": [{"dtype", "bits", "T", "median_s", "samples_s", "expert_bytes", "bytes_per_s",
+    "over_int4"}]}`` (``expert_bytes``: the expert's blob, weights + scales + zeros; ``bytes_per_s``:
+    expert_bytes / median time; the load averages are ``os.getloadavg()`` before and after).
     """
     sessions: dict[str, Any] = {}
     blob_bytes: dict[str, int] = {}
@@ -263,6 +267,7 @@ def run_format_bench(
         "threads": threads,
         "samples": samples,
         "calls": calls,
+        "loadavg_start": os.getloadavg(),
         "results": [],
     }
     for T in tokens:
@@ -297,4 +302,5 @@ def run_format_bench(
                 }
             )
         log("  T=" + str(T) + ": " + ", ".join(f"{dt} {med[dt] * 1e3:.2f} ms" for dt in sessions))
+    out["loadavg_end"] = os.getloadavg()
     return out

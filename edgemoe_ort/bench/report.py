@@ -388,6 +388,14 @@ def _simd_text(simd: list[str] | None) -> str:
     return f" (CPU has {', '.join(has)})" if has else " (CPU has no AVX-512)"
 
 
+def _kernel_load(k: dict[str, Any]) -> str:
+    """" 1-minute load average 0.40 → 0.90 (start → end)." for a kernel result that recorded it, else ""."""
+    a, b = k.get("loadavg_start"), k.get("loadavg_end")
+    if not a or not b:
+        return ""
+    return f" 1-minute load average {a[0]:.2f} → {b[0]:.2f} (start → end)."
+
+
 def write_report(
     results: dict[str, Any],
     out_md: str | Path,
@@ -630,7 +638,8 @@ def write_report(
             f"{k['calls']} calls. "
             "`ours` = OffloadedExpert with the expert cached; `QMoE` = ORT com.microsoft.QMoE "
             "(accuracy_level 0) on "
-            "the same bytes; `MatMulNBits` = 2× ORT MatMulNBits (accuracy_level 0) + SwiGLU.",
+            "the same bytes; `MatMulNBits` = 2× ORT MatMulNBits (accuracy_level 0) + SwiGLU."
+            + _kernel_load(k),
             "",
             "| T | ours ms | QMoE ms | MatMulNBits ms | ours / QMoE | ours / MatMulNBits | max |Δ| vs ours |",
             "|---:|---:|---:|---:|---:|---:|---|",
@@ -655,7 +664,7 @@ def write_report(
                 f"interleaved (median of {kf['samples']} samples × {kf['calls']} calls); the comparison "
                 "with ORT's ops stays int4 (above: ORT has no 3-bit QMoE / MatMulNBits, and int2 is not "
                 "converted to them here). Expert MB = the expert's blob (weights, scales, zero points); "
-                "GB/s = those bytes over the time.",
+                "GB/s = those bytes over the time." + _kernel_load(kf),
                 "",
                 "| format | T | ours ms | expert MB | GB/s | vs int4 |",
                 "|---|---:|---:|---:|---:|---:|",

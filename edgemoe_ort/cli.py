@@ -35,6 +35,7 @@ from edgemoe_ort.cli_common import (
     write_output_file,
 )
 from edgemoe_ort.cli_common import fmt_bytes as _fmt_bytes
+from edgemoe_ort.quant import BITS_TO_DTYPE, QUANTIZED_DTYPES
 from edgemoe_ort.quant.nbits import (
     DEFAULT_DENSE_BITS,
     DEFAULT_DENSE_BLOCK_SIZE,
@@ -42,6 +43,9 @@ from edgemoe_ort.quant.nbits import (
     is_valid_block_size,
 )
 from edgemoe_ort.runtime.ops import POLICIES, PREDICTORS, ROUTING_RULES
+
+#: the ``--bits`` choices, from edgemoe_ort.quant's format table: "32, 16, 8, 4, 3 or 2"
+_BITS_CHOICES = ", ".join(map(str, list(BITS_TO_DTYPE)[:-1])) + f" or {list(BITS_TO_DTYPE)[-1]}"
 
 # --- edgemoe-export --------------------------------------------------------------------------------
 export_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS)
@@ -62,8 +66,10 @@ export_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS
 def export(
     model: Annotated[str, typer.Argument(help="local checkpoint folder (config.json + weights) or hub id")],
     output_dir: Annotated[Path, typer.Option("-o", "--output", help="bundle folder to create")],
-    bits: Annotated[int, typer.Option(help="expert weight bits: 32, 16, 8 or 4")] = 4,
-    group_size: Annotated[int, typer.Option(help="quantization group size (int8/int4)")] = 64,
+    bits: Annotated[int, typer.Option(help=f"expert weight bits: {_BITS_CHOICES}")] = 4,
+    group_size: Annotated[
+        int, typer.Option(help=f"quantization group size ({'/'.join(QUANTIZED_DTYPES)})")
+    ] = 64,
     force: Annotated[
         bool, typer.Option(help="replace an existing bundle (only an edgemoe bundle that holds nothing else)")
     ] = False,
@@ -111,8 +117,8 @@ def export(
     if missing:  # a runtime-only install (pip install edgemoe-ort): one line, not an ImportError traceback
         raise ValueError(f"edgemoe-export needs the exporter's dependencies ({', '.join(missing)} not "
                          "installed): pip install 'edgemoe-ort[export]'")
-    if bits not in (4, 8, 16, 32):
-        raise ValueError(f"--bits: expected 4, 8, 16 or 32, found {bits}")
+    if bits not in BITS_TO_DTYPE:
+        raise ValueError(f"--bits: expected {_BITS_CHOICES}, found {bits}")
     if group_size < 1:
         raise ValueError(f"--group-size: expected an integer >= 1, found {group_size}")
     if dense_bits not in DENSE_BITS:

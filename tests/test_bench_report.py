@@ -164,3 +164,36 @@ def test_miss_precision_modes_and_the_twins_section(tmp_path):
     assert "| `dynamic:0.5:0.9` | 0.500, 0.900 | 10.100 | +1.00% | 1.500 | 25.0 % | 62 / 38 / 0 |" in text
     assert "`dynamic:0.5:0.9` vs exact: **" in text and "goal ≥ 1.2x within 2%" in text
     assert twins_markdown({"runs": {}}) == []
+
+
+def test_kernel_tables_cover_every_quantized_format(tmp_path):
+    """The suite's kernel part: the int4 comparison with ORT's ops, and `ours` across int8/int4/int3/int2."""
+    from edgemoe_ort.bench.kernels import (
+        KERNEL_FORMATS,
+        format_bundle_path,
+        kernel_bundle,
+        run_format_bench,
+        run_kernel_bench,
+    )
+
+    shape = dict(hidden=64, intermediate=128, group_size=32)
+    kb = kernel_bundle(tmp_path / "kb", dtype="int4", **shape)
+    k = run_kernel_bench(kb.path, tokens=(1, 3), samples=1, calls=1)
+    k["formats"] = run_format_bench(tmp_path / "kb", tokens=(1, 3), samples=2, calls=1, **shape)
+    assert KERNEL_FORMATS == ("int8", "int4", "int3", "int2")
+    assert format_bundle_path(tmp_path / "kb", "int3") == tmp_path / "kb-int3"
+    assert format_bundle_path(tmp_path / "kb", "int4") == tmp_path / "kb"
+    rows = k["formats"]["results"]
+    assert [(r["dtype"], r["T"]) for r in rows] == [(d, t) for t in (1, 3) for d in KERNEL_FORMATS]
+    sizes = {r["dtype"]: r["expert_bytes"] for r in rows}
+    assert sizes["int8"] > sizes["int4"] > sizes["int3"] > sizes["int2"]
+    assert all(r["over_int4"] == 1.0 for r in rows if r["dtype"] == "int4")
+    results = {"runs": {}, "kernels": k, "commands": ["x"], "notes": []}
+    md = tmp_path / "bench.md"
+    write_report(results, md, tmp_path / "img")
+    text = md.read_text()
+    assert "## Kernel micro-benchmark" in text and "### Ours across expert formats" in text
+    for d in KERNEL_FORMATS:
+        assert f"| {d} | 1 |" in text and f"| {d} | 3 |" in text
+    assert len(k["loadavg_start"]) == 3 and len(k["formats"]["loadavg_end"]) == 3
+    assert text.count("1-minute load average") == 2

@@ -26,7 +26,7 @@ from edgemoe_ort.bundle.testing import (
     reference_moe,
 )
 from edgemoe_ort.bundle.writer import check_target
-from edgemoe_ort.quant import DTYPES, quantize
+from edgemoe_ort.quant import BITS, DTYPES, QUANTIZED_DTYPES, quantize
 
 H, I, E = 32, 48, 4  # noqa: E741 - hidden, intermediate, experts
 
@@ -93,14 +93,14 @@ def test_round_trip_every_dtype(tmp_path: Path, dtype: str, gated: bool, bias: b
         assert rec["offset"] % 4096 == 0 and rec["length"] % 4096 == 0 and rec["size"] <= rec["length"]
         assert rec["length"] - rec["size"] < 4096
         assert rec["checksum"] == xxhash.xxh3_64_hexdigest(data[rec["offset"] : rec["offset"] + rec["size"]])
-        gs = 20 if dtype in ("int8", "int4") else 0
+        gs = 20 if dtype in QUANTIZED_DTYPES else 0
         assert rec["format"]["dtype"] == dtype and rec["format"]["group_size"] == gs
         assert all(t["offset"] % 64 == 0 for t in rec["tensors"].values())
         qin, qout = quantize(w_in, dtype, 20), quantize(w_out, dtype, 20)
         raw = b.read_expert(0, e)
         np.testing.assert_array_equal(raw["w_in"], qin.data)
         np.testing.assert_array_equal(raw["w_out"], qout.data)
-        if dtype in ("int8", "int4"):
+        if dtype in QUANTIZED_DTYPES:
             np.testing.assert_array_equal(raw["w_in.scales"], qin.scales)
             np.testing.assert_array_equal(raw["w_out.zeros"], qout.zeros)
             assert raw["w_in.scales"].shape == (rows_in, math.ceil(H / 20))
@@ -119,9 +119,7 @@ def test_round_trip_every_dtype(tmp_path: Path, dtype: str, gated: bool, bias: b
             assert bi2 is None and bo2 is None and "b_in" not in raw
     s = b.summary()
     assert s["family"] == "test" and s["layers"] == 1 and s["experts"] == 2
-    assert s["dtypes"] == {dtype: 2} and s["bits"] == {
-        {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}[dtype]: 2
-    }
+    assert s["dtypes"] == {dtype: 2} and s["bits"] == {BITS[dtype]: 2}
     assert s["store_bytes"] == b.store_bytes and s["dense_bytes"] == b.dense_bytes
     assert [x.name for x in tmp_path.iterdir()] == ["b"]  # no temp folder left
 
@@ -134,6 +132,9 @@ def test_mixed_format_layer(tmp_path: Path) -> None:
     assert b.expert_record(0, 1)["tensors"]["w_in"]["dtype"] == "u4"
     assert b.expert_record(0, 2)["tensors"]["w_in"]["dtype"] == "f16"
     assert b.summary()["bits"] == {4: 2, 8: 2, 16: 2, 32: 2}
+    b3 = small_bundle(tmp_path / "d", dtype=["int3", "int2", "int4", "int3"])
+    assert [b3.expert_record(0, e)["tensors"]["w_in"]["dtype"] for e in range(E)] == ["u3", "u2", "u4", "u3"]
+    assert b3.summary()["bits"] == {3: 2, 2: 1, 4: 1}
     # callable: per (layer, expert)
     b2 = small_bundle(tmp_path / "c", dtype=lambda li, e: "int4" if (li + e) % 2 else "int8", num_layers=2)
     assert [r["format"]["dtype"] for r in b2.manifest["experts"]] == [
@@ -248,7 +249,7 @@ def _layer_gated(m: dict[str, Any]) -> None:
 
 
 def _unknown_dtype(r: dict[str, Any]) -> None:
-    r["format"]["dtype"] = "int3"
+    r["format"]["dtype"] = "int5"
 
 
 def _wrong_tensor_dtype(r: dict[str, Any]) -> None:
@@ -331,7 +332,7 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = 
     ),
     ("layer_hidden", _layer_hidden, ["layer 0 expert 0", "shape does not match the layer"]),
     ("layer_gated", _layer_gated, ["layer 0 expert 0", "w_in.shape", f"expected [{I}, {H}]"]),
-    ("unknown_dtype", _edit_expert(1, _unknown_dtype), ["layer 0 expert 1", "unknown dtype", "'int3'"]),
+    ("unknown_dtype", _edit_expert(1, _unknown_dtype), ["layer 0 expert 1", "unknown dtype", "'int5'"]),
     (
         "tensor_dtype",
         _edit_expert(1, _wrong_tensor_dtype),
@@ -735,10 +736,10 @@ def test_writer_input_errors(tmp_path: Path) -> None:
         with BundleWriter(p, family="v") as w:
             w.add_layer(0, num_experts=1, top_k=1, hidden=4, intermediate=4, gated=False, activation="silu")
             w.add_expert(0, 0, np.full((4, 4), np.nan), np.ones((4, 4)))
-    with pytest.raises(BundleError, match="layer 0 expert 0: unknown dtype 'int2'"):
+    with pytest.raises(BundleError, match="layer 0 expert 0: unknown dtype 'int5'"):
         with BundleWriter(p, family="v") as w:
             w.add_layer(0, num_experts=1, top_k=1, hidden=4, intermediate=4, gated=False, activation="silu")
-            w.add_expert(0, 0, np.ones((4, 4)), np.ones((4, 4)), dtype="int2")
+            w.add_expert(0, 0, np.ones((4, 4)), np.ones((4, 4)), dtype="int5")
     with pytest.raises(BundleError, match="activation"):
         with BundleWriter(p, family="v") as w:
             w.add_layer(0, num_experts=1, top_k=1, hidden=4, intermediate=4, gated=False, activation="swish")
@@ -1035,3 +1036,19 @@ def test_external_graph_is_written_piecewise_and_loads_back(tmp_path: Path) -> N
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
     kept = back.graph.initializer[3]
     assert kept.raw_data == small.raw_data and not kept.external_data
+
+
+def test_tensor_nbytes_and_stored_shape_of_packed_dtypes() -> None:
+    from edgemoe_ort.bundle.format import PACKED_TENSOR_DTYPES, TENSOR_DTYPES, stored_shape, tensor_nbytes
+
+    assert PACKED_TENSOR_DTYPES == ("u4", "u3", "u2")
+    assert {k: v.str for k, v in TENSOR_DTYPES.items()} == {
+        "f32": "<f4", "f16": "<f2", "u8": "|u1", "u4": "|u1", "u3": "|u1", "u2": "|u1"
+    }
+    # rows * ceil(bits * cols / 8): every row starts on a byte
+    assert [tensor_nbytes(dt, [3, 7]) for dt in ("u4", "u3", "u2", "u8", "f16")] == [12, 9, 6, 21, 42]
+    assert tensor_nbytes("u3", [1, 19]) == 8 and tensor_nbytes("u2", [4, 1]) == 4
+    assert tensor_nbytes("f32", [5]) == 20
+    assert stored_shape("u3", [3, 7]) == [3, 3] and stored_shape("f16", [3, 7]) == [3, 7]
+    with pytest.raises(ValueError, match=r"u3 tensors must be 2-D, found shape \[5\]"):
+        tensor_nbytes("u3", [5])

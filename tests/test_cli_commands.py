@@ -210,7 +210,8 @@ CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
                               "(--force would not replace it)")),
     "export-output-under-a-file": ("edgemoe-export", [M, "-o", "{exists}/sub/b"],
                                    ("--output", "exists.json is not a folder")),
-    "export-bits": ("edgemoe-export", [M, "-o", "{root}/o", "--bits", "3"], ("--bits", "3")),
+    "export-bits": ("edgemoe-export", [M, "-o", "{root}/o", "--bits", "5"],
+                    ("--bits", "5", "expected 32, 16, 8, 4, 3 or 2")),
     "export-missing-output": ("edgemoe-export", [M], ("--output",)),
     # edgemoe-inspect
     "inspect-no-bundle": ("edgemoe-inspect", ["{root}/nope"], ("{root}/nope",)),
@@ -251,6 +252,22 @@ def test_bad_input_is_one_line_exit_2(case: str, values: dict[str, str]) -> None
     cmd, args, needles = CASES[case]
     res = invoke(cmd, *[_fill(a, values) for a in args])
     assert_one_line_error(res, *[_fill(n, values) for n in needles])
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_export_low_bits(tmp_path: Path, bits: int) -> None:
+    """--bits 3 / 2: every expert in int3 / int2 (packed u3 / u2 weights), and the bundle generates."""
+    from edgemoe_ort.bundle import Bundle
+
+    out = tmp_path / f"int{bits}"
+    res = invoke("edgemoe-export", MODEL, "-o", out, "--bits", bits, "--group-size", 32, "-q")
+    assert res.returncode == 0, res.stderr
+    b = Bundle.open(out)
+    assert {r["format"]["dtype"] for r in b.manifest["experts"]} == {f"int{bits}"}
+    assert {r["tensors"]["w_out"]["dtype"] for r in b.manifest["experts"]} == {f"u{bits}"}
+    assert b.summary()["bits"] == {bits: len(b.manifest["experts"])}
+    res = invoke("edgemoe-run", out, "-p", "def f(x):", "--max-new-tokens", 4)
+    assert res.returncode == 0 and res.stdout.startswith("def f(x):"), res.stderr
 
 
 def test_export_output_that_cannot_be_made_names_the_flag(tmp_path: Path) -> None:

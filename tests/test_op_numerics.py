@@ -9,7 +9,7 @@ from edgemoe_ort.bundle.testing import chain_feeds as feeds
 from edgemoe_ort.bundle.testing import make_synthetic_bundle, random_routing, reference_chain
 from edgemoe_ort.runtime.ops import RuntimeOptions, open_session
 
-TOL = {"fp32": 1e-5, "fp16": 1e-4, "int8": 1e-4, "int4": 1e-4, "mixed": 1e-4}
+TOL = {"fp32": 1e-5, "fp16": 1e-4, "int8": 1e-4, "int4": 1e-4, "int3": 1e-4, "int2": 1e-4, "mixed": 1e-4}
 
 
 
@@ -34,7 +34,7 @@ def run_case(tmp_path, *, T, K, dtype="fp32", num_layers=1, E=8, seed=0, drop=Fa
     return y, ref, sess
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4", "int3", "int2"])
 @pytest.mark.parametrize("T", [1, 64])
 @pytest.mark.parametrize("K", [1, 2, 8])
 def test_one_layer_formats(tmp_path, dtype, T, K):
@@ -56,7 +56,7 @@ def test_activations(tmp_path, activation, gated, T):
 
 @pytest.mark.parametrize("T", [1, 64])
 def test_mixed_format_layer(tmp_path, T):
-    dtypes = ["fp32", "fp16", "int8", "int4", "int4", "int8", "fp16", "fp32"]
+    dtypes = ["fp32", "fp16", "int8", "int4", "int3", "int2", "fp16", "int3"]
     y, ref, _ = run_case(tmp_path, T=T, K=2, dtype=dtypes, group_size=32)
     assert rel_err(y, ref) <= TOL["mixed"]
 
@@ -69,11 +69,22 @@ def test_multi_layer_chain(tmp_path, T, dtype):
     assert sess.stats()["calls"] == 3
 
 
-def test_odd_group_size_and_dims(tmp_path):
-    # group size not dividing the row length, odd intermediate (u4 rows padded to a byte)
-    y, ref, _ = run_case(tmp_path, T=5, K=2, dtype=["int4", "int8"] * 4, hidden=40, intermediate=37,
-                         group_size=16)
+@pytest.mark.parametrize("group_size", [16, 12])  # 12: not a multiple of 8, the kernels' scalar fallback
+def test_odd_group_size_and_dims(tmp_path, group_size):
+    # group size not dividing the row length, odd intermediate (packed rows padded to a byte)
+    y, ref, _ = run_case(tmp_path, T=5, K=2, dtype=["int4", "int8", "int3", "int2"] * 2, hidden=40,
+                         intermediate=37, group_size=group_size)
     assert rel_err(y, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["int3", "int2"])
+@pytest.mark.parametrize("T", [1, 3, 64])
+def test_low_bit_bundle_matches_numpy(tmp_path, dtype, T):
+    """A whole int3 / int2 bundle (odd widths, partial last groups) through an ORT session vs numpy."""
+    y, ref, sess = run_case(tmp_path, T=T, K=2, dtype=dtype, num_layers=2, hidden=72, intermediate=43,
+                            group_size=32, drop=True)
+    assert rel_err(y, ref) <= TOL[dtype]
+    assert sess.stats()["calls"] == 2
 
 
 def test_all_slots_dropped_and_zero_tokens(tmp_path):

@@ -7,9 +7,22 @@ import math
 import numpy as np
 import pytest
 
-from edgemoe_ort.quant import DTYPES, QuantizedMatrix, dequantize, pack_u4, quantize, unpack_u4
+from edgemoe_ort.quant import (
+    BITS,
+    BITS_TO_DTYPE,
+    DTYPES,
+    FORMATS,
+    QUANTIZED_DTYPES,
+    QuantizedMatrix,
+    dequantize,
+    pack_bits,
+    pack_u4,
+    quantize,
+    unpack_bits,
+    unpack_u4,
+)
 
-QMAX = {"int8": 255, "int4": 15}
+QMAX = {"int8": 255, "int4": 15, "int3": 7, "int2": 3}
 
 
 def slow_reference(
@@ -43,7 +56,29 @@ def slow_reference(
 
 
 def raw_q(qm: QuantizedMatrix) -> np.ndarray:
-    return unpack_u4(qm.data, qm.shape[1]) if qm.dtype == "int4" else qm.data
+    bits = BITS[qm.dtype]
+    return unpack_bits(qm.data, qm.shape[1], bits) if bits < 8 else qm.data
+
+
+def bitwise_pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """The packing rule transcribed: bit k of value c is bit (bits*c + k) % 8 of byte (bits*c + k) // 8."""
+    rows, cols = q.shape
+    out = np.zeros((rows, -(-bits * cols // 8)), np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            for k in range(bits):
+                if (int(q[r, c]) >> k) & 1:
+                    pos = bits * c + k
+                    out[r, pos // 8] |= 1 << (pos % 8)
+    return out
+
+
+def test_format_table() -> None:
+    assert DTYPES == ("fp32", "fp16", "int8", "int4", "int3", "int2")
+    assert BITS == {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
+    assert BITS_TO_DTYPE == {32: "fp32", 16: "fp16", 8: "int8", 4: "int4", 3: "int3", 2: "int2"}
+    assert QUANTIZED_DTYPES == ("int8", "int4", "int3", "int2")
+    assert [f.tensor_dtype for f in FORMATS] == ["f32", "f16", "u8", "u4", "u3", "u2"]
 
 
 # -- exact small cases --
@@ -100,7 +135,7 @@ def test_zero_is_exact_and_range_contains_zero() -> None:
     rng = np.random.default_rng(3)
     w = rng.standard_normal((7, 50)).astype(np.float32)
     w[rng.random(w.shape) < 0.3] = 0.0
-    for dt in ("int8", "int4"):
+    for dt in QUANTIZED_DTYPES:
         deq = quantize(w, dt, 16).dequantize()
         assert np.all(deq[w == 0.0] == 0.0), dt
 
@@ -124,7 +159,7 @@ def test_tiny_weights_underflowing_f16_scale_flush_to_zero() -> None:
 
 
 # -- partial groups & layout --------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int3", "int2"])
 @pytest.mark.parametrize("shape,gs", [((5, 37), 16), ((3, 10), 4), ((4, 64), 64), ((2, 7), 64), ((3, 9), 1)])
 def test_matches_elementwise_spec(dtype: str, shape: tuple[int, int], gs: int) -> None:
     rng = np.random.default_rng(shape[0] * 100 + shape[1])
@@ -169,6 +204,95 @@ def test_u4_packing_layout() -> None:
         pack_u4(np.array([[16]]))
 
 
+def test_packed_layout_by_hand() -> None:
+    # u3: 8 values fill 3 bytes, values 2 and 5 straddle a byte; (0, 1, ..., 7) = 0x88 0xC6 0xFA. 19 values:
+    # two such chunks and a 3-value tail (57 bits: 8 bytes, the last one's 7 high bits zero).
+    q3 = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0, 5, 2, 7]], np.uint8)
+    p3 = pack_bits(q3, 3)
+    assert p3.dtype == np.uint8 and p3.tolist() == [[0x88, 0xC6, 0xFA, 0x77, 0x39, 0x05, 0xD5, 0x01]]
+    np.testing.assert_array_equal(unpack_bits(p3, 19, 3), q3)
+    # u2: 4 values per byte, value 0 in bits 0-1: (0, 1, 2, 3) = 0b11100100
+    q2 = np.array([[0, 1, 2, 3, 3, 2, 1, 0, 1, 1, 2, 2, 3, 3, 0, 0, 2, 3, 1]], np.uint8)
+    p2 = pack_bits(q2, 2)
+    assert p2.tolist() == [[0xE4, 0x1B, 0xA5, 0x0F, 0x1E]]
+    np.testing.assert_array_equal(unpack_bits(p2, 19, 2), q2)
+    # u4 is the 4-bit case of the same rule (today's nibble order)
+    q4 = np.array([[1, 2, 3, 4, 5]], np.uint8)
+    assert pack_bits(q4, 4).tolist() == pack_u4(q4).tolist() == [[0x21, 0x43, 0x05]]
+    # two rows: every row starts on a byte
+    assert pack_bits(np.array([[7, 7, 7], [1, 0, 0]], np.uint8), 3).tolist() == [[0xFF, 0x01], [0x01, 0x00]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_bits_matches_the_rule_and_round_trips(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    for cols in (1, 2, 3, 7, 8, 9, 15, 16, 17, 63, 64, 65, 100):
+        q = rng.integers(0, 1 << bits, size=(3, cols), dtype=np.uint8)
+        p = pack_bits(q, bits)
+        assert p.shape == (3, math.ceil(bits * cols / 8)) and p.dtype == np.uint8
+        np.testing.assert_array_equal(p, bitwise_pack(q, bits))  # unused high bits zero included
+        np.testing.assert_array_equal(unpack_bits(p, cols, bits), q)
+        if bits == 4:
+            np.testing.assert_array_equal(p, pack_u4(q))
+            np.testing.assert_array_equal(unpack_u4(p, cols), q)
+    assert pack_bits(np.zeros((2, 0), np.uint8), bits).shape == (2, 0)
+
+
+def test_pack_bits_in_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgemoe_ort.quant as qmod
+
+    q = np.random.default_rng(2).integers(0, 8, size=(29, 21), dtype=np.uint8)
+    whole = pack_bits(q, 3)
+    monkeypatch.setattr(qmod, "_CHUNK_ELEMENTS", 50)  # 2 rows per chunk
+    np.testing.assert_array_equal(qmod.pack_bits(q, 3), whole)
+
+
+def test_pack_bits_errors() -> None:
+    with pytest.raises(ValueError, match=r"pack_bits: 3-bit values must be in \[0, 7\], found \[0, 8\]"):
+        pack_bits(np.array([[0, 8]]), 3)
+    with pytest.raises(ValueError, match=r"2-bit values must be in \[0, 3\], found \[-1, 2\]"):
+        pack_bits(np.array([[-1, 2]]), 2)
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        pack_u4(np.array([[16]]))
+    with pytest.raises(ValueError, match=r"pack_bits: expected a 2-D array, found shape \(3,\)"):
+        pack_bits(np.zeros(3, np.uint8), 3)
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(ValueError, match=r"bits must be an int in \[1, 8\]"):
+            pack_bits(np.zeros((1, 1), np.uint8), bad)  # type: ignore[arg-type]
+    want = r"unpack_bits: expected shape \[rows, 4\] for 10 columns of 3 bits, found \(2, 5\)"
+    with pytest.raises(ValueError, match=want):
+        unpack_bits(np.zeros((2, 5), np.uint8), 10, 3)
+
+
+def test_int3_int2_hand_computed_cases() -> None:
+    # int3: range [0, 7] -> s = 1, z = 0; 2.5 -> 2 (ties to even), values stored in 3 bits each
+    qm = quantize(np.array([[0.0, 2.5, 3.5, 7.0, 1.0]]), "int3", group_size=5)
+    assert float(qm.scales[0, 0]) == 1.0 and qm.zeros.tolist() == [[0]]
+    assert unpack_bits(qm.data, 5, 3).tolist() == [[0, 2, 4, 7, 1]]
+    assert qm.data.tolist() == pack_bits(np.array([[0, 2, 4, 7, 1]]), 3).tolist()
+    np.testing.assert_array_equal(qm.dequantize(), [[0.0, 2.0, 4.0, 7.0, 1.0]])
+    # int2: lo=-1, hi=2 -> s = 3/3 = 1, z = 1; q = rint(w) + 1 clamped to [0, 3]
+    qm = quantize(np.array([[-1.0, 0.4, 2.0, 1.6, -0.6]]), "int2", group_size=8)
+    assert float(qm.scales[0, 0]) == 1.0 and qm.zeros.tolist() == [[1]]
+    assert unpack_bits(qm.data, 5, 2).tolist() == [[0, 1, 3, 3, 0]]
+    assert qm.data.shape == (1, 2)
+    np.testing.assert_array_equal(qm.dequantize(), [[-1.0, 0.0, 2.0, 2.0, -1.0]])
+    # all-zero group: s = 1, z = 0, q = 0
+    qm = quantize(np.zeros((1, 9), np.float32), "int2", group_size=4)
+    assert qm.scales.tolist() == [[1.0, 1.0, 1.0]] and qm.zeros.tolist() == [[0, 0, 0]]
+    assert qm.data.tolist() == [[0, 0, 0]]
+
+
+def test_packed_data_rows_are_byte_aligned() -> None:
+    w = np.random.default_rng(1).standard_normal((4, 33)).astype(np.float32)
+    for dtype in ("int3", "int2"):
+        qm = quantize(w, dtype, group_size=8)
+        nb = math.ceil(33 * BITS[dtype] / 8)
+        assert qm.data.shape == (4, nb) and qm.data.dtype == np.uint8
+        assert qm.nbytes == 4 * nb + 4 * 5 * 2 + 4 * 5
+        np.testing.assert_array_equal(quantize(w[2:3], dtype, 8).data[0], qm.data[2])
+
+
 def test_int4_data_rows_are_byte_aligned() -> None:
     w = np.random.default_rng(1).standard_normal((4, 33)).astype(np.float32)
     qm = quantize(w, "int4", group_size=8)
@@ -204,8 +328,8 @@ def test_round_trip_error_bounds(dtype: str) -> None:
     bound = s * (0.5 + qmax * 2.0**-11) + 1e-7
     assert np.all(err <= bound), float((err - bound).max())
     rel = np.linalg.norm(deq - w) / np.linalg.norm(w)
-    assert rel < {"int8": 0.01, "int4": 0.15}[dtype], rel
-    bits = {"int8": 8, "int4": 4}[dtype]
+    assert rel < {"int8": 0.01, "int4": 0.15, "int3": 0.3, "int2": 0.6}[dtype], rel
+    bits = BITS[dtype]
     assert qm.nbytes == 64 * math.ceil(200 * bits / 8) + 64 * g * 3
 
 
@@ -228,8 +352,8 @@ def test_dataclass_fields() -> None:
 # -- errors --
 def test_errors() -> None:
     w = np.ones((2, 4), np.float32)
-    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
-        quantize(w, "int3")
+    with pytest.raises(ValueError, match="unknown dtype 'int5'"):
+        quantize(w, "int5")
     with pytest.raises(ValueError, match="unknown dtype"):
         QuantizedMatrix("bf16", (1, 1), 0, np.zeros((1, 1)), None, None)
     with pytest.raises(ValueError, match=r"2-D.*\(4,\)"):
@@ -255,7 +379,7 @@ def test_errors() -> None:
         quantize(np.array([[-1e6, 1e6]]), "int4")
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", ["int4", "int8", "int3", "int2"])
 def test_quantize_in_row_chunks_equals_one_piece(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """quantize() bounds its temporaries by working on chunks of rows; the bytes must not depend on it."""
     import edgemoe_ort.quant as q

@@ -154,3 +154,48 @@ def test_a_path_the_os_refuses_names_the_field(pristine: Path, tmp_path: Path) -
 def test_limits_are_one_table() -> None:
     """The Python reader's limits are the library's (customops/include/edgemoe/manifest.h reader_limits())."""
     assert fmt.READER_LIMITS == ops.reader_limits()
+
+
+def _unpacked_nbytes(b: Path) -> None:
+    """w_out's nbytes as if its weights took a byte each (not rows * ceil(bits * cols / 8))."""
+    m = json.loads((b / "manifest.json").read_text())
+    t = m["experts"][0]["tensors"]["w_out"]
+    t["nbytes"] = t["shape"][0] * t["shape"][1]
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
+#: packed low-bit bundles (int3 / int2, odd widths): accepted by both readers, and the same refusals when the
+#: format and the tensors disagree (tensor dtype, packed nbytes)
+LOW_BIT_CASES: list[tuple[str, str, Callable[[Path], None], str | None]] = [
+    ("int3_pristine", "int3", lambda b: None, None),
+    ("int2_pristine", "int2", lambda b: None, None),
+    ("int3_as_int4", "int3", _edit(["experts", 0, "format", "dtype"], "int4"), "w_in.dtype"),
+    ("int4_tensor_in_int2", "int2", _edit(["experts", 0, "tensors", "w_in", "dtype"], "u4"), "w_in.dtype"),
+    ("int3_nbytes_unpacked", "int3", _unpacked_nbytes, "w_out.nbytes"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "mutate", "needle"), LOW_BIT_CASES, ids=[c[0] for c in LOW_BIT_CASES]
+)
+def test_both_readers_decide_alike_on_low_bit_bundles(
+    name: str, dtype: str, mutate: Callable[[Path], None], needle: str | None, tmp_path: Path
+) -> None:
+    b = tmp_path / "b"
+    make_synthetic_bundle(b, num_experts=2, top_k=1, hidden=40, intermediate=37, dtype=dtype, group_size=16)
+    mutate(b)
+    py_err: str | None = None
+    try:
+        Bundle.open(b)
+    except BundleError as e:
+        py_err = str(e)
+    native_err: str | None = None
+    try:
+        ops.open_session(b / "model.onnx", b)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        native_err = str(e)
+    assert (py_err is None, native_err is None) == (needle is None, needle is None), (
+        f"python: {py_err}\nnative: {native_err}"
+    )
+    if needle is not None:
+        assert needle in str(py_err) and needle in str(native_err), f"python: {py_err}\nnative: {native_err}"

@@ -1,6 +1,6 @@
 // Micro-benchmark of gemm_rows, single-threaded, on one expert FFN's shapes:
 //   w_in [2I, H] and w_out [H, I], default H=4096, I=14336 (Mixtral), int4 group 64.
-// Usage: bench_kernels [dtype=u4|u8|f16|f32] [group_size=64] [H=4096] [I=14336] [tokens=1,64] [impl]
+// Usage: bench_kernels [dtype=u4|u3|u2|u8|f16|f32] [group_size=64] [H=4096] [I=14336] [tokens=1,64] [impl]
 // Reports the best thread CPU time of each matrix product (robust on a shared machine) and the weight bytes
 // streamed per second (data + scales + zeros; the weights do not fit in the LLC, so T=1 streams from DRAM).
 #include <algorithm>
@@ -32,13 +32,7 @@ Matrix make(WDType dt, int64_t rows, int64_t cols, int64_t gs, std::mt19937& rng
   m.W.dtype = dt;
   m.W.rows = rows;
   m.W.cols = cols;
-  int64_t rb = 0;
-  switch (dt) {
-    case WDType::F32: rb = cols * 4; break;
-    case WDType::F16: rb = cols * 2; break;
-    case WDType::U8: rb = cols; break;
-    case WDType::U4: rb = (cols + 1) / 2; break;
-  }
+  const int64_t rb = (wdtype_bits(dt) * cols + 7) / 8;
   m.data.resize(static_cast<size_t>(rows * rb));
   for (auto& b : m.data) b = static_cast<uint8_t>(rng());
   if (dt == WDType::F16)  // keep halves finite and small: exponent field 8..22
@@ -46,12 +40,12 @@ Matrix make(WDType dt, int64_t rows, int64_t cols, int64_t gs, std::mt19937& rng
   if (dt == WDType::F32)
     for (size_t i = 3; i < m.data.size(); i += 4) m.data[i] = static_cast<uint8_t>(0x3C + m.data[i] % 2);
   m.bytes = m.data.size();
-  if (dt == WDType::U8 || dt == WDType::U4) {
+  if (wdtype_quantized(dt)) {
     const int64_t G = (cols + gs - 1) / gs;
     m.W.group_size = gs;
     m.scales.assign(static_cast<size_t>(rows * G), float_to_half(0.01f));
     m.zeros.resize(static_cast<size_t>(rows * G));
-    for (auto& z : m.zeros) z = static_cast<uint8_t>(rng() % (dt == WDType::U8 ? 256 : 16));
+    for (auto& z : m.zeros) z = static_cast<uint8_t>(rng() % (1u << wdtype_bits(dt)));
     m.W.scales = m.scales.data();
     m.W.zeros = m.zeros.data();
     m.bytes += m.scales.size() * 2 + m.zeros.size();
@@ -88,7 +82,12 @@ int main(int argc, char** argv) {
   const int64_t I = argc > 4 ? std::atoll(argv[4]) : 14336;
   const std::string tok = argc > 5 ? argv[5] : "1,64";
   const char* impl_name = argc > 6 ? argv[6] : kernel_path();
-  const WDType dt = dts == "f32" ? WDType::F32 : dts == "f16" ? WDType::F16 : dts == "u8" ? WDType::U8 : WDType::U4;
+  const WDType dt = dts == "f32"   ? WDType::F32
+                   : dts == "f16" ? WDType::F16
+                   : dts == "u8"  ? WDType::U8
+                   : dts == "u3"  ? WDType::U3
+                   : dts == "u2"  ? WDType::U2
+                                  : WDType::U4;
   const KernelImpl* impl = find_kernel_impl(impl_name);
   if (!impl) {
     std::fprintf(stderr, "implementation %s not available\n", impl_name);

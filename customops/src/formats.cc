@@ -1,5 +1,7 @@
 #include "edgemoe/formats.h"
 
+#include <stdexcept>
+
 namespace edgemoe {
 
 const std::vector<FormatTraits>& formats() {
@@ -8,6 +10,8 @@ const std::vector<FormatTraits>& formats() {
       {ExpertDType::FP16, "fp16", "f16", WDType::F16, 16, false, "none"},
       {ExpertDType::INT8, "int8", "u8", WDType::U8, 8, true, "asym_u"},
       {ExpertDType::INT4, "int4", "u4", WDType::U4, 4, true, "asym_u"},
+      {ExpertDType::INT3, "int3", "u3", WDType::U3, 3, true, "asym_u"},
+      {ExpertDType::INT2, "int2", "u2", WDType::U2, 2, true, "asym_u"},
   };
   return table;
 }
@@ -32,13 +36,26 @@ std::string format_names() {
 
 const char* expert_dtype_name(ExpertDType d) { return format_traits(d).name; }
 
+int tensor_dtype_bits(const std::string& tensor_dtype) {
+  for (const auto& f : formats())
+    if (tensor_dtype == f.tensor_dtype) return f.bits;
+  return 0;
+}
+
 uint64_t tensor_nbytes(const std::string& dtype, const std::vector<int64_t>& shape) {
-  if (dtype == "u4") return static_cast<uint64_t>(shape.at(0)) * static_cast<uint64_t>((shape.at(1) + 1) / 2);
-  uint64_t n = 1;
-  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
-  if (dtype == "f32") return n * 4;
-  if (dtype == "f16") return n * 2;
-  return n;  // u8
+  const int bits = tensor_dtype_bits(dtype);
+  if (bits == 0) throw std::invalid_argument("tensor_nbytes: unknown tensor dtype '" + dtype + "'");
+  if (bits < 8 && shape.size() != 2)
+    throw std::invalid_argument("tensor_nbytes: " + dtype + " tensors must be 2-D");
+  // Any other rank is one row of all its elements (bits >= 8 there, so the product is exact).
+  uint64_t rows = 1, cols = 1;
+  if (shape.size() == 2) {
+    rows = static_cast<uint64_t>(shape[0]);
+    cols = static_cast<uint64_t>(shape[1]);
+  } else {
+    for (int64_t d : shape) cols *= static_cast<uint64_t>(d);
+  }
+  return rows * ((static_cast<uint64_t>(bits) * cols + 7) / 8);
 }
 
 }  // namespace edgemoe

@@ -9,9 +9,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "edgemoe/formats.h"
 #include "edgemoe/kernels.h"
 
 #if defined(__x86_64__)
@@ -60,6 +62,8 @@ const char* dtype_name(WDType dt) {
     case WDType::F16: return "f16";
     case WDType::U8: return "u8";
     case WDType::U4: return "u4";
+    case WDType::U3: return "u3";
+    case WDType::U2: return "u2";
   }
   return "?";
 }
@@ -193,26 +197,36 @@ TestMatrix make_matrix(WDType dt, int64_t rows, int64_t cols, int64_t gs, bool w
       break;
     }
     case WDType::U8:
-    case WDType::U4: {
-      const int qmax = dt == WDType::U8 ? 255 : 15;
+    case WDType::U4:
+    case WDType::U3:
+    case WDType::U2: {
+      const int b = wdtype_bits(dt), qmax = (1 << b) - 1;
       const int64_t G = (cols + gs - 1) / gs;
       m.W.group_size = gs;
-      if (dt == WDType::U8) {
-        m.data.resize(static_cast<size_t>(rows * cols));
-        for (uint8_t& v : m.data) v = static_cast<uint8_t>(rng() % 256);
-      } else {
-        const int64_t rb = (cols + 1) / 2;
-        m.data.assign(static_cast<size_t>(rows * rb), 0);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < cols; ++c) {
-            const uint8_t q = static_cast<uint8_t>(rng() % 16);
-            m.data[static_cast<size_t>(r * rb + c / 2)] |= static_cast<uint8_t>((c & 1) ? q << 4 : q);
-          }
-      }
       m.scales.resize(static_cast<size_t>(rows * G));
       m.zeros.resize(static_cast<size_t>(rows * G));
       for (uint16_t& s : m.scales) s = random_scale(rng);
       for (uint8_t& z : m.zeros) z = static_cast<uint8_t>(rng() % (qmax + 1));
+      // About one group in 8 is what the quantizer makes of an all-zero group: s = 1, z = 0, every q = 0.
+      std::vector<bool> zero_group(m.zeros.size());
+      for (size_t i = 0; i < zero_group.size(); ++i)
+        if (rng() % 8 == 0) {
+          zero_group[i] = true;
+          m.scales[i] = 0x3C00;
+          m.zeros[i] = 0;
+        }
+      // Rows of ceil(b * cols / 8) bytes; weight c in bits [b c, b c + b) of the row, written bit by bit.
+      const int64_t rb = (b * cols + 7) / 8;
+      m.data.assign(static_cast<size_t>(rows * rb), 0);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+          const uint32_t q = zero_group[static_cast<size_t>(r * G + c / gs)] ? 0u : rng() % (qmax + 1);
+          for (int k = 0; k < b; ++k)
+            if ((q >> k) & 1u) {
+              const int64_t bit = b * c + k;
+              m.data[static_cast<size_t>(r * rb + bit / 8)] |= static_cast<uint8_t>(1u << (bit % 8));
+            }
+        }
       m.W.scales = m.scales.data();
       m.W.zeros = m.zeros.data();
       break;
@@ -241,12 +255,13 @@ std::vector<float> ref_dequant(const TestMatrix& m, int64_t r) {
       w = ref_half_to_float(h);
     } else {
       const int64_t G = (W.cols + W.group_size - 1) / W.group_size, g = c / W.group_size;
-      int q;
-      if (W.dtype == WDType::U8) {
-        q = m.data[static_cast<size_t>(r * W.cols + c)];
-      } else {
-        const uint8_t byte = m.data[static_cast<size_t>(r * ((W.cols + 1) / 2) + c / 2)];
-        q = (c % 2 == 0) ? (byte & 0xF) : (byte >> 4);
+      // q: bits [b c, b c + b) of the row's little-endian bit stream, gathered bit by bit.
+      const int b = wdtype_bits(W.dtype);
+      const int64_t rb = (b * W.cols + 7) / 8;
+      int q = 0;
+      for (int k = 0; k < b; ++k) {
+        const int64_t bit = b * c + k;
+        q |= ((m.data[static_cast<size_t>(r * rb + bit / 8)] >> (bit % 8)) & 1) << k;
       }
       const float qf = static_cast<float>(q);
       const float zf = static_cast<float>(m.zeros[static_cast<size_t>(r * G + g)]);
@@ -339,6 +354,78 @@ void test_gemm(const KernelImpl& impl, const TestMatrix& m, int64_t n, int64_t r
                 "," + std::to_string(r1) + ")" + (W.bias ? " +bias" : ""));
 }
 
+// The format table and the kernels agree on bits; tensor_nbytes follows rows * ceil(bits * cols / 8).
+void test_format_table() {
+  for (const FormatTraits& f : formats()) {
+    check(wdtype_bits(f.weight) == f.bits && tensor_dtype_bits(f.tensor_dtype) == f.bits &&
+              wdtype_quantized(f.weight) == f.grouped && find_format(f.name) == &f,
+          std::string("format table row ") + f.name);
+  }
+  check(format_names() == "fp32, fp16, int8, int4, int3, int2", "format_names(): " + format_names());
+  check(tensor_nbytes("u4", {3, 7}) == 12 && tensor_nbytes("u3", {3, 7}) == 9 && tensor_nbytes("u2", {3, 7}) == 6 &&
+            tensor_nbytes("u3", {2, 8}) == 6 && tensor_nbytes("u3", {1, 19}) == 8 && tensor_nbytes("u2", {4, 1}) == 4 &&
+            tensor_nbytes("u8", {3, 7}) == 21 && tensor_nbytes("f16", {3, 7}) == 42 && tensor_nbytes("f32", {5}) == 20,
+        "tensor_nbytes of every dtype");
+  bool threw = false;
+  try {
+    tensor_nbytes("u3", {5});
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  check(threw, "tensor_nbytes: a 1-D packed tensor is refused");
+  threw = false;
+  try {
+    tensor_nbytes("u5", {2, 2});
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  check(threw, "tensor_nbytes: an unknown dtype is refused");
+}
+
+// The packing rule on hand-made bytes (docs/bundle-format.md, "Packing"): one row of 19 weights per packed
+// width, every implementation, s = 1 and z = 0 so the dequantized value is q itself. 19 columns with group 8:
+// two full 8-weight SIMD chunks and a 3-weight tail, the last byte's unused high bits zero.
+void test_packed_layout(const std::vector<const KernelImpl*>& impls) {
+  struct Case {
+    WDType dt;
+    std::vector<uint8_t> bytes;  // ceil(b * 19 / 8) bytes
+    std::vector<int> q;          // the 19 weights they hold
+  };
+  const std::vector<int> q2 = {0, 1, 2, 3, 3, 2, 1, 0, 1, 1, 2, 2, 3, 3, 0, 0, 2, 3, 1};
+  const std::vector<int> q3 = {0, 1, 2, 3, 4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0, 5, 2, 7};
+  const std::vector<int> q4 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 9, 3, 12};
+  const Case cases[] = {
+      // u2: 4 weights per byte, weight 0 in bits 0-1: 0b11100100 = 0xE4 holds (0, 1, 2, 3).
+      {WDType::U2, {0xE4, 0x1B, 0xA5, 0x0F, 0x1E}, q2},
+      // u3: 8 weights in 3 bytes, weights 2 and 5 straddle a byte: (0..7) = 0x88 0xC6 0xFA.
+      {WDType::U3, {0x88, 0xC6, 0xFA, 0x77, 0x39, 0x05, 0xD5, 0x01}, q3},
+      // u4: the even weight in the low nibble.
+      {WDType::U4, {0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE, 0x39, 0x0C}, q4},
+  };
+  for (const Case& k : cases) {
+    const int64_t cols = 19, gs = 8, G = 3;
+    std::vector<uint16_t> scales(G, 0x3C00);
+    std::vector<uint8_t> zeros(G, 0);
+    QMatrix W;
+    W.dtype = k.dt;
+    W.rows = 1;
+    W.cols = cols;
+    W.group_size = gs;
+    W.data = k.bytes.data();
+    W.scales = scales.data();
+    W.zeros = zeros.data();
+    check(static_cast<int64_t>(k.bytes.size()) == (wdtype_bits(k.dt) * cols + 7) / 8,
+          std::string("packed layout case size: ") + dtype_name(k.dt));
+    for (const KernelImpl* impl : impls) {
+      std::vector<float> out(cols, -1.0f);
+      impl->dequant_row(W, 0, out.data());
+      bool ok = true;
+      for (int64_t c = 0; c < cols; ++c) ok = ok && out[static_cast<size_t>(c)] == static_cast<float>(k.q[static_cast<size_t>(c)]);
+      check(ok, std::string("packed layout by hand: ") + impl->name + " " + dtype_name(k.dt));
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -361,9 +448,12 @@ int main() {
 
   std::mt19937 rng(12345);
   const Shape shapes[] = {{5, 64}, {9, 100}, {13, 257}, {3, 1}, {4, 7}, {16, 513}, {11, 1100}, {2, 2048}};
-  const WDType dtypes[] = {WDType::F32, WDType::F16, WDType::U8, WDType::U4};
+  test_format_table();
+  test_packed_layout(impls);
+
+  const WDType dtypes[] = {WDType::F32, WDType::F16, WDType::U8, WDType::U4, WDType::U3, WDType::U2};
   for (WDType dt : dtypes) {
-    const bool quant = dt == WDType::U8 || dt == WDType::U4;
+    const bool quant = wdtype_quantized(dt);
     // 32/64/128 are the real ones; 20 and 7 exercise the generic (non-multiple-of-8) fallback.
     const std::vector<int64_t> group_sizes = quant ? std::vector<int64_t>{32, 64, 128, 20, 7} : std::vector<int64_t>{0};
     for (const Shape& sh : shapes)

@@ -63,9 +63,9 @@ static void test_manifest_errors() {
   }
   {
     TestBundle b = fresh();
-    b.manifest["experts"][0]["format"]["dtype"] = "int3";
+    b.manifest["experts"][0]["format"]["dtype"] = "int5";
     b.write_manifest();
-    EXPECT_ERROR(load_manifest(d), "layer 0 expert 0", "unknown dtype", "'int3'");
+    EXPECT_ERROR(load_manifest(d), "layer 0 expert 0", "unknown dtype", "'int5'");
   }
   {
     TestBundle b = fresh();

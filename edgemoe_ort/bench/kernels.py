@@ -7,10 +7,15 @@
 All tokens are routed to expert 0 with weight 1. Sessions run with ``intra_op_num_threads`` threads
 (default 1, the kernel-vs-kernel comparison). The three are timed interleaved (A B C A B C ...); each sample
 is the median of ``calls`` calls, the result the median of the samples.
+
+:func:`run_format_bench` times ``ours`` alone across the expert formats (:data:`KERNEL_FORMATS`: int8, int4,
+int3, int2) at the same shape and group size, interleaved the same way (ORT has no 3-bit QMoE / MatMulNBits,
+and int2 bundles are not converted to them here: the ORT comparison stays the int4 one).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -23,9 +28,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgemoe_ort.bench.inmemory import _pack_zeros4, convert_bundle_to_inmemory
 from edgemoe_ort.bundle import Bundle
+from edgemoe_ort.quant import BITS, QUANTIZED_DTYPES
 from edgemoe_ort.runtime.ops import RuntimeOptions, open_session
 
-__all__ = ["kernel_bundle", "run_kernel_bench"]
+__all__ = ["KERNEL_FORMATS", "format_bundle_path", "kernel_bundle", "run_format_bench", "run_kernel_bench"]
+
+#: the expert formats of :func:`run_format_bench` (the quantized ones of edgemoe_ort.quant's table)
+KERNEL_FORMATS: tuple[str, ...] = QUANTIZED_DTYPES
 
 
 def kernel_bundle(
@@ -133,7 +142,7 @@ def run_kernel_bench(
     lay = bundle.layers[0]
     H = int(lay["hidden"])
     fmt = bundle.expert_record(0, 0)["format"]
-    bits = {"int4": 4, "int8": 8}[fmt["dtype"]]
+    bits = BITS[fmt["dtype"]]
     gs = int(fmt["group_size"])
     work = Path(bundle.path).parent / f"{Path(bundle.path).name}.kbench"
     work.mkdir(exist_ok=True)
@@ -164,6 +173,7 @@ def run_kernel_bench(
         "threads": threads,
         "samples": samples,
         "calls": calls,
+        "loadavg_start": os.getloadavg(),
         "results": [],
     }
     for T in tokens:
@@ -207,4 +217,90 @@ def run_kernel_bench(
             f"{med['matmulnbits'] * 1e3:.2f} ms -> ours/QMoE {row['ours_over_qmoe']:.2f}x, "
             f"ours/MatMulNBits {row['ours_over_matmulnbits']:.2f}x"
         )
+    out["loadavg_end"] = os.getloadavg()
+    return out
+
+
+def format_bundle_path(kernel_bundle_dir: str | Path, dtype: str) -> Path:
+    """Where :func:`run_format_bench` keeps the ``dtype`` bundle: the int4 kernel bundle itself, siblings
+    ``<dir>-int8``, ``<dir>-int3``, ... for the other formats."""
+    p = Path(kernel_bundle_dir)
+    return p if dtype == "int4" else p.with_name(f"{p.name}-{dtype}")
+
+
+def run_format_bench(
+    kernel_bundle_dir: str | Path,
+    *,
+    dtypes: tuple[str, ...] = KERNEL_FORMATS,
+    hidden: int = 4096,
+    intermediate: int = 14336,
+    group_size: int = 64,
+    tokens: tuple[int, ...] = (1, 64),
+    threads: int = 1,
+    samples: int = 7,
+    calls: int = 5,
+    log: Any = lambda s: None,
+) -> dict[str, Any]:
+    """``ours`` (OffloadedExpert, expert cached) per expert format at one shape, formats timed interleaved.
+
+    Returns ``{"hidden", "intermediate", "group_size", "threads", "samples", "calls", "loadavg_start",
+    "loadavg_end", "results": [{"dtype", "bits", "T", "median_s", "samples_s", "expert_bytes", "bytes_per_s",
+    "over_int4"}]}`` (``expert_bytes``: the expert's blob, weights + scales + zeros; ``bytes_per_s``:
+    expert_bytes / median time; the load averages are ``os.getloadavg()`` before and after).
+    """
+    sessions: dict[str, Any] = {}
+    blob_bytes: dict[str, int] = {}
+    for dt in dtypes:
+        b = kernel_bundle(
+            format_bundle_path(kernel_bundle_dir, dt), hidden=hidden, intermediate=intermediate, dtype=dt,
+            group_size=group_size,
+        )
+        blob_bytes[dt] = int(b.expert_record(0, 0)["size"])
+        sessions[dt] = open_session(
+            b.graph_path(), b.path, RuntimeOptions(budget="100%", intra_op_threads=threads)
+        )
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {
+        "hidden": hidden,
+        "intermediate": intermediate,
+        "group_size": group_size,
+        "threads": threads,
+        "samples": samples,
+        "calls": calls,
+        "loadavg_start": os.getloadavg(),
+        "results": [],
+    }
+    for T in tokens:
+        feeds = {
+            "X": rng.standard_normal((T, hidden)).astype(np.float32),
+            "topk_indices_0": np.zeros((T, 1), np.int64),
+            "topk_weights_0": np.ones((T, 1), np.float32),
+        }
+        for s in sessions.values():
+            s.run(None, feeds)  # warm-up: the cache reads expert 0 here
+        times: dict[str, list[float]] = {dt: [] for dt in sessions}
+        for k in range(samples):
+            for dt in list(sessions) if k % 2 == 0 else list(reversed(sessions)):
+                ts = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    sessions[dt].run(None, feeds)
+                    ts.append(time.perf_counter() - t0)
+                times[dt].append(statistics.median(ts))
+        med = {dt: statistics.median(v) for dt, v in times.items()}
+        for dt in sessions:
+            out["results"].append(
+                {
+                    "dtype": dt,
+                    "bits": BITS[dt],
+                    "T": T,
+                    "median_s": med[dt],
+                    "samples_s": times[dt],
+                    "expert_bytes": blob_bytes[dt],
+                    "bytes_per_s": blob_bytes[dt] / med[dt],
+                    "over_int4": med[dt] / med["int4"] if "int4" in med else None,
+                }
+            )
+        log("  T=" + str(T) + ": " + ", ".join(f"{dt} {med[dt] * 1e3:.2f} ms" for dt in sessions))
+    out["loadavg_end"] = os.getloadavg()
     return out

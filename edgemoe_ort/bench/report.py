@@ -391,6 +391,14 @@ def _simd_text(simd: list[str] | None) -> str:
     return f" (CPU has {', '.join(has)})" if has else " (CPU has no AVX-512)"
 
 
+def _kernel_load(k: dict[str, Any]) -> str:
+    """" 1-minute load average 0.40 → 0.90 (start → end)." for a kernel result that recorded it, else ""."""
+    a, b = k.get("loadavg_start"), k.get("loadavg_end")
+    if not a or not b:
+        return ""
+    return f" 1-minute load average {a[0]:.2f} → {b[0]:.2f} (start → end)."
+
+
 def write_report(
     results: dict[str, Any],
     out_md: str | Path,
@@ -636,7 +644,8 @@ def write_report(
             f"{k['calls']} calls. "
             "`ours` = OffloadedExpert with the expert cached; `QMoE` = ORT com.microsoft.QMoE "
             "(accuracy_level 0) on "
-            "the same bytes; `MatMulNBits` = 2× ORT MatMulNBits (accuracy_level 0) + SwiGLU.",
+            "the same bytes; `MatMulNBits` = 2× ORT MatMulNBits (accuracy_level 0) + SwiGLU."
+            + _kernel_load(k),
             "",
             "| T | ours ms | QMoE ms | MatMulNBits ms | ours / QMoE | ours / MatMulNBits | max |Δ| vs ours |",
             "|---:|---:|---:|---:|---:|---:|---|",
@@ -651,6 +660,28 @@ def write_report(
                 f"{r['max_abs_diff_vs_ours']['matmulnbits']:.1e} |"
             )
         L.append("")
+        kf = k.get("formats")
+        if kf:
+            L += [
+                "### Ours across expert formats",
+                "",
+                f"The same expert shape (H={kf['hidden']}, I={kf['intermediate']}, g{kf['group_size']}, "
+                f"{kf['threads']} thread(s)) in each quantized format, `ours` only, the formats timed "
+                f"interleaved (median of {kf['samples']} samples × {kf['calls']} calls); the comparison "
+                "with ORT's ops stays int4 (above: ORT has no 3-bit QMoE / MatMulNBits, and int2 is not "
+                "converted to them here). Expert MB = the expert's blob (weights, scales, zero points); "
+                "GB/s = those bytes over the time." + _kernel_load(kf),
+                "",
+                "| format | T | ours ms | expert MB | GB/s | vs int4 |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for r in kf["results"]:
+                rel = r.get("over_int4")
+                L.append(
+                    f"| {r['dtype']} | {r['T']} | {r['median_s'] * 1e3:.2f} | {r['expert_bytes'] / 1e6:.1f} "
+                    f"| {r['bytes_per_s'] / 1e9:.2f} | {'' if rel is None else f'{rel:.2f}x'} |"
+                )
+            L.append("")
     if llama:
         from edgemoe_ort.bench.llama_cap import markdown_table as llama_table
 

@@ -432,11 +432,13 @@ def main(argv: list[str] | None = None) -> None:
             a.replay, budgets=large_budgets, tokens=a.large_tokens, trace=a.trace, **common
         )
     if a.kernel_bundle and "kernels" in parts:
-        from edgemoe_ort.bench.kernels import kernel_bundle, run_kernel_bench
+        from edgemoe_ort.bench.kernels import kernel_bundle, run_format_bench, run_kernel_bench
 
         _log("== kernel micro-benchmark")
         kb = kernel_bundle(a.kernel_bundle)
         results["kernels"] = run_kernel_bench(kb.path, threads=1, log=_log)
+        _log("== kernel micro-benchmark: ours across expert formats")
+        results["kernels"]["formats"] = run_format_bench(a.kernel_bundle, threads=1, log=_log)
     if a.small and "policies" in parts:
         from edgemoe_ort.bench.policies import run_policies
 

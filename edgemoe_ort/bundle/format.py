@@ -9,7 +9,16 @@ from typing import Any
 import numpy as np
 
 from edgemoe_ort.bundle.errors import MAX_MESSAGE_PART
-from edgemoe_ort.quant import BITS, DTYPES, QuantizedMatrix, num_groups
+from edgemoe_ort.quant import (
+    BITS,
+    DTYPES,
+    FORMATS,
+    QUANTIZED_DTYPES,
+    TENSOR_DTYPE_BITS,
+    QuantizedMatrix,
+    num_groups,
+    packed_row_bytes,
+)
 
 FORMAT = "edgemoe-bundle"
 #: the newest format version; a bundle is written with the lowest version that can hold it
@@ -64,16 +73,15 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
-#: tensor dtype name -> numpy dtype of its stored elements (u4 is stored packed as bytes)
+#: tensor dtype name -> numpy dtype of its stored elements (packed u4 / u3 / u2 are stored as bytes)
 TENSOR_DTYPES: dict[str, np.dtype] = {
-    "f32": np.dtype("<f4"),
-    "f16": np.dtype("<f2"),
-    "u8": np.dtype("u1"),
-    "u4": np.dtype("u1"),
+    dt: np.dtype({32: "<f4", 16: "<f2"}.get(bits, "u1")) for dt, bits in TENSOR_DTYPE_BITS.items()
 }
+#: the packed tensor dtypes (fewer than 8 bits per element; rows of ``ceil(bits * cols / 8)`` bytes)
+PACKED_TENSOR_DTYPES: tuple[str, ...] = tuple(dt for dt, bits in TENSOR_DTYPE_BITS.items() if bits < 8)
 #: weight dtype of each expert format
-WEIGHT_TENSOR_DTYPE: dict[str, str] = {"fp32": "f32", "fp16": "f16", "int8": "u8", "int4": "u4"}
-QUANTIZED = ("int8", "int4")
+WEIGHT_TENSOR_DTYPE: dict[str, str] = {f.name: f.tensor_dtype for f in FORMATS}
+QUANTIZED = QUANTIZED_DTYPES
 
 
 def manifest_version(has_twins: bool) -> int:
@@ -115,15 +123,24 @@ def align_up(n: int, a: int) -> int:
 
 
 def tensor_nbytes(dtype: str, shape: list[int] | tuple[int, ...]) -> int:
-    """Bytes a tensor of ``dtype`` and ``shape`` occupies (u4: ``rows * ceil(cols / 2)``)."""
-    if dtype == "u4":
+    """Bytes a tensor of ``dtype`` and ``shape`` occupies (packed u4 / u3 / u2, ``bits`` per element:
+    ``rows * ceil(bits * cols / 8)``)."""
+    if dtype in PACKED_TENSOR_DTYPES:
         if len(shape) != 2:
-            raise ValueError(f"u4 tensors must be 2-D, found shape {list(shape)}")
-        return int(shape[0]) * ((int(shape[1]) + 1) // 2)
+            raise ValueError(f"{dtype} tensors must be 2-D, found shape {list(shape)}")
+        return int(shape[0]) * packed_row_bytes(int(shape[1]), TENSOR_DTYPE_BITS[dtype])
     n = 1
     for d in shape:
         n *= int(d)
     return n * TENSOR_DTYPES[dtype].itemsize
+
+
+def stored_shape(dtype: str, shape: list[int] | tuple[int, ...]) -> list[int]:
+    """The numpy shape of a tensor's stored elements: ``shape``, or ``[rows, ceil(bits * cols / 8)]`` bytes
+    for a packed dtype."""
+    if dtype in PACKED_TENSOR_DTYPES:
+        return [int(shape[0]), packed_row_bytes(int(shape[1]), TENSOR_DTYPE_BITS[dtype])]
+    return [int(d) for d in shape]
 
 
 def layer_shapes(layer: dict[str, Any]) -> dict[str, list[int]]:

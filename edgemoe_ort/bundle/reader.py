@@ -37,6 +37,7 @@ from .format import (
     expected_tensors,
     inside,
     json_nesting_error,
+    stored_shape,
     tensor_nbytes,
     twin_error,
 )
@@ -637,15 +638,13 @@ class Bundle:
     def read_expert(
         self, layer: int, expert: int, verify: bool = True, variant: int = 0
     ) -> dict[str, np.ndarray]:
-        """Raw stored tensors of one expert by name (``u4`` as packed ``uint8 [rows, ceil(cols/2)]``)."""
+        """Raw stored tensors of one expert by name (packed dtypes as ``uint8 [rows, ceil(bits*cols/8)]``)."""
         rec = self.expert_record(layer, expert, variant)
         buf = self.read_blob(layer, expert, verify=verify, variant=variant)
         out: dict[str, np.ndarray] = {}
         for name, t in rec["tensors"].items():
             dt = TENSOR_DTYPES[t["dtype"]]
-            shape = list(t["shape"])
-            if t["dtype"] == "u4":
-                shape = [shape[0], (shape[1] + 1) // 2]
+            shape = stored_shape(t["dtype"], t["shape"])
             count = t["nbytes"] // dt.itemsize
             arr = np.frombuffer(buf, dtype=dt, count=count, offset=t["offset"]).reshape(shape)
             out[name] = arr

@@ -30,11 +30,13 @@ from edgemoe_ort.export.patch import patch_model
 from edgemoe_ort.export.recipes import Recipe, load_recipe
 from edgemoe_ort.export.trace import ExportCheckError, GraphReport, export_graphs
 from edgemoe_ort.hub import ModelSource, ModelSourceError, check_source, hub_offline
+from edgemoe_ort.quant import BITS_TO_DTYPE as _QUANT_BITS_TO_DTYPE
 
 log = logging.getLogger(__name__)
 
-#: ``bits`` -> expert dtype of the bundle
-BITS_TO_DTYPE = {4: "int4", 8: "int8", 16: "fp16", 32: "fp32"}
+#: ``bits`` -> expert dtype of the bundle (edgemoe_ort.quant's table: 32 fp32, 16 fp16, 8 int8, 4 int4,
+#: 3 int3, 2 int2)
+BITS_TO_DTYPE = _QUANT_BITS_TO_DTYPE
 
 #: default ``lookahead``: later layers whose router logits each OffloadedExpert node gets as input 3
 DEFAULT_LOOKAHEAD = 3
@@ -82,9 +84,10 @@ def export_model(
     """Export a HF MoE checkpoint (hub id or local folder) to a bundle folder and return its path.
 
     The bundle holds the dense graph(s) with one ``edgemoe.OffloadedExpert`` node per MoE layer, every routed
-    expert quantized to ``bits`` (4, 8, 16 = fp16, 32 = fp32) with ``group_size``, the tokenizer if the
-    checkpoint has one, and the checkpoint's config. An existing ``out_dir`` is refused unless ``force``
-    (checked before anything is loaded); a failed export leaves ``out_dir`` untouched.
+    expert quantized to ``bits`` (2, 3, 4, 8, 16 = fp16, 32 = fp32: :data:`BITS_TO_DTYPE`) with
+    ``group_size``, the tokenizer if the checkpoint has one, and the checkpoint's config. An existing
+    ``out_dir`` is refused unless ``force`` (checked before anything is loaded); a failed export leaves
+    ``out_dir`` untouched.
 
     ``model_id_or_path`` is checked first (:func:`~edgemoe_ort.hub.check_source`; a
     :class:`~edgemoe_ort.hub.ModelSource` it returned is not checked again). A hub id the hub does not answer

@@ -9,7 +9,13 @@ literally:
 * ``s = (hi - lo) / qmax`` stored as f16 (``s = 1`` is stored when the f16 scale is 0),
   ``z = clamp(rint(-lo / s16), 0, qmax)``, ``q = clamp(rint(w / s16) + z, 0, qmax)``;
 * dequantized ``w' = (float32(q) - float32(z)) * float32(s16)`` in float32 (a single rounding);
-* ``u4`` packs two values per byte, the even-index element in the low nibble, every row byte-aligned.
+* the packed weight dtypes ``u4`` / ``u3`` / ``u2`` (``b`` = 4 / 3 / 2 bits) store each row as a little-endian
+  bit stream: element ``c`` in bits ``[b*c, b*c + b)`` (bit ``k`` of the row is bit ``k % 8`` of its byte
+  ``k // 8``), every row starting on a byte, ``ceil(b * cols / 8)`` bytes per row, unused high bits zero
+  (for ``u4``: two values per byte, the even-index element in the low nibble).
+
+:data:`FORMATS` is the one table of expert formats on the Python side (the bundle code, the exporter, the CLI
+and the benchmarks derive their dtype / bits tables from it; the library's is customops/src/formats.cc).
 
 No torch here: this module runs on the device.
 """
@@ -17,24 +23,62 @@ No torch here: this module runs on the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 __all__ = [
+    "FORMATS",
+    "ExpertFormat",
     "DTYPES",
     "BITS",
+    "BITS_TO_DTYPE",
+    "QUANTIZED_DTYPES",
+    "TENSOR_DTYPE_BITS",
     "QuantizedMatrix",
     "quantize",
     "dequantize",
+    "pack_bits",
+    "unpack_bits",
     "pack_u4",
     "unpack_u4",
+    "packed_row_bytes",
     "num_groups",
 ]
 
-DTYPES: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
-#: bits per weight of each dtype (reserved planner names int2/int3 are not implemented).
-BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
-_QMAX: dict[str, int] = {"int8": 255, "int4": 15}
+
+class ExpertFormat(NamedTuple):
+    """One expert format (docs/bundle-format.md, "Quantization formats")."""
+
+    #: manifest ``format.dtype``
+    name: str
+    #: bits per weight (< 8: packed rows)
+    bits: int
+    #: manifest dtype of the weight tensors
+    tensor_dtype: str
+    #: group-wise asymmetric (``scheme = "asym_u"``, ``.scales`` f16 and ``.zeros`` u8 tensors)
+    quantized: bool
+
+
+#: every expert format, in manifest order (the same rows as the library's table, customops/src/formats.cc)
+FORMATS: tuple[ExpertFormat, ...] = (
+    ExpertFormat("fp32", 32, "f32", False),
+    ExpertFormat("fp16", 16, "f16", False),
+    ExpertFormat("int8", 8, "u8", True),
+    ExpertFormat("int4", 4, "u4", True),
+    ExpertFormat("int3", 3, "u3", True),
+    ExpertFormat("int2", 2, "u2", True),
+)
+DTYPES: tuple[str, ...] = tuple(f.name for f in FORMATS)
+#: bits per weight of each dtype
+BITS: dict[str, int] = {f.name: f.bits for f in FORMATS}
+#: bits -> dtype (the exporter's ``--bits`` choices)
+BITS_TO_DTYPE: dict[int, str] = {f.bits: f.name for f in FORMATS}
+#: the group-wise quantized dtypes (int8, int4, int3, int2)
+QUANTIZED_DTYPES: tuple[str, ...] = tuple(f.name for f in FORMATS if f.quantized)
+#: bits per element of each manifest tensor dtype (``f32`` 32, ..., ``u2`` 2; < 8: packed)
+TENSOR_DTYPE_BITS: dict[str, int] = {f.tensor_dtype: f.bits for f in FORMATS}
+_QMAX: dict[str, int] = {f.name: (1 << f.bits) - 1 for f in FORMATS if f.quantized}
 _F16_MAX = float(np.finfo(np.float16).max)
 #: weights per chunk of rows that :func:`quantize` computes at once (bounds its float32 temporaries)
 _CHUNK_ELEMENTS = 1 << 22
@@ -45,35 +89,106 @@ def num_groups(cols: int, group_size: int) -> int:
     return -(-cols // group_size)
 
 
-def pack_u4(q: np.ndarray) -> np.ndarray:
-    """Pack a ``[rows, cols]`` array of values in ``[0, 15]`` into ``[rows, ceil(cols / 2)]`` bytes.
+def packed_row_bytes(cols: int, bits: int) -> int:
+    """Bytes of one packed row of ``cols`` ``bits``-bit values: ``ceil(bits * cols / 8)``."""
+    return -(-(bits * cols) // 8)
 
-    Element ``2j`` goes to the low nibble of byte ``j``, element ``2j + 1`` to the high nibble; a row of odd
-    length is padded with a zero nibble.
+
+def _check_bits(fn: str, bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise ValueError(f"{fn}: bits must be an int in [1, 8], found {bits!r}")
+    return int(bits)
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack a ``[rows, cols]`` array of values in ``[0, 2^bits - 1]`` into ``[rows, ceil(bits * cols / 8)]``
+    bytes: each row a little-endian bit stream, element ``c`` in bits ``[bits*c, bits*c + bits)``, unused
+    high bits of a row's last byte zero. ``bits`` = 4 is :func:`pack_u4`.
     """
+    bits = _check_bits("pack_bits", bits)
     q = np.asarray(q)
     if q.ndim != 2:
-        raise ValueError(f"pack_u4: expected a 2-D array, found shape {q.shape}")
-    if q.size and (q.min() < 0 or q.max() > 15):
-        raise ValueError(f"pack_u4: values must be in [0, 15], found [{q.min()}, {q.max()}]")
-    q = q.astype(np.uint8)
+        raise ValueError(f"pack_bits: expected a 2-D array, found shape {q.shape}")
+    qmax = (1 << bits) - 1
+    if q.size and (q.min() < 0 or q.max() > qmax):
+        raise ValueError(
+            f"pack_bits: {bits}-bit values must be in [0, {qmax}], found [{q.min()}, {q.max()}]"
+        )
     rows, cols = q.shape
-    if cols % 2:
-        q = np.concatenate([q, np.zeros((rows, 1), np.uint8)], axis=1)
-    return np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))
+    nb = packed_row_bytes(cols, bits)
+    out = np.empty((rows, nb), np.uint8)
+    if bits == 8:
+        out[:] = q
+        return out
+    # In row chunks: the temporaries are a few bytes per weight of one chunk, not of the matrix.
+    step = max(1, _CHUNK_ELEMENTS // max(1, cols))
+    for r0 in range(0, rows, step):
+        part = q[r0:r0 + step].astype(np.uint8)
+        n = part.shape[0]
+        if 8 % bits == 0:  # whole values per byte: byte j = OR_k value[per*j + k] << (bits*k)
+            per = 8 // bits
+            full = np.zeros((n, nb * per), np.uint8)
+            full[:, :cols] = part
+            acc = full[:, 0::per].copy()
+            for k in range(1, per):
+                acc |= full[:, k::per] << np.uint8(bits * k)
+            out[r0:r0 + n] = acc
+        else:  # 8 values fill exactly `bits` bytes: a (8 * bits)-bit word per 8 values, split into bytes
+            n8 = -(-cols // 8)
+            full = np.zeros((n, n8 * 8), np.uint64)
+            full[:, :cols] = part
+            g = full.reshape(n, n8, 8)
+            word = np.zeros((n, n8), np.uint64)
+            for j in range(8):
+                word |= g[:, :, j] << np.uint64(bits * j)
+            by = (word[:, :, None] >> (np.arange(bits, dtype=np.uint64) * np.uint64(8))) & np.uint64(0xFF)
+            out[r0:r0 + n] = by.astype(np.uint8).reshape(n, n8 * bits)[:, :nb]
+    return out
+
+
+def unpack_bits(packed: np.ndarray, cols: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``[rows, ceil(bits * cols / 8)]`` bytes -> ``[rows, cols]`` uint8
+    values."""
+    bits = _check_bits("unpack_bits", bits)
+    packed = np.asarray(packed, dtype=np.uint8)
+    nb = packed_row_bytes(cols, bits)
+    if packed.ndim != 2 or packed.shape[1] != nb:
+        raise ValueError(
+            f"unpack_bits: expected shape [rows, {nb}] for {cols} columns of {bits} bits, "
+            f"found {packed.shape}"
+        )
+    rows = packed.shape[0]
+    if bits == 8:
+        return packed.copy()
+    mask = np.uint8((1 << bits) - 1)
+    if 8 % bits == 0:
+        per = 8 // bits
+        out = np.empty((rows, nb * per), np.uint8)
+        for k in range(per):
+            out[:, k::per] = (packed >> np.uint8(bits * k)) & mask
+        return out[:, :cols]
+    n8 = -(-cols // 8)
+    full = np.zeros((rows, n8 * bits), np.uint64)
+    full[:, :nb] = packed
+    by = full.reshape(rows, n8, bits)
+    word = np.zeros((rows, n8), np.uint64)
+    for i in range(bits):
+        word |= by[:, :, i] << np.uint64(8 * i)
+    vals = (word[:, :, None] >> (np.arange(8, dtype=np.uint64) * np.uint64(bits))) & np.uint64(mask)
+    return vals.astype(np.uint8).reshape(rows, n8 * 8)[:, :cols]
+
+
+def pack_u4(q: np.ndarray) -> np.ndarray:
+    """Pack a ``[rows, cols]`` array of values in ``[0, 15]`` into ``[rows, ceil(cols / 2)]`` bytes
+    (:func:`pack_bits` with 4 bits): element ``2j`` goes to the low nibble of byte ``j``, element ``2j + 1``
+    to the high nibble; a row of odd length is padded with a zero nibble.
+    """
+    return pack_bits(q, 4)
 
 
 def unpack_u4(packed: np.ndarray, cols: int) -> np.ndarray:
     """Inverse of :func:`pack_u4`: ``[rows, ceil(cols / 2)]`` bytes -> ``[rows, cols]`` uint8 values."""
-    packed = np.asarray(packed, dtype=np.uint8)
-    if packed.ndim != 2 or packed.shape[1] != (cols + 1) // 2:
-        raise ValueError(
-            f"unpack_u4: expected shape [rows, {(cols + 1) // 2}] for {cols} columns, found {packed.shape}"
-        )
-    out = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
-    out[:, 0::2] = packed & 0x0F
-    out[:, 1::2] = packed >> 4
-    return out[:, :cols]
+    return unpack_bits(packed, cols, 4)
 
 
 @dataclass
@@ -81,8 +196,9 @@ class QuantizedMatrix:
     """One weight matrix ``[out, in]`` in one of :data:`DTYPES`.
 
     ``data``: fp32 -> float32 ``[out, in]``; fp16 -> float16 ``[out, in]``; int8 -> uint8 ``[out, in]``;
-    int4 -> uint8 ``[out, ceil(in / 2)]`` (packed). ``scales`` (float16) and ``zeros`` (uint8) are
-    ``[out, G]`` for int8/int4 and ``None`` otherwise. ``group_size`` is 0 for fp32/fp16.
+    int4 / int3 / int2 -> uint8 ``[out, ceil(bits * in / 8)]`` (packed, :func:`pack_bits`). ``scales``
+    (float16) and ``zeros`` (uint8) are ``[out, G]`` for the quantized dtypes and ``None`` otherwise.
+    ``group_size`` is 0 for fp32/fp16.
     """
 
     dtype: str
@@ -126,8 +242,8 @@ def _check_group_size(group_size: int) -> int:
 def quantize(w: np.ndarray, dtype: str, group_size: int = 64) -> QuantizedMatrix:
     """Quantize a 2-D weight matrix ``[out, in]`` (nn.Linear layout) to ``dtype``.
 
-    ``group_size`` is validated for every dtype but only used by int8/int4 (``QuantizedMatrix.group_size``
-    is 0 for fp32/fp16).
+    ``group_size`` is validated for every dtype but only used by the quantized ones (int8, int4, int3, int2;
+    ``QuantizedMatrix.group_size`` is 0 for fp32/fp16).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -195,7 +311,8 @@ def quantize(w: np.ndarray, dtype: str, group_size: int = 64) -> QuantizedMatrix
         qc = np.clip(np.rint(groups(r0, r1) / s32[r0:r1, :, None]) + z[r0:r1, :, None], 0, qmax)
         q[r0:r1] = qc.astype(np.uint8).reshape(r1 - r0, g * group_size)[:, :cols]
     zeros = z.astype(np.uint8)
-    data = pack_u4(q) if dtype == "int4" else np.ascontiguousarray(q)
+    bits = BITS[dtype]
+    data = pack_bits(q, bits) if bits < 8 else np.ascontiguousarray(q)
     return QuantizedMatrix(dtype, shape, group_size, data, s16, zeros)
 
 
@@ -212,8 +329,9 @@ def dequantize(qm: QuantizedMatrix) -> np.ndarray:
         raise ValueError(f"{qm.dtype} matrix needs scales and zeros")
     gs = _check_group_size(qm.group_size)
     g = num_groups(cols, gs)
-    if qm.dtype == "int4":
-        q = unpack_u4(qm.data, cols)
+    bits = BITS[qm.dtype]
+    if bits < 8:
+        q = unpack_bits(qm.data, cols, bits)
     else:
         q = np.asarray(qm.data, dtype=np.uint8).reshape(rows, cols)
     s = np.asarray(qm.scales, dtype=np.float16).reshape(rows, g).astype(np.float32)

@@ -2,10 +2,10 @@
 
 A case is fully determined by ``(seed, index)``: :func:`case_spec` draws, from a ``Random`` seeded with both,
 one of the base bundles of :data:`BASES` (made by ``make_synthetic_bundle``: fp32 / fp16 / int8 / int4 /
-mixed, 1-2 layers, 2-4 experts) and 1-3 mutations, each an :class:`Op` ``(name, seed)`` whose own random
-choices come from ``Random(seed)``. :func:`materialize` writes the case as a bundle folder: the base's files
-(the store and the graph hard-linked until a mutation changes them), the mutated ``manifest.json``, and
-whatever a file-system mutation adds (symlinks, a FIFO, folders).
+int3 + int2 / mixed, 1-2 layers, 2-4 experts) and 1-3 mutations, each an :class:`Op` ``(name, seed)``
+whose own random choices come from ``Random(seed)``. :func:`materialize` writes the case as a bundle folder:
+the base's files (the store and the graph hard-linked until a mutation changes them), the mutated
+``manifest.json``, and whatever a file-system mutation adds (symlinks, a FIFO, folders).
 
 Mutations, in three phases (applied in the op order within each phase):
 
@@ -91,6 +91,13 @@ BASES: tuple[BaseSpec, ...] = (
     BaseSpec(
         "int4-1x3-odd",
         dict(num_layers=1, num_experts=3, top_k=2, hidden=33, intermediate=21, dtype="int4", group_size=8),
+    ),
+    BaseSpec(
+        "lowbit-1x3-odd",
+        dict(
+            num_layers=1, num_experts=3, top_k=2, hidden=35, intermediate=19, dtype=["int3", "int2", "int3"],
+            group_size=8,
+        ),
     ),
     BaseSpec(
         "fp16-2x2-wired",
@@ -795,7 +802,7 @@ def m_checksum(rng: random.Random, st: State) -> str:
     return f"experts[{st.doc['experts'].index(r)}].checksum = {short(v)}"
 
 
-DTYPES = ("fp32", "fp16", "int8", "int4", "int2", "int3", "bf16", "FP32", "int4 ", "")
+DTYPES = ("fp32", "fp16", "int8", "int4", "int3", "int2", "int5", "int1", "bf16", "FP32", "int4 ", "")
 
 
 def m_format(rng: random.Random, st: State) -> str:
@@ -855,7 +862,7 @@ def m_tensor(rng: random.Random, st: State) -> str:
         )
         return f"{tag}.shape = {short(t['shape'])}"
     if c == 2:
-        t["dtype"] = v = rng.choice(("f32", "f16", "u8", "u4", "bf16", "", None))
+        t["dtype"] = v = rng.choice(("f32", "f16", "u8", "u4", "u3", "u2", "u5", "bf16", "", None))
         return f"{tag}.dtype = {short(v)}"
     if c == 3:
         t["offset"] = v = rng.choice(

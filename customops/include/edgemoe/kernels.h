@@ -7,17 +7,33 @@
 
 namespace edgemoe {
 
-enum class WDType : uint8_t { F32, F16, U8, U4 };
+enum class WDType : uint8_t { F32, F16, U8, U4, U3, U2 };
+
+// Bits per stored weight; the packed types (U4, U3, U2: bits < 8) hold each row as a little-endian bit
+// stream, weight c in bits [bits * c, bits * c + bits), every row starting on a byte.
+constexpr int wdtype_bits(WDType dt) {
+  switch (dt) {
+    case WDType::F32: return 32;
+    case WDType::F16: return 16;
+    case WDType::U8: return 8;
+    case WDType::U4: return 4;
+    case WDType::U3: return 3;
+    case WDType::U2: return 2;
+  }
+  return 0;
+}
+constexpr bool wdtype_quantized(WDType dt) { return dt != WDType::F32 && dt != WDType::F16; }
 
 // A read-only view of one weight matrix W [rows, cols] (row-major, nn.Linear layout) inside a blob.
 struct QMatrix {
   WDType dtype = WDType::F32;
   int64_t rows = 0;
   int64_t cols = 0;
-  int64_t group_size = 0;            // U8/U4 only: weights per (row, group); G = ceil(cols / group_size)
-  const void* data = nullptr;        // F32: float, F16: uint16 half bits, U8: uint8, U4: packed nibbles
-  const uint16_t* scales = nullptr;  // U8/U4: [rows, G] f16 bits
-  const uint8_t* zeros = nullptr;    // U8/U4: [rows, G]
+  int64_t group_size = 0;            // U8/U4/U3/U2 only: weights per (row, group); G = ceil(cols / group_size)
+  const void* data = nullptr;        // F32: float, F16: uint16 half bits, U8: uint8, U4/U3/U2: packed rows of
+                                     // ceil(bits * cols / 8) bytes (see wdtype_bits)
+  const uint16_t* scales = nullptr;  // quantized types: [rows, G] f16 bits
+  const uint8_t* zeros = nullptr;    // quantized types: [rows, G], each <= 2^bits - 1
   const float* bias = nullptr;       // optional [rows]
 };
 

@@ -3,6 +3,7 @@
 // EDGEMOE_HAVE_* macro, and list it in find_kernel_impl() / the preference order in kernels.cc.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "edgemoe/kernels.h"
 
@@ -24,14 +25,34 @@ constexpr int64_t kSimdScratchFloats = 2 * kPanelRows * kPanelCols;
 // (COMDAT) inline copy emitted there could be picked by the linker for the portable code too.
 
 static inline int64_t num_groups(const QMatrix& W) { return W.cols > 0 ? (W.cols - 1) / W.group_size + 1 : 0; }
-static inline int64_t row_bytes(const QMatrix& W) {
-  switch (W.dtype) {
-    case WDType::F32: return W.cols * 4;
-    case WDType::F16: return W.cols * 2;
-    case WDType::U8: return W.cols;
-    case WDType::U4: return (W.cols + 1) / 2;
+static inline int64_t row_bytes(const QMatrix& W) { return (wdtype_bits(W.dtype) * W.cols + 7) / 8; }
+
+// Weight c of a packed row (bits < 8): bits [bits * c, bits * c + bits) of the row's little-endian bit
+// stream. Reads the next byte only when the weight straddles it (so never past the row's last byte).
+static inline int packed_at(const uint8_t* row, int64_t c, int bits) {
+  const int64_t bit = bits * c;
+  const int shift = static_cast<int>(bit & 7);
+  unsigned v = row[bit >> 3];
+  if (shift + bits > 8) v |= static_cast<unsigned>(row[(bit >> 3) + 1]) << 8;
+  return static_cast<int>((v >> shift) & ((1u << bits) - 1));
+}
+
+// The N (2, 3 or 4) bytes at p as a little-endian integer, reading exactly those bytes. Built from whole
+// loads of a local (not by memcpy into part of a zeroed word, which makes the compiler store and reload it:
+// a store-forwarding stall per chunk).
+template <int N>
+static inline uint32_t load_le(const uint8_t* p) {
+  static_assert(N >= 2 && N <= 4, "2 to 4 bytes");
+  if constexpr (N == 4) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+  } else {
+    uint16_t lo;
+    std::memcpy(&lo, p, 2);
+    if constexpr (N == 2) return lo;
+    else return lo | static_cast<uint32_t>(p[2]) << 16;
   }
-  return 0;
 }
 
 #if defined(EDGEMOE_HAVE_AVX2)

@@ -74,8 +74,7 @@ namespace {
 // One weight of row `r` (row pointer `row`), quantized formats only.
 inline int q_at(WDType dt, const uint8_t* row, int64_t c) {
   if (dt == WDType::U8) return row[c];
-  const uint8_t b = row[c >> 1];
-  return (c & 1) ? (b >> 4) : (b & 0x0F);
+  return packed_at(row, c, wdtype_bits(dt));  // U4 / U3 / U2
 }
 
 // out[c] = W[r, c] for c in [0, cols).
@@ -94,7 +93,9 @@ void dequant_row_impl(const QMatrix& W, int64_t r, float* out) {
       }
       return;
     case WDType::U8:
-    case WDType::U4: {
+    case WDType::U4:
+    case WDType::U3:
+    case WDType::U2: {
       const int64_t G = num_groups(W);
       for (int64_t g = 0; g < G; ++g) {
         const float s = half_to_float(W.scales[r * G + g]);

@@ -38,16 +38,31 @@ template <WDType DT>
 struct QuantRow {
   const uint8_t* row;
 
-  static constexpr bool kU4 = DT == WDType::U4;
+  static constexpr int kBits = wdtype_bits(DT);
+  static constexpr bool kPacked = kBits < 8;  // U4 / U3 / U2: a little-endian bit stream per row
 
-  // q - z for weights [c, c+8) as int32 (c is a multiple of 8, so U4 starts on a byte).
+  // The kBits bytes at p (exactly those) in the low 8 * kBits bits of every 32-bit lane, by broadcast loads
+  // (no trip through a general register): U4 one dword, U2 one word (the lane's high half repeats it, bits
+  // a mask drops), U3 a word and a byte blended (bits 24-31 repeat byte 2, likewise dropped).
+  static __m256i broadcast_chunk(const uint8_t* p) {
+    if constexpr (kBits == 4) {
+      return _mm256_set1_epi32(static_cast<int32_t>(load_le<4>(p)));
+    } else {
+      const __m256i w = _mm256_broadcastw_epi16(_mm_loadu_si16(p));
+      if constexpr (kBits == 2) return w;
+      else return _mm256_blend_epi16(w, _mm256_set1_epi8(static_cast<char>(p[2])), 0xAA);
+    }
+  }
+
+  // q - z for weights [c, c+8) as int32. c is a multiple of 8, so a packed chunk is exactly kBits bytes
+  // starting at byte kBits * c / 8: read just those (never past the row), broadcast, shift lane j right by
+  // j * kBits, mask.
   __m256i diff8(int64_t c, __m256i zv) const {
-    if constexpr (kU4) {
-      int32_t packed;  // 8 nibbles, element c in the low nibble
-      std::memcpy(&packed, row + c / 2, 4);
-      const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-      const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(packed), shifts),
-                                         _mm256_set1_epi32(0x0F));
+    if constexpr (kPacked) {
+      const __m256i shifts =
+          _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits, 6 * kBits, 7 * kBits);
+      const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(broadcast_chunk(row + (c >> 3) * kBits), shifts),
+                                         _mm256_set1_epi32((1 << kBits) - 1));
       return _mm256_sub_epi32(q, zv);
     } else {
       int64_t bytes;
@@ -60,8 +75,8 @@ struct QuantRow {
   }
   float dq1(int64_t c, int z, float s) const {
     int q;
-    if constexpr (kU4)
-      q = (c & 1) ? (row[c >> 1] >> 4) : (row[c >> 1] & 0x0F);
+    if constexpr (kPacked)
+      q = packed_at(row, c, kBits);
     else
       q = row[c];
     return static_cast<float>(q - z) * s;
@@ -313,8 +328,7 @@ void gemm_rows_t(const QMatrix& W, const float* X, int64_t n, int64_t ldx, float
 }
 
 bool vectorizable(const QMatrix& W) {
-  const bool quant = W.dtype == WDType::U8 || W.dtype == WDType::U4;
-  return !quant || W.group_size % 8 == 0;  // 8-wide chunks never straddle a group
+  return !wdtype_quantized(W.dtype) || W.group_size % 8 == 0;  // 8-wide chunks never straddle a group
 }
 
 void gemm_rows_avx2(const QMatrix& W, const float* X, int64_t n, int64_t ldx, float* Y, int64_t ldy,
@@ -326,6 +340,8 @@ void gemm_rows_avx2(const QMatrix& W, const float* X, int64_t n, int64_t ldx, fl
     case WDType::F16: return gemm_rows_t<WDType::F16>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
     case WDType::U8: return gemm_rows_t<WDType::U8>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
     case WDType::U4: return gemm_rows_t<WDType::U4>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
+    case WDType::U3: return gemm_rows_t<WDType::U3>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
+    case WDType::U2: return gemm_rows_t<WDType::U2>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
   }
 }
 
@@ -336,6 +352,8 @@ void dequant_row_avx2(const QMatrix& W, int64_t r, float* out) {
     case WDType::F16: return dequant_range<WDType::F16>(W, r, 0, W.cols, out);
     case WDType::U8: return dequant_range<WDType::U8>(W, r, 0, W.cols, out);
     case WDType::U4: return dequant_range<WDType::U4>(W, r, 0, W.cols, out);
+    case WDType::U3: return dequant_range<WDType::U3>(W, r, 0, W.cols, out);
+    case WDType::U2: return dequant_range<WDType::U2>(W, r, 0, W.cols, out);
   }
 }
 

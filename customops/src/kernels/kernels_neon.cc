@@ -22,7 +22,7 @@
 #include "edgemoe/kernels.h"
 #include "kernel_impls.h"
 
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the nibble/half decoding assumes little-endian");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the bit-stream/half decoding assumes little-endian");
 
 namespace edgemoe::detail {
 namespace {
@@ -51,26 +51,61 @@ inline uint8x8x2_t unpack_nibbles(uint8x8_t packed) {
   return {{vzip1_u8(lo, hi), vzip2_u8(lo, hi)}};
 }
 
-// The weight row of a quantized matrix. c is always a multiple of 8 here, so U4 chunks start on a byte.
+// Where lane j of unpack_bits8<B> finds weight j of an 8-weight chunk of B bytes: the 16-bit window of bytes
+// (k, k + 1), k = B * j / 8 (table indices 2j, 2j + 1), shifted right by B * j % 8 (a negative vshl count).
+template <int B>
+struct BitLanes {
+  uint8_t idx[16];
+  int16_t shift[8];
+  constexpr BitLanes() : idx(), shift() {
+    for (int j = 0; j < 8; ++j) {
+      idx[2 * j] = static_cast<uint8_t>(B * j / 8);
+      idx[2 * j + 1] = static_cast<uint8_t>(B * j / 8 + 1);
+      shift[j] = static_cast<int16_t>(-(B * j % 8));
+    }
+  }
+};
+template <int B>
+constexpr BitLanes<B> kBitLanes{};
+
+// Unpack 8 B-bit weights (B = 2, 3) from exactly B bytes at p (weight j in bits [B j, B j + B) of the
+// little-endian stream): one byte per weight, in weight order. Reads only the B bytes; the window of the
+// last weight may reach byte B, which is the zero padding of the loaded register, then masked off.
+template <int B>
+inline uint8x8_t unpack_bits8(const uint8_t* p) {
+  const uint8x16_t bytes = vreinterpretq_u8_u32(vsetq_lane_u32(load_le<B>(p), vdupq_n_u32(0), 0));
+  uint16x8_t w = vreinterpretq_u16_u8(vqtbl1q_u8(bytes, vld1q_u8(kBitLanes<B>.idx)));
+  w = vshlq_u16(w, vld1q_s16(kBitLanes<B>.shift));
+  return vmovn_u16(vandq_u16(w, vdupq_n_u16((1u << B) - 1)));
+}
+
+// The weight row of a quantized matrix. c is always a multiple of 8 here, so a packed chunk of 8 weights is
+// exactly kBits bytes starting at byte kBits * c / 8.
 template <WDType DT>
 struct QuantRow {
-  static constexpr bool kU4 = DT == WDType::U4;
+  static constexpr int kBits = wdtype_bits(DT);
+  static constexpr bool kPacked = kBits < 8;  // U4 / U3 / U2: a little-endian bit stream per row
   const uint8_t* row;
 
-  // q for weights [c, c + 8): reads 4 bytes (U4) or 8 bytes (U8).
+  // q for weights [c, c + 8): reads kBits bytes (packed) or 8 bytes (U8).
   uint8x8_t q8(int64_t c) const {
-    if constexpr (kU4) {
+    if constexpr (kBits == 4) {  // nibbles: the same stream, decoded with two shifts and a zip
       uint32_t packed;
       std::memcpy(&packed, row + c / 2, 4);
       return unpack_nibbles(vreinterpret_u8_u32(vdup_n_u32(packed))).val[0];
+    } else if constexpr (kPacked) {
+      return unpack_bits8<kBits>(row + (c >> 3) * kBits);
     } else {
       return vld1_u8(row + c);
     }
   }
-  // q for weights [c, c + 16): reads 8 bytes (U4) or 16 bytes (U8).
+  // q for weights [c, c + 16): reads 2 * kBits bytes (packed) or 16 bytes (U8).
   uint8x8x2_t q16(int64_t c) const {
-    if constexpr (kU4) {
+    if constexpr (kBits == 4) {
       return unpack_nibbles(vld1_u8(row + c / 2));
+    } else if constexpr (kPacked) {
+      const uint8_t* p = row + (c >> 3) * kBits;
+      return {{unpack_bits8<kBits>(p), unpack_bits8<kBits>(p + kBits)}};
     } else {
       const uint8x16_t q = vld1q_u8(row + c);
       return {{vget_low_u8(q), vget_high_u8(q)}};
@@ -79,8 +114,8 @@ struct QuantRow {
   // One weight, for the end of a row.
   float dq1(int64_t c, int z, float s) const {
     int q;
-    if constexpr (kU4)
-      q = (c & 1) ? (row[c >> 1] >> 4) : (row[c >> 1] & 0x0F);
+    if constexpr (kPacked)
+      q = packed_at(row, c, kBits);
     else
       q = row[c];
     return static_cast<float>(q - z) * s;
@@ -289,8 +324,7 @@ void gemm_rows_t(const QMatrix& W, const float* X, int64_t n, int64_t ldx, float
 }
 
 bool vectorizable(const QMatrix& W) {
-  const bool quant = W.dtype == WDType::U8 || W.dtype == WDType::U4;
-  return !quant || W.group_size % 8 == 0;  // 8-weight chunks never straddle a group
+  return !wdtype_quantized(W.dtype) || W.group_size % 8 == 0;  // 8-weight chunks never straddle a group
 }
 
 void gemm_rows_neon(const QMatrix& W, const float* X, int64_t n, int64_t ldx, float* Y, int64_t ldy,
@@ -302,6 +336,8 @@ void gemm_rows_neon(const QMatrix& W, const float* X, int64_t n, int64_t ldx, fl
     case WDType::F16: return gemm_rows_t<WDType::F16>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
     case WDType::U8: return gemm_rows_t<WDType::U8>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
     case WDType::U4: return gemm_rows_t<WDType::U4>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
+    case WDType::U3: return gemm_rows_t<WDType::U3>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
+    case WDType::U2: return gemm_rows_t<WDType::U2>(W, X, n, ldx, Y, ldy, r0, r1, scratch);
   }
 }
 
@@ -312,6 +348,8 @@ void dequant_row_neon(const QMatrix& W, int64_t r, float* out) {
     case WDType::F16: return dequant_range<WDType::F16>(W, r, 0, W.cols, out);
     case WDType::U8: return dequant_range<WDType::U8>(W, r, 0, W.cols, out);
     case WDType::U4: return dequant_range<WDType::U4>(W, r, 0, W.cols, out);
+    case WDType::U3: return dequant_range<WDType::U3>(W, r, 0, W.cols, out);
+    case WDType::U2: return dequant_range<WDType::U2>(W, r, 0, W.cols, out);
   }
 }
 

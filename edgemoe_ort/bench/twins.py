@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_SETTINGS", "GOAL_PPL_INCREASE", "GOAL_SPEEDUP", "best_settin
 #: the miss-precision specs of the sweep (edgemoe_ort.bench.runner.parse_precision); ``dynamic`` takes its
 #: thresholds from the bundle's profile (HOBBIT's 67/30/3 split), else 0.6, 0.9
 DEFAULT_SETTINGS = ("exact", "dynamic", "dynamic:0.6:0.9", "dynamic:0.5:0.9", "dynamic:0.5:0.85",
-                    "dynamic:0.5:0.8")
+                    "dynamic:0.5:0.8", "dynamic:0.5:0.75", "dynamic:0.5:0.7", "dynamic:0.5:0.65")
 #: the goals of the issue: perplexity within this of exact ...
 GOAL_PPL_INCREASE = 0.02
 #: ... at this decode speed-up over exact (rpi4 storage profile, 25 %)

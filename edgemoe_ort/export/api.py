@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,14 @@ from edgemoe_ort.export.patch import patch_model
 from edgemoe_ort.export.recipes import Recipe, load_recipe
 from edgemoe_ort.export.trace import ExportCheckError, GraphReport, export_graphs
 from edgemoe_ort.hub import ModelSource, ModelSourceError, check_source, hub_offline
+from edgemoe_ort.plan.format import (
+    Plan,
+    PlanError,
+    PlanLayer,
+    check_plan_layers,
+    check_plan_model,
+    resolve_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,7 @@ class ExportReport:
     family: str
     layers: int
     experts: int
+    #: the experts' dtype; a plan's mix: the dtypes joined by commas (as edgemoe-inspect shows a layer)
     dtype: str
     seconds: dict[str, float] = field(default_factory=dict)
     graphs: list[GraphReport] = field(default_factory=list)
@@ -60,25 +70,31 @@ class ExportReport:
     tokenizer_graphs: dict[str, object] | None = None
     #: per graph role, the dense weights' bytes per kind before / after ``dense_bits`` (bundle/dense_quant.py)
     dense: dict[str, DenseQuantReport] = field(default_factory=dict)
+    #: the plan the experts' dtypes came from (None: one dtype, ``bits``)
+    plan: Path | None = None
+    #: experts per dtype
+    dtypes: dict[str, int] = field(default_factory=dict)
 
 
 def export_model(
     model_id_or_path: str | Path | ModelSource,
     out_dir: str | Path,
     *,
-    bits: int = 4,
-    group_size: int = 64,
+    bits: int | None = None,
+    group_size: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
     dense_bits: int = DEFAULT_DENSE_BITS,
     dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     stream: bool = True,
+    plan: str | Path | Plan | None = None,
 ) -> Path:
     """Export a HF MoE checkpoint (hub id or local folder) to a bundle folder and return its path.
 
     The bundle holds the dense graph(s) with one ``edgemoe.OffloadedExpert`` node per MoE layer, every routed
-    expert quantized to ``bits`` (4, 8, 16 = fp16, 32 = fp32) with ``group_size``, the tokenizer if the
+    expert quantized to ``bits`` (4, 8, 16 = fp16, 32 = fp32; default 4) with ``group_size`` (default 64), the
+    tokenizer if the
     checkpoint has one, and the checkpoint's config. An existing ``out_dir`` is refused unless ``force``
     (checked before anything is loaded); a failed export leaves ``out_dir`` untouched.
 
@@ -104,6 +120,13 @@ def export_model(
     and LM head in that many bits, 8 and 4 block-wise in groups of ``dense_group_size`` through ORT's
     ``MatMulNBits`` / ``GatherBlockQuantized``; routers stay float32 (docs/bundle-format.md, "Dense weights").
 
+    ``plan`` (a plan.json of ``edgemoe-plan``, or a :class:`~edgemoe_ort.plan.Plan`): each expert in its
+    planned dtype, at the plan's group size. The plan decides: ``bits`` must be left out, and ``group_size``
+    left out or equal to the plan's. A plan that does not parse, names unknown or misses experts, uses a dtype
+    this build has no format for, or was made for another model (family, config fingerprint) is refused
+    before anything is loaded; its MoE layers' shapes are compared once the model is patched and each
+    expert's weights fingerprint as it is read, both before anything is written to ``out_dir``.
+
     Every option is checked before anything is loaded.
     """
     return export_model_with_report(
@@ -117,6 +140,7 @@ def export_model(
         dense_bits=dense_bits,
         dense_group_size=dense_group_size,
         stream=stream,
+        plan=plan,
     ).bundle
 
 
@@ -124,17 +148,23 @@ def export_model_with_report(
     model_id_or_path: str | Path | ModelSource,
     out_dir: str | Path,
     *,
-    bits: int = 4,
-    group_size: int = 64,
+    bits: int | None = None,
+    group_size: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
     dense_bits: int = DEFAULT_DENSE_BITS,
     dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     stream: bool = True,
+    plan: str | Path | Plan | None = None,
 ) -> ExportReport:
     """:func:`export_model`, returning timings, graph statistics, the prefetch wiring and the dense
     quantization as well."""
+    the_plan = resolve_plan(plan, bits=bits, group_size=group_size)
+    if the_plan is not None:
+        bits, group_size = None, the_plan.group_size
+    bits = 4 if bits is None else bits
+    group_size = 64 if group_size is None else group_size
     check_export_options(bits=bits, group_size=group_size, lookahead=lookahead, dense_bits=dense_bits,
                          dense_group_size=dense_group_size)
     dtype = BITS_TO_DTYPE[bits]
@@ -143,7 +173,7 @@ def export_model_with_report(
     with hub_offline(source.offline):
         return _export(source.name, Path(out_dir), dtype=dtype, group_size=group_size, force=force,
                        progress=progress, lookahead=lookahead, dense_bits=dense_bits,
-                       dense_group_size=dense_group_size, stream=stream)
+                       dense_group_size=dense_group_size, stream=stream, expert_plan=the_plan)
 
 
 def check_export_options(*, bits: int, group_size: int, lookahead: int, dense_bits: int,
@@ -170,6 +200,7 @@ def _export(
     dense_bits: int,
     dense_group_size: int,
     stream: bool = True,
+    expert_plan: Plan | None = None,
 ) -> ExportReport:
     def tick(stage: str, done: int, total: int) -> None:
         if progress is not None:
@@ -186,6 +217,8 @@ def _export(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelSourceError(f"{model_id_or_path}: {first}") from exc
     load_recipe(model_type)  # unsupported families fail here, before anything heavy
+    if expert_plan is not None:  # a plan for another model fails here too
+        check_plan_model(expert_plan, model_type, checkpoint_config(model_id_or_path), str(model_id_or_path))
     # BundleWriter refuses an existing target (without force) right away and writes into a temporary sibling
     with BundleWriter(
         out, family=model_type, config=checkpoint_config(model_id_or_path), force=force
@@ -203,6 +236,11 @@ def _export(
         try:
             t = time.perf_counter()
             tick("trace", 0, len(loaded.recipe.graphs))
+            if expert_plan is not None:  # before tracing: the shapes the plan was made for
+                check_plan_layers(expert_plan, [PlanLayer(m.spec.layer, m.spec.num_experts, m.spec.hidden,
+                                                   m.spec.intermediate, m.spec.gated,
+                                                   m.weights.b_in is not None) for m in patched.layers],
+                                  str(model_id_or_path))
             graphs = export_graphs(patched)
             seconds["trace"] = time.perf_counter() - t
             tick("trace", len(graphs), len(graphs))
@@ -262,15 +300,20 @@ def _export(
                     w_in, w_out = _np(w.w_in), _np(w.w_out)
                     if guard is not None:
                         guard.check_expert(s.layer, e, w_in, w_out)
+                    b_in = None if w.b_in is None else _np(w.b_in)
+                    b_out = None if w.b_out is None else _np(w.b_out)
+                    if expert_plan is not None:
+                        _check_plan_weights(expert_plan, s.layer, e, w_in, w_out, b_in, b_out,
+                                            str(model_id_or_path))
                     writer.add_expert(
                         s.layer,
                         e,
                         w_in,
                         w_out,
-                        dtype=dtype,
+                        dtype=dtype if expert_plan is None else expert_plan.dtypes[(s.layer, e)],
                         group_size=group_size,
-                        b_in=None if w.b_in is None else _np(w.b_in),
-                        b_out=None if w.b_out is None else _np(w.b_out),
+                        b_in=b_in,
+                        b_out=b_out,
                     )
                     del w, w_in, w_out  # before the next expert is read
                     done += 1
@@ -293,12 +336,15 @@ def _export(
     for role, dq in dense.items():
         for line in dq.summary():
             log.info("dense weights (%s): %s", role, line)
+    counts = Counter(expert_plan.dtypes.values()) if expert_plan is not None else Counter({dtype: total})
     return ExportReport(
         bundle=out.absolute(),
         family=model_type,
         layers=len(patched.layers),
         experts=total,
-        dtype=dtype,
+        dtype=",".join(sorted(counts)),
+        plan=None if expert_plan is None or expert_plan.path is None else Path(expert_plan.path),
+        dtypes=dict(sorted(counts.items())),
         seconds=seconds,
         graphs=graph_reports,
         wiring=wiring,
@@ -323,6 +369,18 @@ def _wire_routing(proto: onnx.ModelProto, recipe: Recipe, role: str) -> RoutingR
             f"{recipe.routing.scores}, but layer {missing[0].layer}: {missing[0].note}"
         )
     return report
+
+
+def _check_plan_weights(plan: Plan, layer: int, expert: int, w_in: np.ndarray, w_out: np.ndarray,
+                        b_in: np.ndarray | None, b_out: np.ndarray | None, where: str) -> None:
+    from edgemoe_ort.plan.format import expert_digest
+
+    found = expert_digest(w_in, w_out, b_in, b_out)
+    if found != plan.digests[(layer, expert)]:
+        raise PlanError(plan.path or "plan", "xxh3", layer=layer, expert=expert,
+                        expected=f"{plan.digests[(layer, expert)]} (the weights the plan measured)",
+                        found=f"{found} in {where}",
+                        message="the plan was made for other weights of this model; plan again")
 
 
 def _np(t: object) -> np.ndarray:

@@ -109,17 +109,23 @@ def plan(
     from edgemoe_ort.plan.planner import plan_model
 
     columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=as_json, disable=output.quiet) as bar:
-        tasks: dict[str, TaskID] = {}
+    bar = Progress(*columns, console=err, transient=as_json, disable=output.quiet)
+    tasks: dict[str, TaskID] = {}
 
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=max(total, 1))
-            bar.update(tasks[stage], completed=done, total=max(total, 1))
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # at the first stage: an error before it is one line, with no empty bar before it
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=max(total, 1))
+        bar.update(tasks[stage], completed=done, total=max(total, 1))
 
+    try:
         result = plan_model(source, tolerance=tol, corpus=[str(p) for p in corpus], bits=levels,
                             group_size=group_size, tokens=tokens, window=window, heldout_share=heldout_share,
                             method=method, progress=on_progress)
+    finally:
+        if tasks:
+            bar.stop()
     write_output_file(output_file, "--output", force=force, write=lambda p: write_plan(p, result))
     if as_json:
         print(json.dumps(summary(result, output_file), indent=2))

@@ -188,6 +188,17 @@ def test_plan_respects_the_tolerance_on_its_calibration(planned: tuple[Any, Path
     cal = Calibrator(load_model(ckpt, stream=False), windows, group_size=64)
     try:
         assert cal.perplexity(p.dtypes) == pytest.approx(p.result["perplexity"], rel=1e-9)
+        # the prefix cache: layer 1's experts ranked without recomputing decoder layer 0, the same numbers
+        base = cal.uniform("int8")
+        assert cal.cache_prefix(base) == pytest.approx(p.reference["perplexity"], rel=1e-12)
+        for e in range(2):
+            one = {**base, (1, e): "int4"}
+            cal.assign(base)
+            cached = cal.perplexity(one, from_layer=1)
+            assert cal._skippable(1) == 1 and cal._skippable(0) == 0
+            assert cached == cal.perplexity(one) == pytest.approx(p.scores[(1, e)]["loss"], rel=1e-12)
+        cal.assign({(0, 0): "int4"})
+        assert cal._skippable(1) == 0  # an earlier layer differs from the cached base: no skipping
     finally:
         cal.close()
     assert p.result["store_bytes"] == sum(record_length(lay, p.dtypes[(lay.layer, e)], 64)

@@ -9,6 +9,12 @@ those tensors in place, so what is measured runs on exactly the numbers the bund
 the exporter's default). Only experts whose dtype changes are rewritten; each (expert, dtype) is quantized
 once and kept (below :data:`CACHE_BYTES`).
 
+Prefix cache (:meth:`Calibrator.cache_prefix`): the loss ranking changes one expert at a time from a fixed
+base configuration, so the decoder layers before that expert's layer compute exactly what they computed in
+the base pass. The output of the decoder layer before each MoE layer's is kept per batch (below
+:data:`PREFIX_BYTES`), and a pass ``nll(..., from_layer=l)`` replaces the earlier decoder layers' forward by
+that cached output: the same numbers, bit for bit, without their compute (tests/test_plan.py checks it).
+
 :meth:`Calibrator.proxy_errors` is the one pass of the proxy ranking: with every expert at one level, it
 records for each expert the inputs the router sends it and their gate weights, and sums the squared error
 its output would get at another level, weighted by gate weight (no forward pass per expert).
@@ -35,6 +41,8 @@ Key = tuple[int, int]
 CACHE_BYTES = 2 << 30
 #: windows per forward pass
 BATCH = 8
+#: decoder-layer outputs the prefix cache keeps, at most this many bytes (beyond: no prefix cache)
+PREFIX_BYTES = 1 << 30
 
 
 class Calibrator:
@@ -70,6 +78,10 @@ class Calibrator:
         self._cache: dict[tuple[Key, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._cached_bytes = 0
         self.passes = 0  #: forward passes over the calibration windows so far
+        self._decoder = _decoder_layers(self.patched)
+        self._prefix: dict[int, list[Any]] = {}  # decoder-layer index -> its output per batch (base pass)
+        self._prefix_base: dict[Key, str] | None = None
+        self._batch = 0
 
     @property
     def tokens(self) -> int:
@@ -109,14 +121,18 @@ class Calibrator:
         return dict.fromkeys(self.keys, dtype)
 
     # -- measurements -----------------------------------------------------------------------------------
-    def nll(self, dtypes: Mapping[Key, str] | None = None) -> float:
-        """Mean negative log-likelihood (nats per token) with ``dtypes`` assigned."""
+    def nll(self, dtypes: Mapping[Key, str] | None = None, *, from_layer: int | None = None) -> float:
+        """Mean negative log-likelihood (nats per token) with ``dtypes`` assigned. ``from_layer`` (a MoE
+        layer): the decoder layers before its own take their output from the prefix cache, if it holds it and
+        every expert of the earlier MoE layers is as in the cached base configuration."""
         if dtypes is not None:
             self.assign(dtypes)
+        skip = self._skippable(from_layer)
         total, n = 0.0, 0
         model = self.patched.model
-        with torch.inference_mode():
-            for i in range(0, self.windows.shape[0], BATCH):
+        with torch.inference_mode(), self._skipping(skip):
+            for b, i in enumerate(range(0, self.windows.shape[0], BATCH)):
+                self._batch = b
                 ids = self.windows[i:i + BATCH]
                 logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
                 total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
@@ -125,8 +141,58 @@ class Calibrator:
         self.passes += 1
         return total / n
 
-    def perplexity(self, dtypes: Mapping[Key, str] | None = None) -> float:
-        return math.exp(self.nll(dtypes))
+    def perplexity(self, dtypes: Mapping[Key, str] | None = None, *, from_layer: int | None = None) -> float:
+        return math.exp(self.nll(dtypes, from_layer=from_layer))
+
+    # -- prefix cache -----------------------------------------------------------------------------------
+    def cache_prefix(self, base: Mapping[Key, str]) -> float | None:
+        """One pass with ``base`` assigned that keeps, per batch, the output of the decoder layer before each
+        MoE layer's; returns its perplexity (None: no prefix cache for this model, or too large)."""
+        self._prefix, self._prefix_base = {}, None
+        if self._decoder is None:
+            return None
+        mlist, index = self._decoder
+        wanted = sorted({d - 1 for d in index if d > 0})
+        hidden = max(lay.hidden for lay in self.layers)
+        if len(wanted) * self.windows.numel() * hidden * 4 > PREFIX_BYTES or not wanted:
+            return None
+        store: dict[int, list[Any]] = {d: [] for d in wanted}
+        hooks = [mlist[d].register_forward_hook(
+            lambda _m, _a, out, d=d: store[d].append(_detached(out))) for d in wanted]
+        try:
+            ppl = self.perplexity(base)
+        finally:
+            for h in hooks:
+                h.remove()
+        self._prefix, self._prefix_base = store, dict(base)
+        return ppl
+
+    def _skippable(self, from_layer: int | None) -> int:
+        """How many leading decoder layers a pass from MoE layer ``from_layer`` may take from the cache."""
+        if from_layer is None or self._decoder is None or self._prefix_base is None:
+            return 0
+        d = self._decoder[1][from_layer]
+        if d == 0 or (d - 1) not in self._prefix:
+            return 0
+        earlier = {lay.layer for lay in self.layers if self._decoder[1][lay.layer] < d}
+        if any(self.current[k] != self._prefix_base[k] for k in self.keys if k[0] in earlier):
+            return 0
+        return d
+
+    @contextmanager
+    def _skipping(self, count: int) -> Iterator[None]:
+        if count == 0:
+            yield
+            return
+        mlist = self._decoder[0]  # type: ignore[index]
+        cached = self._prefix[count - 1]
+        for j in range(count):
+            mlist[j].forward = lambda *a, **k: cached[self._batch]  # the instance's: nn.Module calls it
+        try:
+            yield
+        finally:
+            for j in range(count):
+                del mlist[j].forward
 
     def proxy_errors(self, at: Mapping[Key, str], low: str) -> tuple[dict[Key, float], float]:
         """One pass with ``at`` assigned: per expert, ``sum_t ||g_t (f_low(x_t) - f(x_t))||^2`` over the
@@ -161,6 +227,31 @@ class Calibrator:
         with _spy_on_experts(record):
             ppl = math.exp(self.nll())
         return {k: v / energy[k[0]] if energy[k[0]] > 0 else 0.0 for k, v in err.items()}, ppl
+
+
+def _detached(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, tuple):
+        return tuple(_detached(o) for o in out)
+    return out
+
+
+def _decoder_layers(patched: Any) -> tuple[torch.nn.ModuleList, list[int]] | None:
+    """The ModuleList of decoder layers and, per MoE layer, the index of the decoder layer holding its block
+    (``model.layers.3.mlp`` -> 3); None if the blocks are not children of one list's items."""
+    parent, index = None, []
+    for m in patched.layers:
+        layer_path = m.block_path.rpartition(".")[0]
+        plist, _, num = layer_path.rpartition(".")
+        if not num.isdigit() or parent not in (None, plist):
+            return None
+        parent = plist
+        index.append(int(num))
+    mlist = patched.model.get_submodule(parent) if parent else None
+    if not isinstance(mlist, torch.nn.ModuleList) or index != sorted(index):
+        return None
+    return mlist, index
 
 
 @contextmanager

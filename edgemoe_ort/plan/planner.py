@@ -23,7 +23,7 @@ from edgemoe_ort.quant import BITS
 __all__ = ["DEFAULT_TOKENS", "DEFAULT_WINDOW", "calibration_tokens", "plan_model", "store_bytes"]
 
 #: default calibration tokens
-DEFAULT_TOKENS = 16384
+DEFAULT_TOKENS = 8192
 #: default tokens per window (capped at the model's context)
 DEFAULT_WINDOW = 256
 

@@ -24,11 +24,14 @@ __all__ = ["loss_scores", "proxy_scores", "order", "spearman", "overlap"]
 
 def loss_scores(cal: Calibrator, high: str, lowest: str,
                 progress: Callable[[int, int], None] | None = None) -> dict[Key, float]:
-    """Per expert: the calibration perplexity with it alone at ``lowest``, the others at ``high``."""
+    """Per expert: the calibration perplexity with it alone at ``lowest``, the others at ``high`` (the
+    decoder layers before the expert's from the prefix cache, :meth:`Calibrator.cache_prefix`)."""
     base = cal.uniform(high)
+    cal.cache_prefix(base)
     out: dict[Key, float] = {}
     for i, key in enumerate(cal.keys):
-        out[key] = cal.perplexity({**base, key: lowest})
+        cal.assign(base)
+        out[key] = cal.perplexity({key: lowest}, from_layer=key[0])
         if progress is not None:
             progress(i + 1, len(cal.keys))
     cal.assign(base)

@@ -668,9 +668,10 @@ inspect_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTING
 
 
 @inspect_app.command(**command_kwargs(
-    "Show what a bundle holds (model shape, experts per layer, top-k, bits and group size, context, "
-    "vocabulary) and the memory a process running it needs: the smallest budget it accepts and the expected "
-    "RSS at a budget (docs/memory.md). --json: one JSON object (docs/json-output.md).",
+    "Show what a bundle holds (model shape, experts per layer, top-k, bits and group size, the bits of each "
+    "expert of a mixed bundle (edgemoe-export --plan), context, vocabulary) and the memory a process running "
+    "it needs: the smallest budget it accepts and the expected RSS at a budget (docs/memory.md). --json: one "
+    "JSON object (docs/json-output.md).",
     ["edgemoe-inspect bundles/tiny",
      "edgemoe-inspect bundles/tiny --budget 25% --context 1024",
      "edgemoe-inspect bundles/tiny --json"],

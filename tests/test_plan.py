@@ -205,6 +205,21 @@ def test_plan_respects_the_tolerance_on_its_calibration(planned: tuple[Any, Path
                                           for lay in p.layers for e in range(lay.num_experts))
 
 
+def test_proxy_method(ckpt: Path) -> None:
+    from edgemoe_ort.plan.planner import plan_model
+
+    stages: list[str] = []
+    p = plan_model(ckpt, tolerance=1e-4, token_ids=_sampled(ckpt), bits=BITS_OFFERED, window=64,
+                   method="proxy", progress=lambda s, d, n: stages.append(s))
+    assert "rank" not in stages and p.method == "proxy"  # no pass per expert
+    assert all(set(s) == {"proxy"} for s in p.scores.values()) and len(p.scores) == 8
+    assert p.search["proxy_vs_loss"] == {"spearman": None, "low_set_overlap": None}
+    ranked = sorted(p.scores, key=lambda key: (p.scores[key]["proxy"], key))
+    k = p.counts().get("int4", 0)
+    assert {key for key, d in p.dtypes.items() if d == "int4"} == set(ranked[:k])
+    assert p.result["degradation"] <= 1e-4
+
+
 def test_plan_file_round_trip(planned: tuple[Any, Path, float], tmp_path: Path) -> None:
     p, path, _ = planned
     q = read_plan(path)
@@ -389,4 +404,10 @@ def test_plan_command(ckpt: Path, tmp_path: Path) -> None:
     # --plan with --bits: one line, nothing written
     res = invoke("edgemoe-export", ckpt, "-o", tmp_path / "bundle", "--plan", out, "--bits", "8")
     assert_one_line_error(res, "leave --bits out")
+    bad = tmp_path / "bad.json"
+    bad.write_text(out.read_text().replace('"expert": 0, "dtype": "int4"', '"expert": 0, "dtype": "int9"', 1))
+    res = invoke("edgemoe-export", ckpt, "-o", tmp_path / "bundle", "--plan", bad)
+    assert_one_line_error(res, str(bad), "experts[0].dtype: expected one of", "found 'int9'")
+    res = invoke("edgemoe-export", ckpt, "-o", tmp_path / "bundle", "--plan", tmp_path / "nothing.json")
+    assert_one_line_error(res, "nothing.json: expected a plan file (edgemoe-plan -o), found nothing")
     assert not (tmp_path / "bundle").exists()

@@ -106,7 +106,9 @@ def plan(
     check_output_file(output_file, "--output", force=force)
     source = check_source(model)
 
-    from edgemoe_ort.plan.planner import plan_model
+    from edgemoe_ort.plan.planner import passive_openmp, plan_model
+
+    passive_openmp()  # before torch is imported (edgemoe_ort/plan/planner.py says why)
 
     columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     bar = Progress(*columns, console=err, transient=as_json, disable=output.quiet)

@@ -756,6 +756,10 @@ def inspect(
     print_table(mem)
 
 
+def _primary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if int(r.get("variant", 0)) == 0]
+
+
 def _print_expert_bits(layers: list[dict[str, Any]]) -> None:
     """Per MoE layer: experts per dtype, the layer's store bytes and (up to 64 experts) each expert's bits."""
     from rich.table import Table
@@ -802,10 +806,12 @@ def _model_report(bundle: Any) -> dict[str, Any]:
             "bits": max((BITS[f[0]] for f in fmts), default=0),
             "group_size": groups[0] if len(groups) == 1 else None,
             "expert_bytes": max((int(r["length"]) for r in recs), default=0),
-            # per expert (edgemoe-plan's mixed bundles): the dtype of each, and experts per dtype
-            "dtypes": dict(sorted(Counter(r["format"]["dtype"] for r in recs).items(),
+            # per expert (edgemoe-plan's mixed bundles): the dtype of each, and experts per dtype (of the
+            # primary records: a bundle of a later format version may hold other variants of an expert)
+            "dtypes": dict(sorted(Counter(r["format"]["dtype"] for r in _primary(recs)).items(),
                                   key=lambda kv: -BITS[kv[0]])),
-            "expert_dtypes": [r["format"]["dtype"] for r in sorted(recs, key=lambda r: int(r["expert"]))],
+            "expert_dtypes": [r["format"]["dtype"]
+                              for r in sorted(_primary(recs), key=lambda r: int(r["expert"]))],
             "store_bytes": sum(int(r["length"]) for r in recs),
         })
     groups_out: list[dict[str, Any]] = []

@@ -94,9 +94,8 @@ def export_model(
 
     The bundle holds the dense graph(s) with one ``edgemoe.OffloadedExpert`` node per MoE layer, every routed
     expert quantized to ``bits`` (4, 8, 16 = fp16, 32 = fp32; default 4) with ``group_size`` (default 64), the
-    tokenizer if the
-    checkpoint has one, and the checkpoint's config. An existing ``out_dir`` is refused unless ``force``
-    (checked before anything is loaded); a failed export leaves ``out_dir`` untouched.
+    tokenizer if the checkpoint has one, and the checkpoint's config. An existing ``out_dir`` is refused
+    unless ``force`` (checked before anything is loaded); a failed export leaves ``out_dir`` untouched.
 
     ``model_id_or_path`` is checked first (:func:`~edgemoe_ort.hub.check_source`; a
     :class:`~edgemoe_ort.hub.ModelSource` it returned is not checked again). A hub id the hub does not answer

@@ -35,7 +35,7 @@ from edgemoe_ort.cli_common import (
     write_output_file,
 )
 from edgemoe_ort.cli_common import fmt_bytes as _fmt_bytes
-from edgemoe_ort.quant import BITS_TO_DTYPE, QUANTIZED_DTYPES
+from edgemoe_ort.quant import BITS, BITS_TO_DTYPE, QUANTIZED_DTYPES
 from edgemoe_ort.quant.nbits import (
     DEFAULT_DENSE_BITS,
     DEFAULT_DENSE_BLOCK_SIZE,
@@ -60,16 +60,26 @@ export_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTINGS
      "edgemoe-export mistralai/Mixtral-8x7B-v0.1 -o bundles/mixtral-int4 --bits 4 --group-size 64",
      "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny --bits 8 --force",
      "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny-d4 --dense-bits 4",
-     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny-twins --bits 8 --twin int4"],
+     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny-twins --bits 8 --twin int4",
+     "edgemoe-export models/edgemoe-tiny-mixtral -o bundles/tiny-planned --plan plan.json   # edgemoe-plan"],
 ))
 @friendly_errors
 def export(
     model: Annotated[str, typer.Argument(help="local checkpoint folder (config.json + weights) or hub id")],
     output_dir: Annotated[Path, typer.Option("-o", "--output", help="bundle folder to create")],
-    bits: Annotated[int, typer.Option(help=f"expert weight bits: {_BITS_CHOICES}")] = 4,
+    bits: Annotated[
+        int | None,
+        typer.Option(help=f"expert weight bits: {_BITS_CHOICES} (not with --plan)", show_default="4"),
+    ] = None,
     group_size: Annotated[
-        int, typer.Option(help=f"quantization group size ({'/'.join(QUANTIZED_DTYPES)})")
-    ] = 64,
+        int | None, typer.Option(help=f"quantization group size ({'/'.join(QUANTIZED_DTYPES)})",
+                                 show_default="64, or the plan's")
+    ] = None,
+    plan: Annotated[
+        Path | None,
+        typer.Option(help="a plan.json of edgemoe-plan: each expert in its planned dtype, at the plan's "
+                     "group size (leave --bits out)"),
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="replace an existing bundle (only an edgemoe bundle that holds nothing else)")
     ] = False,
@@ -117,23 +127,26 @@ def export(
     if missing:  # a runtime-only install (pip install edgemoe-ort): one line, not an ImportError traceback
         raise ValueError(f"edgemoe-export needs the exporter's dependencies ({', '.join(missing)} not "
                          "installed): pip install 'edgemoe-ort[export]'")
-    if bits not in BITS_TO_DTYPE:
+    if bits is not None and bits not in BITS_TO_DTYPE:
         raise ValueError(f"--bits: expected {_BITS_CHOICES}, found {bits}")
-    if group_size < 1:
+    if group_size is not None and group_size < 1:
         raise ValueError(f"--group-size: expected an integer >= 1, found {group_size}")
+    if plan is not None:  # every bad plan is one line here, before torch (the model checks: in the export)
+        from edgemoe_ort.plan.format import resolve_plan
+
+        resolve_plan(plan, bits=bits, group_size=group_size)
     if dense_bits not in DENSE_BITS:
         raise ValueError(f"--dense-bits: expected {', '.join(map(str, DENSE_BITS))}, found {dense_bits}")
     if not is_valid_block_size(dense_group_size):
         raise ValueError(f"--dense-group-size: expected a power of two >= 16, found {dense_group_size}")
-    if twin is not None:
+    if twin is not None and plan is None:  # with a plan: checked against its widest experts, before the load
         from edgemoe_ort.bundle.format import twin_choices
-        from edgemoe_ort.quant import BITS
 
-        primary = next(d for d, b in BITS.items() if b == bits)
+        primary = BITS_TO_DTYPE[4 if bits is None else bits]
         if twin not in twin_choices(primary):
             listed = ", ".join(twin_choices(primary)) or "none"
-            raise ValueError(f"--twin: expected a format with fewer bits than --bits {bits} ({listed}), "
-                             f"found {twin!r}")
+            raise ValueError(f"--twin: expected a format with fewer bits than --bits {BITS[primary]} "
+                             f"({listed}), found {twin!r}")
     try:  # all before torch is even imported
         check_target(output_dir, force=force)
     except BundleError as exc:
@@ -166,6 +179,7 @@ def export(
             dense_bits=dense_bits,
             dense_group_size=dense_group_size,
             twin=twin,
+            plan=plan,
         )
     finally:
         if tasks:
@@ -185,6 +199,9 @@ def export(
             err.print(f"dense weights ({role}, --dense-bits {dq.bits}):", highlight=False)
             for line in dq.summary():
                 err.print(f"  {line}", highlight=False, markup=False)
+    if report.plan is not None:
+        info(f"experts per plan {report.plan}: "
+             + ", ".join(f"{d} {n}" for d, n in sorted(report.dtypes.items(), key=lambda kv: -BITS[kv[0]])))
     info(f"[green]bundle written:[/] {report.bundle}")
 
 
@@ -676,9 +693,10 @@ inspect_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTING
 
 
 @inspect_app.command(**command_kwargs(
-    "Show what a bundle holds (model shape, experts per layer, top-k, bits and group size, context, "
-    "vocabulary) and the memory a process running it needs: the smallest budget it accepts and the expected "
-    "RSS at a budget (docs/memory.md). --json: one JSON object (docs/json-output.md).",
+    "Show what a bundle holds (model shape, experts per layer, top-k, bits and group size, the bits of each "
+    "expert of a mixed bundle (edgemoe-export --plan), context, vocabulary) and the memory a process running "
+    "it needs: the smallest budget it accepts and the expected RSS at a budget (docs/memory.md). --json: one "
+    "JSON object (docs/json-output.md).",
     ["edgemoe-inspect bundles/tiny",
      "edgemoe-inspect bundles/tiny --budget 25% --context 1024",
      "edgemoe-inspect bundles/tiny --json"],
@@ -732,6 +750,8 @@ def inspect(
                     str(g["bits"]), str(g["group_size"] or "–"), _fmt_bytes(g["expert_bytes"]),
                     g["twin"] or "–")
     print_table(moe)
+    if len(summary["dtypes"]) > 1:  # a mixed bundle (edgemoe-plan): the bits of each expert
+        _print_expert_bits(model["layers"])
     dense = Table(title="dense weights (docs/bundle-format.md, 'Dense weights')")
     for col in ("graph", "kind", "format", "bytes"):
         dense.add_column(col, justify="right" if col == "bytes" else "left")
@@ -762,10 +782,37 @@ def inspect(
     print_table(mem)
 
 
+def _primary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if int(r.get("variant", 0)) == 0]
+
+
+def _print_expert_bits(layers: list[dict[str, Any]]) -> None:
+    """Per MoE layer: experts per dtype, the layer's store bytes and (up to 64 experts) each expert's bits."""
+    from rich.table import Table
+
+    dts = sorted({d for lay in layers for d in lay["dtypes"]}, key=lambda d: -BITS[d])
+    table = Table(title="bits per expert (a mixed bundle: edgemoe-plan)")
+    table.add_column("layer", justify="right")
+    for d in dts:
+        table.add_column(d, justify="right")
+    table.add_column("store", justify="right")
+    wide = max(len(lay["expert_dtypes"]) for lay in layers) > 64
+    if not wide:
+        table.add_column("bits of experts 0, 1, ...")
+    for lay in layers:
+        row = [str(lay["layer"]), *[str(lay["dtypes"].get(d, 0)) for d in dts],
+               _fmt_bytes(lay["store_bytes"])]
+        if not wide:
+            row.append(" ".join(str(BITS[d]) for d in lay["expert_dtypes"]))
+        table.add_row(*row)
+    print_table(table)
+
+
 def _model_report(bundle: Any) -> dict[str, Any]:
     """What ``edgemoe-inspect`` shows of the model: context, vocabulary, and the MoE layers grouped by shape
     and expert format (``layer_groups``; ``layers`` one entry per MoE layer)."""
-    from edgemoe_ort.quant import BITS
+    from collections import Counter
+
     from edgemoe_ort.runtime.memory import config_context
 
     cfg = bundle.config
@@ -790,10 +837,17 @@ def _model_report(bundle: Any) -> dict[str, Any]:
             "group_size": groups[0] if len(groups) == 1 else None,
             "expert_bytes": max((int(r["length"]) for r in recs), default=0),
             "twin": ",".join(sorted(twins.get(int(lay["layer"]), ()))) or None,
+            # per expert (edgemoe-plan's mixed bundles): the dtype of each, and experts per dtype (of the
+            # primary records: a bundle of a later format version may hold other variants of an expert)
+            "dtypes": dict(sorted(Counter(r["format"]["dtype"] for r in _primary(recs)).items(),
+                                  key=lambda kv: -BITS[kv[0]])),
+            "expert_dtypes": [r["format"]["dtype"]
+                              for r in sorted(_primary(recs), key=lambda r: int(r["expert"]))],
+            "store_bytes": sum(int(r["length"]) for r in recs),
         })
     groups_out: list[dict[str, Any]] = []
     for lay in layers:
-        key = {k: v for k, v in lay.items() if k != "layer"}
+        key = {k: v for k, v in lay.items() if k not in ("layer", "dtypes", "expert_dtypes", "store_bytes")}
         if groups_out and {k: v for k, v in groups_out[-1].items() if k not in ("layers", "_last")} == key \
                 and groups_out[-1]["_last"] == lay["layer"] - 1:
             first = groups_out[-1]["layers"].split("-")[0]

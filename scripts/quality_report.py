@@ -5,9 +5,11 @@ Exports the default model at each bit width through the normal exporter, then me
 held-out tokens (models/eval_default.py): perplexity through ORT + the OffloadedExpert op, the perplexity
 delta against the reference bundle, and how many greedy tokens match it on a few prompts; for the dense
 settings also the dense bytes and the peak RSS of ``edgemoe-run --budget 25%`` (a fresh process).
-Writes docs/quality.md.
+Writes docs/quality.md; then scripts/pareto_report.py adds its section (store bytes vs held-out perplexity of
+the uniform levels and of edgemoe-plan plans, docs/img/quality-pareto.png) unless --no-pareto.
 
     .venv/bin/python scripts/quality_report.py [--tokens 32768] [--out docs/quality.md]
+        [--pareto-levels int8,int4,int3,int2] [--tolerances 0.5%,1%,2%] [--no-pareto]
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--work", type=Path, default=REPO / "build" / "quality")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "quality.md")
+    ap.add_argument("--pareto-levels", default=None,
+                    help="uniform levels of the Pareto section (default: every quantized format)")
+    ap.add_argument("--tolerances", default="0.5%,1%,2%", help="edgemoe-plan tolerances (Pareto section)")
+    ap.add_argument("--no-pareto", action="store_true", help="leave the Pareto section out")
     args = ap.parse_args()
 
     ids = heldout_token_ids(load_tokenizer(MODEL), args.tokens)
@@ -168,6 +174,14 @@ def main() -> int:
     ]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
+    if not args.no_pareto:
+        import pareto_report
+
+        pareto = ["--tolerances", args.tolerances, "--tokens", str(args.tokens), "--group-size",
+                  str(args.group_size), "--work", str(args.work / "pareto"), "--out", str(args.out)]
+        if args.pareto_levels:
+            pareto += ["--levels", args.pareto_levels]
+        pareto_report.main(pareto)
     worst = max(abs(ppl / ref_ppl - 1) for bits, _, ppl, _ in rows if bits == 4)
     return 0 if worst <= 0.03 else 1
 

@@ -59,10 +59,11 @@ def cli(cmd: str, *args: object, input: str | None = None, env: dict[str, str] |
 def _apps() -> dict[str, Any]:
     from edgemoe_ort.bench.cli import bench_app
     from edgemoe_ort.cli import export_app, inspect_app, run_app
+    from edgemoe_ort.plan.cli import plan_app
     from edgemoe_ort.profile.cli import profile_app
 
     return {"edgemoe-export": export_app, "edgemoe-run": run_app, "edgemoe-inspect": inspect_app,
-            "edgemoe-bench": bench_app, "edgemoe-profile": profile_app}
+            "edgemoe-bench": bench_app, "edgemoe-profile": profile_app, "edgemoe-plan": plan_app}
 
 
 _invoke_lock = threading.Lock()  # one in-process command at a time: they share sys.stdout and os.environ

@@ -84,7 +84,8 @@ def _check(doc: Any, name: str) -> None:
 
 def test_the_doc_has_the_three_schemas() -> None:
     assert set(schemas()) == {
-        "edgemoe-run --json", "edgemoe-inspect --json", "edgemoe-bench --json FILE", "edgemoe-eval --json"
+        "edgemoe-run --json", "edgemoe-inspect --json", "edgemoe-bench --json FILE", "edgemoe-eval --json",
+        "edgemoe-plan --json",
     }
 
 

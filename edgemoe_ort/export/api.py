@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,15 @@ from edgemoe_ort.export.patch import patch_model
 from edgemoe_ort.export.recipes import Recipe, load_recipe
 from edgemoe_ort.export.trace import ExportCheckError, GraphReport, export_graphs
 from edgemoe_ort.hub import ModelSource, ModelSourceError, check_source, hub_offline
+from edgemoe_ort.plan.format import (
+    Plan,
+    PlanError,
+    PlanLayer,
+    check_plan_layers,
+    check_plan_model,
+    resolve_plan,
+)
+from edgemoe_ort.quant import BITS
 from edgemoe_ort.quant import BITS_TO_DTYPE as _QUANT_BITS_TO_DTYPE
 
 log = logging.getLogger(__name__)
@@ -52,6 +62,7 @@ class ExportReport:
     family: str
     layers: int
     experts: int
+    #: the experts' dtype; a plan's mix: the dtypes joined by commas (as edgemoe-inspect shows a layer)
     dtype: str
     seconds: dict[str, float] = field(default_factory=dict)
     graphs: list[GraphReport] = field(default_factory=list)
@@ -65,14 +76,18 @@ class ExportReport:
     dense: dict[str, DenseQuantReport] = field(default_factory=dict)
     #: the low-bit twins' dtype, or None
     twin: str | None = None
+    #: the plan the experts' dtypes came from (None: one dtype, ``bits``)
+    plan: Path | None = None
+    #: experts per dtype
+    dtypes: dict[str, int] = field(default_factory=dict)
 
 
 def export_model(
     model_id_or_path: str | Path | ModelSource,
     out_dir: str | Path,
     *,
-    bits: int = 4,
-    group_size: int = 64,
+    bits: int | None = None,
+    group_size: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
@@ -80,14 +95,15 @@ def export_model(
     dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     stream: bool = True,
     twin: str | None = None,
+    plan: str | Path | Plan | None = None,
 ) -> Path:
     """Export a HF MoE checkpoint (hub id or local folder) to a bundle folder and return its path.
 
     The bundle holds the dense graph(s) with one ``edgemoe.OffloadedExpert`` node per MoE layer, every routed
-    expert quantized to ``bits`` (2, 3, 4, 8, 16 = fp16, 32 = fp32: :data:`BITS_TO_DTYPE`) with
-    ``group_size``, the tokenizer if the checkpoint has one, and the checkpoint's config. An existing
-    ``out_dir`` is refused unless ``force`` (checked before anything is loaded); a failed export leaves
-    ``out_dir`` untouched.
+    expert quantized to ``bits`` (2, 3, 4, 8, 16 = fp16, 32 = fp32: :data:`BITS_TO_DTYPE`; default 4) with
+    ``group_size`` (default 64), the tokenizer if the checkpoint has one, and the checkpoint's config. An
+    existing ``out_dir`` is refused unless ``force`` (checked before anything is loaded); a failed export
+    leaves ``out_dir`` untouched.
 
     ``model_id_or_path`` is checked first (:func:`~edgemoe_ort.hub.check_source`; a
     :class:`~edgemoe_ort.hub.ModelSource` it returned is not checked again). A hub id the hub does not answer
@@ -113,7 +129,15 @@ def export_model(
 
     ``twin`` (a quantized dtype with fewer bits than ``bits``, e.g. ``"int2"``) adds HOBBIT's low-bit twin of
     every expert (bundle format version 2): with ``miss_precision="dynamic"`` the runtime reads it on a miss
-    of an unimportant expert (docs/op-contract.md, "Miss precision"). The same group size.
+    of an unimportant expert (docs/op-contract.md, "Miss precision"). The same group size. With a
+    ``plan``, an expert whose planned format has no more bits than ``twin`` gets no twin.
+
+    ``plan`` (a plan.json of ``edgemoe-plan``, or a :class:`~edgemoe_ort.plan.Plan`): each expert in its
+    planned dtype, at the plan's group size. The plan decides: ``bits`` must be left out, and ``group_size``
+    left out or equal to the plan's. A plan that does not parse, names unknown or misses experts, uses a dtype
+    this build has no format for, or was made for another model (family, config fingerprint) is refused
+    before anything is loaded; its MoE layers' shapes are compared once the model is patched and each
+    expert's weights fingerprint as it is read, both before anything is written to ``out_dir``.
 
     Every option is checked before anything is loaded.
     """
@@ -129,6 +153,7 @@ def export_model(
         dense_group_size=dense_group_size,
         stream=stream,
         twin=twin,
+        plan=plan,
     ).bundle
 
 
@@ -136,8 +161,8 @@ def export_model_with_report(
     model_id_or_path: str | Path | ModelSource,
     out_dir: str | Path,
     *,
-    bits: int = 4,
-    group_size: int = 64,
+    bits: int | None = None,
+    group_size: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
@@ -145,18 +170,27 @@ def export_model_with_report(
     dense_group_size: int = DEFAULT_DENSE_BLOCK_SIZE,
     stream: bool = True,
     twin: str | None = None,
+    plan: str | Path | Plan | None = None,
 ) -> ExportReport:
     """:func:`export_model`, returning timings, graph statistics, the prefetch wiring and the dense
     quantization as well."""
+    the_plan = resolve_plan(plan, bits=bits, group_size=group_size)
+    if the_plan is not None:
+        bits, group_size = None, the_plan.group_size
+    bits = 4 if bits is None else bits
+    group_size = 64 if group_size is None else group_size
     check_export_options(bits=bits, group_size=group_size, lookahead=lookahead, dense_bits=dense_bits,
-                         dense_group_size=dense_group_size, twin=twin)
+                         dense_group_size=dense_group_size)
+    # a twin has fewer bits than the experts' (with a plan: than its widest experts'; narrower ones get none)
+    widest = bits if the_plan is None else max(BITS[d] for d in the_plan.dtypes.values())
+    check_twin_option(twin, BITS_TO_DTYPE[widest])
     dtype = BITS_TO_DTYPE[bits]
     check_target(out_dir, force=force)  # before anything slow (BundleWriter checks again)
     source = check_source(model_id_or_path)
     with hub_offline(source.offline):
         return _export(source.name, Path(out_dir), dtype=dtype, group_size=group_size, force=force,
                        progress=progress, lookahead=lookahead, dense_bits=dense_bits,
-                       dense_group_size=dense_group_size, stream=stream, twin=twin)
+                       dense_group_size=dense_group_size, stream=stream, twin=twin, expert_plan=the_plan)
 
 
 def check_export_options(*, bits: int, group_size: int, lookahead: int, dense_bits: int,
@@ -169,12 +203,17 @@ def check_export_options(*, bits: int, group_size: int, lookahead: int, dense_bi
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise ValueError(f"lookahead must be an integer >= 0, found {lookahead!r}")
     check_dense_options(dense_bits, dense_group_size)
+    check_twin_option(twin, BITS_TO_DTYPE[bits])
+
+
+def check_twin_option(twin: str | None, primary: str) -> None:
+    """Raise ValueError unless ``twin`` is None or a quantized format with fewer bits than ``primary``."""
     if twin is not None:
-        choices = twin_choices(BITS_TO_DTYPE[bits])
+        choices = twin_choices(primary)
         if twin not in choices:
             listed = ", ".join(choices) or "(none: no format has fewer bits)"
             raise ValueError(f"twin must be one of {listed} "
-                             f"(a quantized format with fewer bits than the experts' {BITS_TO_DTYPE[bits]}), "
+                             f"(a quantized format with fewer bits than the experts' {primary}), "
                              f"found {twin!r}")
 
 
@@ -191,6 +230,7 @@ def _export(
     dense_group_size: int,
     stream: bool = True,
     twin: str | None = None,
+    expert_plan: Plan | None = None,
 ) -> ExportReport:
     def tick(stage: str, done: int, total: int) -> None:
         if progress is not None:
@@ -207,6 +247,8 @@ def _export(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelSourceError(f"{model_id_or_path}: {first}") from exc
     load_recipe(model_type)  # unsupported families fail here, before anything heavy
+    if expert_plan is not None:  # a plan for another model fails here too
+        check_plan_model(expert_plan, model_type, checkpoint_config(model_id_or_path), str(model_id_or_path))
     # BundleWriter refuses an existing target (without force) right away and writes into a temporary sibling
     with BundleWriter(
         out, family=model_type, config=checkpoint_config(model_id_or_path), force=force
@@ -224,6 +266,11 @@ def _export(
         try:
             t = time.perf_counter()
             tick("trace", 0, len(loaded.recipe.graphs))
+            if expert_plan is not None:  # before tracing: the shapes the plan was made for
+                check_plan_layers(expert_plan, [PlanLayer(m.spec.layer, m.spec.num_experts, m.spec.hidden,
+                                                   m.spec.intermediate, m.spec.gated,
+                                                   m.weights.b_in is not None) for m in patched.layers],
+                                  str(model_id_or_path))
             graphs = export_graphs(patched)
             seconds["trace"] = time.perf_counter() - t
             tick("trace", len(graphs), len(graphs))
@@ -279,15 +326,21 @@ def _export(
                     gated=s.gated,
                     activation=s.activation,
                 )
-                copies = [(PRIMARY, dtype)] + ([(TWIN, twin)] if twin is not None else [])
                 for e, w in iter_experts(m, loaded.experts):
                     w_in, w_out = _np(w.w_in), _np(w.w_out)
                     if guard is not None:
                         guard.check_expert(s.layer, e, w_in, w_out)
                     b_in = None if w.b_in is None else _np(w.b_in)
                     b_out = None if w.b_out is None else _np(w.b_out)
-                    for variant, fmt in copies:  # the primary, then its twin (if any) from the same weights
-                        writer.add_expert(s.layer, e, w_in, w_out, dtype=fmt, group_size=group_size,
+                    if expert_plan is not None:
+                        _check_plan_weights(expert_plan, s.layer, e, w_in, w_out, b_in, b_out,
+                                            str(model_id_or_path))
+                    fmt = dtype if expert_plan is None else expert_plan.dtypes[(s.layer, e)]
+                    copies = [(PRIMARY, fmt)]
+                    if twin is not None and BITS[twin] < BITS[fmt]:  # its twin, from the same weights
+                        copies.append((TWIN, twin))
+                    for variant, f in copies:
+                        writer.add_expert(s.layer, e, w_in, w_out, dtype=f, group_size=group_size,
                                           b_in=b_in, b_out=b_out, variant=variant)
                     del w, w_in, w_out, b_in, b_out  # before the next expert is read
                     done += 1
@@ -310,13 +363,16 @@ def _export(
     for role, dq in dense.items():
         for line in dq.summary():
             log.info("dense weights (%s): %s", role, line)
+    counts = Counter(expert_plan.dtypes.values()) if expert_plan is not None else Counter({dtype: total})
     return ExportReport(
         twin=twin,
         bundle=out.absolute(),
         family=model_type,
         layers=len(patched.layers),
         experts=total,
-        dtype=dtype,
+        dtype=",".join(sorted(counts)),
+        plan=None if expert_plan is None or expert_plan.path is None else Path(expert_plan.path),
+        dtypes=dict(sorted(counts.items())),
         seconds=seconds,
         graphs=graph_reports,
         wiring=wiring,
@@ -341,6 +397,18 @@ def _wire_routing(proto: onnx.ModelProto, recipe: Recipe, role: str) -> RoutingR
             f"{recipe.routing.scores}, but layer {missing[0].layer}: {missing[0].note}"
         )
     return report
+
+
+def _check_plan_weights(plan: Plan, layer: int, expert: int, w_in: np.ndarray, w_out: np.ndarray,
+                        b_in: np.ndarray | None, b_out: np.ndarray | None, where: str) -> None:
+    from edgemoe_ort.plan.format import expert_digest
+
+    found = expert_digest(w_in, w_out, b_in, b_out)
+    if found != plan.digests[(layer, expert)]:
+        raise PlanError(plan.path or "plan", "xxh3", layer=layer, expert=expert,
+                        expected=f"{plan.digests[(layer, expert)]} (the weights the plan measured)",
+                        found=f"{found} in {where}",
+                        message="the plan was made for other weights of this model; plan again")
 
 
 def _np(t: object) -> np.ndarray:

@@ -19,6 +19,7 @@ from edgemoe_ort.cli_common import (
     CONTEXT_SETTINGS,
     MissPrecisionOption,
     QuietOption,
+    StageBars,
     ThresholdsOption,
     VerboseOption,
     VersionOption,
@@ -109,16 +110,6 @@ def export(
 ) -> None:
     import importlib.util
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskID,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from edgemoe_ort.bundle.errors import BundleError
     from edgemoe_ort.bundle.writer import check_target
     from edgemoe_ort.hub import check_source
@@ -155,35 +146,20 @@ def export(
     make_parents(output_dir, "--output")
     from edgemoe_ort.export import export_model_with_report
 
-    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())  # the experts stage ticks per expert
-    bar = Progress(*columns, console=err, disable=output.quiet)
-    tasks: dict[str, TaskID] = {}
-
-    def on_progress(stage: str, done: int, total: int) -> None:
-        if not tasks:
-            bar.start()  # at the first stage: an error before it is one line, with no empty bar before it
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=max(total, 1))
-        bar.update(tasks[stage], completed=done, total=max(total, 1))
-
-    try:
+    with StageBars(eta=True) as bars:  # the experts stage ticks per expert
         report = export_model_with_report(
             source,
             output_dir,
             bits=bits,
             group_size=group_size,
             force=force,
-            progress=on_progress,
+            progress=bars,
             lookahead=lookahead,
             dense_bits=dense_bits,
             dense_group_size=dense_group_size,
             twin=twin,
             plan=plan,
         )
-    finally:
-        if tasks:
-            bar.stop()
     if not output.quiet:
         for role, wiring in report.wiring.items():
             err.print(f"prefetch wiring ({role}, lookahead {wiring.requested}):", highlight=False)

@@ -139,6 +139,44 @@ def parse_thresholds(text: str | None) -> tuple[float, float] | None:
     return t1, t2
 
 
+class StageBars:
+    """One rich progress bar per stage of a long job, on stderr: call it as the job's
+    ``progress(stage, done, total)``; the bars start at the first stage (an error before it is one line,
+    with no empty bar above it) and stop when the ``with`` block ends. ``eta`` adds a time-remaining column
+    (the exporter's experts stage ticks per expert); ``transient`` erases the bars at the end."""
+
+    def __init__(self, *, eta: bool = False, transient: bool = False) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns: list[Any] = [TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn()]
+        if eta:
+            columns += [TextColumn("eta"), TimeRemainingColumn()]
+        self._bar = Progress(*columns, console=err, transient=transient, disable=output.quiet)
+        self._tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self._tasks:
+            self._bar.start()
+        if stage not in self._tasks:
+            self._tasks[stage] = self._bar.add_task(stage, total=max(total, 1))
+        self._bar.update(self._tasks[stage], completed=done, total=max(total, 1))
+
+    def __enter__(self) -> StageBars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tasks:
+            self._bar.stop()
+
+
 def cli_words(message: str) -> str:
     """A library message in the words of the command line: ORT's ``[ONNXRuntimeError] : 6 : ...`` prefix
     dropped, ``max_new_tokens`` -> ``--max-new-tokens``, ``edgemoe.budget`` -> ``--budget``, ``pass

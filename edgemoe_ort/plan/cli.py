@@ -15,15 +15,14 @@ import typer
 from edgemoe_ort.cli_common import (
     CONTEXT_SETTINGS,
     QuietOption,
+    StageBars,
     VerboseOption,
     VersionOption,
     check_output_file,
     command_kwargs,
-    err,
     fmt_bytes,
     friendly_errors,
     out,
-    output,
     print_table,
     write_output_file,
 )
@@ -84,8 +83,6 @@ def plan(
 ) -> None:
     import importlib.util
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-
     from edgemoe_ort.hub import check_source
     from edgemoe_ort.profile.corpus import read_corpus
 
@@ -110,24 +107,10 @@ def plan(
 
     passive_openmp()  # before torch is imported (edgemoe_ort/plan/planner.py says why)
 
-    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    bar = Progress(*columns, console=err, transient=as_json, disable=output.quiet)
-    tasks: dict[str, TaskID] = {}
-
-    def on_progress(stage: str, done: int, total: int) -> None:
-        if not tasks:
-            bar.start()  # at the first stage: an error before it is one line, with no empty bar before it
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=max(total, 1))
-        bar.update(tasks[stage], completed=done, total=max(total, 1))
-
-    try:
+    with StageBars(transient=as_json) as bars:
         result = plan_model(source, tolerance=tol, corpus=[str(p) for p in corpus], bits=levels,
                             group_size=group_size, tokens=tokens, window=window, heldout_share=heldout_share,
-                            method=method, progress=on_progress)
-    finally:
-        if tasks:
-            bar.stop()
+                            method=method, progress=bars)
     write_output_file(output_file, "--output", force=force, write=lambda p: write_plan(p, result))
     if as_json:
         print(json.dumps(summary(result, output_file), indent=2))

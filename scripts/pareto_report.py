@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--levels", default=",".join(quantized_dtypes()),
                     help="uniform levels (bits or dtypes; default every quantized format of this build)")
-    ap.add_argument("--tolerances", default="0.5%,1%,2%", help="a plan per tolerance")
+    ap.add_argument("--tolerances", default="0.1%,0.2%,0.3%,0.5%", help="a plan per tolerance")
     ap.add_argument("--plan-bits", default=None, help="levels the plans may use (default: --levels)")
     ap.add_argument("--method", default="loss", choices=("loss", "proxy"))
     ap.add_argument("--calib-tokens", type=int, default=8192)

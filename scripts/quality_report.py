@@ -9,7 +9,7 @@ Writes docs/quality.md; then scripts/pareto_report.py adds its section (store by
 the uniform levels and of edgemoe-plan plans, docs/img/quality-pareto.png) unless --no-pareto.
 
     .venv/bin/python scripts/quality_report.py [--tokens 32768] [--out docs/quality.md]
-        [--pareto-levels int8,int4,int3,int2] [--tolerances 0.5%,1%,2%] [--no-pareto]
+        [--pareto-levels int8,int4,int3,int2] [--tolerances 0.1%,0.2%,0.3%,0.5%] [--no-pareto]
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "quality.md")
     ap.add_argument("--pareto-levels", default=None,
                     help="uniform levels of the Pareto section (default: every quantized format)")
-    ap.add_argument("--tolerances", default="0.5%,1%,2%", help="edgemoe-plan tolerances (Pareto section)")
+    ap.add_argument("--tolerances", default="0.1%,0.2%,0.3%,0.5%",
+                    help="edgemoe-plan tolerances (Pareto section)")
     ap.add_argument("--no-pareto", action="store_true", help="leave the Pareto section out")
     args = ap.parse_args()
 

@@ -197,3 +197,35 @@ def test_kernel_tables_cover_every_quantized_format(tmp_path):
         assert f"| {d} | 1 |" in text and f"| {d} | 3 |" in text
     assert len(k["loadavg_start"]) == 3 and len(k["formats"]["loadavg_end"]) == 3
     assert text.count("1-minute load average") == 2
+
+
+def test_ablation_section_walks_the_steps(tmp_path):
+    """Each ablation step is the row of its configuration; speed-ups are paired per repeat against naive and
+    the step above; perplexity stays exact's until the twins step."""
+    from edgemoe_ort.bench.ablation import PRECISION, PREDICTOR, ROUTING, steps
+    from edgemoe_ort.bench.report_ablation import ablation_markdown
+
+    run = _run(tmp_path)
+    lru = next(m for m in run["modes"] if m["label"] == "edgemoe[lru]@25%")
+    run["modes"] = [m for m in run["modes"] if m["mode"] != "edgemoe"]
+    for i, s in enumerate(steps("hobbit")):
+        m = copy.deepcopy(lru)
+        m.update(policy=s["policy"], predictor=s["predictor"], routing=s["routing"],
+                 miss_precision=s["precision"])
+        m["decode_s_per_token_runs"] = [t / (1 + i) for t in lru["decode_s_per_token_runs"]]
+        m["decode_tokens_per_s"] = lru["decode_tokens_per_s"] * (1 + i)
+        run["modes"].append(m)
+    run["profile"] = {"name": "rpi4"}
+    results = {"runs": {"ablation-small-rpi4": run},
+               "ablation": {"run": "ablation-small-rpi4", "bundle": "b", "policy": "hobbit", "tokens": 64,
+                            "perplexity": {"exact": 10.0, "twins": 10.1, "routing": 10.3},
+                            "precision": PRECISION, "routing": ROUTING, "predictor": PREDICTOR}}
+    text = "\n".join(ablation_markdown(results))
+    lines = [x for x in text.splitlines() if x.startswith("| ")][1:]
+    assert [x.split(" | ")[0] for x in lines] == [
+        "| naive (no cache)", "| + cache (lru)", "| + best policy", "| + prefetch", "| + low-bit twins",
+        "| + cache-aware routing"]
+    assert " | 2.00 | " in lines[2]  # the best-policy step: twice the step above (paired)
+    assert lines[3].endswith("| 10.000 |") and lines[4].endswith("| 10.100 (+1.00%) |")
+    assert lines[5].endswith("| 10.300 (+3.00%) |")
+    assert ablation_markdown({"runs": {}}) == []

@@ -366,6 +366,14 @@ static void test_prefetch_reads_the_implied_copy() {
   s.drain();
   CHECK(s.is_resident(1, 0, kPrimary) && !s.is_resident(1, 0, kTwin));
   CHECK(s.is_resident(1, 1, kTwin) && !s.is_resident(1, 1, kPrimary));
+  // A second expert the gates weigh at 0.08 (s = 0.92 > T2): its miss would be skipped, so nothing is read.
+  ExpertStore s3(load_manifest(b.dir), opts(0));
+  Prefetcher pf3(s3, po, std::nullopt, dyn);
+  const float far[] = {3.0f, 0.55f, -4.0f, -4.0f};
+  pf3.on_layer(LayerSignals{0, idx, 1, 2, far, 1, 4});
+  s3.drain();
+  CHECK(s3.is_resident(1, 0, kPrimary));
+  CHECK(!s3.is_resident(1, 1, kPrimary) && !s3.is_resident(1, 1, kTwin));
   // exact: the primaries
   ExpertStore s2(load_manifest(b.dir), opts(0));
   Prefetcher pf2(s2, po, std::nullopt);

@@ -596,6 +596,9 @@ def write_report(
     from edgemoe_ort.bench.report_twins import twins_markdown
 
     L += twins_markdown(results)
+    from edgemoe_ort.bench.report_ablation import ablation_markdown
+
+    L += ablation_markdown(results)
     ws = results.get("warm_start")
     if ws:
         L += [

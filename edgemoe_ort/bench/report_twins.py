@@ -20,14 +20,19 @@ def _split(u: dict[str, Any]) -> str:
 
 
 def _curve_table(curve: dict[str, Any]) -> list[str]:
-    out = ["| setting | T1, T2 | held-out perplexity | Δ vs exact | expert MB / token | fewer bytes | "
-           "uses high / low / skipped (%) |", "|---|---|---:|---:|---:|---:|---|"]
+    out = [
+        "| setting | T1, T2 | held-out perplexity | Δ vs exact | expert MB / token | fewer bytes | "
+        "uses high / low / skipped (%) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in curve["rows"]:
         th = r.get("thresholds")
         ths = "–" if not th else f"{th[0]:.3f}, {th[1]:.3f}"
-        out.append(f"| `{r['setting']}` | {ths} | {r['perplexity']:.3f} | {_pct(r['ppl_increase'])} | "
-                   f"{r['bytes_per_token'] / 1e6:.3f} | {100 * r['fewer_bytes']:.1f} % | "
-                   f"{_split(r['uses'])} |")
+        out.append(
+            f"| `{r['setting']}` | {ths} | {r['perplexity']:.3f} | {_pct(r['ppl_increase'])} | "
+            f"{r['bytes_per_token'] / 1e6:.3f} | {100 * r['fewer_bytes']:.1f} % | "
+            f"{_split(r['uses'])} |"
+        )
     return out
 
 
@@ -42,10 +47,12 @@ def _speed_lines(results: dict[str, Any], curve: dict[str, Any]) -> list[str]:
             continue
         prof = run.get("profile") or {}
         busy = (run.get("load_average") or {}).get("busy")
-        out += [f"Decode speed, run `{name}` (storage profile {prof.get('name', 'none')}, "
-                f"{run.get('decode_tokens', '?')} decode tokens, median of {run.get('repeats', '?')}, "
-                "interleaved, all modes in one process"
-                + (", **busy machine**" if busy else "") + "):", ""]
+        out += [
+            f"Decode speed, run `{name}` (storage profile {prof.get('name', 'none')}, "
+            f"{run.get('decode_tokens', '?')} decode tokens, median of {run.get('repeats', '?')}, "
+            "interleaved, all modes in one process" + (", **busy machine**" if busy else "") + "):",
+            "",
+        ]
         for pred in (None, *[p for p in run.get("predictors") or [] if p != "none"]):
             base = edgemoe_row(run, "25%", "lru", pred)
             for spec in [p for p in run["precisions"] if p != "exact"]:
@@ -62,7 +69,8 @@ def _speed_lines(results: dict[str, Any], curve: dict[str, Any]) -> list[str]:
                     f"{base['bytes_read_per_token'] / 1e6:.2f} MB/token, uses "
                     f"{_split(m.get('uses_per_token') or {})}), perplexity "
                     f"{'?' if inc is None else _pct(inc)}; goal ≥ {GOAL_SPEEDUP}x within "
-                    f"{GOAL_PPL_INCREASE:.0%}: {'met' if met else '**not met**'}")
+                    f"{GOAL_PPL_INCREASE:.0%}: {'met' if met else '**not met**'}"
+                )
         out.append("")
     return out
 
@@ -81,14 +89,18 @@ def twins_markdown(results: dict[str, Any]) -> list[str]:
         f"the first {curve['tokens']} tokens of the held-out stream, decoded one token at a time through the "
         "KV cache in windows of 128 (`edgemoe_ort.eval.evaluate`), each setting in a fresh session on the "
         "same tokens. `dynamic` takes its thresholds from the bundle's profile (docs/op-contract.md, \"Miss "
-        "precision\"); `dynamic:T1:T2` sets them. `python -m edgemoe_ort.bench.twins BUNDLE` prints the same "
+        'precision"); `dynamic:T1:T2` sets them. `python -m edgemoe_ort.bench.twins BUNDLE` prints the same '
         "rows.",
         "",
         *_curve_table(curve),
         "",
     ]
     best = curve.get("best")
-    L += [f"- Fewest bytes within 2 % perplexity: `{best}`." if best else
-          "- No dynamic setting stays within 2 % perplexity.", ""]
+    L += [
+        f"- Fewest bytes within 2 % perplexity: `{best}`."
+        if best
+        else "- No dynamic setting stays within 2 % perplexity.",
+        "",
+    ]
     L += _speed_lines(results, curve)
     return L

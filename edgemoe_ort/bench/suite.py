@@ -199,7 +199,7 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
     from edgemoe_ort.runtime.ops import parse_budget
 
     known = {"small", "small-profile", "large", "large-focus", "large-profile", "replay", "kernels",
-             "policies", "prefetch", "routing", "twins"}
+             "policies", "prefetch", "routing", "twins", "ablation"}
     bad = sorted(parts - known)
     if bad or not parts:
         raise ValueError(f"--parts: expected a subset of {','.join(sorted(known))}, found {a.parts!r}")
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--parts",
         default="small,small-profile,large,large-focus,large-profile,replay,kernels,policies,prefetch,"
-        "routing,twins",
+        "routing,twins,ablation",
         help="which parts to run",
     )
     ap.add_argument("--merge", action="store_true", help="update an existing --out file with these parts")
@@ -455,6 +455,10 @@ def main(argv: list[str] | None = None) -> None:
         from edgemoe_ort.bench.twins import run_twins_part
 
         run_twins_part(a, results, common, log=_log)
+    if a.twins and "ablation" in parts:
+        from edgemoe_ort.bench.ablation import run_ablation_part
+
+        run_ablation_part(a, results, common, log=_log)
     results["findings"] = findings(results)
     results["elapsed_s"] = time.time() - results["started"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,17 @@ __all__ = ["DEFAULT_SETTINGS", "GOAL_PPL_INCREASE", "GOAL_SPEEDUP", "best_settin
 
 #: the miss-precision specs of the sweep (edgemoe_ort.bench.runner.parse_precision); ``dynamic`` takes its
 #: thresholds from the bundle's profile (HOBBIT's 67/30/3 split), else 0.6, 0.9
-DEFAULT_SETTINGS = ("exact", "dynamic", "dynamic:0.6:0.9", "dynamic:0.5:0.9", "dynamic:0.5:0.85",
-                    "dynamic:0.5:0.8", "dynamic:0.5:0.75", "dynamic:0.5:0.7", "dynamic:0.5:0.65")
+DEFAULT_SETTINGS = (
+    "exact",
+    "dynamic",
+    "dynamic:0.6:0.9",
+    "dynamic:0.5:0.9",
+    "dynamic:0.5:0.85",
+    "dynamic:0.5:0.8",
+    "dynamic:0.5:0.75",
+    "dynamic:0.5:0.7",
+    "dynamic:0.5:0.65",
+)
 #: the goals of the issue: perplexity within this of exact ...
 GOAL_PPL_INCREASE = 0.02
 #: ... at this decode speed-up over exact (rpi4 storage profile, 25 %)
@@ -33,8 +42,12 @@ GOAL_SPEEDUP = 1.2
 
 
 def sweep(
-    bundle: str | Path, token_ids: Any, *, settings: tuple[str, ...] | list[str] = DEFAULT_SETTINGS,
-    budget: str = "25%", log: Any = None,
+    bundle: str | Path,
+    token_ids: Any,
+    *,
+    settings: tuple[str, ...] | list[str] = DEFAULT_SETTINGS,
+    budget: str = "25%",
+    log: Any = None,
 ) -> list[dict[str, Any]]:
     """One row per setting (policy lru, no prefetching): ``setting``, ``perplexity``, ``tokens``,
     ``bytes_per_token`` (expert bytes read per token run), ``misses``, ``uses`` (high / low / skipped),
@@ -50,20 +63,24 @@ def sweep(
     for spec, r, seconds in evaluate_settings(bundle, token_ids, list(settings), options_of):
         c = r.cache
         mp = c.get("miss_precision") or {}
-        rows.append({
-            "setting": spec,
-            "perplexity": r.perplexity,
-            "tokens": r.tokens,
-            "bytes_per_token": c["bytes_read"] / max(r.tokens_run, 1),
-            "misses": c["misses"],
-            "uses": c.get("uses") or {},
-            "thresholds": [mp.get("t1"), mp.get("t2")] if mp.get("mode") == "dynamic" else None,
-            "seconds": seconds,
-        })
+        rows.append(
+            {
+                "setting": spec,
+                "perplexity": r.perplexity,
+                "tokens": r.tokens,
+                "bytes_per_token": c["bytes_read"] / max(r.tokens_run, 1),
+                "misses": c["misses"],
+                "uses": c.get("uses") or {},
+                "thresholds": [mp.get("t1"), mp.get("t2")] if mp.get("mode") == "dynamic" else None,
+                "seconds": seconds,
+            }
+        )
         if log:
             u = rows[-1]["uses"]
-            log(f"  {spec:<18} ppl {r.perplexity:8.3f}  {rows[-1]['bytes_per_token'] / 1e6:6.3f} MB/token  "
-                f"uses {u.get('high', 0)}/{u.get('low', 0)}/{u.get('skipped', 0)}")
+            log(
+                f"  {spec:<18} ppl {r.perplexity:8.3f}  {rows[-1]['bytes_per_token'] / 1e6:6.3f} MB/token  "
+                f"uses {u.get('high', 0)}/{u.get('low', 0)}/{u.get('skipped', 0)}"
+            )
     exact = next(r for r in rows if r["setting"] == "exact")
     for r in rows:
         r["ppl_increase"] = r["perplexity"] / exact["perplexity"] - 1.0
@@ -93,12 +110,18 @@ def run_twins_part(a: Any, results: dict[str, Any], common: dict[str, Any], log:
     b = Bundle.open(a.twins)
     ids = eval_default().heldout_token_ids(load_tokenizer(b), HELDOUT_TOKENS)[: a.twins_tokens]
     if log:
-        log(f"== low-bit twins: perplexity and bytes per setting, {b.path}, 25 %, {len(ids)} held-out tokens")
-    rows = sweep(b.path, ids, budget="25%", log=log)
+        log(
+            f"== low-bit twins: perplexity and bytes per setting, {a.twins}, 25 %, {len(ids)} held-out tokens"
+        )
+    rows = sweep(a.twins, ids, budget="25%", log=log)
     best = best_setting(rows)
     chosen = ["exact", "dynamic"] + ([best["setting"]] if best and best["setting"] != "dynamic" else [])
     results["twins_curve"] = {
-        "bundle": str(b.path), "budget": "25%", "policy": "lru", "tokens": len(ids), "rows": rows,
+        "bundle": str(a.twins),
+        "budget": "25%",
+        "policy": "lru",
+        "tokens": len(ids),
+        "rows": rows,
         "best": best["setting"] if best else None,
         "formats": {"primary": sorted(b.summary()["dtypes"]), "twin": sorted(b.summary()["twin_dtypes"])},
     }
@@ -106,8 +129,14 @@ def run_twins_part(a: Any, results: dict[str, Any], common: dict[str, Any], log:
     if log:
         log(f"== low-bit twins: decode speed, storage profile {a.profile}: {', '.join(chosen)}")
     results["runs"][f"twins-small-{a.profile}"] = run_bench(
-        b.path, budgets=["25%"], tokens=max(a.tokens, 32), profile=a.profile, modes=["naive", "edgemoe"],
-        precisions=chosen, predictors=preds, **dict(common, policies=["lru"], rss=False),
+        a.twins,
+        budgets=["25%"],
+        tokens=max(a.tokens, 32),
+        profile=a.profile,
+        modes=["naive", "edgemoe"],
+        precisions=chosen,
+        predictors=preds,
+        **dict(common, policies=["lru"], rss=False),
     )
 
 
@@ -129,8 +158,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {b.path}: the bundle has no twins (export it with --twin)", file=sys.stderr)
         raise SystemExit(2)
     ids = eval_default().heldout_token_ids(load_tokenizer(b), min(a.tokens, HELDOUT_TOKENS))
-    rows = sweep(b.path, ids, settings=[s for s in a.settings.split(",") if s], budget=a.budget,
-                 log=lambda s: print(s, flush=True))
+    rows = sweep(
+        b.path,
+        ids,
+        settings=[s for s in a.settings.split(",") if s],
+        budget=a.budget,
+        log=lambda s: print(s, flush=True),
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -45,8 +45,9 @@ class Prefetcher {
  public:
   // `profile` may be empty (then only `gates` can predict). Throws edgemoe::Error if options.predictor needs
   // a profile that is missing.
-  // `precision` dynamic: a prefetch reads the copy its predicted unimportance implies (precision.h; s from the
-  // predicted probabilities of the layer's top K, normalized), the twin or nothing for unimportant ones.
+  // `precision` dynamic: a prefetch reads the copy its predicted unimportance implies (precision.h), the twin
+  // or nothing for unimportant ones; s from the stacked gates' predicted gate weights where the call has them
+  // (the smallest over its tokens), else from the predicted probabilities of the layer's top K, normalized.
   Prefetcher(ExpertStore& store, const PrefetchOptions& options, std::optional<RoutingProfile> profile,
              const PrecisionOptions& precision = {});
   ~Prefetcher();
@@ -76,8 +77,14 @@ class Prefetcher {
   };
   // Remembers q as the protections of `target` and appends the reads of its selection (the up to K most
   // likely with q >= threshold that are not resident); true if every selected expert was resident.
+  // `s_pred` (optional, per expert of `target`): the predicted unimportance from the stacked gates (precision.h),
+  // else it is taken from q's ranking.
   bool select(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st,
-              std::vector<Read>& reads) const;
+              std::vector<Read>& reads, const std::vector<float>* s_pred = nullptr) const;
+  // Dynamic precision with the stacked gates of `target` in `s`: per expert the smallest unimportance over the
+  // call's tokens, computed on the predicted gate weights (softmax of the logits, top K, normalized); false
+  // if the call has no such logits.
+  bool gate_unimportance(int32_t target, int32_t depth, const LayerSignals& s, std::vector<float>& out) const;
   void issue(const std::vector<Read>& reads);
   void remember(int32_t target, const std::vector<float>& q, Stream& st) const;
   // What the store should keep for the layers after `after`: each layer's predicted distribution, or the

@@ -162,8 +162,33 @@ bool Prefetcher::predict(int32_t target, int32_t depth, uint32_t bits, const Lay
   return true;
 }
 
+bool Prefetcher::gate_unimportance(int32_t target, int32_t depth, const LayerSignals& s,
+                                   std::vector<float>& out) const {
+  const LayerInfo& info = store_.manifest().layers[static_cast<size_t>(target)];
+  const size_t E = static_cast<size_t>(info.num_experts);
+  const int64_t K = info.top_k;
+  if (!s.next_logits || depth - 1 >= s.P || static_cast<size_t>(s.E) != E) return false;
+  out.assign(E, 2.0f);  // > 1: not among any token's predicted top K
+  std::vector<int32_t> order(E);
+  std::vector<float> w(static_cast<size_t>(K)), u(static_cast<size_t>(K));
+  for (int64_t t = 0; t < s.T; ++t) {
+    const float* z = s.next_logits + (t * s.P + (depth - 1)) * s.E;
+    for (size_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
+    const size_t k = std::min(E, static_cast<size_t>(K));
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
+                      [&](int32_t a, int32_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); });
+    // the softmax's normalization cancels in the top-K renormalization: weights exp(z - max) suffice
+    const float mx = z[order[0]];
+    if (!std::isfinite(mx)) continue;
+    for (size_t i = 0; i < k; ++i) w[i] = std::exp(z[order[i]] - mx);
+    unimportance(w.data(), static_cast<int64_t>(k), u.data());
+    for (size_t i = 0; i < k; ++i) out[static_cast<size_t>(order[i])] = std::min(out[static_cast<size_t>(order[i])], u[i]);
+  }
+  return true;
+}
+
 bool Prefetcher::select(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st,
-                        std::vector<Read>& reads) const {
+                        std::vector<Read>& reads, const std::vector<float>* s_pred) const {
   const int64_t K = store_.manifest().layers[static_cast<size_t>(target)].top_k;
   std::vector<int32_t> order(q.size());
   for (size_t e = 0; e < q.size(); ++e) order[e] = static_cast<int32_t>(e);
@@ -184,7 +209,8 @@ bool Prefetcher::select(int32_t target, int32_t distance, const std::vector<floa
     if (!(c >= options_.threshold)) break;
     ++selected;
     int32_t variant = kPrimary;
-    const float s = top > 0 ? static_cast<float>(above / top) : 0.0f;  // predicted unimportance (rank order)
+    // predicted unimportance: from the stacked gates' predicted weights, else from q's rank order
+    const float s = s_pred ? (*s_pred)[static_cast<size_t>(e)] : top > 0 ? static_cast<float>(above / top) : 0.0f;
     above += c;
     if (dynamic) {
       const Precision p = precision_for(s, precision_);
@@ -264,13 +290,15 @@ void Prefetcher::on_layer(const LayerSignals& s) {
   if (s.layer <= st.last_layer) st.reset(static_cast<size_t>(L));  // a new pass without a TokenPrefetch node
   st.last_layer = s.layer;
   st.predicted[static_cast<size_t>(s.layer)].clear();
-  std::vector<float> q;
+  std::vector<float> q, s_pred;
   std::vector<Read> reads;
   for (int32_t d = 1; d <= options_.depth && s.layer + d < L; ++d) {
     const int32_t target = s.layer + d;
     const uint32_t bits = members(target, d, &s, st);
     if (!bits || !predict(target, d, bits, &s, st, q)) break;
-    if (!select(target, d, q, st, reads)) break;  // adaptive depth: further only while all is resident
+    const bool gated = precision_.mode == MissPrecision::Dynamic && gate_unimportance(target, d, s, s_pred);
+    if (!select(target, d, q, st, reads, gated ? &s_pred : nullptr)) break;  // adaptive depth: further only
+                                                                              // while all is resident
   }
   store_.protect(protections(s.layer, st));  // before the reads: they may only replace less likely experts
   issue(reads);

@@ -1,0 +1,64 @@
+"""The "Ablation" section of docs/benchmarks.md, from the suite's ``ablation`` part
+(edgemoe_ort.bench.ablation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ablation_markdown"]
+
+
+def ablation_markdown(results: dict[str, Any]) -> list[str]:
+    """The section's Markdown lines (empty without an ``ablation`` result)."""
+    from edgemoe_ort.bench.ablation import STEP_LABELS, steps
+    from edgemoe_ort.bench.report import _f, edgemoe_row, paired_speedup
+
+    ab = results.get("ablation")
+    run = (results.get("runs") or {}).get(ab["run"]) if ab else None
+    if not ab or not run:
+        return []
+    naive = next((m for m in run["modes"] if m["mode"] == "naive"), None)
+    rows: list[dict[str, Any] | None] = [naive] + [
+        edgemoe_row(run, "25%", s["policy"], s["predictor"], s["routing"], s["precision"])
+        for s in steps(ab["policy"])
+    ]
+    ppl = ab["perplexity"]
+    base = ppl.get("exact")
+    # the perplexity each step computes with: exact until the twins step
+    step_ppl = [base, base, base, base, ppl.get("twins"), ppl.get("routing")]
+    prof = run.get("profile") or {}
+    L = [
+        f"## Ablation (default model, 25 %, storage profile {prof.get('name', 'none')})",
+        "",
+        f"EdgeMoE-style: each step adds one technique to the step above, all rows from run "
+        f"`{ab['run']}` (`{ab['bundle']}`: int4 experts with int2 twins; {run.get('decode_tokens', '?')} "
+        f"decode tokens, median of {run.get('repeats', '?')}, interleaved in one process). Best policy: "
+        f"`{ab['policy']}` (the faster of lru and hobbit there); prefetch `{ab['predictor']}`; twins "
+        f"`--miss-precision {ab['precision']}`; routing `{ab['routing']}`. Held-out perplexity: the first "
+        f"{ab['tokens']} tokens of the held-out stream in decode mode at 25 % with the step's options (the "
+        "cache and prefetch steps compute what exact computes). The bitwidth-plan step changes the bundle, "
+        'so it is measured on its own (docs/quality.md, "Expert-wise bitwidths").',
+        "",
+        "| step | decode tok/s | s / token | × naive (paired) | × the step above (paired) "
+        "| expert MB / token | hit rate | held-out perplexity |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    prev = None
+    for label, m, p in zip(STEP_LABELS, rows, step_ppl, strict=True):
+        if m is None:
+            L.append(f"| {label} | – | – | – | – | – | – | – |")
+            continue
+        up_naive = paired_speedup(m, naive) if naive and m is not naive else None
+        up_prev = paired_speedup(m, prev) if prev is not None else None
+        pp = (
+            "–"
+            if p is None
+            else f"{p:.3f}" + ("" if base is None or p is base else f" ({100 * (p / base - 1):+.2f}%)")
+        )
+        L.append(
+            f"| {label} | {m['decode_tokens_per_s']:.2f} | {m['decode_s_per_token']:.4f} | {_f(up_naive)} "
+            f"| {_f(up_prev)} | {m['bytes_read_per_token'] / 1e6:.3f} | {_f(m['hit_rate'], '{:.0%}')} "
+            f"| {pp} |"
+        )
+        prev = m
+    return [*L, ""]

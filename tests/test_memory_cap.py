@@ -1,7 +1,8 @@
 """The budget is a promise about the whole process, checked under a real memory cap (a cgroup).
 
 A random Mixtral bundle with ~4.9 MiB int4 experts (4 layers, hidden 1024, intermediate 3072, 8 experts,
-top-2; 157 MiB store, 81 MiB dense in fp32, 13 MiB with ``--dense-bits 4``; both are tested) generates 64
+top-2; 157 MiB store, 81 MiB dense in fp32, 13 MiB with ``--dense-bits 4``; both are tested, and the
+int4-dense one with int2 twins read by ``--miss-precision dynamic``) generates 64
 tokens with ``edgemoe-run --budget 25%`` uncapped, then inside a cgroup capped at ``estimate_rss(bundle,
 "25%")["total_bytes"]`` (dense + budget + the documented overheads, docs/memory.md). The capped run must
 exit 0, not be OOM-killed, and produce the same tokens.
@@ -53,7 +54,12 @@ def _require_cap() -> None:
     pytest.skip(f"no usable cgroup memory controller: {why}")
 
 
-@pytest.fixture(scope="module", params=[32, 4], ids=["dense-fp32", "dense-int4"])
+#: (dense bits, low-bit twins) of each bundle; with twins the run reads them (--miss-precision dynamic)
+VARIANTS = [(32, None), (4, None), (4, "int2")]
+DYNAMIC = ["--miss-precision", "dynamic", "--thresholds", "0.5,0.7"]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=["dense-fp32", "dense-int4", "dense-int4-twins"])
 def big_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
@@ -64,15 +70,17 @@ def big_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     ckpt = save_tiny_checkpoint("mixtral", root / "ckpt", seed=0, **CONFIG)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER_FROM / name, ckpt / name)  # vocab 4096, like CONFIG
-    bundle = export_model(ckpt, root / "bundle", bits=4, dense_bits=request.param)
+    dense_bits, twin = request.param
+    bundle = export_model(ckpt, root / "bundle", bits=4, dense_bits=dense_bits, twin=twin)
     shutil.rmtree(ckpt)
     return bundle
 
 
 def _run_cmd(bundle: Path) -> list[str]:
     # the CLI of whichever edgemoe_ort this interpreter imports (PYTHONPATH included)
+    twins = DYNAMIC if Bundle.open(bundle).twins else []
     return [sys.executable, "-c", "from edgemoe_ort.cli import run_app; run_app()", str(bundle),
-            "--prompt", PROMPT, "--budget", BUDGET, "--max-new-tokens", str(NEW_TOKENS), "--json"]
+            "--prompt", PROMPT, "--budget", BUDGET, "--max-new-tokens", str(NEW_TOKENS), "--json", *twins]
 
 
 def _mib(n: int | None) -> str:
@@ -125,3 +133,6 @@ def test_generation_fits_in_dense_plus_budget_plus_overhead(big_bundle: Path) ->
     assert capped["tokens"] == uncapped["tokens"], context
     assert r.peak_bytes is not None and r.peak_bytes <= cap, context
     assert capped["cache"]["peak_resident_bytes"] <= capped["cache"]["budget_bytes"], context
+    if b.twins:  # the twins were read, and the budget is a share of the primaries
+        assert capped["cache"]["uses"]["low"] > 0, capped["cache"]["uses"]
+        assert capped["cache"]["budget_bytes"] == int(0.25 * b.primary_bytes)

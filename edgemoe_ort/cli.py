@@ -547,7 +547,8 @@ def _auto_budget(bundle: Path) -> int:
         chosen, why = auto_budget(b)
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None
-    info(f"[dim]--budget auto: {_fmt_bytes(chosen)} ({chosen / b.store_bytes:.0%} of the store): {why}[/]")
+    share = chosen / b.primary_bytes
+    info(f"[dim]--budget auto: {_fmt_bytes(chosen)} ({share:.0%} of the experts): {why}[/]")
     return chosen
 
 

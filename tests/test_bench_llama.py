@@ -191,6 +191,7 @@ def test_llama_caps_and_plan() -> None:
 
 class _FakeBundle:
     store_bytes = 1000 * MiB
+    primary_bytes = 1000 * MiB
 
 
 def test_ours_budget_for_cap(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,3 +250,48 @@ def test_summarize_ratios_and_table() -> None:
     assert "| llama+50% | 600 | edgemoe | 10 | 8.00 | **2.67x** (2.25) |" in table
     assert "**not met**: edgemoe did not complete there (OOM-killed 1/1" in table
     assert "busy machine" in table and "where the gap is" in table
+
+
+def test_qmoe_rows_and_finding() -> None:
+    """ORT's all-in-memory QMoE is a third mode of the capped runs: its rows, and where it completed."""
+    caps = [Cap("llama+25%", 300 * MiB, "llama", 0.25), Cap("uncapped", 24 << 30, "machine")]
+    runs = [_run("llama+25%", "llama", 0, 2.0), _run("llama+25%", "ours", 0, 8.0),
+            _run("llama+25%", "qmoe", 0, None, oom=True, rc=137),
+            _run("uncapped", "llama", 0, 9.0), _run("uncapped", "ours", 0, 30.0),
+            _run("uncapped", "qmoe", 0, 40.0)]
+    rows = llama_cap.summarize(runs, caps)
+    result = {
+        "settings": {"gguf": "m/Q4_0.gguf", "bundle": "b", "bundle_dense_bytes": 357 * MiB,
+                     "bundle_store_bytes": 1100 * MiB, "tokens": 32, "repeats": 1,
+                     "llama_cmd": ["llama-bench"], "ours_cmd": ["edgemoe-run"],
+                     "qmoe_cmd": ["python", {"x": 1}],
+                     "ours_min_estimate_bytes": 530 * MiB, "fixed_overhead_bytes": 160 * MiB},
+        "llama_gguf": {"dense_bytes": 55 * MiB, "expert_bytes": 1133 * MiB},
+        "cgroup_version": 1, "summary": rows, "runs": runs,
+    }
+    result["findings"] = llama_cap._findings(result, caps)
+    table = llama_cap.markdown_table(result)
+    assert "| llama+25% | 300 | ORT QMoE (all in memory) | – | – | – |" in table
+    assert "ORT QMoE (every expert in memory) completed from uncapped" in table
+    assert "did not complete at llama+25%" in table
+    assert "ORT QMoE, all experts in memory: `python -m edgemoe_ort.bench.rss '{\"x\": 1}'`" in table
+
+
+def test_qmoe_child_reports_its_decode_rate(tmp_path: Path) -> None:
+    """The capped QMoE run's child: one greedy generation of the converted graph, its decode rate."""
+    import subprocess
+
+    from edgemoe_ort.bench.runner import inmemory_model_path
+    from edgemoe_ort.bundle import Bundle
+
+    tiny = Path(__file__).resolve().parents[1] / "models" / "edgemoe-tiny-mixtral"
+    pytest.importorskip("torch")
+    from edgemoe_ort.export import export_model
+
+    b = Bundle.open(export_model(tiny, tmp_path / "b", bits=4))
+    inmem = inmemory_model_path(b)
+    cmd = llama_cap._qmoe_cmd(b.path, inmem, 4)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    j = json.loads(out.stdout.strip().splitlines()[-1])
+    assert j["decode_tokens"] == 4 and j["decode_tokens_per_s"] > 0

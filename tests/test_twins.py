@@ -121,10 +121,12 @@ CASES: list[tuple[str, Callable[[Path], None], str | None]] = [
     ("variant_in_v1", _edit(lambda m: m.update(format_version=1)), "no variant in format_version 1"),
     ("variant_2", _edit(lambda m: m["experts"][1].update(variant=2)), "experts[1].variant"),
     ("variant_string", _edit(lambda m: m["experts"][1].update(variant="1")), "experts[1].variant"),
+    ("variant_bool", _edit(lambda m: m["experts"][1].update(variant=True)), "experts[1].variant"),
+    ("primary_missing", _edit(lambda m: m["experts"].pop(0)), "missing expert record"),
     ("duplicate_twin", _edit(lambda m: m["experts"].append(m["experts"][1])), "duplicate twin record"),
     ("twin_more_bits", _swap_variants, "a twin has fewer bits than its primary: twin int8 (8 bits)"),
     ("twin_overlaps_primary", _edit(lambda m: m["experts"][1].update(offset=m["experts"][0]["offset"])),
-     "blob overlaps"),
+     "layer 0 expert 0: offset: blob of the twin overlaps the blob of layer 0 expert 0"),
     ("version_3", _edit(lambda m: m.update(format_version=3)), "expected 1 or 2"),
 ]
 
@@ -215,8 +217,16 @@ def test_dynamic_against_the_reference(twin_bundle: Path, T: int) -> None:
     assert mp["mode"] == "dynamic" and mp["twins"] == E and abs(mp["t1"] - 0.6) < 1e-6
 
 
-def test_budget_percent_is_of_the_primaries(twin_bundle: Path) -> None:
+@pytest.mark.parametrize("where", ["python", "library"])
+def test_budget_percent_is_of_the_primaries(
+    twin_bundle: Path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolved by Python (session_config_entries) or, given as "50%" to the library, by the engine."""
     b = Bundle.open(twin_bundle)
+    if where == "library":
+        monkeypatch.setattr(ops, "_percent_base", lambda _: None)
+        entries = ops.session_config_entries(b.path, RuntimeOptions(budget="50%"), "x")
+        assert entries["edgemoe.budget"] == "50%"
     sess = open_session(b.graph_path(), b.path, RuntimeOptions(budget="50%", miss_precision="dynamic"))
     X = np.random.default_rng(0).standard_normal((8, H)).astype(np.float32)
     idx, w = _routing(8, 1)

@@ -25,7 +25,7 @@ uint64_t parse_budget(const std::string& spec_in, uint64_t store_bytes) {
     if (!std::isspace(static_cast<unsigned char>(c))) spec += c;
   auto bad = [&](const std::string& why) {
     return Error("edgemoe.budget: expected bytes ('268435456'), a size ('256MB', '1GiB') or a percentage of the "
-                 "store ('25%'), found '" + spec_in + "'" + (why.empty() ? "" : " (" + why + ")"));
+                 "experts ('25%'), found '" + spec_in + "'" + (why.empty() ? "" : " (" + why + ")"));
   };
   if (spec.empty()) return store_bytes;
   size_t pos = 0;
@@ -247,7 +247,7 @@ const std::vector<ConfigKey>& config_keys() {
        apply_bundle_dir, true},
       {"edgemoe.budget", "whole store",
        "hard cap on expert bytes in memory (resident, in flight or queued): `268435456`, `256MB`, `1GiB` or `25%` "
-       "(of the store)",
+       "(of the store; with low-bit twins, of the primaries' bytes)",
        apply_budget, false},
       {"edgemoe.policy", "lru", "cache policy: `lru`, `lfu`, `edgemoe`, `hobbit`, `pinned`, or `none` (no cache)",
        apply_policy, false},

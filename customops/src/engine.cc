@@ -1,5 +1,6 @@
 #include "edgemoe/engine.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -49,10 +50,15 @@ Engine::Engine(Manifest manifest, const RuntimeConfig& cfg) {
                   (manifest.bundle_dir / "profile.json").string() +
                   "; make one with: edgemoe-profile BUNDLE --corpus TEXT)");
     warm = warm_set(po.warm_start, manifest, profile ? &*profile : nullptr);
+    if (cfg.precision.mode == MissPrecision::Exact)  // exact never reads a twin, not even to warm up
+      warm.erase(std::remove_if(warm.begin(), warm.end(), [](const ExpertKey& k) { return k.variant == kTwin; }),
+                 warm.end());
   }
   StoreOptions so = cfg.store;
-  // "" = everything fits (twins too); a percentage is of the primaries (the whole store without twins).
-  so.budget_bytes = cfg.budget.empty() ? manifest.store_size : parse_budget(cfg.budget, manifest.primary_bytes());
+  // "" = everything fits (twins too); a percentage is of the primaries' bytes with twins, else of the store.
+  so.budget_bytes = cfg.budget.empty() ? manifest.store_size
+                                       : parse_budget(cfg.budget, manifest.has_twins() ? manifest.primary_bytes()
+                                                                                       : manifest.store_size);
   const size_t num_layers = manifest.layers.size();
   store_ = std::make_unique<ExpertStore>(std::move(manifest), so);
   router_ = std::make_unique<CacheAwareRouter>(cfg.routing, num_layers);

@@ -660,7 +660,9 @@ Manifest load_manifest(const fs::path& bundle_dir_in, const std::string& manifes
     const ExpertRecord& b = *by_off[i];
     if (b.offset < a.offset + a.length)
       v.fail("offset",
-             "blob overlaps the blob of layer " + std::to_string(a.layer) + " expert " + std::to_string(a.expert),
+             std::string(b.variant == kTwin ? "blob of the twin" : "blob") + " overlaps the blob of layer " +
+                 std::to_string(a.layer) + " expert " + std::to_string(a.expert) +
+                 (a.variant == kTwin ? " (its twin)" : ""),
              ">= " + std::to_string(a.offset + a.length), std::to_string(b.offset), b.layer, b.expert);
   }
   return m;

@@ -235,8 +235,8 @@ def convert_bundle_to_inmemory(
     bundle_dir: str | Path, out_path: str | Path, *, role: str = "decoder"
 ) -> dict[str, Any]:
     """Write ``out_path`` (an ONNX file + ``<name>.data``): the bundle's ``role`` graph with every
-    OffloadedExpert node replaced by QMoE/MoE holding all experts. Returns a report (per-layer plan,
-    bytes)."""
+    OffloadedExpert node replaced by QMoE/MoE holding all experts, a TokenPrefetch by Identity and a
+    CacheAwareTopK by TopK (its ``exact`` rule). Returns a report (per-layer plan, bytes)."""
     bundle = Bundle.open(bundle_dir)
     model = onnx.load(str(bundle.graph_path(role)), load_external_data=True)
     g = model.graph
@@ -250,6 +250,13 @@ def convert_bundle_to_inmemory(
             g.initializer.extend(tensors)
             layers.append(info)
             n += 1
+        elif node.op_type == "TokenPrefetch" and node.domain == "edgemoe":  # the identity on the ids
+            new_nodes.append(helper.make_node("Identity", list(node.input), list(node.output),
+                                              name=node.name))
+        elif node.op_type == "CacheAwareTopK" and node.domain == "edgemoe":
+            # nothing is cached: the exact rule, which is ONNX TopK (largest, sorted, last axis) bit for bit
+            new_nodes.append(helper.make_node("TopK", list(node.input), list(node.output), name=node.name,
+                                              axis=-1, largest=1, sorted=1))
         else:
             new_nodes.append(node)
     if n == 0:

@@ -16,6 +16,10 @@ or v2, page cache dropped before the run) under ``/usr/bin/time -v``:
 
 - ``llama``: ``llama-bench -m GGUF -p 0 -n TOKENS -r 1 -t 1 -lm mmap --repack 0 -o json`` (repacking copies
   the weights to anonymous memory, which a cap kills);
+- ``qmoe``: ORT's own all-in-memory MoE (``com.microsoft.QMoE`` holding every expert, the bundle converted by
+  :mod:`edgemoe_ort.bench.inmemory` before the runs, outside any cap), one greedy generation of TOKENS decode
+  steps on 1 thread in a fresh process (:mod:`edgemoe_ort.bench.rss`): what a user without an expert cache
+  runs, which a cap below its weights kills;
 - ``ours``: ``edgemoe-run BUNDLE --ids 1 --max-new-tokens TOKENS+1 --budget B --threads 1 --json`` plus
   ``--ours-args`` (default: the best exact-routing settings of docs/benchmarks.md on the large model: policy
   hobbit, no prefetching, direct I/O). B: at our own caps, the budget the cap was computed for; at
@@ -63,6 +67,8 @@ DEFAULT_OURS_ARGS = ("--policy", "hobbit", "--predictor", "none", "--io", "direc
 BUSY_LOAD = 1.5
 GOAL_RATIO = 4.0
 GOAL_FRACTION = 0.25
+#: the table's name of each mode
+MODE_NAMES = {"llama": "llama.cpp", "ours": "edgemoe", "qmoe": "ORT QMoE (all in memory)"}
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,7 @@ def ours_budget_for_cap(bundle: Any, cap: Cap, *, context: int, prompt_tokens: i
     while hi - lo > 4096:  # total() grows with the budget
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if total(mid) <= cap.bytes else (lo, mid)
-    return lo, f"{lo / bundle.store_bytes:.0%}: the largest whose estimate fits the cap"
+    return lo, f"{lo / bundle.primary_bytes:.0%}: the largest whose estimate fits the cap"
 
 
 # --- measuring one run -------------------------------------------------------------------------------------
@@ -205,6 +211,26 @@ def _ours_cmd(bundle: Path, budget: int, tokens: int, extra: Sequence[str]) -> l
     # the prefill yields the first new token: tokens + 1 new ones = ``tokens`` decode steps (llama-bench -n)
     return [sys.executable, "-c", "from edgemoe_ort.cli import run_app; run_app()", str(bundle), "--ids", "1",
             "--max-new-tokens", str(tokens + 1), "--budget", str(budget), "--threads", "1", *extra, "--json"]
+
+
+def _qmoe_cmd(bundle: Path, inmem: Path, tokens: int) -> list[str]:
+    spec = {"bundle": str(bundle), "mode": "inmemory", "inmem_path": str(inmem), "tokens": tokens + 1,
+            "prompt_ids": [1], "io_threads": 1, "threads": 1}
+    return [sys.executable, "-m", "edgemoe_ort.bench.rss", json.dumps(spec)]
+
+
+def _run_qmoe(bundle: Path, inmem: Path, tokens: int, cap: int, timeout: float) -> dict[str, Any]:
+    m = _measured(_qmoe_cmd(bundle, inmem, tokens), cap, timeout)
+    m["decode_tokens_per_s"] = None
+    if m["returncode"] == 0:
+        try:
+            j = json.loads(m["stdout"].strip().splitlines()[-1])
+            m["decode_tokens_per_s"] = float(j["decode_tokens_per_s"])
+            m["decode_tokens"] = int(j["decode_tokens"])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            m["error"] = f"bench.rss output: {exc}"
+    m.pop("stdout")
+    return m
 
 
 def _run_llama(bin_dir: Path, gguf: Path, tokens: int, cap: int, timeout: float) -> dict[str, Any]:
@@ -310,6 +336,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         f"- llama.cpp: `{' '.join(s['llama_cmd'])}`",
         f"- edgemoe: `{' '.join(s['ours_cmd'])}`",
+        *([f"- ORT QMoE, all experts in memory: `python -m edgemoe_ort.bench.rss "
+           f"'{json.dumps(s['qmoe_cmd'][-1])}'`"] if s.get("qmoe_cmd") else []),
         "",
         "| cap | cap MiB | mode | budget MiB | decode tok/s | ours / llama (paired) | peak cgroup MiB | "
         "peak anon MiB | MB read / run | MB read / token | OOM-killed | rc | load avg (1-min, per run) |",
@@ -323,7 +351,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                           if a is not None and b is not None)
         lines.append(
             f"| {r['cap']} | {r['cap_bytes'] / MiB:.0f} | "
-            f"{'llama.cpp' if r['mode'] == 'llama' else 'edgemoe'} | "
+            f"{MODE_NAMES.get(r['mode'], r['mode'])} | "
             f"{_fmt(r['budget_bytes'], '.0f', MiB)} | {_fmt(r['decode_tokens_per_s'])} | {ratio} | "
             f"{_fmt(r['peak_bytes'], '.0f', MiB)} | {_fmt(r['peak_anon_bytes'], '.0f', MiB)} | "
             f"{_fmt(r['bytes_read'], '.0f', 1e6)} | {_fmt(r['bytes_read_per_token'], '.1f', 1e6)} | "
@@ -387,6 +415,15 @@ def _findings(result: dict[str, Any], caps: Sequence[Cap]) -> list[str]:
                    f"{s['fixed_overhead_bytes'] / MiB:.0f} MiB; llama.cpp's dense part is "
                    f"{result['llama_gguf']['dense_bytes'] / MiB:.0f} MiB ({Path(s['gguf']).stem}), and under "
                    f"mmap even that is page cache it can evict")
+    q = [r for r in result["summary"] if r["mode"] == "qmoe"]
+    if q:
+        ran = [r for r in q if r["decode_tokens_per_s"] is not None]
+        killed = [r["cap"] for r in q if r["decode_tokens_per_s"] is None]
+        low = min(ran, key=lambda r: r["cap_bytes"]) if ran else None
+        where = (f"completed from {low['cap']} ({low['cap_bytes'] / MiB:.0f} MiB) up, at "
+                 f"{_fmt(low['decode_tokens_per_s'])} tok/s there" if low else "completed at no cap")
+        lost = f"; it did not complete at {', '.join(killed)} (OOM-killed or failed)" if killed else ""
+        out.append(f"ORT QMoE (every expert in memory) {where}{lost}")
     if result.get("code_changed_during_run"):
         out.append("the work tree or the op library changed while the benchmark ran (others edit this tree): "
                    "see code_start / code_end in the JSON")
@@ -445,10 +482,12 @@ def run_benchmark(
     ours_args: Sequence[str] = DEFAULT_OURS_ARGS,
     timeout: float = 900.0,
     uncapped: bool = True,
+    qmoe: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Every cap of :func:`plan_caps`, llama.cpp and edgemoe interleaved ``repeats`` times; returns the result
-    object (``settings``, ``caps``, ``runs``, ``summary``, ``findings``) that ``--out`` writes."""
+    """Every cap of :func:`plan_caps`, llama.cpp, edgemoe and (``qmoe``) ORT's all-in-memory QMoE interleaved
+    ``repeats`` times; returns the result object (``settings``, ``caps``, ``runs``, ``summary``,
+    ``findings``) that ``--out`` writes."""
     from edgemoe_ort.bench.llama import gguf_split_bytes
     from edgemoe_ort.bench.memcap import memory_cap_support
     from edgemoe_ort.bundle import Bundle
@@ -469,12 +508,19 @@ def run_benchmark(
     caps = plan_caps(dense, g["expert_bytes"], ours, fractions, ram)
     floor = minimum_budget(b)
     budgets = {c.label: ours_budget_for_cap(b, c, context=context, prompt_tokens=prompt) for c in caps}
+    inmem = None
+    if qmoe:  # converted once, here, outside every cap (the capped runs only load it)
+        from edgemoe_ort.bench.runner import inmemory_model_path
+
+        inmem = inmemory_model_path(b)
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "settings": {
             "gguf": str(gguf), "bundle": str(bundle_dir), "tokens": tokens, "repeats": repeats,
             "llama_cmd": _llama_cmd(bin_dir, gguf, tokens),
+            "qmoe_cmd": None if inmem is None else ["python", "-m", "edgemoe_ort.bench.rss",
+                                                    json.loads(_qmoe_cmd(bundle_dir, inmem, tokens)[-1])],
             "ours_cmd": ["edgemoe-run", str(bundle_dir), "--ids", "1", "--max-new-tokens", str(tokens + 1),
                          "--budget", "B", "--threads", "1", *ours_args, "--json"],
             "bundle_dense_bytes": b.dense_bytes, "bundle_store_bytes": b.store_bytes,
@@ -492,10 +538,15 @@ def run_benchmark(
     for cap in caps:
         budget, note = budgets[cap.label]
         for r in range(repeats):
-            order = ["llama", "ours"] if r % 2 == 0 else ["ours", "llama"]
+            order = ["llama", "ours"] + (["qmoe"] if inmem is not None else [])
+            if r % 2:
+                order.reverse()
             for mode in order:
                 if mode == "llama":
                     m = _run_llama(bin_dir, gguf, tokens, cap.bytes, timeout)
+                elif mode == "qmoe":
+                    assert inmem is not None
+                    m = _run_qmoe(bundle_dir, inmem, tokens, cap.bytes, timeout)
                 else:
                     m = _run_ours(bundle_dir, budget, tokens, cap.bytes, ours_args, timeout)
                     m["budget_note"] = note
@@ -535,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ours-args", default=" ".join(DEFAULT_OURS_ARGS), help="more edgemoe-run flags")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--no-uncapped", action="store_true", help="no uncapped reference (the RAM as cap)")
+    ap.add_argument("--no-qmoe", action="store_true", help="leave ORT's all-in-memory QMoE out")
     ap.add_argument("--from-json", action="store_true",
                     help="do not run: re-derive the findings and the table of an existing --out file")
     a = ap.parse_args(argv)
@@ -556,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         bin_dir=a.bin, gguf=a.gguf, bundle_dir=a.bundle, tokens=a.tokens, repeats=a.repeats,
         fractions=[float(x) / 100 for x in a.fractions.split(",") if x],
         ours_budgets=[x for x in a.ours_budgets.split(",") if x], ours_args=a.ours_args.split(),
-        timeout=a.timeout, uncapped=not a.no_uncapped,
+        timeout=a.timeout, uncapped=not a.no_uncapped, qmoe=not a.no_qmoe,
     )
     result["check"] = {k: check["check"].get(k) for k in ("gguf", "tokens", "passed", "prompt_ids", "mode",
                                                            "near_ties", "tie_margin", "strict_error")}

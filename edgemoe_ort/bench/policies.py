@@ -246,7 +246,7 @@ def run_policies(
         "budget": str(budget),
         "budget_bytes": budget_bytes,
         "store_bytes": bundle.store_bytes,
-        "experts_in_budget": budget_bytes / (bundle.store_bytes / sum(len(r) for r in lengths)),
+        "experts_in_budget": budget_bytes / (bundle.primary_bytes / sum(len(r) for r in lengths)),
         "windows": windows,
         "prompt_tokens": prompt,
         "decode_tokens": per_window * windows,

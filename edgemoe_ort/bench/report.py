@@ -329,7 +329,7 @@ def plot_run(name: str, run: dict[str, Any], img_dir: Path) -> list[str]:
 
     img_dir.mkdir(parents=True, exist_ok=True)
     budgets = run["budgets"]
-    store = run["store_bytes"]
+    store = run.get("primary_bytes") or run["store_bytes"]  # what a budget in percent is a share of
     xs = {b: float(b.rstrip("%")) if b.endswith("%") else 100.0 * int(b) / store for b in budgets}
     files = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -4,7 +4,8 @@ The spec (JSON): ``bundle``, ``mode``, ``budget``, ``policy``, ``predictor``, ``
 (edgemoe modes),
 ``tokens`` (generation length: prefill + ``tokens - 1`` decode steps), ``prompt_ids``, ``trace``,
 ``io_threads``, ``threads``, ``profile``, ``policy_options`` (``frequencies`` / ``policy_weights`` /
-``pin_experts``).
+``pin_experts``), ``inmem_path`` (``inmemory``: the converted graph; default: the cached one next to the
+bundle).
 
 Prints one JSON line: ``base_rss_bytes`` (after imports, before the session), ``session_rss_bytes`` (after
 the session is created), ``gen_peak_rss_bytes`` (peak during the generation: VmHWM reset via
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -65,18 +67,24 @@ def main(argv: list[str] | None = None) -> None:
         threads=spec.get("threads"),
         profile=prof,
         policy_options=spec.get("policy_options") or None,
+        inmem_path=Path(spec["inmem_path"]) if spec.get("inmem_path") else None,
     )
     session_rss = _status("VmRSS")
     create_peak = _status("VmHWM") or 0
     reset = _reset_hwm()
     hwm: list[int] = []
 
+    stamps: list[float] = []
+
     def on_step(_: int) -> None:
+        stamps.append(time.perf_counter())
         hwm.append(_status("VmHWM") or 0)
 
     decode_tokens = wl.generate(sess, on_step)  # prefill + `tokens - 1` decode steps
     gen_peak = _status("VmHWM") or 0
     end_rss = _status("VmRSS")
+    span = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    rate = (len(stamps) - 1) / span if span > 0 else None
     st = sess.stats()
     print(
         json.dumps(
@@ -89,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
                 "end_rss_bytes": end_rss,
                 "decode_tokens": decode_tokens,
                 "hwm_per_step": hwm if reset else None,
+                # steps after the first (the prefill's): the decode rate of this one generation
+                "decode_tokens_per_s": rate,
                 "peak_resident_bytes": st.get("peak_resident_bytes"),
                 "budget_bytes": st.get("budget_bytes"),
             }

@@ -384,7 +384,8 @@ def inmemory_model_path(bundle: Bundle, cache_dir: Path | None = None) -> Path:
     d = cache_dir if cache_dir is not None else bundle.path.parent / f"{bundle.path.name}.inmemory"
     out = d / "model.onnx"
     stamp = d / "source.json"
-    src = {"manifest_mtime": (bundle.path / "manifest.json").stat().st_mtime, "bundle": str(bundle.path)}
+    src = {"manifest_mtime": (bundle.path / "manifest.json").stat().st_mtime, "bundle": str(bundle.path),
+           "graph_mtime": bundle.graph_path("decoder").stat().st_mtime}  # wire_bundle rewrites the graph only
     if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == src:
         return out
     convert_bundle_to_inmemory(bundle.path, out)
@@ -847,6 +848,7 @@ def run_bench(
         "machine": machine_info(),
         "profile": prof,
         "store_bytes": bundle.store_bytes,
+        "primary_bytes": bundle.primary_bytes,
         "dense_bytes": bundle.dense_bytes,
         "num_experts": sum(int(lay["num_experts"]) for lay in bundle.layers),
         "largest_expert_bytes": bundle.summary()["largest_expert_bytes"],

@@ -236,14 +236,16 @@ class _Validator:
                 )
         self.twins = twins
         # blobs must not overlap
-        spans = sorted(
-            [(r["offset"], r["offset"] + r["length"], k) for k, r in by_key.items()]
-            + [(r["offset"], r["offset"] + r["length"], k) for k, r in twins.items()]
+        spans = sorted(  # by (offset, layer, expert, variant), as the native reader
+            [(r["offset"], r["offset"] + r["length"], (*k, 0)) for k, r in by_key.items()]
+            + [(r["offset"], r["offset"] + r["length"], (*k, TWIN)) for k, r in twins.items()],
+            key=lambda t: (t[0], t[2]),
         )
         for (_, end0, k0), (start1, _, k1) in zip(spans, spans[1:], strict=False):
             if start1 < end0:
                 raise self.err(
-                    f"blob overlaps the blob of layer {k0[0]} expert {k0[1]}",
+                    f"blob{' of the twin' if k1[2] else ''} overlaps the blob of layer {k0[0]} expert {k0[1]}"
+                    f"{' (its twin)' if k0[2] else ''}",
                     field="offset",
                     layer=k1[0],
                     expert=k1[1],
@@ -555,8 +557,10 @@ class Bundle:
 
     @property
     def primary_bytes(self) -> int:
-        """Bytes of the primary experts' blobs: what a budget given in percent is a share of (the whole store
-        for a bundle without twins)."""
+        """What a budget given in percent is a share of: the primary experts' bytes (the sum of their
+        ``length``) in a bundle with twins, the whole store (``store.size``) in one without."""
+        if not self._twins:
+            return self.store_bytes
         return sum(int(r["length"]) for r in self._records.values())
 
     @property

@@ -146,7 +146,7 @@ def parse_budget(budget: int | str | None, store_bytes: int, percent_of: int | N
     m = _BUDGET_RE.match(s)
     if not m:
         raise ValueError(f"budget: expected bytes ('268435456'), a size ('256MB', '1GiB') or a percentage "
-                         f"of the store ('25%'), found {budget!r}")
+                         f"of the experts ('25%'), found {budget!r}")
     num, unit = m.group(1), m.group(2).lower()
     x = float(num)
     if unit == "%":
@@ -291,15 +291,15 @@ class RuntimeOptions:
 
 
 def _percent_base(bundle_dir: Path) -> int | None:
-    """What a budget in percent is a share of: the bytes of the manifest's primary expert records (the whole
-    store without twins), or None if unreadable (the C++ side then reports the problem)."""
+    """What a budget in percent is a share of (``Bundle.primary_bytes``, the same rule as the library): the
+    bytes of the manifest's primary expert records with twins, ``store.size`` without; None if unreadable
+    (the C++ side then reports the problem)."""
     try:
         m = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
-        total = 0
-        for r in m["experts"]:
-            if r.get("variant", 0) == 0:
-                total += int(r["length"])
-        return total
+        if not any(r.get("variant", 0) for r in m["experts"]):
+            size = m["store"]["size"]
+            return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
+        return sum(int(r["length"]) for r in m["experts"] if r.get("variant", 0) == 0)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

@@ -110,8 +110,8 @@ struct Manifest {
   bool has_twins() const { return num_twins_ > 0; }
   // The largest `length` of any record (primary or twin).
   uint64_t largest_length() const;
-  // Bytes of the primaries' blobs (sum of `length`): what a budget in percent is a share of (the whole store
-  // for a bundle without twins).
+  // Bytes of the primaries' blobs (sum of `length`): what a budget in percent is a share of in a bundle with
+  // twins (without, the engine takes store.size).
   uint64_t primary_bytes() const;
   // Number of (layer, expert) pairs: the primaries.
   size_t num_experts() const;

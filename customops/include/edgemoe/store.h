@@ -129,12 +129,14 @@ class ExpertStore {
   std::optional<Pin> request(const ExpertKey& key, bool block);
   std::shared_ptr<Entry> new_entry(const ExpertKey& key);
   // oldest_victim (prefetch): set to the smallest last_use among the evicted, 0 left if none was evicted.
+  // first (optional): an entry to evict before any other if room is needed (a primary's superseded twin; for
+  // a prefetch it is a candidate whatever its layer or protection).
   bool try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch, int32_t layer = -1,
-                          uint64_t* oldest_victim = nullptr);
+                          uint64_t* oldest_victim = nullptr, const ExpertKey* first = nullptr);
   void touch_locked(const Entry& e, bool access);  // access clock; a use if `access`
   void insert_locked(const std::shared_ptr<Entry>& e, std::unique_lock<std::mutex>& lk);
   void evict_locked(const std::shared_ptr<Entry>& e);
-  void drop_superseded_twin_locked(const ExpertKey& key);
+  bool drop_superseded_twin_locked(const ExpertKey& key);  // true if a twin left
   void release_bytes_locked(Entry& e);
   void drop_queued_locked(const std::shared_ptr<Entry>& e);
   void unpin(const std::shared_ptr<Entry>& e) noexcept;

@@ -49,10 +49,13 @@ ExpertStore::ExpertStore(Manifest manifest, StoreOptions options)
     : manifest_(std::move(manifest)), options_(std::move(options)) {
   const std::string mfile = manifest_.manifest_path.string();
   budget_ = options_.budget_bytes == 0 ? manifest_.store_size : options_.budget_bytes;
-  const ExpertRecord* largest = nullptr;
+  const ExpertRecord* largest = nullptr;  // of either variant: a twin need not be smaller than its primary
   for (const auto& l : manifest_.experts)
     for (const auto& r : l)
-      if (!largest || r.length > largest->length) largest = &r;  // a twin is smaller than its primary
+      if (!largest || r.length > largest->length) largest = &r;
+  for (const auto& l : manifest_.twins)
+    for (const auto& r : l)
+      if (r && (!largest || r->length > largest->length)) largest = &*r;
   if (largest && budget_ < charge_of(*largest)) {
     throw Error(error_message(mfile, largest->layer, largest->expert, "edgemoe.budget",
                               "budget below the largest expert",
@@ -242,7 +245,7 @@ void ExpertStore::touch_locked(const Entry& e, bool access) {
 // first, by the policy) and evicted only if together they make enough room. A prefetch evicts only entries of
 // its own `layer` predicted less likely than its confidence, least likely first.
 bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetch, int32_t layer,
-                                     uint64_t* oldest_victim) {
+                                     uint64_t* oldest_victim, const ExpertKey* first) {
   if (bytes > budget_) return false;
   if (reserved_ + bytes > budget_) {
     if (!policy_) return false;
@@ -256,6 +259,7 @@ bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetc
     for (const auto& kv : entries_) {
       const Entry& e = *kv.second;
       if (e.pins != 0 || e.state != Entry::State::Ready) continue;
+      const bool is_first = first && kv.first == *first;  // goes first, whatever the rules below say
       // Probability of use soon: the prediction where there is one; 0 for an expert its layer's prediction
       // left out (below any listed probability); kUnpredictedResident in a layer nobody predicted (a resident
       // expert is as likely as not to be reused: the default model reuses 51% of the previous token's).
@@ -268,8 +272,8 @@ bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetc
       // A prefetch only swaps within its own layer: it evicts an expert of that layer predicted less likely
       // than itself. Taking room from another layer would shift what every later layer keeps, and under
       // recency policies the access order of a forward pass turns one such eviction into a chain of misses.
-      if (prefetch && (kv.first.layer != layer || !(prot < prefetch->confidence))) continue;
-      if (prefetch) protection.push_back(prot);
+      if (prefetch && !is_first && (kv.first.layer != layer || !(prot < prefetch->confidence))) continue;
+      if (prefetch) protection.push_back(is_first ? -1.0f : prot);
       Candidate c;
       c.key = kv.first;
       c.bytes = e.charge;
@@ -282,6 +286,10 @@ bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetc
     auto by_policy = [&](const Candidate& a, const Candidate& b) { return policy_->evict_before(a, b, ctx_); };
     if (!prefetch) {
       std::sort(cands.begin(), cands.end(), by_policy);
+      if (first) {  // the superseded twin leads (the prefetch path does it by its protection of -1)
+        auto it = std::find_if(cands.begin(), cands.end(), [&](const Candidate& c) { return c.key == *first; });
+        if (it != cands.end()) std::rotate(cands.begin(), it, it + 1);
+      }
     } else {  // the least likely first, then the policy's order
       std::vector<size_t> order(cands.size());
       for (size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -335,14 +343,16 @@ void ExpertStore::release_bytes_locked(Entry& e) {
   }
 }
 
-// A primary about to be read makes its twin useless (a resident primary is always the one used): the twin
-// leaves first, unless it is pinned or still being read, so its bytes go to the primary.
-void ExpertStore::drop_superseded_twin_locked(const ExpertKey& key) {
-  if (key.variant != kPrimary || !policy_ || !manifest_.has_twins()) return;
+// A primary being read makes its twin useless (a resident primary is always the one used): once the primary's
+// bytes are reserved (the twin was the first victim if room was needed), the twin leaves too, unless it is
+// pinned or still being read. Called only after a successful reservation: a refused read evicts nothing.
+bool ExpertStore::drop_superseded_twin_locked(const ExpertKey& key) {
+  if (key.variant != kPrimary || !policy_ || !manifest_.has_twins()) return false;
   auto it = entries_.find(ExpertKey{key.layer, key.expert, kTwin});
-  if (it == entries_.end() || it->second->pins != 0 || it->second->state != Entry::State::Ready) return;
+  if (it == entries_.end() || it->second->pins != 0 || it->second->state != Entry::State::Ready) return false;
   const std::shared_ptr<Entry> twin = it->second;
   evict_locked(twin);
+  return true;
 }
 
 void ExpertStore::evict_locked(const std::shared_ptr<Entry>& e) {
@@ -370,6 +380,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(const ExpertKey& key, bool 
   };
   std::shared_ptr<Entry> fresh;  // allocated before any bytes are reserved
   ReadScheduler::Slot slot;
+  bool freed = false;  // a superseded twin left: waiters for budget may fit now
   {
     std::unique_lock<std::mutex> lk(mu_);
     ctx_.current_layer = layer;
@@ -416,8 +427,10 @@ std::optional<ExpertStore::Pin> ExpertStore::request(const ExpertKey& key, bool 
         lk.lock();
         continue;  // the cache may have changed meanwhile
       }
-      drop_superseded_twin_locked(key);
-      if (try_reserve_locked(fresh->charge, nullptr)) {
+      const ExpertKey twin_key{key.layer, key.expert, kTwin};
+      const ExpertKey* twin = key.variant == kPrimary && manifest_.has_twins() ? &twin_key : nullptr;
+      if (try_reserve_locked(fresh->charge, nullptr, -1, nullptr, twin)) {
+        freed = drop_superseded_twin_locked(key);
         Entry& e = *fresh;
         e.pins = 1;
         e.used = true;
@@ -438,6 +451,7 @@ std::optional<ExpertStore::Pin> ExpertStore::request(const ExpertKey& key, bool 
       cv_.wait(lk);
     }
   }
+  if (freed) cv_.notify_all();
   account_wait();
   return Pin(this, std::move(fresh));
 }
@@ -462,16 +476,19 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint, int
   std::shared_ptr<Entry> fresh = new_entry(key);  // allocated before any bytes are reserved
   ReadScheduler::Slot slot = ReadScheduler::prepare();
   std::shared_ptr<CallStats> sink = thread_stats_current(options_.store_id);
+  bool freed = false;  // a superseded twin left
   {
     std::unique_lock<std::mutex> lk(mu_);
     if (entries_.count(key)) return false;
     uint64_t victim_last_use = 0;  // 0: no eviction was needed
-    drop_superseded_twin_locked(key);
-    if (!try_reserve_locked(fresh->charge, &hint, layer, &victim_last_use)) {
+    const ExpertKey twin_key{key.layer, key.expert, kTwin};
+    const ExpertKey* twin = variant == kPrimary && manifest_.has_twins() ? &twin_key : nullptr;
+    if (!try_reserve_locked(fresh->charge, &hint, layer, &victim_last_use, twin)) {
       stats_->prefetch_dropped.fetch_add(1, std::memory_order_relaxed);
       stats_->count(&LayerCounters::prefetch_dropped, layer, sink.get());
       return false;
     }
+    freed = drop_superseded_twin_locked(key);
     Entry& e = *fresh;
     stats_->count(&LayerCounters::prefetch_issued, layer, sink.get());
     stats_->count(&LayerCounters::prefetch_issued_bytes, layer, sink.get(), e.rec->length);
@@ -488,6 +505,7 @@ bool ExpertStore::prefetch(int32_t layer, int32_t expert, PrefetchHint hint, int
     ++reads_pending_;
     scheduler_->submit(std::move(slot), std::move(fresh));  // under the lock: an acquire can promote it
   }
+  if (freed) cv_.notify_all();
   return true;
 }
 

@@ -175,12 +175,16 @@ bool Prefetcher::gate_unimportance(int32_t target, int32_t depth, const LayerSig
     const float* z = s.next_logits + (t * s.P + (depth - 1)) * s.E;
     for (size_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
     const size_t k = std::min(E, static_cast<size_t>(K));
+    auto score = [&](int32_t e) { return std::isnan(z[e]) ? -INFINITY : z[e]; };  // a strict weak order
     std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
-                      [&](int32_t a, int32_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); });
+                      [&](int32_t a, int32_t b) {
+                        const float sa = score(a), sb = score(b);
+                        return sa > sb || (sa == sb && a < b);
+                      });
     // the softmax's normalization cancels in the top-K renormalization: weights exp(z - max) suffice
-    const float mx = z[order[0]];
+    const float mx = score(order[0]);
     if (!std::isfinite(mx)) continue;
-    for (size_t i = 0; i < k; ++i) w[i] = std::exp(z[order[i]] - mx);
+    for (size_t i = 0; i < k; ++i) w[i] = std::exp(score(order[i]) - mx);
     unimportance(w.data(), static_cast<int64_t>(k), u.data());
     for (size_t i = 0; i < k; ++i) out[static_cast<size_t>(order[i])] = std::min(out[static_cast<size_t>(order[i])], u[i]);
   }

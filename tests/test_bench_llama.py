@@ -222,6 +222,20 @@ def _run(cap: str, mode: str, r: int, tps: float | None, oom: bool = False, rc: 
             "budget_bytes": 10 * MiB if mode == "ours" else None}
 
 
+def _table(runs: list[dict[str, Any]], caps: list[Cap], **settings: Any) -> str:
+    """The markdown table of ``runs`` at ``caps`` (settings of a large-model run, updated by ``settings``)."""
+    result = {
+        "settings": {"gguf": "m/Q4_0.gguf", "bundle": "b", "bundle_dense_bytes": 357 * MiB,
+                     "bundle_store_bytes": 1100 * MiB, "tokens": 32, "repeats": 3,
+                     "llama_cmd": ["llama-bench"], "ours_cmd": ["edgemoe-run"],
+                     "ours_min_estimate_bytes": 530 * MiB, "fixed_overhead_bytes": 160 * MiB, **settings},
+        "llama_gguf": {"dense_bytes": 55 * MiB, "expert_bytes": 1133 * MiB},
+        "cgroup_version": 1, "summary": llama_cap.summarize(runs, caps), "runs": runs,
+    }
+    result["findings"] = llama_cap._findings(result, caps)
+    return llama_cap.markdown_table(result)
+
+
 def test_summarize_ratios_and_table() -> None:
     caps = [Cap("llama+25%", 300 * MiB, "llama", 0.25), Cap("llama+50%", 600 * MiB, "llama", 0.5)]
     runs = [
@@ -237,16 +251,7 @@ def test_summarize_ratios_and_table() -> None:
     assert by[("llama+50%", "ours")]["ratio_paired"] == pytest.approx(2.25)  # median of 4, 2.25, 2
     assert by[("llama+25%", "ours")]["ratio"] is None and by[("llama+25%", "ours")]["oom_killed"] == 1
     assert by[("llama+50%", "llama")]["bytes_read_per_token"] == pytest.approx(1e6)
-    result = {
-        "settings": {"gguf": "m/Q4_0.gguf", "bundle": "b", "bundle_dense_bytes": 357 * MiB,
-                     "bundle_store_bytes": 1100 * MiB, "tokens": 32, "repeats": 3,
-                     "llama_cmd": ["llama-bench"], "ours_cmd": ["edgemoe-run"],
-                     "ours_min_estimate_bytes": 530 * MiB, "fixed_overhead_bytes": 160 * MiB},
-        "llama_gguf": {"dense_bytes": 55 * MiB, "expert_bytes": 1133 * MiB},
-        "cgroup_version": 1, "summary": rows, "runs": runs,
-    }
-    result["findings"] = llama_cap._findings(result, caps)
-    table = llama_cap.markdown_table(result)
+    table = _table(runs, caps, repeats=3)
     assert "| llama+50% | 600 | edgemoe | 10 | 8.00 | **2.67x** (2.25) |" in table
     assert "**not met**: edgemoe did not complete there (OOM-killed 1/1" in table
     assert "busy machine" in table and "where the gap is" in table
@@ -259,18 +264,7 @@ def test_qmoe_rows_and_finding() -> None:
             _run("llama+25%", "qmoe", 0, None, oom=True, rc=137),
             _run("uncapped", "llama", 0, 9.0), _run("uncapped", "ours", 0, 30.0),
             _run("uncapped", "qmoe", 0, 40.0)]
-    rows = llama_cap.summarize(runs, caps)
-    result = {
-        "settings": {"gguf": "m/Q4_0.gguf", "bundle": "b", "bundle_dense_bytes": 357 * MiB,
-                     "bundle_store_bytes": 1100 * MiB, "tokens": 32, "repeats": 1,
-                     "llama_cmd": ["llama-bench"], "ours_cmd": ["edgemoe-run"],
-                     "qmoe_cmd": ["python", {"x": 1}],
-                     "ours_min_estimate_bytes": 530 * MiB, "fixed_overhead_bytes": 160 * MiB},
-        "llama_gguf": {"dense_bytes": 55 * MiB, "expert_bytes": 1133 * MiB},
-        "cgroup_version": 1, "summary": rows, "runs": runs,
-    }
-    result["findings"] = llama_cap._findings(result, caps)
-    table = llama_cap.markdown_table(result)
+    table = _table(runs, caps, repeats=1, qmoe_cmd=["python", {"x": 1}])
     assert "| llama+25% | 300 | ORT QMoE (all in memory) | – | – | – |" in table
     assert "ORT QMoE (every expert in memory) completed from uncapped" in table
     assert "did not complete at llama+25%" in table

@@ -519,8 +519,9 @@ def run_benchmark(
         "settings": {
             "gguf": str(gguf), "bundle": str(bundle_dir), "tokens": tokens, "repeats": repeats,
             "llama_cmd": _llama_cmd(bin_dir, gguf, tokens),
-            "qmoe_cmd": None if inmem is None else ["python", "-m", "edgemoe_ort.bench.rss",
-                                                    json.loads(_qmoe_cmd(bundle_dir, inmem, tokens)[-1])],
+            "qmoe_cmd": None if inmem is None else [  # paths relative to here, as the other commands
+                "python", "-m", "edgemoe_ort.bench.rss",
+                json.loads(_qmoe_cmd(bundle_dir, Path(os.path.relpath(inmem)), tokens)[-1])],
             "ours_cmd": ["edgemoe-run", str(bundle_dir), "--ids", "1", "--max-new-tokens", str(tokens + 1),
                          "--budget", "B", "--threads", "1", *ours_args, "--json"],
             "bundle_dense_bytes": b.dense_bytes, "bundle_store_bytes": b.store_bytes,

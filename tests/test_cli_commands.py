@@ -683,7 +683,7 @@ def test_run_budget_auto_says_what_it_chose(tiny_bundle: Path) -> None:
     res = invoke("edgemoe-run", tiny_bundle, "-p", "x", "-n", "2", "--budget", "auto", "--json")
     assert res.returncode == 0, res.stderr
     line = next(ln for ln in res.stderr.splitlines() if ln.startswith("--budget auto:"))
-    assert "of the store" in line and "MiB available memory" in line and "dense" in line
+    assert "of the experts" in line and "MiB available memory" in line and "dense" in line
     chosen = json.loads(res.stdout)["cache"]["budget_bytes"]
     assert line.startswith(f"--budget auto: {fmt_bytes(chosen)} ("), (chosen, line)
 

@@ -16,7 +16,7 @@ import pytest
 
 from edgemoe_ort.bundle import Bundle, BundleError
 from edgemoe_ort.bundle import format as fmt
-from edgemoe_ort.bundle.testing import make_synthetic_bundle
+from edgemoe_ort.bundle.testing import make_synthetic_bundle, reader_errors
 from edgemoe_ort.runtime import ops
 
 
@@ -124,16 +124,7 @@ def test_both_readers_decide_alike(
     b = tmp_path / "b"
     shutil.copytree(pristine, b, symlinks=True)
     mutate(b)
-    py_err: str | None = None
-    try:
-        Bundle.open(b)
-    except BundleError as e:
-        py_err = str(e)
-    native_err: str | None = None
-    try:
-        ops.open_session(b / "model.onnx", b)
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        native_err = str(e)
+    py_err, native_err = reader_errors(b)
     verdicts = (py_err is None, native_err is None)
     assert verdicts == (needle is None, needle is None), f"python: {py_err}\nnative: {native_err}"
     if needle is not None:
@@ -184,16 +175,7 @@ def test_both_readers_decide_alike_on_low_bit_bundles(
     b = tmp_path / "b"
     make_synthetic_bundle(b, num_experts=2, top_k=1, hidden=40, intermediate=37, dtype=dtype, group_size=16)
     mutate(b)
-    py_err: str | None = None
-    try:
-        Bundle.open(b)
-    except BundleError as e:
-        py_err = str(e)
-    native_err: str | None = None
-    try:
-        ops.open_session(b / "model.onnx", b)
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        native_err = str(e)
+    py_err, native_err = reader_errors(b)
     assert (py_err is None, native_err is None) == (needle is None, needle is None), (
         f"python: {py_err}\nnative: {native_err}"
     )

@@ -20,6 +20,7 @@ from .reader import Bundle
 from .writer import BundleWriter
 
 __all__ = [
+    "reader_errors",
     "make_synthetic_bundle",
     "make_moe_graph",
     "reference_moe",
@@ -212,6 +213,26 @@ def make_synthetic_bundle(
 
 # -- numpy reference of the op -----------------------------------------------------------------------------
 _erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def reader_errors(bundle_dir: str | Path) -> tuple[str | None, str | None]:
+    """What both readers say of ``bundle_dir``: (the Python reader's BundleError message, the native reader's
+    session-creation error), each None if that reader accepts the bundle."""
+    from edgemoe_ort.runtime import ops
+
+    from .errors import BundleError
+
+    b = Path(bundle_dir)
+    py_err = native_err = None
+    try:
+        Bundle.open(b)
+    except BundleError as e:
+        py_err = str(e)
+    try:
+        ops.open_session(b / "model.onnx", b)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        native_err = str(e)
+    return py_err, native_err
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

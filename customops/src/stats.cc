@@ -19,7 +19,8 @@ constexpr Counter kCounters[] = {
     &LayerCounters::reads,          &LayerCounters::bytes_read,      &LayerCounters::prefetch_issued,
     &LayerCounters::prefetch_issued_bytes, &LayerCounters::prefetch_used, &LayerCounters::prefetch_hidden,
     &LayerCounters::prefetch_hidden_bytes, &LayerCounters::prefetch_late, &LayerCounters::prefetch_wasted,
-    &LayerCounters::prefetch_wasted_bytes, &LayerCounters::prefetch_dropped, &LayerCounters::route_selections,
+    &LayerCounters::prefetch_wasted_bytes, &LayerCounters::prefetch_dropped, &LayerCounters::prefetch_declined,
+    &LayerCounters::route_selections,
     &LayerCounters::route_changed,  &LayerCounters::uses_high,       &LayerCounters::uses_low,
     &LayerCounters::uses_skipped,
 };
@@ -55,6 +56,7 @@ nlohmann::ordered_json LayerCounters::to_json() const {
   p["wasted"] = ld(prefetch_wasted);
   p["wasted_bytes"] = ld(prefetch_wasted_bytes);
   p["dropped"] = ld(prefetch_dropped);
+  p["declined"] = ld(prefetch_declined);
   p["precision"] = ratio(used, ld(prefetch_issued));
   p["recall"] = ratio(used, used + demand_misses);
   j["prefetch"] = std::move(p);

@@ -1,10 +1,13 @@
 // The routing profile reader, the predictors and the prefetcher, per-layer and per-thread statistics, warm
 // start. Runs on real files with real reads (store_testing.h).
+#include <chrono>
 #include <thread>
 
 #include "edgemoe/engine.h"
 #include "edgemoe/moe.h"
+#include "edgemoe/prefetch_cost.h"
 #include "edgemoe/prefetcher.h"
+#include "edgemoe/scheduler.h"
 #include "edgemoe/profile.h"
 #include "edgemoe/warm_start.h"
 #include "store_testing.h"
@@ -314,6 +317,74 @@ static void test_outputs_identical_with_prefetch() {
   for (uint64_t budget : {uint64_t{0}, 4 * L, 2 * L}) CHECK(run(true, budget) == ref);
 }
 
+// The cost rule (prefetch_cost.h): read iff p * min(1, lead / r) > (1 - p) * u; calibration from observations.
+static void test_prefetch_cost_rule() {
+  CHECK(prefetch_gain(0.5, 1.0, 0.0).read);                    // an idle device: any chance pays
+  CHECK(std::abs(prefetch_gain(0.5, 1.0, 0.0).value - 0.5f) < 1e-6f);
+  CHECK(!prefetch_gain(0.5, 0.1, 0.9).read);                   // 0.05 saved vs 0.45 of a busy device's time
+  CHECK(prefetch_gain(0.95, 0.2, 0.9).read);                   // 0.19 vs 0.045
+  CHECK(!prefetch_gain(0.0, 1.0, 0.0).read && !prefetch_gain(std::nan(""), 1.0, 0.0).read);
+  CHECK(!prefetch_gain(1.0, 0.0, 0.0).read);                   // no lead: nothing to hide
+
+  PrefetchCostModel m(2);
+  CHECK(std::abs(m.calibrated(0.15f, 1, false) - 0.15f) < 1e-6f);  // no observations: the prior, q itself
+  for (int i = 0; i < 100; ++i) m.observe_prediction(0.15f, 1, true);  // q 0.15 at distance 1: always used
+  CHECK(m.calibrated(0.15f, 1, false) > 0.95f);
+  CHECK(std::abs(m.calibrated(0.15f, 2, false) - 0.15f) < 1e-6f);  // another distance: its own bins
+  CHECK(std::abs(m.calibrated(0.15f, 1, true) - 0.15f) < 1e-6f);   // a batch's q is left as is
+  for (int i = 0; i < 300; ++i) m.observe_prediction(0.75f, 2, false);  // never used
+  CHECK(m.calibrated(0.75f, 2, false) < 0.02f);
+  // Before any interval: the read counts as hidden whole, the device as idle.
+  CHECK(m.evaluate(0.3f, 1.0, 1000, 20000.0).read);
+  // One interval: 10 ms, of which 6 ms waiting (compute 4 ms per layer), the device busy 9 ms (u = 0.9).
+  m.observe_interval(10e6, 6e6, 9e6);
+  CHECK(std::abs(m.compute_per_layer_ns() - 4e6) < 1.0 && std::abs(m.busy_fraction() - 0.9) < 1e-9);
+  // A 20 ms read one layer ahead hides 4 of its 20 ms: save 0.2.
+  CHECK(m.evaluate(0.9f, 1.0, 1000, 20000.0).read);    // 0.18 > 0.09
+  CHECK(!m.evaluate(0.6f, 1.0, 1000, 20000.0).read);   // 0.12 < 0.36
+  CHECK(m.evaluate(0.6f, 5.0, 1000, 20000.0).read);    // five layers ahead it is hidden whole: 0.6 > 0.36
+  CHECK(std::abs(m.evaluate(0.6f, 5.0, 1000, 20000.0).value - 0.6f) < 1e-6f);
+  m.observe_interval(10e6, 10e6, 0.0);  // a stalled, idle interval moves the averages by a tenth
+  CHECK(std::abs(m.compute_per_layer_ns() - 3.6e6) < 1.0 && std::abs(m.busy_fraction() - 0.81) < 1e-9);
+  m.observe_interval(0.0, 0.0, 0.0);  // empty intervals are ignored
+  CHECK(std::abs(m.busy_fraction() - 0.81) < 1e-9);
+
+  // The scheduler's busy time: two 30 ms tasks on one thread are 60 ms busy, within the elapsed time.
+  struct Task : ReadTask {};
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    ReadScheduler sched(1, [](const std::shared_ptr<ReadTask>&) { std::this_thread::sleep_for(std::chrono::milliseconds(30)); });
+    sched.submit(ReadScheduler::prepare(), std::make_shared<Task>());
+    sched.submit(ReadScheduler::prepare(), std::make_shared<Task>());
+    while (sched.queue_size() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const double busy = static_cast<double>(sched.busy_ns());
+    const double wall = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+    CHECK(busy >= 59e6 && busy <= wall);
+  }
+}
+
+// A store whose reads take far longer than a layer computes: the prefetcher declines what a busy device
+// could not hide, and counts it.
+static void test_prefetch_declined_on_slow_storage() {
+  TestBundle b = small_bundle("declined");
+  StoreOptions so = opts(0);
+  so.throttle_latency_us = 40000;  // 40 ms per read
+  ExpertStore s(load_manifest(b.dir), so);
+  { ExpertStore::Pin p = s.acquire(0, 3); CHECK(blob_ok(p)); }  // one read: the store's time per byte
+  Prefetcher pf(s, popts("gates", 1, 0.05f), std::nullopt);
+  const int64_t idx[] = {0, 1};
+  const float logits[] = {2.0f, 1.0f, 0.0f, -1.0f};  // layer 1: expert 0 at 0.64, expert 1 at 0.24
+  pf.on_layer(LayerSignals{0, idx, 1, 2, logits, 1, 4});  // no interval yet: reads as if hidden whole
+  CHECK_EQ(s.stats()->layers[1].prefetch_issued.load(), uint64_t{2});
+  // Layer 1 follows right away (no compute) while those reads keep the device busy.
+  pf.on_layer(LayerSignals{1, idx, 1, 2, logits, 1, 4});
+  s.drain();
+  CHECK(s.is_resident(1, 0) && s.is_resident(1, 1));
+  CHECK_EQ(s.stats()->layers[2].prefetch_issued.load(), uint64_t{0});
+  CHECK(s.stats()->layers[2].prefetch_declined.load() >= 1);
+}
+
 int main() {
   const std::vector<std::pair<const char*, void (*)()>> tests = {
       {"profile_load_and_errors", test_profile_load_and_errors},
@@ -324,6 +395,8 @@ int main() {
       {"layer_and_thread_stats", test_layer_and_thread_stats},
       {"warm_start_and_saved_sets", test_warm_start_and_saved_sets},
       {"outputs_identical_with_prefetch", test_outputs_identical_with_prefetch},
+      {"prefetch_cost_rule", test_prefetch_cost_rule},
+      {"prefetch_declined_on_slow_storage", test_prefetch_declined_on_slow_storage},
   };
   return run_tests("test_predict", tests);
 }

@@ -551,7 +551,7 @@ class ReplayWorkload:
 
 
 # --- one timed run --------------------
-_PREFETCH_KEYS = ("issued", "used", "hidden", "wasted", "wasted_bytes")
+_PREFETCH_KEYS = ("issued", "used", "hidden", "wasted", "wasted_bytes", "declined")
 
 
 _USES_KEYS = ("high", "low", "skipped")

@@ -27,6 +27,7 @@
 
 #include "edgemoe/config.h"
 #include "edgemoe/precision.h"
+#include "edgemoe/prefetch_cost.h"
 #include "edgemoe/profile.h"
 #include "edgemoe/store.h"
 
@@ -79,14 +80,18 @@ class Prefetcher {
   // likely with q >= threshold that are not resident); true if every selected expert was resident.
   // `s_pred` (optional, per expert of `target`): the predicted unimportance from the stacked gates (precision.h),
   // else it is taken from q's ranking.
-  bool select(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st,
-              std::vector<Read>& reads, const std::vector<float>* s_pred = nullptr) const;
+  // `lead_layers`: the compute until `target` runs, in layers (the cost rule); `batch`: q is of several tokens.
+  // A candidate the cost rule declines is counted (prefetch.declined) and not read.
+  bool select(int32_t target, int32_t distance, double lead_layers, bool batch, const std::vector<float>& q,
+              Stream& st, std::vector<Read>& reads, const std::vector<float>* s_pred = nullptr) const;
   // Dynamic precision with the stacked gates of `target` in `s`: per expert the smallest unimportance over the
   // call's tokens, computed on the predicted gate weights (softmax of the logits, top K, normalized); false
   // if the call has no such logits.
   bool gate_unimportance(int32_t target, int32_t depth, const LayerSignals& s, std::vector<float>& out) const;
   void issue(const std::vector<Read>& reads);
-  void remember(int32_t target, const std::vector<float>& q, Stream& st) const;
+  void remember(int32_t target, int32_t distance, bool batch, const std::vector<float>& q, Stream& st) const;
+  // Feeds the cost model: the interval since the previous layer call and how this layer's predictions did.
+  void learn(const LayerSignals& s, Stream& st);
   // What the store should keep for the layers after `after`: each layer's predicted distribution, or the
   // token table's where the layer is not predicted yet.
   std::vector<std::pair<ExpertKey, float>> protections(int32_t after, const Stream& st) const;
@@ -98,6 +103,7 @@ class Prefetcher {
   uint32_t modes_ = 0;  // PredictorBit set allowed by options.predictor
   bool auto_ = false;
   uint64_t id_ = 0;  // key of this prefetcher's per-thread streams
+  PrefetchCostModel cost_;  // shared by the threads' streams (it locks)
 };
 
 }  // namespace edgemoe

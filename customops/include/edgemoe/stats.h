@@ -23,6 +23,7 @@ struct LayerCounters {
   std::atomic<uint64_t> prefetch_late{0};    // ... still being read at first use
   std::atomic<uint64_t> prefetch_wasted{0}, prefetch_wasted_bytes{0};  // evicted before any use
   std::atomic<uint64_t> prefetch_dropped{0};  // refused: no room without waiting
+  std::atomic<uint64_t> prefetch_declined{0};  // predicted, not resident, but not worth a read (prefetch_cost.h)
   // Cache-aware routing (CacheAwareTopK): selections made, those not in the token's exact top-k, and the
   // reads they avoided (distinct non-resident experts of the exact choice minus of the taken one, per call).
   std::atomic<uint64_t> route_selections{0}, route_changed{0};
@@ -34,7 +35,7 @@ struct LayerCounters {
   void reset();
   void add(const LayerCounters& other);  // every counter += other's
   // {"hits", ..., "prefetch": {"issued", "used", "hidden", "late", "wasted", "wasted_bytes", "dropped",
-  //  "precision", "recall"}, "routing": {"selections", "changed", "misses_avoided"},
+  //  "declined", "precision", "recall"}, "routing": {"selections", "changed", "misses_avoided"},
   //  "uses": {"high", "low", "skipped"}}
   nlohmann::ordered_json to_json() const;
 };

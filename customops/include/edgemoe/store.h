@@ -123,6 +123,7 @@ class ExpertStore {
   uint64_t arena_mapped_bytes() const { return arena_->mapped_bytes(); }
   bool cache_enabled() const { return static_cast<bool>(policy_); }
   size_t queued_reads() const { return scheduler_->queue_size(); }
+  uint64_t io_busy_ns() const { return scheduler_->busy_ns(); }  // time with any read in flight
 
  private:
   static uint64_t charge_of(const ExpertRecord& rec) { return charge_of(rec.length); }

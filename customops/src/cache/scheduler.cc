@@ -1,8 +1,17 @@
 #include "edgemoe/scheduler.h"
 
 #include <algorithm>
+#include <chrono>
 
 namespace edgemoe {
+
+namespace {
+uint64_t now_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+}  // namespace
 
 ReadScheduler::Key ReadScheduler::key_of(const ReadPriority& p, uint64_t seq) {
   if (p.kind == ReadPriority::Kind::Demand) return Key{0, 0, 0.0f, seq};
@@ -78,6 +87,11 @@ bool ReadScheduler::queued(const ReadTask& task) const {
   return task.queued_;
 }
 
+uint64_t ReadScheduler::busy_ns() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return busy_ns_ + (active_ > 0 ? now_ns() - busy_since_ : 0);
+}
+
 size_t ReadScheduler::queue_size() const {
   std::lock_guard<std::mutex> lk(mu_);
   return queue_.size();
@@ -105,8 +119,12 @@ void ReadScheduler::worker() {
       auto nh = queue_.extract(queue_.begin());
       task = std::move(nh.value().second);
       task->queued_ = false;
+      if (active_++ == 0) busy_since_ = now_ns();
     }
     execute_(task);
+    task.reset();
+    std::lock_guard<std::mutex> lk(mu_);
+    if (--active_ == 0) busy_ns_ += now_ns() - busy_since_;
   }
 }
 

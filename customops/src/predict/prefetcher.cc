@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <unordered_map>
@@ -41,8 +42,14 @@ struct Prefetcher::Stream {
   std::vector<std::vector<int32_t>> prev_sets;
   // token predictor: per layer the batch distribution q (empty = no token signal this pass)
   std::vector<std::vector<float>> token_q;
-  // What this pass predicted and has not run yet: per layer (expert, q).
+  // What this pass predicted and has not run yet: per layer (expert, q as predicted), how many layers ahead
+  // (0: at token start) and whether for a batch of tokens.
   std::vector<std::vector<std::pair<int32_t, float>>> predicted;
+  std::vector<int32_t> predicted_distance;
+  std::vector<uint8_t> predicted_batch;
+  // The previous layer call of this pass (prev_layer): when it started, and the thread's stall and the
+  // device's busy time then (the cost model's intervals).
+  uint64_t prev_ns = 0, prev_stall_ns = 0, prev_busy_ns = 0;
 
   void reset(size_t L) {
     last_layer = -1;
@@ -50,6 +57,9 @@ struct Prefetcher::Stream {
     prev_sets.clear();
     token_q.assign(L, {});
     predicted.assign(L, {});
+    predicted_distance.assign(L, 0);
+    predicted_batch.assign(L, 0);
+    prev_ns = 0;
   }
 };
 
@@ -59,7 +69,8 @@ Prefetcher::Prefetcher(ExpertStore& store, const PrefetchOptions& options, std::
       options_(options),
       precision_(precision),
       profile_(std::move(profile)),
-      id_(next_prefetcher_id.fetch_add(1)) {
+      id_(next_prefetcher_id.fetch_add(1)),
+      cost_(std::max<int32_t>(1, options.depth)) {
   const std::string& p = options_.predictor;
   if (p == "auto") {
     auto_ = true;
@@ -191,16 +202,22 @@ bool Prefetcher::gate_unimportance(int32_t target, int32_t depth, const LayerSig
   return true;
 }
 
-bool Prefetcher::select(int32_t target, int32_t distance, const std::vector<float>& q, Stream& st,
-                        std::vector<Read>& reads, const std::vector<float>* s_pred) const {
+bool Prefetcher::select(int32_t target, int32_t distance, double lead_layers, bool batch,
+                        const std::vector<float>& q, Stream& st, std::vector<Read>& reads,
+                        const std::vector<float>* s_pred) const {
   const int64_t K = store_.manifest().layers[static_cast<size_t>(target)].top_k;
+  const StoreStats& stats = *store_.stats();
+  const uint64_t read_bytes = stats.bytes_read.load(std::memory_order_relaxed);
+  const double ns_per_byte =
+      read_bytes ? static_cast<double>(stats.read_ns.load(std::memory_order_relaxed)) / static_cast<double>(read_bytes)
+                 : 0.0;
   std::vector<int32_t> order(q.size());
   for (size_t e = 0; e < q.size(); ++e) order[e] = static_cast<int32_t>(e);
   std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return q[a] > q[b]; });
   // Every expert of the target layer is protected with its probability, not only the ones read: a resident
   // expert of that layer is as likely to be needed as its probability says, and a prefetch may only replace
   // one that is less likely than itself.
-  remember(target, q, st);
+  remember(target, distance, batch, q, st);
   const bool dynamic = precision_.mode == MissPrecision::Dynamic;
   double top = 0;  // dynamic: the predicted weights of the top K, for each one's predicted unimportance
   for (int64_t i = 0; dynamic && i < K && i < static_cast<int64_t>(order.size()); ++i) top += q[static_cast<size_t>(order[static_cast<size_t>(i)])];
@@ -223,7 +240,16 @@ bool Prefetcher::select(int32_t target, int32_t distance, const std::vector<floa
     }
     if (store_.is_resident(target, e) || (variant == kTwin && store_.is_resident(target, e, kTwin))) continue;
     all_resident = false;
-    reads.push_back(Read{target, e, distance, c, variant});
+    // The cost rule (prefetch_cost.h): read it only if the expected saving exceeds the expected cost.
+    const float p = cost_.calibrated(c, distance, batch);
+    const PrefetchGain g = cost_.evaluate(p, lead_layers, store_.manifest().record(target, e, variant).length,
+                                          ns_per_byte);
+    if (!g.read) {
+      store_.stats()->count(&LayerCounters::prefetch_declined, target,
+                            thread_stats_current(store_.options().store_id).get());
+      continue;
+    }
+    reads.push_back(Read{target, e, distance, std::clamp(g.value, 1e-6f, 1.0f), variant});
   }
   return selected > 0 && all_resident;  // nothing confident enough: no reason to look further
 }
@@ -232,8 +258,11 @@ void Prefetcher::issue(const std::vector<Read>& reads) {
   for (const Read& r : reads) store_.prefetch(r.layer, r.expert, PrefetchHint{r.distance, r.confidence}, r.variant);
 }
 
-void Prefetcher::remember(int32_t target, const std::vector<float>& q, Stream& st) const {
+void Prefetcher::remember(int32_t target, int32_t distance, bool batch, const std::vector<float>& q,
+                          Stream& st) const {
   auto& pred = st.predicted[static_cast<size_t>(target)];
+  st.predicted_distance[static_cast<size_t>(target)] = distance;
+  st.predicted_batch[static_cast<size_t>(target)] = batch;
   pred.clear();
   for (size_t e = 0; e < q.size(); ++e)
     if (q[e] >= kMinProtection) pred.emplace_back(static_cast<int32_t>(e), std::min(1.0f, q[e]));
@@ -244,8 +273,10 @@ std::vector<std::pair<ExpertKey, float>> Prefetcher::protections(int32_t after, 
   const int32_t L = static_cast<int32_t>(store_.manifest().layers.size());
   for (int32_t t = after + 1; t < L; ++t) {
     const auto& pred = st.predicted[static_cast<size_t>(t)];
-    if (!pred.empty()) {
-      for (const auto& [e, c] : pred) out.emplace_back(ExpertKey{t, e}, c);
+    if (!pred.empty()) {  // calibrated: compared with what a prefetch saves (prefetch_cost.h)
+      const int32_t d = st.predicted_distance[static_cast<size_t>(t)];
+      const bool batch = st.predicted_batch[static_cast<size_t>(t)] != 0;
+      for (const auto& [e, c] : pred) out.emplace_back(ExpertKey{t, e}, cost_.calibrated(c, d, batch));
       continue;
     }
     // Not predicted (yet) by the layer before: the token table's guess still keeps its experts (no read).
@@ -281,10 +312,35 @@ void Prefetcher::on_tokens(const int64_t* ids, int64_t n) {
     if (auto_ && !(profile_->layers[l].auto_members & kPredictToken)) continue;
     if (auto_ && t > 0) continue;  // auto: later layers are predicted at the layer before, with more signals
     if (!predict(t, 1, kPredictToken, nullptr, st, q)) continue;
-    select(t, t, q, st, reads);
+    // lead: the layers before t, and about half of t's own (its attention runs before its experts)
+    select(t, t, t + 0.5, n > 1, q, st, reads);
   }
   store_.protect(protections(-1, st));  // before the reads: they may only replace less likely experts
   issue(reads);
+}
+
+void Prefetcher::learn(const LayerSignals& s, Stream& st) {
+  // The interval since the previous layer call of this pass: compute per layer and the device's busy share.
+  const uint64_t now = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                 std::chrono::steady_clock::now().time_since_epoch())
+                                                 .count());
+  const std::shared_ptr<CallStats> mine = thread_stats_current(store_.options().store_id);
+  const uint64_t stall = mine ? mine->total.stall_ns.load(std::memory_order_relaxed)
+                              : store_.stats()->stall_ns.load(std::memory_order_relaxed);
+  const uint64_t busy = store_.io_busy_ns();
+  if (st.prev_ns && st.prev_layer == s.layer - 1 && now > st.prev_ns)
+    cost_.observe_interval(static_cast<double>(now - st.prev_ns),
+                           static_cast<double>(stall - std::min(stall, st.prev_stall_ns)),
+                           static_cast<double>(busy - std::min(busy, st.prev_busy_ns)));
+  st.prev_ns = now;
+  st.prev_stall_ns = stall;
+  st.prev_busy_ns = busy;
+  // How the predictions for this layer turned out (single-token calls only: calibration).
+  const size_t l = static_cast<size_t>(s.layer);
+  if (s.T != 1 || st.predicted_batch[l] || st.predicted[l].empty()) return;
+  const std::vector<int32_t> used = token_set(s.idx, 0, s.K);
+  for (const auto& [e, q] : st.predicted[l])
+    cost_.observe_prediction(q, st.predicted_distance[l], std::binary_search(used.begin(), used.end(), e));
 }
 
 void Prefetcher::on_layer(const LayerSignals& s) {
@@ -293,6 +349,7 @@ void Prefetcher::on_layer(const LayerSignals& s) {
   const int32_t L = static_cast<int32_t>(store_.manifest().layers.size());
   if (s.layer <= st.last_layer) st.reset(static_cast<size_t>(L));  // a new pass without a TokenPrefetch node
   st.last_layer = s.layer;
+  learn(s, st);
   st.predicted[static_cast<size_t>(s.layer)].clear();
   std::vector<float> q, s_pred;
   std::vector<Read> reads;
@@ -301,8 +358,8 @@ void Prefetcher::on_layer(const LayerSignals& s) {
     const uint32_t bits = members(target, d, &s, st);
     if (!bits || !predict(target, d, bits, &s, st, q)) break;
     const bool gated = precision_.mode == MissPrecision::Dynamic && gate_unimportance(target, d, s, s_pred);
-    if (!select(target, d, q, st, reads, gated ? &s_pred : nullptr)) break;  // adaptive depth: further only
-                                                                              // while all is resident
+    // adaptive depth: further only while all is resident
+    if (!select(target, d, d, s.T > 1, q, st, reads, gated ? &s_pred : nullptr)) break;
   }
   store_.protect(protections(s.layer, st));  // before the reads: they may only replace less likely experts
   issue(reads);

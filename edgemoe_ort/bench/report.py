@@ -590,6 +590,21 @@ def write_report(
             f"(best per layer {', '.join(_f(b, '{:.3f}') for b in best)}).",
             "",
         ]
+    if results.get("oracle"):
+        from edgemoe_ort.bench.oracle import oracle_markdown
+
+        L += [
+            "## Prefetch with a predictor of chosen accuracy (trace replay)",
+            "",
+            "`python -m edgemoe_ort.bench.oracle` (suite part `oracle`): the trace-replay bundle, whose "
+            "stacked-gates input carries the recorded next-layer experts, each replaced by a wrong one with "
+            "probability 1 − accuracy: what the engine's overlap reaches with a predictor of that precision, "
+            "apart from the predictors' quality. `none` = no prefetching; `resident` = everything cached "
+            "(the compute).",
+            "",
+        ]
+        for res in results["oracle"]:
+            L += oracle_markdown(res) + [""]
     from edgemoe_ort.bench.report_routing import routing_markdown
 
     L += routing_markdown(results, img_dir, rel_img)

@@ -199,7 +199,7 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
     from edgemoe_ort.runtime.ops import parse_budget
 
     known = {"small", "small-profile", "large", "large-focus", "large-profile", "replay", "kernels",
-             "policies", "prefetch", "routing", "twins", "ablation"}
+             "policies", "prefetch", "oracle", "routing", "twins", "ablation"}
     bad = sorted(parts - known)
     if bad or not parts:
         raise ValueError(f"--parts: expected a subset of {','.join(sorted(known))}, found {a.parts!r}")
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--parts",
-        default="small,small-profile,large,large-focus,large-profile,replay,kernels,policies,prefetch,"
+        default="small,small-profile,large,large-focus,large-profile,replay,kernels,policies,prefetch,oracle,"
         "routing,twins,ablation",
         help="which parts to run",
     )
@@ -449,6 +449,14 @@ def main(argv: list[str] | None = None) -> None:
         ]
     if "prefetch" in parts:
         run_prefetch_part(a, results, common)
+    if a.replay and a.trace and "oracle" in parts:
+        from edgemoe_ort.bench.oracle import run_oracle
+
+        results["oracle"] = []
+        for prof in (None, a.large_profile):
+            where = f", storage profile {prof}" if prof else ""
+            _log(f"== prefetch with a predictor of chosen accuracy (trace replay){where}")
+            results["oracle"].append(run_oracle(a.replay, a.trace, profile=prof, repeats=a.repeats, log=_log))
     if a.small and "routing" in parts:
         run_routing_part(a, results, common)
     if a.twins and "twins" in parts:

@@ -201,6 +201,11 @@ static void test_prefetch_under_budget_with_protection() {
   s2.drain();
   s2.protect({{{0, 3}, 0.9f}});  // layer 0 predicted: an expert left out of it counts 0
   CHECK(s2.prefetch(0, 1, PrefetchHint{1, 0.05f}));
+  s2.drain();
+  // Left-out experts may count more than 0 (the prefetcher passes the measured reuse rate).
+  s2.protect({{{0, 2}, 0.9f}}, 0.6f);
+  CHECK(!s2.prefetch(0, 0, PrefetchHint{1, 0.5f}));
+  CHECK(s2.prefetch(0, 0, PrefetchHint{1, 0.7f}));
 }
 
 // Counters per layer sum to the store's; per-thread counters see only their own thread's calls.
@@ -348,6 +353,15 @@ static void test_prefetch_cost_rule() {
   CHECK(std::abs(m.compute_per_layer_ns() - 3.6e6) < 1.0 && std::abs(m.busy_fraction() - 0.81) < 1e-9);
   m.observe_interval(0.0, 0.0, 0.0);  // empty intervals are ignored
   CHECK(std::abs(m.busy_fraction() - 0.81) < 1e-9);
+  // A resident's value: this pass's chance of use, or a later token's (rho = hits per pass / residents).
+  CHECK(m.reuse() == 0.0 && std::abs(m.keep_value(0.5f) - 0.5f) < 1e-6f);
+  m.observe_pass(30, 60);
+  CHECK(std::abs(m.reuse() - 0.5) < 1e-9 && std::abs(m.keep_value(0.5f) - 0.75f) < 1e-6f);
+  CHECK(std::abs(m.keep_value(0.0f) - 0.5f) < 1e-6f);
+  m.observe_pass(60, 60);  // averaged with weight 0.1
+  CHECK(std::abs(m.reuse() - 0.55) < 1e-9);
+  m.observe_pass(5, 0);  // nothing resident: ignored
+  CHECK(std::abs(m.reuse() - 0.55) < 1e-9);
 
   // The scheduler's busy time: two 30 ms tasks on one thread are 60 ms busy, within the elapsed time.
   struct Task : ReadTask {};

@@ -6,7 +6,8 @@
 // expert is used, the read pays iff
 //     p * min(1, lead / r) > (1 - p) * u,
 // and it may take the room of an expert of its layer only if that one is less likely to be used than
-// p * min(1, lead / r) (what the read saves, in reads). On a device that reads while the model computes
+// p * min(1, lead / r) (what the read saves, in reads); a resident expert's chance of use counts both this
+// pass's prediction p_v and its reuse by a later token (rho, measured): 1 - (1 - p_v) * (1 - rho). On a device that reads while the model computes
 // (fast storage, slow compute) most predictions pay; where storage is the bottleneck and a layer computes
 // for a fraction of a read, only near-certain ones do.
 //
@@ -42,6 +43,9 @@ class PrefetchCostModel {
   // One interval between two consecutive layer calls of a pass on one thread: its wall time, the time the
   // thread's calls waited in it (stall), and the time the device was busy in it (any read in flight).
   void observe_interval(double wall_ns, double stall_ns, double busy_ns);
+  // One single-token pass: the cache hits it made and the experts resident at its end (rho = hits / resident,
+  // the chance that a resident expert is used by the next token).
+  void observe_pass(double hits, double resident);
   // A prediction made `distance` layers ahead with probability `q` for a single-token call, and whether the
   // expert was then used.
   void observe_prediction(float q, int32_t distance, bool used);
@@ -56,6 +60,9 @@ class PrefetchCostModel {
 
   double compute_per_layer_ns() const;  // 0 until observed
   double busy_fraction() const;         // 0 until observed
+  double reuse() const;                 // rho; 0 until observed
+  // What a resident expert predicted with calibrated probability `p` this pass stands to lose if evicted.
+  float keep_value(float p) const;
 
  private:
   struct Bin {
@@ -63,8 +70,8 @@ class PrefetchCostModel {
   };
   mutable std::mutex mu_;
   std::vector<std::array<Bin, kBins>> bins_;  // [distance - 1][bin]
-  double compute_ns_ = 0, busy_ = 0;
-  bool observed_ = false;
+  double compute_ns_ = 0, busy_ = 0, reuse_ = 0;
+  bool observed_ = false, pass_observed_ = false;
 };
 
 }  // namespace edgemoe

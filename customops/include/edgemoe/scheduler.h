@@ -66,8 +66,8 @@ class ReadScheduler {
   std::vector<std::shared_ptr<ReadTask>> cancel_if(const std::function<bool(const ReadTask&)>& pred);
   bool queued(const ReadTask& task) const;
   size_t queue_size() const;
-  // Time (ns, steady clock) during which at least one task was executing, since construction: the device's
-  // busy time, for the prefetch cost rule (prefetch_cost.h).
+  // Time (ns, steady clock) during which at least one task was queued or executing, since construction: the
+  // device's busy time, for the prefetch cost rule (prefetch_cost.h).
   uint64_t busy_ns() const;
   // Drops every queued task (never executed) and joins the threads. Idempotent.
   void stop() noexcept;
@@ -84,9 +84,11 @@ class ReadScheduler {
   Queue queue_;
   uint64_t next_seq_ = 0;
   bool stopping_ = false;
+  bool idle_locked() const;             // nothing queued, nothing executing
+  void track_locked(bool was_idle);     // after a change: opens or closes a busy period
   int active_ = 0;           // tasks executing now
   uint64_t busy_ns_ = 0;     // completed busy periods
-  uint64_t busy_since_ = 0;  // start of the current busy period (active_ > 0)
+  uint64_t busy_since_ = 0;  // start of the current busy period (!idle_locked())
   std::vector<std::thread> threads_;
 };
 

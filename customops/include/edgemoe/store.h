@@ -101,9 +101,9 @@ class ExpertStore {
   bool prefetch(int32_t layer, int32_t expert, PrefetchHint hint = {}, int32_t variant = kPrimary);
   // Replaces the set of protected experts (predicted for the layers about to run) with their confidences.
   // A prefetch evicts only experts of its own layer that are less likely than itself, least likely first: an
-  // expert left out of its layer's list counts 0, one of a layer without any 0.5. Demand reads evict in the
-  // policy's order. A protection covers both copies of an expert (keys are given as primaries).
-  void protect(const std::vector<std::pair<ExpertKey, float>>& predicted);
+  // expert left out of its layer's list counts `left_out`, one of a layer without any 0.5. Demand reads evict
+  // in the policy's order. A protection covers both copies of an expert (keys are given as primaries).
+  void protect(const std::vector<std::pair<ExpertKey, float>>& predicted, float left_out = 0.0f);
   // Blocks until every read queued or in flight at the call has completed (or was cancelled).
   void drain();
   // True if (layer, expert, variant) is resident, in flight or queued (a snapshot).
@@ -158,6 +158,7 @@ class ExpertStore {
   std::unordered_map<ExpertKey, std::shared_ptr<Entry>, ExpertKeyHash> entries_;
   std::unordered_map<ExpertKey, float, ExpertKeyHash> protected_;
   std::vector<uint8_t> protected_layers_;  // per layer: 1 if protect() listed any expert of it
+  float protected_left_out_ = 0.0f;        // what a left-out expert of such a layer counts
   std::vector<UsageRecord> usage_;  // per record index
   uint64_t reserved_ = 0;
   uint64_t reads_pending_ = 0;  // submitted, not yet completed or cancelled

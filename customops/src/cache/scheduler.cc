@@ -39,12 +39,14 @@ ReadScheduler::Slot ReadScheduler::prepare() {
 void ReadScheduler::submit(Slot slot, std::shared_ptr<ReadTask> task) noexcept {
   {
     std::lock_guard<std::mutex> lk(mu_);
+    const bool was_idle = idle_locked();
     auto nh = slot.node_.extract(slot.node_.begin());
     task->seq_ = next_seq_++;
     task->queued_ = true;
     nh.value().first = key_of(task->priority, task->seq_);
     nh.value().second = std::move(task);
     queue_.insert(std::move(nh));  // node insert: no allocation (seq is unique, so it always inserts)
+    track_locked(was_idle);
   }
   cv_.notify_one();
 }
@@ -69,6 +71,7 @@ bool ReadScheduler::promote(ReadTask& task, ReadPriority p) noexcept {
 std::vector<std::shared_ptr<ReadTask>> ReadScheduler::cancel_if(const std::function<bool(const ReadTask&)>& pred) {
   std::vector<std::shared_ptr<ReadTask>> out;
   std::lock_guard<std::mutex> lk(mu_);
+  const bool was_idle = idle_locked();
   out.reserve(queue_.size());  // the only allocation: before anything is removed
   for (auto it = queue_.begin(); it != queue_.end();) {
     if (pred(*it->second)) {
@@ -79,6 +82,7 @@ std::vector<std::shared_ptr<ReadTask>> ReadScheduler::cancel_if(const std::funct
       ++it;
     }
   }
+  track_locked(was_idle);
   return out;
 }
 
@@ -87,9 +91,17 @@ bool ReadScheduler::queued(const ReadTask& task) const {
   return task.queued_;
 }
 
+bool ReadScheduler::idle_locked() const { return queue_.empty() && active_ == 0; }
+
+void ReadScheduler::track_locked(bool was_idle) {
+  const bool idle = idle_locked();
+  if (was_idle && !idle) busy_since_ = now_ns();
+  if (!was_idle && idle) busy_ns_ += now_ns() - busy_since_;
+}
+
 uint64_t ReadScheduler::busy_ns() const {
   std::lock_guard<std::mutex> lk(mu_);
-  return busy_ns_ + (active_ > 0 ? now_ns() - busy_since_ : 0);
+  return busy_ns_ + (idle_locked() ? 0 : now_ns() - busy_since_);
 }
 
 size_t ReadScheduler::queue_size() const {
@@ -101,8 +113,10 @@ void ReadScheduler::stop() noexcept {
   {
     std::lock_guard<std::mutex> lk(mu_);
     stopping_ = true;
+    const bool was_idle = idle_locked();
     for (auto& kv : queue_) kv.second->queued_ = false;
     queue_.clear();
+    track_locked(was_idle);
   }
   cv_.notify_all();
   for (auto& t : threads_)
@@ -119,12 +133,13 @@ void ReadScheduler::worker() {
       auto nh = queue_.extract(queue_.begin());
       task = std::move(nh.value().second);
       task->queued_ = false;
-      if (active_++ == 0) busy_since_ = now_ns();
+      ++active_;  // the queue was not empty: busy already
     }
     execute_(task);
     task.reset();
     std::lock_guard<std::mutex> lk(mu_);
-    if (--active_ == 0) busy_ns_ += now_ns() - busy_since_;
+    --active_;
+    track_locked(false);
   }
 }
 

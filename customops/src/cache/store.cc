@@ -4,6 +4,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <cmath>
 #include <unistd.h>
 
 #include <cstdio>
@@ -194,7 +195,7 @@ void ExpertStore::drain() {
   cv_.wait(lk, [&] { return reads_pending_ == 0; });
 }
 
-void ExpertStore::protect(const std::vector<std::pair<ExpertKey, float>>& predicted) {
+void ExpertStore::protect(const std::vector<std::pair<ExpertKey, float>>& predicted, float left_out) {
   std::unordered_map<ExpertKey, float, ExpertKeyHash> next;
   std::vector<uint8_t> layers(manifest_.layers.size(), 0);
   for (const auto& kv : predicted) {
@@ -206,6 +207,7 @@ void ExpertStore::protect(const std::vector<std::pair<ExpertKey, float>>& predic
   std::lock_guard<std::mutex> lk(mu_);
   protected_.swap(next);
   protected_layers_.swap(layers);
+  protected_left_out_ = std::isfinite(left_out) ? std::clamp(left_out, 0.0f, 1.0f) : 0.0f;
 }
 
 // A queued prefetch that will never run: out of the cache, its bytes returned.
@@ -260,14 +262,15 @@ bool ExpertStore::try_reserve_locked(uint64_t bytes, const PrefetchHint* prefetc
       const Entry& e = *kv.second;
       if (e.pins != 0 || e.state != Entry::State::Ready) continue;
       const bool is_first = first && kv.first == *first;  // goes first, whatever the rules below say
-      // Probability of use soon: the prediction where there is one; 0 for an expert its layer's prediction
-      // left out (below any listed probability); kUnpredictedResident in a layer nobody predicted (a resident
+      // Probability of use soon: the prediction where there is one; protected_left_out_ for an expert its
+      // layer's prediction left out (below any listed probability; the prefetcher passes the chance that a
+      // resident is used by a later token); kUnpredictedResident in a layer nobody predicted (a resident
       // expert is as likely as not to be reused: the default model reuses 51% of the previous token's).
       float prot = kUnpredictedResident;
       if (prefetch && !protected_.empty()) {
         auto p = protected_.find(kv.first.primary());
         if (p != protected_.end()) prot = p->second;
-        else if (protected_layers_[static_cast<size_t>(kv.first.layer)]) prot = 0.0f;
+        else if (protected_layers_[static_cast<size_t>(kv.first.layer)]) prot = protected_left_out_;
       }
       // A prefetch only swaps within its own layer: it evicts an expert of that layer predicted less likely
       // than itself. Taking room from another layer would shift what every later layer keeps, and under

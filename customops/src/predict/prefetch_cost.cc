@@ -75,6 +75,25 @@ PrefetchGain PrefetchCostModel::evaluate(float p, double lead_layers, uint64_t b
   return prefetch_gain(p, save, busy);
 }
 
+void PrefetchCostModel::observe_pass(double hits, double resident) {
+  if (!(resident > 0) || !(hits >= 0)) return;
+  const double rho = std::clamp(hits / resident, 0.0, 1.0);
+  std::lock_guard<std::mutex> lk(mu_);
+  reuse_ = pass_observed_ ? reuse_ + kAlpha * (rho - reuse_) : rho;
+  pass_observed_ = true;
+}
+
+double PrefetchCostModel::reuse() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return reuse_;
+}
+
+float PrefetchCostModel::keep_value(float p) const {
+  const double rho = reuse();
+  const double c = std::clamp(std::isfinite(p) ? static_cast<double>(p) : 0.0, 0.0, 1.0);
+  return static_cast<float>(1.0 - (1.0 - c) * (1.0 - rho));
+}
+
 double PrefetchCostModel::compute_per_layer_ns() const {
   std::lock_guard<std::mutex> lk(mu_);
   return compute_ns_;

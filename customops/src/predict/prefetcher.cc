@@ -50,6 +50,9 @@ struct Prefetcher::Stream {
   // The previous layer call of this pass (prev_layer): when it started, and the thread's stall and the
   // device's busy time then (the cost model's intervals).
   uint64_t prev_ns = 0, prev_stall_ns = 0, prev_busy_ns = 0;
+  // Hits at the start of the last single-token pass (kept across passes: the reuse rate rho).
+  uint64_t pass_hits = 0;
+  bool have_pass = false;
 
   void reset(size_t L) {
     last_layer = -1;
@@ -276,7 +279,8 @@ std::vector<std::pair<ExpertKey, float>> Prefetcher::protections(int32_t after, 
     if (!pred.empty()) {  // calibrated: compared with what a prefetch saves (prefetch_cost.h)
       const int32_t d = st.predicted_distance[static_cast<size_t>(t)];
       const bool batch = st.predicted_batch[static_cast<size_t>(t)] != 0;
-      for (const auto& [e, c] : pred) out.emplace_back(ExpertKey{t, e}, cost_.calibrated(c, d, batch));
+      for (const auto& [e, c] : pred)
+        out.emplace_back(ExpertKey{t, e}, cost_.keep_value(cost_.calibrated(c, d, batch)));
       continue;
     }
     // Not predicted (yet) by the layer before: the token table's guess still keeps its experts (no read).
@@ -315,7 +319,8 @@ void Prefetcher::on_tokens(const int64_t* ids, int64_t n) {
     // lead: the layers before t, and about half of t's own (its attention runs before its experts)
     select(t, t, t + 0.5, n > 1, q, st, reads);
   }
-  store_.protect(protections(-1, st));  // before the reads: they may only replace less likely experts
+  // before the reads: they may only replace less likely experts
+  store_.protect(protections(-1, st), static_cast<float>(cost_.reuse()));
   issue(reads);
 }
 
@@ -328,6 +333,14 @@ void Prefetcher::learn(const LayerSignals& s, Stream& st) {
   const uint64_t stall = mine ? mine->total.stall_ns.load(std::memory_order_relaxed)
                               : store_.stats()->stall_ns.load(std::memory_order_relaxed);
   const uint64_t busy = store_.io_busy_ns();
+  const uint64_t hits = mine ? mine->total.hits.load(std::memory_order_relaxed)
+                             : store_.stats()->hits.load(std::memory_order_relaxed);
+  if (st.prev_layer < 0 && s.T == 1) {  // the first layer call of a single-token pass: the pass before it
+    if (st.have_pass && hits >= st.pass_hits)
+      cost_.observe_pass(static_cast<double>(hits - st.pass_hits), static_cast<double>(store_.resident_keys().size()));
+    st.pass_hits = hits;
+    st.have_pass = true;
+  }
   if (st.prev_ns && st.prev_layer == s.layer - 1 && now > st.prev_ns)
     cost_.observe_interval(static_cast<double>(now - st.prev_ns),
                            static_cast<double>(stall - std::min(stall, st.prev_stall_ns)),
@@ -361,7 +374,8 @@ void Prefetcher::on_layer(const LayerSignals& s) {
     // adaptive depth: further only while all is resident
     if (!select(target, d, d, s.T > 1, q, st, reads, gated ? &s_pred : nullptr)) break;
   }
-  store_.protect(protections(s.layer, st));  // before the reads: they may only replace less likely experts
+  // before the reads: they may only replace less likely experts
+  store_.protect(protections(s.layer, st), static_cast<float>(cost_.reuse()));
   issue(reads);
   // This call's experts become the "previous layer" of the next call's table lookup.
   st.prev_sets.resize(static_cast<size_t>(s.T));

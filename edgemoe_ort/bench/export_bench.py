@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe_ort.bench.large import LARGE_CONFIG
+from edgemoe_ort.bench.llama_cap import _code_state
 
 #: Mixtral-8x7B's expert shapes (hidden 4096, intermediate 14336, 8 experts), 3 layers, a small vocab
 X8_CONFIG: dict[str, Any] = dict(
@@ -192,6 +193,7 @@ def measure(
         "goal": f"peak RSS <= dense fp32 + {GOAL_SLACK[preset] / GIB:g} GiB",
         "meets_goal": peak <= goal,
         "loadavg_1min": [float(load_before), float(load_after)],  # the times are noisy when it is high
+        "code": _code_state(),  # the commit measured (and the work tree's changes)
     }
     Path(out_json).write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -271,7 +271,8 @@ def _export(
                                                    m.spec.intermediate, m.spec.gated,
                                                    m.weights.b_in is not None) for m in patched.layers],
                                   str(model_id_or_path))
-            graphs = export_graphs(patched)
+            # streamed: the weights are freed as the graph takes its copy (they are not needed afterwards)
+            graphs = export_graphs(patched, free_weights=loaded.experts is not None)
             seconds["trace"] = time.perf_counter() - t
             tick("trace", len(graphs), len(graphs))
 

@@ -15,6 +15,7 @@ sum of its experts' fingerprints (:meth:`ExpertLeakGuard.check_layer`).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 import warnings
@@ -26,6 +27,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from onnxscript import ir
 from torch import nn
 from torch.export import Dim
 
@@ -33,6 +35,8 @@ from edgemoe_ort.export.op import LayerSpec, custom_translation_table, shape_pro
 from edgemoe_ort.export.patch import MoELayer, PatchedModel
 from edgemoe_ort.export.schema import DOMAIN, OP_TYPE, ROUTING_OP_TYPE, TOKEN_OP_TYPE, register_schema
 from edgemoe_ort.export.wrappers import CausalLMWithFlatCache, Seq2SeqDecoderWithFlatCache, Seq2SeqEncoder
+
+log = logging.getLogger(__name__)
 
 # Example sizes: every dynamic axis >= 2 (a size of 1 gets specialised) and all different.
 BATCH, SEQ, PAST, ENC_SEQ = 2, 3, 4, 5
@@ -180,8 +184,13 @@ def plan_graphs(patched: PatchedModel) -> list[GraphPlan]:
     ]
 
 
-def trace_graph(plan: GraphPlan) -> onnx.ModelProto:
-    """``torch.onnx.export(dynamo=True)`` with the OffloadedExpert translation."""
+def trace_graph(plan: GraphPlan, *, free_weights: bool = False) -> onnx.ModelProto:
+    """``torch.onnx.export(dynamo=True)`` with the OffloadedExpert translation.
+
+    ``free_weights``: the model's parameters and buffers are freed while the graph is serialized, each as
+    soon as its bytes are in the proto (:func:`_serialize_freeing`), so that the dense weights are never held
+    twice; the torch model can no longer run (nor be traced again) afterwards.
+    """
     register_schema()
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
@@ -205,9 +214,137 @@ def trace_graph(plan: GraphPlan) -> onnx.ModelProto:
             onnx_log.setLevel(level)
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise ExportCheckError(f"{plan.role}: torch.onnx.export returned nothing")
-    proto = program.model_proto
+    proto = _serialize_freeing(program.model, plan.wrapper) if free_weights else program.model_proto
     _drop_ir_tensors(program.model)
     return proto
+
+
+class _Storages:
+    """The CPU storages of a module's parameters and buffers, found by address (a tensor or array viewing one
+    of them, e.g. a constant-folded transpose, maps to it), with the module's tensors that hold each."""
+
+    def __init__(self, module: nn.Module) -> None:
+        #: start address -> (end address, the module's tensors on that storage)
+        self.spans: dict[int, tuple[int, list[torch.Tensor]]] = {}
+        for t in (*module.parameters(), *module.buffers()):  # each tensor once (tied weights included)
+            if t.device.type == "cpu" and not t.is_meta and t.untyped_storage().nbytes():
+                st = t.untyped_storage()
+                _, holders = self.spans.setdefault(st.data_ptr(), (st.data_ptr() + st.nbytes(), []))
+                holders.append(t)
+        self._starts = sorted(self.spans)
+
+    def of(self, ptr: int) -> int | None:
+        """The start address of the storage holding ``ptr`` (None: none of the module's)."""
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        if i < 0 or ptr >= self.spans[self._starts[i]][0]:
+            return None
+        return self._starts[i]
+
+    def free(self, start: int) -> None:
+        """Let go of the storage at ``start``: every module tensor on it gets an empty one (the memory goes as
+        soon as nothing else holds it; nothing is resized under a reader)."""
+        _, holders = self.spans.pop(start)
+        with torch.no_grad():
+            for t in holders:
+                t.data = torch.empty(0, dtype=t.dtype)
+
+
+#: tensor kinds whose bytes never come from torch memory (a proto's copy, a file, strings)
+_OWN_BYTES = (ir.TensorProtoTensor, ir.ExternalTensor, ir.StringTensor)
+
+
+def _address(tensor: Any) -> int | None:
+    """Where the serializer reads ``tensor``'s bytes from (None: nowhere in torch memory); raises TypeError
+    for a kind whose memory cannot be told (then nothing is freed)."""
+    if isinstance(tensor, _OWN_BYTES):
+        return None
+    raw = getattr(tensor, "raw", None) if isinstance(tensor, ir.Tensor) else None
+    if isinstance(raw, torch.Tensor):
+        return int(raw.data_ptr()) if raw.device.type == "cpu" and raw.numel() else None
+    if isinstance(raw, np.ndarray):
+        return int(raw.ctypes.data) if raw.size else None
+    raise TypeError(f"{type(tensor).__name__} holding {type(raw).__name__}")
+
+
+class _FreeingTensor(ir.LazyTensor):
+    """An initializer's tensor, serialized once: it then lets go of the tensor it wraps and, when it was the
+    last initializer reading a storage of the module, of that storage (:func:`_serialize_freeing`). The same
+    dtype, shape, name, metadata and bytes as the tensor it wraps."""
+
+    __slots__ = ("_wrapped", "_start", "_users", "_storages")
+
+    def __init__(self, tensor: Any, start: int, users: dict[int, int], storages: _Storages) -> None:
+        self._wrapped = tensor
+        self._start = start
+        self._users = users
+        self._storages = storages
+        name = tensor.name
+
+        def source() -> Any:
+            if self._wrapped is None:
+                raise RuntimeError(f"{name}: serialized once already, its tensor is gone")
+            return self._wrapped
+
+        super().__init__(source, dtype=tensor.dtype, shape=tensor.shape, name=name,
+                         doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props))
+
+    def tobytes(self) -> bytes:
+        data = super().tobytes()
+        self._wrapped = None  # e.g. a numpy view of a parameter
+        self._users[self._start] -= 1
+        if self._users[self._start] == 0:
+            self._storages.free(self._start)
+        return data
+
+
+def _serialize_freeing(model: Any, module: nn.Module) -> onnx.ModelProto:  # an onnx_ir Model
+    """``ir.serde.serialize_model(model)`` (the same bytes), letting go of each parameter / buffer storage of
+    ``module`` as soon as the proto has the bytes of every initializer that reads it. Afterwards the model's
+    initializers have no value (as after :func:`_drop_ir_tensors`) and ``module`` cannot run.
+
+    Without this the proto (a copy of every dense weight) and the torch weights are alive together: twice the
+    dense part in float32, the export's peak. Every tensor the serializer reads is located first (initializers
+    are often constant-folded views of a parameter, e.g. its transpose): a storage goes only once all
+    initializers in it are serialized, never if a node attribute (serialized after the initializers) reads
+    it, and none goes if some tensor's memory cannot be told."""
+    storages = _Storages(module)
+    graphs = [model.graph, *model.graph.subgraphs()]
+    users: dict[int, int] = {}
+    plan: list[tuple[Any, int]] = []  # (initializer, its storage); not its tensor: the wrapper's only
+    try:
+        for graph in graphs:
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                addr = None if tensor is None else _address(tensor)
+                start = None if addr is None else storages.of(addr)
+                if start is not None:
+                    users[start] = users.get(start, 0) + 1
+                    plan.append((value, start))
+        for owner in (model.graph, *model.functions.values()):
+            for node in owner.all_nodes():  # subgraphs' nodes included
+                for attr in node.attributes.values():
+                    if attr.type == ir.AttributeType.TENSOR:
+                        tensors = [attr.value]
+                    elif attr.type == ir.AttributeType.TENSORS:
+                        tensors = list(attr.value)
+                    else:
+                        continue
+                    for t in tensors:
+                        addr = _address(t)
+                        start = None if addr is None else storages.of(addr)
+                        if start is not None:
+                            users[start] = -1  # pinned: never reaches 0
+    except TypeError as exc:
+        log.debug("weights not freed while serializing: a tensor of unknown memory (%s)", exc)
+        return ir.serde.serialize_model(model)
+    for value, start in plan:
+        value.const_value = _FreeingTensor(value.const_value, start, users, storages)
+    tensor = None  # the wrappers hold the only references the model had
+    try:
+        return ir.serde.serialize_model(model)
+    finally:
+        for value, _ in plan:
+            value.const_value = None
 
 
 def _drop_ir_tensors(model: Any) -> None:  # an onnx_ir Model
@@ -389,12 +526,24 @@ def _all_nodes(model: onnx.ModelProto) -> Iterable[onnx.NodeProto]:
         yield from fn.node
 
 
+def dense_fingerprints(layers: Iterable[MoELayer]) -> dict[str, tuple[int, Fingerprint]]:
+    """Per router / shared-expert parameter of ``layers``: (element count, fingerprint), what
+    :func:`check_graph` looks for in the graph."""
+    return {pname: (p.numel(), fingerprint(p)) for m in layers for pname, p in m.dense.items()}
+
+
 def check_graph(
-    model: onnx.ModelProto, plan: GraphPlan, all_layers: list[MoELayer] | None = None, seconds: float = 0.0
+    model: onnx.ModelProto,
+    plan: GraphPlan,
+    all_layers: list[MoELayer] | None = None,
+    seconds: float = 0.0,
+    dense: dict[str, tuple[int, Fingerprint]] | None = None,
 ) -> GraphReport:
     """Raise :class:`ExportCheckError` unless ``model`` is a correct offloaded graph for ``plan.layers``.
 
     ``all_layers`` (default ``plan.layers``): the experts that must not appear anywhere in this graph.
+    ``dense``: :func:`dense_fingerprints` of ``plan.layers``, taken before tracing freed the weights (default:
+    taken now).
     """
     role = plan.role
     expected = {m.spec.layer: m.spec for m in plan.layers}
@@ -432,7 +581,9 @@ def check_graph(
     # streamed layers (meta weights) are checked as their experts stream (ExpertLeakGuard, export/api.py)
     in_memory = [m for m in layers if not m.weights.w_in.is_meta]
     ExpertLeakGuard([(role, model)], in_memory).check_in_memory(in_memory)
-    dense_sizes = {p.numel() for m in plan.layers for p in m.dense.values()}
+    if dense is None:
+        dense = dense_fingerprints(plan.layers)
+    dense_sizes = {size for size, _ in dense.values()}
     present: set[Fingerprint] = set()
     n_params = 0
     for _, t in _graph_tensors(model):
@@ -440,12 +591,11 @@ def check_graph(
         n_params += size
         if size in dense_sizes and t.data_type in _FLOAT_TYPES:
             present.add(fingerprint(numpy_helper.to_array(t)))
-    for m in plan.layers:
-        for pname, p in m.dense.items():
-            if fingerprint(p) not in present:
-                raise ExportCheckError(
-                    f"{role}: dense parameter {pname} (router / shared expert) is missing from the graph"
-                )
+    for pname, (_, fp) in dense.items():
+        if fp not in present:
+            raise ExportCheckError(
+                f"{role}: dense parameter {pname} (router / shared expert) is missing from the graph"
+            )
     names = [i.name for i in model.graph.input]
     if names != plan.input_names:
         raise ExportCheckError(f"{role}: graph inputs {names}, expected {plan.input_names}")
@@ -455,11 +605,20 @@ def check_graph(
     return GraphReport(role, seconds, len(found), n_params, len(model.graph.node), found)
 
 
-def export_graphs(patched: PatchedModel) -> list[tuple[GraphPlan, onnx.ModelProto, GraphReport]]:
-    """Trace and check every graph of ``patched`` (in bundle order)."""
+def export_graphs(
+    patched: PatchedModel, *, free_weights: bool = False
+) -> list[tuple[GraphPlan, onnx.ModelProto, GraphReport]]:
+    """Trace and check every graph of ``patched`` (in bundle order).
+
+    ``free_weights``: the last graph's serialization frees the torch model's weights as it copies them
+    (:func:`trace_graph`), so that they are not held twice; the model can no longer run afterwards (a
+    streamed export needs it no more: see :meth:`~edgemoe_ort.export.patch.PatchedModel.drop_weights`).
+    """
     out = []
-    for plan in plan_graphs(patched):
+    plans = plan_graphs(patched)
+    for i, plan in enumerate(plans):
         t0 = time.perf_counter()
-        proto = trace_graph(plan)
-        out.append((plan, proto, check_graph(proto, plan, patched.layers, time.perf_counter() - t0)))
+        dense = dense_fingerprints(plan.layers)  # before the weights may be freed
+        proto = trace_graph(plan, free_weights=free_weights and i == len(plans) - 1)
+        out.append((plan, proto, check_graph(proto, plan, patched.layers, time.perf_counter() - t0, dense)))
     return out

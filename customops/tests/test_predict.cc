@@ -325,9 +325,11 @@ static void test_outputs_identical_with_prefetch() {
 // The cost rule (prefetch_cost.h): read iff p * min(1, lead / r) > (1 - p) * u; calibration from observations.
 static void test_prefetch_cost_rule() {
   CHECK(prefetch_gain(0.5, 1.0, 0.0).read);                    // an idle device: any chance pays
-  CHECK(std::abs(prefetch_gain(0.5, 1.0, 0.0).value - 0.5f) < 1e-6f);
+  CHECK(std::abs(prefetch_gain(0.5, 1.0, 0.0).victim_below - 1.0f) < 1e-6f);  // gain 0.5 over 0.5: any victim
   CHECK(!prefetch_gain(0.5, 0.1, 0.9).read);                   // 0.05 saved vs 0.45 of a busy device's time
   CHECK(prefetch_gain(0.95, 0.2, 0.9).read);                   // 0.19 vs 0.045
+  CHECK(std::abs(prefetch_gain(0.95, 0.2, 0.9).victim_below - 1.0f) < 1e-6f);  // 0.145 / 0.05 > 1
+  CHECK(std::abs(prefetch_gain(0.6, 0.5, 0.5).victim_below - 0.25f) < 1e-6f);  // (0.3 - 0.2) / 0.4
   CHECK(!prefetch_gain(0.0, 1.0, 0.0).read && !prefetch_gain(std::nan(""), 1.0, 0.0).read);
   CHECK(!prefetch_gain(1.0, 0.0, 0.0).read);                   // no lead: nothing to hide
 
@@ -348,7 +350,7 @@ static void test_prefetch_cost_rule() {
   CHECK(m.evaluate(0.9f, 1.0, 1000, 20000.0).read);    // 0.18 > 0.09
   CHECK(!m.evaluate(0.6f, 1.0, 1000, 20000.0).read);   // 0.12 < 0.36
   CHECK(m.evaluate(0.6f, 5.0, 1000, 20000.0).read);    // five layers ahead it is hidden whole: 0.6 > 0.36
-  CHECK(std::abs(m.evaluate(0.6f, 5.0, 1000, 20000.0).value - 0.6f) < 1e-6f);
+  CHECK(std::abs(m.evaluate(0.6f, 5.0, 1000, 20000.0).victim_below - 0.6f) < 1e-6f);  // (0.6 - 0.36) / 0.4
   m.observe_interval(10e6, 10e6, 0.0);  // a stalled, idle interval moves the averages by a tenth
   CHECK(std::abs(m.compute_per_layer_ns() - 3.6e6) < 1.0 && std::abs(m.busy_fraction() - 0.81) < 1e-9);
   m.observe_interval(0.0, 0.0, 0.0);  // empty intervals are ignored

@@ -4,10 +4,11 @@
 // compute left until that layer runs; a wrong one occupies the device for r, which delays the demand reads
 // in proportion to how busy the device is (u, its busy fraction). With p the calibrated probability that the
 // expert is used, the read pays iff
-//     p * min(1, lead / r) > (1 - p) * u,
-// and it may take the room of an expert of its layer only if that one is less likely to be used than
-// p * min(1, lead / r) (what the read saves, in reads); a resident expert's chance of use counts both this
-// pass's prediction p_v and its reuse by a later token (rho, measured): 1 - (1 - p_v) * (1 - rho). On a device that reads while the model computes
+//     gain = p * min(1, lead / r) - (1 - p) * u > 0.
+// Its room: if the guess is right the layer would read the expert anyway, evicting as much; only a wrong guess
+// costs the victim v, a read if v is needed later (k_v = its chance of that). So it may evict v only if
+// gain > (1 - p) * k_v, i.e. k_v < gain / (1 - p); k_v counts this pass's prediction p_v and reuse by a later
+// token (rho, measured): k_v = 1 - (1 - p_v) * (1 - rho). On a device that reads while the model computes
 // (fast storage, slow compute) most predictions pay; where storage is the bottleneck and a layer computes
 // for a fraction of a read, only near-certain ones do.
 //
@@ -25,8 +26,8 @@
 namespace edgemoe {
 
 struct PrefetchGain {
-  bool read = false;   // the expected saving exceeds the expected cost
-  float value = 0.0f;  // p * min(1, lead / r): reads saved in expectation, in [0, 1]
+  bool read = false;          // gain > 0: the expected saving exceeds the expected cost
+  float victim_below = 0.0f;  // evict only an expert whose k_v is below this: min(1, gain / (1 - p))
 };
 
 // The rule above for one candidate: calibrated probability `p`, `save` = min(1, lead / r), device busy

@@ -14,8 +14,10 @@ PrefetchGain prefetch_gain(double p, double save, double busy) {
   p = std::clamp(std::isfinite(p) ? p : 0.0, 0.0, 1.0);
   save = std::clamp(std::isfinite(save) ? save : 0.0, 0.0, 1.0);
   busy = std::clamp(std::isfinite(busy) ? busy : 1.0, 0.0, 1.0);
-  const double value = p * save;
-  return PrefetchGain{value > 0.0 && value > (1.0 - p) * busy, static_cast<float>(value)};
+  const double gain = p * save - (1.0 - p) * busy;
+  if (!(gain > 0.0)) return PrefetchGain{false, 0.0f};
+  const double below = 1.0 - p > 1e-9 ? std::min(1.0, gain / (1.0 - p)) : 1.0;
+  return PrefetchGain{true, static_cast<float>(below)};
 }
 
 PrefetchCostModel::PrefetchCostModel(int32_t max_distance)

@@ -252,7 +252,7 @@ bool Prefetcher::select(int32_t target, int32_t distance, double lead_layers, bo
                             thread_stats_current(store_.options().store_id).get());
       continue;
     }
-    reads.push_back(Read{target, e, distance, std::clamp(g.value, 1e-6f, 1.0f), variant});
+    reads.push_back(Read{target, e, distance, std::clamp(g.victim_below, 1e-6f, 1.0f), variant});
   }
   return selected > 0 && all_resident;  // nothing confident enough: no reason to look further
 }

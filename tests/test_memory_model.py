@@ -4,6 +4,7 @@ flags' errors. Synthetic bundles only: no torch, no export."""
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,10 @@ CONFIG = {"max_position_embeddings": CONTEXT, "vocab_size": VOCAB, "hidden_size"
           "num_attention_heads": HEADS}
 
 
-def _decoder_graph(path: Path, weight_floats: int = 1 << 18) -> None:
+def _decoder_graph(path: Path, weight_floats: int = 1 << 18, *, concat: bool = False) -> None:
     """A stand-in decoder graph with the runtime's I/O names and one big initializer (which the shape
-    reader must skip, not parse)."""
+    reader must skip, not parse). Its presents are the pasts; with ``concat``, ``Concat(past, new)`` with
+    each layer's new keys computed from the previous layer's presents (the runtime holds that cache once)."""
     past = [f"past_key_values.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])]
     inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, KV_HEADS, "past", HEAD_DIM])
@@ -47,11 +49,25 @@ def _decoder_graph(path: Path, weight_floats: int = 1 << 18) -> None:
                                               [1, KV_HEADS, "total", HEAD_DIM]) for n in past]
     w = numpy_helper.from_array(np.arange(weight_floats, dtype=np.float32), "w")
     nodes = [helper.make_node("Identity", [n], [n.replace("past_key_values.", "present.")]) for n in past]
+    if concat:
+        nodes = [helper.make_node("Cast", ["input_ids"], ["ids_kv"], to=TensorProto.FLOAT),
+                 helper.make_node("Unsqueeze", ["ids_kv", "axes03"], ["ids_4d"]),
+                 helper.make_node("Expand", ["ids_4d", "kvshape"], ["new_0"])]
+        for i in range(LAYERS):
+            for kv in ("key", "value"):
+                nodes.append(helper.make_node("Concat", [f"past_key_values.{i}.{kv}", f"new_{i}"],
+                                              [f"present.{i}.{kv}"], axis=2))
+            nodes += [helper.make_node("ReduceSum", [f"present.{i}.key"], [f"k_{i}"], keepdims=0),
+                      helper.make_node("ReduceSum", [f"present.{i}.value"], [f"v_{i}"], keepdims=0),
+                      helper.make_node("Add", [f"k_{i}", f"v_{i}"], [f"s_{i}"]),
+                      helper.make_node("Add", [f"new_{i}", f"s_{i}"], [f"new_{i + 1}"])]
     nodes.append(helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT))
     nodes.append(helper.make_node("Unsqueeze", ["ids_f", "axes"], ["ids_3d"]))
     nodes.append(helper.make_node("Expand", ["ids_3d", "shape"], ["logits"]))
     inits = [w, numpy_helper.from_array(np.array([2], np.int64), "axes"),
-             numpy_helper.from_array(np.array([1, 1, VOCAB], np.int64), "shape")]
+             numpy_helper.from_array(np.array([1, 1, VOCAB], np.int64), "shape"),
+             numpy_helper.from_array(np.array([0, 3], np.int64), "axes03"),
+             numpy_helper.from_array(np.array([1, KV_HEADS, 1, HEAD_DIM], np.int64), "kvshape")]
     graph = helper.make_graph(nodes, "decoder", inputs, outputs, initializer=inits)
     onnx.save(helper.make_model(graph), str(path))
 
@@ -151,6 +167,24 @@ def test_estimate_budget_forms_and_bounds(bundle: Bundle) -> None:
         estimate_rss(bundle, None, context=0)
     with pytest.raises(ValueError, match="prompt_tokens"):
         estimate_rss(bundle, None, prompt_tokens=0)
+
+
+def test_kv_cache_held_once_where_the_graph_allows(tmp_path: Path) -> None:
+    """A graph whose presents are ``Concat(past, new)``, layer by layer: the runtime writes each layer's
+    presents over the previous layer's past, so the cache costs (layers + 1) / layers of itself, whole
+    pages; the stand-in graph above (presents = pasts) keeps the two copies of session.run."""
+    root = tmp_path / "kv"
+    make_synthetic_bundle(root, num_layers=LAYERS, num_experts=8, hidden=HIDDEN, intermediate=96)
+    _decoder_graph(root / "model.onnx", concat=True)
+    b = Bundle.open(root)
+    per_tensor = KV_HEADS * HEAD_DIM * 4  # bytes per token of one key or value tensor
+    assert kv_bytes_per_token(b) == LAYERS * 2 * per_tensor
+    page = mmap.PAGESIZE
+    for ctx in (CONTEXT, 1000):
+        est = estimate_rss(b, None, context=ctx)
+        assert est["kv_cache_bytes"] == (LAYERS + 1) * 2 * (-(-per_tensor * ctx // page) * page)
+        assert est["kv_cache_bytes"] < 2 * kv_bytes_per_token(b) * ctx
+        assert est["total_bytes"] == sum(est[k] for k in ITEMS)
 
 
 def test_context_and_prompt_scale_their_items(bundle: Bundle) -> None:

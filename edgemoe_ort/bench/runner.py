@@ -359,12 +359,20 @@ def drop_store_cache(bundle: Bundle) -> None:
 class _PlainSession:
     """Duck-typed ExpertSession around a plain ORT session (the in-memory baseline has no store)."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, graph_path: Path | None = None) -> None:
         self.session = session
         self.store_id = None
+        #: the graph the session runs (MoEModel checks its KV layout there, not in the bundle's graph)
+        self.graph_path = graph_path
 
     def run(self, names: Any, feeds: dict[str, Any], run_options: Any = None) -> list[Any]:
         return self.session.run(names, feeds, run_options)
+
+    def io_binding(self) -> Any:
+        return self.session.io_binding()
+
+    def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
+        self.session.run_with_iobinding(binding, run_options)
 
     def stats(self) -> dict[str, Any]:
         return {}
@@ -410,7 +418,7 @@ def open_mode(
         if threads is not None:
             so.intra_op_num_threads = threads
         path = inmem_path or inmemory_model_path(bundle)
-        return _PlainSession(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+        return _PlainSession(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), path)
     return open_session(
         bundle.graph_path("decoder"),
         bundle.path,

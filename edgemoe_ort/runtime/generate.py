@@ -9,7 +9,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import numpy as np
 
 from edgemoe_ort.bundle import Bundle
 from edgemoe_ort.bundle.format import model_graph_roles
+from edgemoe_ort.runtime.kvcache import KVRunner, KVState, kv_layout, layer_groups
 from edgemoe_ort.runtime.ops import (
     ExpertSession,
     RuntimeOptions,
@@ -31,12 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def decoder_feeds(
-    input_ids: np.ndarray, past: dict[str, np.ndarray], input_names: Any
+    input_ids: np.ndarray, past: Mapping[str, np.ndarray], input_names: Any, *, past_len: int | None = None
 ) -> dict[str, np.ndarray]:
     """The feeds of one decoder pass of ``input_ids [B, S]`` after ``past`` (the KV cache, possibly empty):
-    ``attention_mask`` of ones and ``position_ids`` from the past length, where the graph has them."""
+    ``attention_mask`` of ones and ``position_ids`` from the past length (``past_len``, else read from
+    ``past``), where the graph has them."""
     batch, seq = input_ids.shape
-    past_len = next(iter(past.values())).shape[2] if past else 0
+    if past_len is None:
+        past_len = next(iter(past.values())).shape[2] if past else 0
     feeds: dict[str, np.ndarray] = {"input_ids": input_ids}
     if "attention_mask" in input_names:
         feeds["attention_mask"] = np.ones((batch, past_len + seq), np.int64)
@@ -535,6 +538,21 @@ def _check_budget(bundle: Bundle, options: RuntimeOptions) -> None:
         )
 
 
+_LAYOUTS: dict[tuple[str, int, int], str | None] = {}
+
+
+def _kv_layout(graph: Path, groups: list[list[tuple[str, int, int]]]) -> str | None:
+    """:func:`~edgemoe_ort.runtime.kvcache.kv_layout`, once per graph file (path, size, mtime)."""
+    try:
+        st = graph.stat()
+    except OSError:
+        return None
+    key = (str(graph.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = kv_layout(graph, groups)
+    return _LAYOUTS[key]
+
+
 def _open_graph(path: Path, make: Callable[[], Any]) -> Any:
     """Create a session for ``path``; an unreadable graph file is a :class:`GenerationError` naming it."""
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
@@ -566,6 +584,13 @@ class MoEModel(_Generator):
         from .memory import config_context
 
         self.context_length = config_context(bundle)
+        #: runs the steps with the KV cache held once (:mod:`.kvcache`); None: plain ``session.run``
+        self._kv: KVRunner | None = None
+        runs = Path(getattr(session, "graph_path", None) or graph)  # the graph the session runs
+        layout = _kv_layout(runs, layer_groups(self._past_specs)) if self._past_specs else None
+        if layout is not None and hasattr(session, "io_binding"):
+            self._kv = KVRunner(session, self._past_specs, self._output_names, ordered=layout == "ordered",
+                                capacity=self.context_length)
 
     @classmethod
     def load(
@@ -598,13 +623,24 @@ class MoEModel(_Generator):
         return {name: np.zeros((batch, heads, 0, dim), np.float32) for name, heads, dim in self._past_specs}
 
     def forward(
-        self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None = None
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One step: logits [B, S, V] for input_ids [B, S] after `past`; returns the new past."""
+        self, input_ids: np.ndarray, past: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, Mapping[str, np.ndarray]]:
+        """One step: logits [B, S, V] for input_ids [B, S] after ``past`` (None: an empty cache); returns the
+        logits and the new past, a :class:`~edgemoe_ort.runtime.kvcache.KVState` (``past_key_values.* ->
+        [B, kv_heads, length, head_dim]``, read-only). Passing that state as ``past`` consumes it: the step
+        writes the new cache into its buffers, so each state can be passed on once (``state.copy()`` keeps
+        one); a dict of arrays is read as given."""
         self._require_open()
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise GenerationError(f"input_ids must be [batch, seq], found shape {input_ids.shape}")
+        if self._kv is not None:
+            if isinstance(past, KVState):
+                n = past.length
+            else:
+                n = next(iter(past.values())).shape[2] if past else 0
+            out, state = self._kv.run(decoder_feeds(input_ids, {}, self._input_names, past_len=n), past)
+            return out["logits"], state
         past = past if past is not None else self._empty_past(input_ids.shape[0])
         feeds = decoder_feeds(input_ids, past, self._input_names)
         outputs = self.session.run(None, feeds)
@@ -822,7 +858,7 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         #: the :class:`GenerationResult` of the last turn (``stats.prompt_tokens``: the tokens it fed)
         self.last_result: GenerationResult | None = None
-        self._past: dict[str, np.ndarray] | None = None
+        self._past: Mapping[str, np.ndarray] | None = None
         self._warned = False
 
     @property
@@ -893,6 +929,16 @@ class ChatSession:
         finally:
             if out:
                 self._record(text, feed, out[0], track)
+            self._keep_valid_cache()
+
+    def _keep_valid_cache(self) -> None:
+        """After a turn that ended inside a step (interrupted, or an error): the step rewrote the cache in
+        place (:class:`~edgemoe_ort.runtime.kvcache.KVState`), so the conversation's tokens are fed again
+        by the next turn instead."""
+        if isinstance(self._past, KVState) and not self._past.valid:
+            self.pending = [*self.tokens, *self.pending]
+            self.tokens = []
+            self._past = None
 
     def _record(self, text: str | Sequence[int], feed: list[int], result: GenerationResult,
                 track: dict[str, Any]) -> None:

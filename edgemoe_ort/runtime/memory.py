@@ -6,8 +6,11 @@ One definition, used by ``edgemoe-inspect``, the tests and the docs. A process r
   keeps them resident for the life of the session.
 - ``expert_bytes``: the expert cache, bounded by the budget (the store counts each resident or in-flight
   expert at its record ``length``), never more than the whole store.
-- ``kv_cache_bytes``: the KV cache at ``context`` tokens, twice: during a step the runtime's past and ORT's
-  ``present`` outputs (past + the new token) are alive together. Bytes per token come from the decoder
+- ``kv_cache_bytes``: the KV cache at ``context`` tokens (:func:`edgemoe_ort.runtime.kvcache.cache_bytes`).
+  The runtime writes each step's ``present`` outputs into the buffers of the layers whose past the graph has
+  already read (:mod:`edgemoe_ort.runtime.kvcache`), so the cache is held once plus one layer: ``(layers +
+  1) / layers`` x the cache, in whole pages. A graph where that order cannot be read off the graph, and an
+  encoder-decoder bundle, hold it twice (the past and the presents). Bytes per token come from the decoder
   graph's ``past_key_values.*`` inputs (float32 ``[batch, kv_heads, past, head_dim]``).
 - ``activation_bytes``: ORT's arena at the largest step, the prefill of ``prompt_tokens`` tokens: logits
   ``T x vocab``, attention scores ``heads x T x T`` and a few hidden-sized buffers, float32, doubled because
@@ -59,6 +62,7 @@ __all__ = [
     "config_context",
     "estimate_rss",
     "kv_bytes_per_token",
+    "kv_cache_bytes",
     "minimum_budget",
     "model_context",
     "op_scratch_bytes",
@@ -254,26 +258,42 @@ def _dims(vi: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
 
 
-def _graph_shapes(b: Bundle) -> tuple[int, int | None]:
-    """(KV bytes per token, vocab from the logits output) of the decoder graph."""
+def _graph_shapes(b: Bundle) -> tuple[int, int | None, list[tuple[str, int, int]]]:
+    """(KV bytes per token, vocab from the logits output, ``(name, kv_heads, head_dim)`` of the past
+    inputs) of the decoder graph."""
     path = b.graph_path("decoder")
     try:
         ins, outs, _ = _graph_io(path)
     except (EOFError, ValueError) as exc:  # truncated or not protobuf; onnx's DecodeError is a ValueError too
         raise ValueError(f"{path}: not a valid ONNX model (truncated or corrupt: {exc or 'ends early'}); "
                          "export the bundle again") from None
-    per_token = 0
+    specs = []
     for vi in ins:
         if vi.name.startswith("past_key_values."):
             d = _dims(vi)
             if len(d) == 4 and d[1] and d[3]:
-                per_token += d[1] * d[3] * _FLOAT_BYTES
+                specs.append((vi.name, int(d[1]), int(d[3])))
     vocab = None
     for vi in outs:
         if vi.name == "logits":
             d = _dims(vi)
             vocab = d[-1] if d and d[-1] else None
-    return per_token, vocab
+    return sum(h * d * _FLOAT_BYTES for _, h, d in specs), vocab, specs
+
+
+def kv_cache_bytes(bundle: Bundle | str | Path, tokens: int) -> int:
+    """``kv_cache_bytes`` of :func:`estimate_rss`: the KV cache at ``tokens`` tokens (batch 1) as the
+    runtime holds it, once plus a layer where the decoder graph allows (see the module docstring)."""
+    from .kvcache import cache_bytes, kv_layout, layer_groups
+
+    b = _bundle(bundle)
+    if "decoder" not in b.graphs:
+        return 0
+    specs = _graph_shapes(b)[2]
+    groups = layer_groups(specs)
+    # encoder-decoder bundles (Seq2SeqMoEModel) step through session.run: the cache twice
+    held_once = groups and "encoder" not in b.graphs
+    return cache_bytes(groups, kv_layout(b.graph_path("decoder"), groups) if held_once else None, int(tokens))
 
 
 def session_weight_bytes(bundle: Bundle | str | Path) -> int:
@@ -360,11 +380,11 @@ def estimate_rss(
     prompt = min(ctx, MAX_DEFAULT_PROMPT_TOKENS) if prompt_tokens is None else int(prompt_tokens)
     if prompt < 1:
         raise ValueError(f"prompt_tokens: expected at least 1 token, found {prompt}")
-    kv_per_token, vocab = _graph_shapes(b) if "decoder" in b.graphs else (0, None)
+    vocab = _graph_shapes(b)[1] if "decoder" in b.graphs else None
     items = {
         "dense_bytes": b.dense_bytes,
         "expert_bytes": min(budget, b.store_bytes),
-        "kv_cache_bytes": 2 * kv_per_token * ctx,
+        "kv_cache_bytes": kv_cache_bytes(b, ctx),
         "activation_bytes": activation_bytes(b, prompt, vocab=vocab),
         "op_scratch_bytes": op_scratch_bytes(b, prompt),
         "prepacked_bytes": session_weight_bytes(b),

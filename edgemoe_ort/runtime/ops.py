@@ -476,6 +476,12 @@ class ExpertSession:
     ) -> list[Any]:
         return self.session.run(output_names, input_feed, run_options)
 
+    def io_binding(self) -> Any:
+        return self.session.io_binding()
+
+    def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
+        self.session.run_with_iobinding(binding, run_options)
+
     def stats(self) -> dict[str, Any]:
         """Counters of the whole store since the session opened (or the last :meth:`reset_stats`)."""
         return store_stats(self.store_id)

@@ -710,7 +710,10 @@ def test_run_ctrl_c_before_generation(tiny_bundle: Path, monkeypatch: pytest.Mon
 #: edgemoe-run with decode steps slowed to 0.1 s after the 5th, touching $MARK then (so the test knows
 #: generation is under way)
 _SLOW_STEPS = """
-import os, pathlib, sys, time
+import os, pathlib, signal, sys, time
+# as in a terminal: Ctrl-C raises KeyboardInterrupt even if the test's parent runs with SIGINT ignored (a
+# background job of a non-interactive shell), which the child would otherwise inherit
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from edgemoe_ort.runtime.generate import MoEModel
 step = MoEModel._step
 def slow(self, token, state):

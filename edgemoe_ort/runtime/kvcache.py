@@ -116,22 +116,16 @@ def _node(buf: bytes) -> tuple[str, list[str], list[str], int | None]:
 def _graph_nodes(path: Path) -> Iterator[tuple[str, list[str], list[str], int | None]]:
     """:func:`_node` of the main graph's nodes, in file order (ModelProto.graph = 7, GraphProto.node = 1),
     one at a time, without reading the weights."""
-    from .memory import _fields
+    from .memory import _graph_fields
 
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        for num, wt, start, n in list(_fields(f, size)):
-            if num != 7 or wt != 2:
-                continue
-            f.seek(start)
-            for gnum, gwt, gstart, gn in _fields(f, start + n):
-                if gnum == 1 and gwt == 2:
-                    here = f.tell()
-                    f.seek(gstart)
-                    node = _node(f.read(gn))
-                    f.seek(here)
-                    yield node
-            break
+        for gnum, gwt, gstart, gn in _graph_fields(f):
+            if gnum == 1 and gwt == 2:
+                here = f.tell()
+                f.seek(gstart)
+                node = _node(f.read(gn))
+                f.seek(here)
+                yield node
 
 
 def kv_layout(graph: Path, groups: Sequence[Sequence[tuple[str, int, int]]]) -> str | None:

@@ -42,6 +42,7 @@ Device-side: imports neither torch nor transformers (onnx only for the graph's i
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -223,6 +224,18 @@ def _tensor_bytes(f: BinaryIO, end: int) -> tuple[int, int]:
     return data_type, raw or external
 
 
+def _graph_fields(f: BinaryIO) -> Any:
+    """:func:`_fields` of the main graph of the ONNX model file ``f`` (ModelProto.graph = field 7, the first
+    one). A caller that reads a payload must seek back to where it was before the next field."""
+    size = os.fstat(f.fileno()).st_size
+    for num, wt, start, n in list(_fields(f, size)):
+        if num != 7 or wt != 2:
+            continue
+        f.seek(start)
+        yield from _fields(f, start + n)
+        return
+
+
 def _graph_io(path: Path) -> tuple[list[Any], list[Any], dict[int, int]]:
     """(inputs, outputs) of an ONNX model file as ``onnx.ValueInfoProto`` (ModelProto.graph = field 7,
     GraphProto.input = 11, .output = 12), and its initializers' data bytes by data type (.initializer = 5),
@@ -232,24 +245,18 @@ def _graph_io(path: Path) -> tuple[list[Any], list[Any], dict[int, int]]:
     ins: list[Any] = []
     outs: list[Any] = []
     by_type: dict[int, int] = {}
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        for num, wt, start, n in list(_fields(f, size)):
-            if num != 7 or wt != 2:
-                continue
-            f.seek(start)
-            for gnum, gwt, gstart, gn in _fields(f, start + n):
-                if gwt == 2 and gnum in (11, 12, 5):
-                    here = f.tell()
-                    f.seek(gstart)
-                    if gnum == 5:
-                        dt, n_bytes = _tensor_bytes(f, gstart + gn)
-                        by_type[dt] = by_type.get(dt, 0) + n_bytes
-                    else:
-                        vi = onnx.ValueInfoProto.FromString(f.read(gn))
-                        (ins if gnum == 11 else outs).append(vi)
-                    f.seek(here)
-            break
+        for gnum, gwt, gstart, gn in _graph_fields(f):
+            if gwt == 2 and gnum in (11, 12, 5):
+                here = f.tell()
+                f.seek(gstart)
+                if gnum == 5:
+                    dt, n_bytes = _tensor_bytes(f, gstart + gn)
+                    by_type[dt] = by_type.get(dt, 0) + n_bytes
+                else:
+                    vi = onnx.ValueInfoProto.FromString(f.read(gn))
+                    (ins if gnum == 11 else outs).append(vi)
+                f.seek(here)
     return ins, outs, by_type
 
 

@@ -10,6 +10,8 @@
 #   kernel-bundle/            one layer, 2 experts at H 4096, I 14336, int4 g64 (kernel micro-benchmark)
 #   tiny-bundle/profile.json  the default model's routing profile (edgemoe-profile, 100k tokens of its corpus)
 #   tiny-twins-bundle/        the default model, int4 g64 experts with int2 twins (--twin int2) + its profile
+#   tiny-plan-bundle/         the default model with edgemoe-plan's bitwidths (int4..int2 at 0.2 %) and int2
+#                             twins + its profile (edgemoe_ort/bench/plan_bundle.py; ~1 min): the ablation's plan step
 # `make bench` measures for ~30 min once the models exist (the large export adds ~4-8 min, the replay bundle ~1 min):
 # every run compares the cache policies $(BENCH_POLICIES) (one mode edgemoe[P]@budget each, interleaved) and
 # measures each mode's peak RSS in a fresh process over $(BENCH_RSS_TOKENS) decode tokens.
@@ -22,6 +24,7 @@ BENCH_TRACE := $(BENCH_DIR)/trace.npz
 BENCH_REPLAY := $(BENCH_DIR)/replay-bundle
 BENCH_KERNEL := $(BENCH_DIR)/kernel-bundle
 BENCH_TWINS := $(BENCH_DIR)/tiny-twins-bundle
+BENCH_PLAN := $(BENCH_DIR)/tiny-plan-bundle
 BENCH_RESULTS := $(BENCH_DIR)/results.json
 BENCH_POLICIES ?= lru,lfu,edgemoe,hobbit
 BENCH_RSS_TOKENS ?= 64
@@ -54,26 +57,33 @@ $(BENCH_DIR)/.wired: $(BENCH_SMALL)/manifest.json $(BENCH_LARGE)/manifest.json e
 	  [print(b, r, w.summary()) for b in ('$(BENCH_SMALL)', '$(BENCH_LARGE)') for r, w in wire_bundle(b).items()]"
 	@touch $@
 
+# The default model's routing profile of bundle $(1): 100k tokens of its corpus (edgemoe-profile's library call).
+define profile_default
+$(VPY) -c "import sys; sys.path.insert(0, '.'); \
+  from models.eval_default import list_corpus_files, stdlib_root; \
+  from edgemoe_ort.profile import profile_bundle, write_profile; \
+  root = stdlib_root(); files = [root / r for r in list_corpus_files(root)]; \
+  write_profile('$(1)', profile_bundle('$(1)', files, tokens=100_000), force=True)"
+endef
+
 $(BENCH_SMALL)/profile.json: $(BENCH_DIR)/.wired
-	$(VPY) -c "import sys; sys.path.insert(0, '.'); \
-	  from models.eval_default import list_corpus_files, stdlib_root; \
-	  from edgemoe_ort.profile import profile_bundle, write_profile; \
-	  root = stdlib_root(); files = [root / r for r in list_corpus_files(root)]; \
-	  write_profile('$(BENCH_SMALL)', profile_bundle('$(BENCH_SMALL)', files, tokens=100_000), force=True)"
+	$(call profile_default,$(BENCH_SMALL))
 
 $(BENCH_TWINS)/manifest.json: $(shell find $(DEMO_MODEL) -type f 2>/dev/null) | $(VENV)/.ok
 	$(VPY) -c "from edgemoe_ort.export import export_model; \
 	  export_model('$(DEMO_MODEL)', '$(BENCH_TWINS)', bits=4, group_size=64, twin='int2', force=True)"
 
 $(BENCH_TWINS)/profile.json: $(BENCH_TWINS)/manifest.json | $(LIB)
-	$(VPY) -c "import sys; sys.path.insert(0, '.'); \
-	  from models.eval_default import list_corpus_files, stdlib_root; \
-	  from edgemoe_ort.profile import profile_bundle, write_profile; \
-	  root = stdlib_root(); files = [root / r for r in list_corpus_files(root)]; \
-	  write_profile('$(BENCH_TWINS)', profile_bundle('$(BENCH_TWINS)', files, tokens=100_000), force=True)"
+	$(call profile_default,$(BENCH_TWINS))
+
+$(BENCH_PLAN)/manifest.json: $(shell find $(DEMO_MODEL) -type f 2>/dev/null) edgemoe_ort/bench/plan_bundle.py | $(VENV)/.ok
+	$(VPY) -m edgemoe_ort.bench.plan_bundle $(DEMO_MODEL) $(BENCH_PLAN)
+
+$(BENCH_PLAN)/profile.json: $(BENCH_PLAN)/manifest.json | $(LIB)
+	$(call profile_default,$(BENCH_PLAN))
 
 bench-models: $(LIB) $(BENCH_SMALL)/manifest.json $(BENCH_LARGE)/manifest.json $(BENCH_REPLAY)/manifest.json \
-  $(BENCH_DIR)/.wired $(BENCH_SMALL)/profile.json $(BENCH_TWINS)/profile.json
+  $(BENCH_DIR)/.wired $(BENCH_SMALL)/profile.json $(BENCH_TWINS)/profile.json $(BENCH_PLAN)/profile.json
 
 bench: bench-models
 	@load=$$(cut -d' ' -f1 /proc/loadavg); \
@@ -81,6 +91,7 @@ bench: bench-models
 	  echo "bench: WARNING: load average $$load >= 1.5: other work is running, the figures will be noisy"; fi
 	$(VPY) -m edgemoe_ort.bench.suite --out $(BENCH_RESULTS) --small $(BENCH_SMALL) --large $(BENCH_LARGE) \
 	  --replay $(BENCH_REPLAY) --trace $(BENCH_TRACE) --kernel-bundle $(BENCH_KERNEL) --twins $(BENCH_TWINS) \
+	  --plan-twins $(BENCH_PLAN) \
 	  --policies=$(BENCH_POLICIES) --rss-tokens=$(BENCH_RSS_TOKENS) $(BENCH_ARGS)
 	$(VPY) -m edgemoe_ort.bench.report $(BENCH_RESULTS) docs/benchmarks.md docs/img
 

@@ -243,3 +243,36 @@ def test_routing_specs_become_modes_and_options():
     opts = modes[1].options(io_threads=2, threads=None, profile=None)
     assert (opts.routing, opts.routing_lambda, opts.predictor) == ("cache-prior", 0.35, "none")
     assert modes[0].options(io_threads=2, threads=None, profile=None).routing == "exact"
+
+
+def test_variant_bundle_runs_interleaved_at_the_main_budget(tiny_bundle, tiny_bundle_fp32):
+    """A run's variant (the same model exported otherwise) gets every edgemoe mode again, at the bytes of the
+    main bundle's budget, decoding the same tokens; its rows are apart from the main rows in the report."""
+    from edgemoe_ort.bench.report import edgemoe_row, row_config
+    from edgemoe_ort.bench.runner import run_bench
+    from edgemoe_ort.bundle import Bundle
+    from edgemoe_ort.runtime.ops import parse_budget
+
+    main = Bundle.open(tiny_bundle)
+    r = run_bench(tiny_bundle, budgets=["25%"], tokens=3, repeats=1, modes=["edgemoe"], rss=False,
+                  variants={"fp32": tiny_bundle_fp32})
+    assert [m["label"] for m in r["modes"]] == ["resident", "edgemoe@25%", "fp32:edgemoe@25%"]
+    want = parse_budget("25%", main.store_bytes, main.primary_bytes)
+    mine, other = edgemoe_row(r, "25%"), edgemoe_row(r, "25%", variant="fp32")
+    assert mine["variant"] is None and other["variant"] == "fp32"
+    assert mine["budget_bytes"] == other["budget_bytes"] == want
+    assert other["variant_bundle"] == str(Bundle.open(tiny_bundle_fp32).path)
+    assert r["variants"]["fp32"]["store_bytes"] > 4 * main.store_bytes
+    # fp32 experts are 8x the bytes: at the same budget fewer fit and each miss reads more
+    assert other["bytes_read_per_token"] > mine["bytes_read_per_token"]
+    assert row_config(other) == "fp32: lru"
+
+
+def test_variant_of_another_model_is_refused(tiny_bundle, tmp_path):
+    from edgemoe_ort.bench.runner import run_bench
+
+    other = _small(tmp_path)
+    with pytest.raises(ValueError, match=r"variant 'x' .*expected 4 MoE layers"):
+        run_bench(tiny_bundle, budgets=["25%"], tokens=2, repeats=1, rss=False, variants={"x": other.path})
+    with pytest.raises(ValueError, match="variants: expected a name"):
+        run_bench(tiny_bundle, budgets=["25%"], tokens=2, repeats=1, rss=False, variants={"a b": other.path})

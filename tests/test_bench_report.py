@@ -200,32 +200,52 @@ def test_kernel_tables_cover_every_quantized_format(tmp_path):
 
 
 def test_ablation_section_walks_the_steps(tmp_path):
-    """Each ablation step is the row of its configuration; speed-ups are paired per repeat against naive and
-    the step above; perplexity stays exact's until the twins step."""
-    from edgemoe_ort.bench.ablation import PRECISION, PREDICTOR, ROUTING, steps
+    """Each ablation step is the row of its configuration (the plan step and those after it on the run's plan
+    variant); speed-ups are paired per repeat against naive and the step above; perplexity stays exact's
+    until the plan step, then is each step's own."""
+    from edgemoe_ort.bench.ablation import PLAN, PRECISION, PREDICTOR, ROUTING, steps
     from edgemoe_ort.bench.report_ablation import ablation_markdown
 
     run = _run(tmp_path)
     lru = next(m for m in run["modes"] if m["label"] == "edgemoe[lru]@25%")
     run["modes"] = [m for m in run["modes"] if m["mode"] != "edgemoe"]
-    for i, s in enumerate(steps("hobbit")):
+    todo = steps("hobbit")
+    assert [s["variant"] for s in todo] == [None, None, None, PLAN, PLAN, PLAN]
+    for i, s in enumerate(todo):
         m = copy.deepcopy(lru)
         m.update(policy=s["policy"], predictor=s["predictor"], routing=s["routing"],
-                 miss_precision=s["precision"])
+                 miss_precision=s["precision"], variant=s["variant"])
         m["decode_s_per_token_runs"] = [t / (1 + i) for t in lru["decode_s_per_token_runs"]]
         m["decode_tokens_per_s"] = lru["decode_tokens_per_s"] * (1 + i)
         run["modes"].append(m)
+        if s["variant"]:  # the same settings on the main bundle: never taken for a plan step
+            run["modes"].append(dict(copy.deepcopy(lru), policy=s["policy"], predictor=s["predictor"],
+                                     routing=s["routing"], miss_precision=s["precision"],
+                                     decode_s_per_token_runs=[99.0] * len(m["decode_s_per_token_runs"])))
     run["profile"] = {"name": "rpi4"}
-    results = {"runs": {"ablation-small-rpi4": run},
-               "ablation": {"run": "ablation-small-rpi4", "bundle": "b", "policy": "hobbit", "tokens": 64,
-                            "perplexity": {"exact": 10.0, "twins": 10.1, "routing": 10.3},
-                            "precision": PRECISION, "routing": ROUTING, "predictor": PREDICTOR}}
+    ab = {"run": "ablation-small-rpi4", "bundle": "b", "plan_bundle": "p", "budget_bytes": 1 << 20,
+          "policy": "hobbit", "tokens": 64,
+          "perplexity": {"exact": 10.0, "plan": 10.05, "twins": 10.1, "routing": 10.3},
+          "precision": PRECISION, "routing": ROUTING, "predictor": PREDICTOR}
+    results = {"runs": {"ablation-small-rpi4": run}, "ablation": ab}
     text = "\n".join(ablation_markdown(results))
+    assert "on `p`" in text and "1.00 MiB" in text
     lines = [x for x in text.splitlines() if x.startswith("| ")][1:]
     assert [x.split(" | ")[0] for x in lines] == [
-        "| naive (no cache)", "| + cache (lru)", "| + best policy", "| + prefetch", "| + low-bit twins",
-        "| + cache-aware routing"]
+        "| naive (no cache)", "| + cache (lru)", "| + best policy", "| + prefetch", "| + bitwidth plan",
+        "| + low-bit twins", "| + cache-aware routing"]
     assert " | 2.00 | " in lines[2]  # the best-policy step: twice the step above (paired)
-    assert lines[3].endswith("| 10.000 |") and lines[4].endswith("| 10.100 (+1.00%) |")
-    assert lines[5].endswith("| 10.300 (+3.00%) |")
+    assert " | 1.25 | " in lines[5]  # the twins step: 5/4 of the plan step, not the main bundle's row
+    assert lines[3].endswith("| 10.000 |") and lines[4].endswith("| 10.050 (+0.50%) |")
+    assert lines[5].endswith("| 10.100 (+1.00%) |") and lines[6].endswith("| 10.300 (+3.00%) |")
+    # a run without a plan bundle: the plan step is a dash, twins and routing come from the main bundle
+    ab2 = dict(ab, plan_bundle=None)
+    run2 = copy.deepcopy(run)
+    for m in run2["modes"]:
+        m["variant"] = None
+    text = "\n".join(ablation_markdown({"runs": {ab["run"]: run2}, "ablation": ab2}))
+    lines = [x for x in text.splitlines() if x.startswith("| ")][1:]
+    assert "bitwidth plan left out" in text
+    assert lines[4] == "| + bitwidth plan | – | – | – | – | – | – | – |"
+    assert lines[5].endswith("| 10.100 (+1.00%) |")
     assert ablation_markdown({"runs": {}}) == []

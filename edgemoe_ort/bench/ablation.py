@@ -1,43 +1,56 @@
 """The full ablation on the default model (issue 17, EdgeMoE style): naive -> cache (lru) -> best policy ->
-+ prefetch -> + low-bit twins -> + cache-aware routing, each step on top of the ones before.
++ prefetch -> + bitwidth plan -> + low-bit twins -> + cache-aware routing, each step on top of the ones
+before.
 
 One interleaved run of the twins bundle (the default model's int4 experts with int2 twins) at 25 % on the
 small-model storage profile holds every combination of the policies, predictors, routing and miss-precision
-settings below; the report walks the steps through it, taking the faster policy as "best". Each step's
-held-out perplexity comes from the same decode-mode evaluation as the twins and routing sweeps (25 %, the
-step's options). The bitwidth plan is a step of its own bundle: docs/quality.md, "Expert-wise bitwidths".
+settings below, and the same combinations on the plan bundle (the default model exported with a bitwidth
+plan of ``edgemoe-plan``, with the same twins) at the same bytes (the run's variant ``plan``); the report
+walks the steps through it, taking the faster policy as "best". Each step's held-out perplexity comes from
+the same decode-mode evaluation as the twins and routing sweeps (the step's bundle and options, at the twins
+bundle's 25 % in bytes). Without a plan bundle the plan step is left out and the later steps run on the twins
+bundle.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRECISION", "ROUTING", "STEP_LABELS", "run_ablation_part", "steps"]
+__all__ = ["PLAN", "PRECISION", "ROUTING", "STEP_LABELS", "run_ablation_part", "steps"]
 
 #: the settings the later steps add (the best of the twins and routing sweeps within their goals)
 PRECISION = "dynamic:0.5:0.7"
 ROUTING = "cache-prior:0.35"
 POLICIES = ("lru", "hobbit")
 PREDICTOR = "auto"
+#: the run's variant name of the plan bundle
+PLAN = "plan"
 STEP_LABELS = (
     "naive (no cache)",
     "+ cache (lru)",
     "+ best policy",
     "+ prefetch",
+    "+ bitwidth plan",
     "+ low-bit twins",
     "+ cache-aware routing",
 )
 
 
-def steps(policy: str) -> list[dict[str, Any]]:
+def steps(policy: str, plan: bool = True) -> list[dict[str, Any]]:
     """The edgemoe steps after naive, with ``policy`` as the best policy: the filter of each row of the run
-    (policy, predictor, routing, precision)."""
+    (policy, predictor, routing, precision, variant) and ``ppl``, the key of the step's perplexity. With
+    ``plan`` the last three steps run on the plan bundle; without, the plan step is None."""
+    v = PLAN if plan else None
+    row = {"policy": policy, "predictor": PREDICTOR}
     return [
-        {"policy": "lru", "predictor": None, "routing": "exact", "precision": "exact"},
-        {"policy": policy, "predictor": None, "routing": "exact", "precision": "exact"},
-        {"policy": policy, "predictor": PREDICTOR, "routing": "exact", "precision": "exact"},
-        {"policy": policy, "predictor": PREDICTOR, "routing": "exact", "precision": PRECISION},
-        {"policy": policy, "predictor": PREDICTOR, "routing": ROUTING, "precision": PRECISION},
+        {"policy": "lru", "predictor": None, "routing": "exact", "precision": "exact", "variant": None,
+         "ppl": "exact"},
+        {"policy": policy, "predictor": None, "routing": "exact", "precision": "exact", "variant": None,
+         "ppl": "exact"},
+        {**row, "routing": "exact", "precision": "exact", "variant": None, "ppl": "exact"},
+        {**row, "routing": "exact", "precision": "exact", "variant": PLAN, "ppl": "plan"} if plan else None,
+        {**row, "routing": "exact", "precision": PRECISION, "variant": v, "ppl": "twins"},
+        {**row, "routing": ROUTING, "precision": PRECISION, "variant": v, "ppl": "routing"},
     ]
 
 
@@ -49,18 +62,21 @@ def _best_policy(run: dict[str, Any]) -> str:
 
 
 def run_ablation_part(a: Any, results: dict[str, Any], common: dict[str, Any], log: Any = None) -> None:
-    """The suite's ``ablation`` part on ``a.twins``: the timed run, then the perplexity of each step that can
-    change the numbers (exact, + twins, + routing; the cache and prefetch steps compute what exact does)."""
+    """The suite's ``ablation`` part on ``a.twins`` (and ``a.plan_twins``, the plan bundle, if given): the
+    timed run, then the perplexity of each step that can change the numbers (exact, + plan, + twins,
+    + routing; the cache and prefetch steps compute what exact does)."""
     from edgemoe_ort.bench.policies import HELDOUT_TOKENS, eval_default
     from edgemoe_ort.bench.runner import parse_precision, parse_routing, run_bench
     from edgemoe_ort.bench.sweep import evaluate_settings
     from edgemoe_ort.bundle import Bundle
     from edgemoe_ort.runtime.generate import load_tokenizer
-    from edgemoe_ort.runtime.ops import RuntimeOptions
+    from edgemoe_ort.runtime.ops import RuntimeOptions, parse_budget
 
     name = f"ablation-small-{a.profile}"
+    plan = getattr(a, "plan_twins", None)
     if log:
-        log(f"== ablation, default model with twins, storage profile {a.profile}")
+        log(f"== ablation, default model with twins{' and its plan bundle' if plan else ''}, storage profile "
+            f"{a.profile}")
     run = run_bench(
         a.twins,
         budgets=["25%"],
@@ -70,18 +86,21 @@ def run_ablation_part(a: Any, results: dict[str, Any], common: dict[str, Any], l
         predictors=["none", PREDICTOR],
         routings=["exact", ROUTING],
         precisions=["exact", PRECISION],
+        variants={PLAN: plan} if plan else None,
         **dict(common, policies=list(POLICIES), rss=False),
     )
     results["runs"][name] = run
     policy = _best_policy(run)
-    ids = eval_default().heldout_token_ids(load_tokenizer(Bundle.open(a.twins)), HELDOUT_TOKENS)
+    main = Bundle.open(a.twins)
+    ids = eval_default().heldout_token_ids(load_tokenizer(main), HELDOUT_TOKENS)
     ids = ids[: a.twins_tokens]
+    budget = str(parse_budget("25%", main.store_bytes, main.primary_bytes))  # the plan bundle's too
     chosen = {"exact": ("exact", "exact"), "twins": ("exact", PRECISION), "routing": (ROUTING, PRECISION)}
 
     def options_of(key: str) -> RuntimeOptions:
         routing, precision = chosen[key]
         return RuntimeOptions(
-            budget="25%",
+            budget=budget,
             policy=policy,
             predictor=PREDICTOR,
             **parse_routing(routing),
@@ -90,10 +109,18 @@ def run_ablation_part(a: Any, results: dict[str, Any], common: dict[str, Any], l
 
     if log:
         log(f"== ablation: held-out perplexity of its steps ({len(ids)} tokens, policy {policy})")
-    ppl = {key: r.perplexity for key, r, _ in evaluate_settings(a.twins, ids, list(chosen), options_of)}
+    if plan:  # exact on the twins bundle; the plan, + twins and + routing steps on the plan bundle
+        ppl = {key: r.perplexity for key, r, _ in evaluate_settings(a.twins, ids, ["exact"], options_of)}
+        on_plan = evaluate_settings(plan, ids, list(chosen), options_of)
+        ppl.update({"plan" if key == "exact" else key: r.perplexity for key, r, _ in on_plan})
+    else:
+        ppl = {key: r.perplexity for key, r, _ in evaluate_settings(a.twins, ids, list(chosen), options_of)}
     results["ablation"] = {
         "run": name,
         "bundle": str(a.twins),
+        "plan_bundle": str(plan) if plan else None,
+        "plan_dtypes": Bundle.open(plan).summary()["dtypes"] if plan else None,
+        "budget_bytes": int(budget),
         "policy": policy,
         "tokens": len(ids),
         "perplexity": ppl,

@@ -31,9 +31,18 @@ def row_policy(m: dict[str, Any]) -> str | None:
     return {"inmemory": None, "naive": "none"}.get(m["mode"], "lru")
 
 
-def edgemoe_rows(run: dict[str, Any], budget: str | None = None) -> list[dict[str, Any]]:
-    """The run's edgemoe rows (every policy), optionally only those at ``budget``."""
-    return [m for m in run["modes"] if m["mode"] == "edgemoe" and (budget is None or m["budget"] == budget)]
+def edgemoe_rows(
+    run: dict[str, Any], budget: str | None = None, variant: str | None = None
+) -> list[dict[str, Any]]:
+    """The run's edgemoe rows (every policy) of the main bundle (or of the run's ``variant`` bundle),
+    optionally only those at ``budget``."""
+    return [
+        m
+        for m in run["modes"]
+        if m["mode"] == "edgemoe"
+        and (budget is None or m["budget"] == budget)
+        and m.get("variant") == variant
+    ]
 
 
 def row_routing(m: dict[str, Any]) -> str:
@@ -48,27 +57,36 @@ def edgemoe_row(
     predictor: str | None = None,
     routing: str = "exact",
     precision: str = "exact",
+    variant: str | None = None,
 ) -> dict[str, Any] | None:
     """The edgemoe row at ``budget`` with ``policy``, ``predictor`` (None: no prefetching), ``routing`` and
     miss ``precision`` (labelled ``edgemoe@B``, ``edgemoe[P]@B``, ``edgemoe[P+pred]@B``,
-    ``edgemoe[P+pred/spec]@B`` or ``edgemoe[P+pred~spec]@B``)."""
+    ``edgemoe[P+pred/spec]@B`` or ``edgemoe[P+pred~spec]@B``), of the main bundle or of the run's
+    ``variant`` bundle (``variant:edgemoe[…]@B``)."""
     return next(
         (
             m
-            for m in edgemoe_rows(run, budget)
+            for m in edgemoe_rows(run, budget, variant)
             if row_policy(m) == policy and m.get("predictor") == predictor and row_routing(m) == routing
-            and (m.get("miss_precision") or "exact") == precision
+            and row_precision(m) == precision
         ),
         None,
     )
 
 
+def row_precision(m: dict[str, Any]) -> str:
+    """The miss-precision spec of a mode row (``exact`` for rows written before rows carried it)."""
+    return m.get("miss_precision") or "exact"
+
+
 def row_config(m: dict[str, Any]) -> str:
-    """``policy``, ``policy + predictor``, then `` / routing`` unless exact (``–`` for the in-memory
-    baseline)."""
+    """``policy``, ``policy + predictor``, then `` / routing`` and `` ~ miss precision`` unless exact (``–``
+    for the in-memory baseline)."""
     pol = row_policy(m) or "–"
     out = f"{pol} + {m['predictor']}" if m.get("predictor") else pol
-    return out if row_routing(m) == "exact" else f"{out} / {row_routing(m)}"
+    out = out if row_routing(m) == "exact" else f"{out} / {row_routing(m)}"
+    out = out if row_precision(m) == "exact" else f"{out} ~ {row_precision(m)}"
+    return f"{m['variant']}: {out}" if m.get("variant") else out
 
 
 def policies_of(run: dict[str, Any]) -> list[str]:
@@ -238,8 +256,8 @@ def policy_table(run: dict[str, Any]) -> str:
     for b in run["budgets"]:
         lru = edgemoe_row(run, b, "lru")
         for m in edgemoe_rows(run, b):
-            if m.get("predictor"):
-                continue
+            if m.get("predictor") or row_routing(m) != "exact" or row_precision(m) != "exact":
+                continue  # the policies alone: prefetching, routing and twins have tables of their own
             c = rss_check(run, m)
             up = paired_speedup(m, lru) if lru is not None else None
             verdict = "–"
@@ -343,7 +361,7 @@ def plot_run(name: str, run: dict[str, Any], img_dir: Path) -> list[str]:
     for key, ax, ylabel in panels:
         pols = policies_of(run)
         for mode in MODE_ORDER:
-            rows = [m for m in run["modes"] if m["mode"] == mode]
+            rows = [m for m in run["modes"] if m["mode"] == mode and not m.get("variant")]
             if not rows:
                 continue
             if rows[0]["budget"] is None:

@@ -8,6 +8,11 @@ from typing import Any
 __all__ = ["ablation_markdown"]
 
 
+def _dtypes(counts: dict[str, int] | None) -> str:
+    """`` (experts: int2 28, int3 4)`` or empty."""
+    return f" (experts: {', '.join(f'{d} {n}' for d, n in counts.items())})" if counts else ""
+
+
 def ablation_markdown(results: dict[str, Any]) -> list[str]:
     """The section's Markdown lines (empty without an ``ablation`` result)."""
     from edgemoe_ort.bench.ablation import STEP_LABELS, steps
@@ -18,15 +23,27 @@ def ablation_markdown(results: dict[str, Any]) -> list[str]:
     if not ab or not run:
         return []
     naive = next((m for m in run["modes"] if m["mode"] == "naive"), None)
+    plan = bool(ab.get("plan_bundle"))
+    todo = steps(ab["policy"], plan)
     rows: list[dict[str, Any] | None] = [naive] + [
-        edgemoe_row(run, "25%", s["policy"], s["predictor"], s["routing"], s["precision"])
-        for s in steps(ab["policy"])
+        None if s is None
+        else edgemoe_row(run, "25%", s["policy"], s["predictor"], s["routing"], s["precision"], s["variant"])
+        for s in todo
     ]
     ppl = ab["perplexity"]
     base = ppl.get("exact")
-    # the perplexity each step computes with: exact until the twins step
-    step_ppl = [base, base, base, base, ppl.get("twins"), ppl.get("routing")]
+    # the perplexity each step computes with (exact until the plan step)
+    step_ppl = [base] + [None if s is None else ppl.get(s["ppl"]) for s in todo]
     prof = run.get("profile") or {}
+    where = (
+        f"the plan step and those after it on `{ab['plan_bundle']}` (the default model exported with "
+        f"`edgemoe-plan`'s expert-wise bitwidths{_dtypes(ab.get('plan_dtypes'))} and the same twins) at the "
+        "same "
+        f"{ab.get('budget_bytes', 0) / 2**20:.2f} MiB"
+        if plan
+        else "the bitwidth plan left out (no plan bundle in the run; docs/quality.md, "
+        '"Expert-wise bitwidths")'
+    )
     L = [
         f"## Ablation (default model, 25 %, storage profile {prof.get('name', 'none')})",
         "",
@@ -35,9 +52,8 @@ def ablation_markdown(results: dict[str, Any]) -> list[str]:
         f"decode tokens, median of {run.get('repeats', '?')}, interleaved in one process). Best policy: "
         f"`{ab['policy']}` (the faster of lru and hobbit there); prefetch `{ab['predictor']}`; twins "
         f"`--miss-precision {ab['precision']}`; routing `{ab['routing']}`. Held-out perplexity: the first "
-        f"{ab['tokens']} tokens of the held-out stream in decode mode at 25 % with the step's options (the "
-        "cache and prefetch steps compute what exact computes). The bitwidth-plan step changes the bundle, "
-        'so it is measured on its own (docs/quality.md, "Expert-wise bitwidths").',
+        f"{ab['tokens']} tokens of the held-out stream in decode mode at 25 % with the step's bundle and "
+        f"options (the cache and prefetch steps compute what exact computes); {where}.",
         "",
         "| step | decode tok/s | s / token | × naive (paired) | × the step above (paired) "
         "| expert MB / token | hit rate | held-out perplexity |",

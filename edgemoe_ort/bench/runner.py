@@ -37,8 +37,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,18 +110,28 @@ class Mode:
     predictor: str | None = None  # edgemoe only: table | gates | token | auto (None = no prefetching)
     routing: str | None = None  # edgemoe only: a routing spec (parse_routing; None = exact)
     precision: str | None = None  # edgemoe only: a miss-precision spec (parse_precision; None = exact)
+    # edgemoe only: another bundle of the same model (a run's ``variants``), at the main bundle's budget
+    variant: str | None = None  # its name in the run (label prefix ``name:``)
+    variant_path: str | None = None  # its folder
+    budget_bytes: int | None = None  # the budget in bytes (``budget``'s share of the main bundle's experts)
 
     @property
     def label(self) -> str:
         """Unique name in a run: ``naive``, ``mmap@25%``, ``edgemoe@25%``, ``edgemoe[lfu]@25%``,
         ``edgemoe[lfu+auto]@25%``, ``edgemoe[+gates]@25%`` (default policy, predictor gates),
         ``edgemoe[lru/cache-prior:0.35]@25%`` (a routing rule), ``edgemoe[lru~dynamic]@25%`` (a miss
-        precision)."""
+        precision), ``plan:edgemoe[lru+auto]@25%`` (a variant bundle at the main bundle's 25 %)."""
         tag = (self.policy or "") + (f"+{self.predictor}" if self.predictor else "")
         tag += f"/{self.routing}" if self.routing else ""
         tag += f"~{self.precision}" if self.precision else ""
         name = f"{self.name}[{tag}]" if tag else self.name
+        name = f"{self.variant}:{name}" if self.variant else name
         return name if self.budget is None else f"{name}@{self.budget}"
+
+    @property
+    def budget_spec(self) -> str | None:
+        """The budget the op gets: ``budget_bytes`` if set (a variant), else ``budget``."""
+        return str(self.budget_bytes) if self.budget_bytes is not None else self.budget
 
     @property
     def cache_policy(self) -> str | None:
@@ -160,7 +170,7 @@ class Mode:
             common.update(parse_routing(self.routing) if self.routing else {})
             common.update(parse_precision(self.precision) if self.precision else {})
             return RuntimeOptions(
-                policy=self.policy or "lru", io="direct", budget=self.budget, **common, **extra
+                policy=self.policy or "lru", io="direct", budget=self.budget_spec, **common, **extra
             )
         if self.name == "resident":  # the roofline's compute: our op, every used expert cached beforehand
             return RuntimeOptions(policy="lru", io="direct", budget="100%", **common)
@@ -442,6 +452,12 @@ class ModelWorkload:
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
+    def for_bundle(self, bundle: Bundle) -> ModelWorkload:
+        """The same prompt and decode tokens on ``bundle`` (another bundle of the same model)."""
+        out = ModelWorkload(bundle, self.prompt_ids, self.tokens)
+        out.forced = self.forced
+        return out
+
     def _model(self, sess: Any) -> Any:
         from edgemoe_ort.runtime.generate import MoEModel
 
@@ -654,6 +670,8 @@ def summarize(
             [r["decode_stats"].get("prefetch_hidden", 0.0) / max(dec_tokens, 1) for r in runs]
         ),
         "budget": mode.budget,
+        "variant": mode.variant,
+        "variant_bundle": mode.variant_path,
         "label": mode.label,
         "budget_bytes": budget_bytes,
         "decode_tokens_per_s": 1.0 / s_tok if s_tok else 0.0,
@@ -718,7 +736,7 @@ def measure_rss(
                 **spec,
                 "bundle": str(bundle_dir),
                 "mode": mode.name,
-                "budget": mode.budget,
+                "budget": mode.budget_spec,
                 "policy": mode.policy,
                 "predictor": mode.predictor,
                 "routing": mode.routing,
@@ -780,6 +798,37 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def check_variant(main: Bundle, name: str, path: str | Path) -> Bundle:
+    """The bundle at ``path``, checked to be the same model as ``main`` (layers, experts per layer,
+    vocabulary), else a ValueError naming the variant and the first difference."""
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"variants: expected a name of letters, digits, '-' or '_', found {name!r}")
+    other = Bundle.open(path)
+    shape = [int(lay["num_experts"]) for lay in main.layers]
+    found = [int(lay["num_experts"]) for lay in other.layers]
+    if found != shape:
+        raise ValueError(f"variant {name!r} ({other.path}): expected {len(shape)} MoE layers of {shape} "
+                         f"experts as {main.path}, found {len(found)} of {found}")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        if main.config.get(key) != other.config.get(key):
+            raise ValueError(f"variant {name!r} ({other.path}): config {key} is {other.config.get(key)!r}, "
+                             f"{main.path} has {main.config.get(key)!r}: not the same model")
+    return other
+
+
+def variant_modes(modes: Sequence[Mode], name: str, other: Bundle, main: Bundle) -> list[Mode]:
+    """The edgemoe modes of ``modes`` again on the variant bundle ``other``: same settings, budget the bytes
+    of the main bundle's (``25%`` of ``main``'s experts), so the variant is compared at the same memory."""
+    return [
+        replace(
+            m, variant=name, variant_path=str(other.path),
+            budget_bytes=parse_budget(m.budget, main.store_bytes, main.primary_bytes),
+        )
+        for m in modes
+        if m.name == "edgemoe" and m.budget is not None
+    ]
+
+
 def make_workload(
     bundle: Bundle, *, tokens: int, prompt_ids: list[int] | None, trace: str | Path | None
 ) -> Any:
@@ -820,6 +869,7 @@ def run_bench(
     policy_weights: str | None = None,
     pin_experts: int | None = None,
     bw_total_bytes: int = 256 << 20,
+    variants: Mapping[str, str | Path] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Run every mode of ``bundle_dir`` (see the module doc) and return the JSON-able result.
@@ -827,7 +877,9 @@ def run_bench(
     ``policies``: None runs one ``edgemoe`` mode per budget with the default policy (lru); a list runs one
     ``edgemoe[P]@budget`` mode per policy and budget, all interleaved. ``frequencies`` / ``policy_weights``
     / ``pin_experts`` go to the edgemoe modes' RuntimeOptions. ``rss_decode_tokens``: decode tokens of the
-    peak-RSS generation (one fresh process per mode)."""
+    peak-RSS generation (one fresh process per mode). ``variants`` (name -> bundle folder): other bundles of
+    the same model (a bitwidth plan's, say) whose edgemoe modes run interleaved with the main ones, each at
+    the bytes of the main bundle's budget, decoding the same tokens (see :func:`variant_modes`)."""
     bundle = Bundle.open(bundle_dir)
     prof = load_profile(profile) if profile else None
     if policies is not None:
@@ -843,6 +895,10 @@ def run_bench(
     all_modes = modes_for(list(budgets), policies, predictors, routings, precisions)
     if modes is not None:
         all_modes = [m for m in all_modes if m.name in set(modes) or m.name == "resident"]
+    others = {name: check_variant(bundle, name, path) for name, path in (variants or {}).items()}
+    if others and trace is not None:
+        raise ValueError("variants: a trace replay has no other bundles to compare (drop the trace or them)")
+    all_modes += [v for name, b in others.items() for v in variant_modes(all_modes, name, b, bundle)]
     workload = make_workload(bundle, tokens=tokens, prompt_ids=prompt_ids, trace=trace)
     given = dict(frequencies=frequencies, policy_weights=policy_weights, pin_experts=pin_experts)
     policy_options = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
@@ -871,6 +927,10 @@ def run_bench(
         "policy_options": policy_options,
         "io_threads": io_threads,
         "threads": threads,
+        "variants": {
+            name: {"bundle": str(b.path), "store_bytes": b.store_bytes, "primary_bytes": b.primary_bytes}
+            for name, b in others.items()
+        },
     }
     t_start = time.perf_counter()
     if any(m.name == "inmemory" for m in all_modes):
@@ -903,13 +963,17 @@ def run_bench(
     )
     workload.reference(ref)
     ref = None
+    loads = {name: workload.for_bundle(b) for name, b in others.items()}
 
     # -- interleaved timed runs --------------------
     runs: dict[str, list[dict[str, Any]]] = {m.label: [] for m in all_modes}
     for r in range(repeats):
         order = all_modes if r % 2 == 0 else list(reversed(all_modes))
         for m in order:
-            rr = timed_run(bundle, m, workload, **(kw_in if m.name == "inmemory" else kw))
+            if m.variant is not None:
+                rr = timed_run(others[m.variant], m, loads[m.variant], **kw)
+            else:
+                rr = timed_run(bundle, m, workload, **(kw_in if m.name == "inmemory" else kw))
             runs[m.label].append(rr)
             n = max(len(rr["decode_steps_s"]), 1)
             log(
@@ -929,7 +993,9 @@ def run_bench(
     log(f"  resident compute {compute_s * 1e3:.1f} ms/token (misses during it: {misses})")
     rows = []
     for m in all_modes:
-        bb = None if m.budget is None else parse_budget(m.budget, bundle.store_bytes, bundle.primary_bytes)
+        bb = m.budget_bytes
+        if bb is None and m.budget is not None:
+            bb = parse_budget(m.budget, bundle.store_bytes, bundle.primary_bytes)
         rows.append(summarize(m, runs[m.label], workload.prompt_tokens(), compute_s, bw, bb))
     result["modes"] = rows
     result["ratios_withheld"] = ratios_withheld(rows, compute_s)
@@ -952,7 +1018,7 @@ def run_bench(
         result["rss_decode_tokens"] = rss_decode_tokens
         for row, m in zip(rows, all_modes, strict=True):
             t = time.perf_counter()
-            res = measure_rss(bundle.path, m, spec)
+            res = measure_rss(Path(m.variant_path) if m.variant_path else bundle.path, m, spec)
             row["rss"] = res
             row["peak_rss_bytes"] = res.get("peak_rss_bytes")
             if "error" in res:

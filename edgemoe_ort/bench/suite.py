@@ -205,6 +205,14 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
         raise ValueError(f"--parts: expected a subset of {','.join(sorted(known))}, found {a.parts!r}")
     if a.twins is not None and not Bundle.open(a.twins).twins:
         raise ValueError(f"--twins: {a.twins}: the bundle has no twins (export it with --twin)")
+    if a.plan_twins is not None:
+        if a.twins is None:
+            raise ValueError("--plan-twins: needs --twins (the bundle the plan bundle is compared with)")
+        from edgemoe_ort.bench.runner import check_variant
+
+        if not check_variant(Bundle.open(a.twins), "plan", a.plan_twins).twins:
+            raise ValueError(f"--plan-twins: {a.plan_twins}: the bundle has no twins "
+                             "(export it with --plan PLAN.json --twin int2)")
     for flag in ("small", "large", "replay"):
         path = getattr(a, flag)
         if path is not None:
@@ -309,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--twins", help="the default model with low-bit twins (edgemoe-export --twin): the "
                     "`twins` part")
     ap.add_argument("--twins-tokens", type=int, default=4096, help="held-out tokens of the `twins` sweep")
+    ap.add_argument("--plan-twins", help="the default model exported with a bitwidth plan (edgemoe-plan) and "
+                    "the twins of --twins: the `ablation` part's plan step")
     ap.add_argument("--profile", default="rpi4", help="storage profile for the throttled run (small model)")
     ap.add_argument("--budgets", default="10%,25%,50%,100%")
     ap.add_argument("--large-budgets", default="10%,25%,50%")

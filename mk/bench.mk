@@ -10,6 +10,7 @@
 #   kernel-bundle/            one layer, 2 experts at H 4096, I 14336, int4 g64 (kernel micro-benchmark)
 #   tiny-bundle/profile.json  the default model's routing profile (edgemoe-profile, 100k tokens of its corpus)
 #   tiny-twins-bundle/        the default model, int4 g64 experts with int2 twins (--twin int2) + its profile
+#   large-twins-bundle/       the large model, int4 g64 experts with int2 twins (~3 min): its ablation
 #   tiny-plan-bundle/         the default model with edgemoe-plan's bitwidths (int4..int2 at 0.2 %) and int2
 #                             twins + its profile (edgemoe_ort/bench/plan_bundle.py; ~1 min): the ablation's plan step
 # `make bench` measures for ~30 min once the models exist (the large export adds ~4-8 min, the replay bundle ~1 min):
@@ -25,6 +26,7 @@ BENCH_REPLAY := $(BENCH_DIR)/replay-bundle
 BENCH_KERNEL := $(BENCH_DIR)/kernel-bundle
 BENCH_TWINS := $(BENCH_DIR)/tiny-twins-bundle
 BENCH_PLAN := $(BENCH_DIR)/tiny-plan-bundle
+BENCH_LARGE_TWINS := $(BENCH_DIR)/large-twins-bundle
 BENCH_RESULTS := $(BENCH_DIR)/results.json
 BENCH_POLICIES ?= lru,lfu,edgemoe,hobbit
 BENCH_RSS_TOKENS ?= 64
@@ -76,6 +78,10 @@ $(BENCH_TWINS)/manifest.json: $(shell find $(DEMO_MODEL) -type f 2>/dev/null) | 
 $(BENCH_TWINS)/profile.json: $(BENCH_TWINS)/manifest.json | $(LIB)
 	$(call profile_default,$(BENCH_TWINS))
 
+$(BENCH_LARGE_TWINS)/manifest.json: | $(BENCH_LARGE)/manifest.json
+	$(VPY) -c "from edgemoe_ort.export import export_model; \
+	  export_model('$(BENCH_DIR)/large-hf', '$(BENCH_LARGE_TWINS)', bits=4, group_size=64, twin='int2', force=True)"
+
 $(BENCH_PLAN)/manifest.json: $(shell find $(DEMO_MODEL) -type f 2>/dev/null) edgemoe_ort/bench/plan_bundle.py | $(VENV)/.ok
 	$(VPY) -m edgemoe_ort.bench.plan_bundle $(DEMO_MODEL) $(BENCH_PLAN)
 
@@ -83,7 +89,8 @@ $(BENCH_PLAN)/profile.json: $(BENCH_PLAN)/manifest.json | $(LIB)
 	$(call profile_default,$(BENCH_PLAN))
 
 bench-models: $(LIB) $(BENCH_SMALL)/manifest.json $(BENCH_LARGE)/manifest.json $(BENCH_REPLAY)/manifest.json \
-  $(BENCH_DIR)/.wired $(BENCH_SMALL)/profile.json $(BENCH_TWINS)/profile.json $(BENCH_PLAN)/profile.json
+  $(BENCH_DIR)/.wired $(BENCH_SMALL)/profile.json $(BENCH_TWINS)/profile.json $(BENCH_PLAN)/profile.json \
+  $(BENCH_LARGE_TWINS)/manifest.json
 
 bench: bench-models
 	@load=$$(cut -d' ' -f1 /proc/loadavg); \
@@ -91,7 +98,7 @@ bench: bench-models
 	  echo "bench: WARNING: load average $$load >= 1.5: other work is running, the figures will be noisy"; fi
 	$(VPY) -m edgemoe_ort.bench.suite --out $(BENCH_RESULTS) --small $(BENCH_SMALL) --large $(BENCH_LARGE) \
 	  --replay $(BENCH_REPLAY) --trace $(BENCH_TRACE) --kernel-bundle $(BENCH_KERNEL) --twins $(BENCH_TWINS) \
-	  --plan-twins $(BENCH_PLAN) \
+	  --plan-twins $(BENCH_PLAN) --large-twins $(BENCH_LARGE_TWINS) \
 	  --policies=$(BENCH_POLICIES) --rss-tokens=$(BENCH_RSS_TOKENS) $(BENCH_ARGS)
 	$(VPY) -m edgemoe_ort.bench.report $(BENCH_RESULTS) docs/benchmarks.md docs/img
 

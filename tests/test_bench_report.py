@@ -248,4 +248,12 @@ def test_ablation_section_walks_the_steps(tmp_path):
     assert "bitwidth plan left out" in text
     assert lines[4] == "| + bitwidth plan | – | – | – | – | – | – | – |"
     assert lines[5].endswith("| 10.100 (+1.00%) |")
+    # several ablations (the large model's: no perplexity, no plan step), each its own section
+    big = dict(ab2, run="ablation-large", model="large", perplexity={}, tokens=0)
+    text = "\n".join(ablation_markdown({"runs": {ab["run"]: run2, "ablation-large": run2},
+                                         "ablations": {ab["run"]: ab2, "ablation-large": big}}))
+    assert text.count("## Ablation (") == 2 and "## Ablation (large model, 25 %" in text
+    assert "No held-out perplexity" in text.split("## Ablation (large")[1]
+    large_rows = [x for x in text.split("## Ablation (large")[1].splitlines() if x.startswith("| + ")]
+    assert all(x.endswith("| – |") for x in large_rows)
     assert ablation_markdown({"runs": {}}) == []

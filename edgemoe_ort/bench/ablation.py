@@ -1,4 +1,4 @@
-"""The full ablation on the default model (issue 17, EdgeMoE style): naive -> cache (lru) -> best policy ->
+"""The full ablation (issue 17, EdgeMoE style): naive -> cache (lru) -> best policy ->
 + prefetch -> + bitwidth plan -> + low-bit twins -> + cache-aware routing, each step on top of the ones
 before.
 
@@ -9,7 +9,8 @@ plan of ``edgemoe-plan``, with the same twins) at the same bytes (the run's vari
 walks the steps through it, taking the faster policy as "best". Each step's held-out perplexity comes from
 the same decode-mode evaluation as the twins and routing sweeps (the step's bundle and options, at the twins
 bundle's 25 % in bytes). Without a plan bundle the plan step is left out and the later steps run on the twins
-bundle.
+bundle. The large model (int4 experts with int2 twins) gets the same run unthrottled and on the large-model
+storage profile, without perplexity (random weights, no tokenizer) and without a plan.
 """
 
 from __future__ import annotations
@@ -61,12 +62,68 @@ def _best_policy(run: dict[str, Any]) -> str:
     return max((r for r in rows if r[1] is not None), key=lambda r: r[1]["decode_tokens_per_s"])[0]
 
 
+def _timed_run(
+    bundle: str, *, profile: str | None, tokens: int, plan: str | None, common: dict[str, Any]
+) -> dict[str, Any]:
+    """One interleaved run of every combination the steps take (and of the plan variant, if any)."""
+    from edgemoe_ort.bench.runner import run_bench
+
+    return run_bench(
+        bundle,
+        budgets=["25%"],
+        tokens=tokens,
+        profile=profile,
+        modes=["naive", "edgemoe"],
+        predictors=["none", PREDICTOR],
+        routings=["exact", ROUTING],
+        precisions=["exact", PRECISION],
+        variants={PLAN: plan} if plan else None,
+        **dict(common, policies=list(POLICIES), rss=False),
+    )
+
+
+def _entry(name: str, model: str, bundle: str, run: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The ``ablations`` record of one run (the report walks its steps)."""
+    return {
+        "run": name,
+        "model": model,
+        "bundle": str(bundle),
+        "plan_bundle": None,
+        "policy": _best_policy(run),
+        "tokens": 0,
+        "perplexity": {},
+        "precision": PRECISION,
+        "routing": ROUTING,
+        "predictor": PREDICTOR,
+        **extra,
+    }
+
+
 def run_ablation_part(a: Any, results: dict[str, Any], common: dict[str, Any], log: Any = None) -> None:
-    """The suite's ``ablation`` part on ``a.twins`` (and ``a.plan_twins``, the plan bundle, if given): the
-    timed run, then the perplexity of each step that can change the numbers (exact, + plan, + twins,
-    + routing; the cache and prefetch steps compute what exact does)."""
+    """The suite's ``ablation`` part: on the default model (``a.twins``, and ``a.plan_twins``, the plan
+    bundle, if given) the timed run, then the perplexity of each step that can change the numbers (exact,
+    + plan, + twins, + routing; the cache and prefetch steps compute what exact does); on the large model
+    (``a.large_twins``, if given) the timed runs unthrottled and on ``a.large_profile`` (random weights and
+    no tokenizer: no perplexity, and no plan, whose search needs one)."""
+    ablations = results.setdefault("ablations", {})
+    old = results.pop("ablation", None)  # the one record of results written before there were several
+    if old:
+        ablations.setdefault(old["run"], old)
+    if a.twins:
+        ablations.update(_default_model(a, results, common, log))
+    large = getattr(a, "large_twins", None)
+    for prof in dict.fromkeys((None, a.large_profile or None)) if large else ():  # --large-profile '': one
+        name = "ablation-large" + (f"-{prof}" if prof else "")
+        if log:
+            log(f"== ablation, large model with twins{', storage profile ' + prof if prof else ''}")
+        run = _timed_run(large, profile=prof, tokens=a.large_tokens, plan=None, common=common)
+        results["runs"][name] = run
+        ablations[name] = _entry(name, "large", large, run)
+
+
+def _default_model(a: Any, results: dict[str, Any], common: dict[str, Any], log: Any) -> dict[str, Any]:
     from edgemoe_ort.bench.policies import HELDOUT_TOKENS, eval_default
-    from edgemoe_ort.bench.runner import parse_precision, parse_routing, run_bench
+    from edgemoe_ort.bench.runner import parse_precision, parse_routing
     from edgemoe_ort.bench.sweep import evaluate_settings
     from edgemoe_ort.bundle import Bundle
     from edgemoe_ort.runtime.generate import load_tokenizer
@@ -77,18 +134,7 @@ def run_ablation_part(a: Any, results: dict[str, Any], common: dict[str, Any], l
     if log:
         log(f"== ablation, default model with twins{' and its plan bundle' if plan else ''}, storage profile "
             f"{a.profile}")
-    run = run_bench(
-        a.twins,
-        budgets=["25%"],
-        tokens=max(a.tokens, 32),
-        profile=a.profile,
-        modes=["naive", "edgemoe"],
-        predictors=["none", PREDICTOR],
-        routings=["exact", ROUTING],
-        precisions=["exact", PRECISION],
-        variants={PLAN: plan} if plan else None,
-        **dict(common, policies=list(POLICIES), rss=False),
-    )
+    run = _timed_run(a.twins, profile=a.profile, tokens=max(a.tokens, 32), plan=plan, common=common)
     results["runs"][name] = run
     policy = _best_policy(run)
     main = Bundle.open(a.twins)
@@ -115,16 +161,13 @@ def run_ablation_part(a: Any, results: dict[str, Any], common: dict[str, Any], l
         ppl.update({"plan" if key == "exact" else key: r.perplexity for key, r, _ in on_plan})
     else:
         ppl = {key: r.perplexity for key, r, _ in evaluate_settings(a.twins, ids, list(chosen), options_of)}
-    results["ablation"] = {
-        "run": name,
-        "bundle": str(a.twins),
-        "plan_bundle": str(plan) if plan else None,
-        "plan_dtypes": Bundle.open(plan).summary()["dtypes"] if plan else None,
-        "budget_bytes": int(budget),
-        "policy": policy,
-        "tokens": len(ids),
-        "perplexity": ppl,
-        "precision": PRECISION,
-        "routing": ROUTING,
-        "predictor": PREDICTOR,
+    return {
+        name: _entry(
+            name, "default", a.twins, run,
+            plan_bundle=str(plan) if plan else None,
+            plan_dtypes=Bundle.open(plan).summary()["dtypes"] if plan else None,
+            budget_bytes=int(budget),
+            tokens=len(ids),
+            perplexity=ppl,
+        )
     }

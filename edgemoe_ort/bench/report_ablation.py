@@ -14,14 +14,24 @@ def _dtypes(counts: dict[str, int] | None) -> str:
 
 
 def ablation_markdown(results: dict[str, Any]) -> list[str]:
-    """The section's Markdown lines (empty without an ``ablation`` result)."""
+    """The sections' Markdown lines, one per ablation run (``ablations``, or the single ``ablation`` of
+    results written before; empty without any)."""
+    entries = dict(results.get("ablations") or {})
+    if results.get("ablation"):
+        entries.setdefault(results["ablation"]["run"], results["ablation"])
+    out: list[str] = []
+    for ab in entries.values():
+        run = (results.get("runs") or {}).get(ab["run"])
+        if run:
+            out += _one(ab, run)
+    return out
+
+
+def _one(ab: dict[str, Any], run: dict[str, Any]) -> list[str]:
     from edgemoe_ort.bench.ablation import STEP_LABELS, steps
     from edgemoe_ort.bench.report import _f, edgemoe_row, paired_speedup
 
-    ab = results.get("ablation")
-    run = (results.get("runs") or {}).get(ab["run"]) if ab else None
-    if not ab or not run:
-        return []
+    large = ab.get("model") == "large"
     naive = next((m for m in run["modes"] if m["mode"] == "naive"), None)
     plan = bool(ab.get("plan_bundle"))
     todo = steps(ab["policy"], plan)
@@ -35,25 +45,35 @@ def ablation_markdown(results: dict[str, Any]) -> list[str]:
     # the perplexity each step computes with (exact until the plan step)
     step_ppl = [base] + [None if s is None else ppl.get(s["ppl"]) for s in todo]
     prof = run.get("profile") or {}
-    where = (
-        f"the plan step and those after it on `{ab['plan_bundle']}` (the default model exported with "
-        f"`edgemoe-plan`'s expert-wise bitwidths{_dtypes(ab.get('plan_dtypes'))} and the same twins) at the "
-        "same "
-        f"{ab.get('budget_bytes', 0) / 2**20:.2f} MiB"
-        if plan
-        else "the bitwidth plan left out (no plan bundle in the run; docs/quality.md, "
-        '"Expert-wise bitwidths")'
-    )
+    if large:
+        quality = (
+            "No held-out perplexity: the large model has random weights and no tokenizer (each step's "
+            "quality is measured on the default model), and no plan step (the planner ranks experts by "
+            "calibration perplexity)."
+        )
+    else:
+        where = (
+            f"the plan step and those after it on `{ab['plan_bundle']}` (the default model exported with "
+            f"`edgemoe-plan`'s expert-wise bitwidths{_dtypes(ab.get('plan_dtypes'))} and the same twins) at "
+            f"the same {ab.get('budget_bytes', 0) / 2**20:.2f} MiB"
+            if plan
+            else "the bitwidth plan left out (no plan bundle in the run; docs/quality.md, "
+            '"Expert-wise bitwidths")'
+        )
+        quality = (
+            f"Held-out perplexity: the first {ab['tokens']} tokens of the held-out stream in decode mode at "
+            "25 % with the step's bundle and options (the cache and prefetch steps compute what exact "
+            f"computes); {where}."
+        )
+    model = "large" if large else "default"
     L = [
-        f"## Ablation (default model, 25 %, storage profile {prof.get('name', 'none')})",
+        f"## Ablation ({model} model, 25 %, storage profile {prof.get('name', 'none')})",
         "",
         f"EdgeMoE-style: each step adds one technique to the step above, all rows from run "
         f"`{ab['run']}` (`{ab['bundle']}`: int4 experts with int2 twins; {run.get('decode_tokens', '?')} "
         f"decode tokens, median of {run.get('repeats', '?')}, interleaved in one process). Best policy: "
         f"`{ab['policy']}` (the faster of lru and hobbit there); prefetch `{ab['predictor']}`; twins "
-        f"`--miss-precision {ab['precision']}`; routing `{ab['routing']}`. Held-out perplexity: the first "
-        f"{ab['tokens']} tokens of the held-out stream in decode mode at 25 % with the step's bundle and "
-        f"options (the cache and prefetch steps compute what exact computes); {where}.",
+        f"`--miss-precision {ab['precision']}`; routing `{ab['routing']}`. {quality}",
         "",
         "| step | decode tok/s | s / token | × naive (paired) | × the step above (paired) "
         "| expert MB / token | hit rate | held-out perplexity |",

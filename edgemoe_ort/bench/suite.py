@@ -205,6 +205,8 @@ def _validate(a: argparse.Namespace, parts: set[str]) -> list[str] | None:
         raise ValueError(f"--parts: expected a subset of {','.join(sorted(known))}, found {a.parts!r}")
     if a.twins is not None and not Bundle.open(a.twins).twins:
         raise ValueError(f"--twins: {a.twins}: the bundle has no twins (export it with --twin)")
+    if a.large_twins is not None and not Bundle.open(a.large_twins).twins:
+        raise ValueError(f"--large-twins: {a.large_twins}: the bundle has no twins (export it with --twin)")
     if a.plan_twins is not None:
         if a.twins is None:
             raise ValueError("--plan-twins: needs --twins (the bundle the plan bundle is compared with)")
@@ -317,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--twins", help="the default model with low-bit twins (edgemoe-export --twin): the "
                     "`twins` part")
     ap.add_argument("--twins-tokens", type=int, default=4096, help="held-out tokens of the `twins` sweep")
+    ap.add_argument("--large-twins", help="the large model with low-bit twins: the `ablation` part's "
+                    "large-model runs (unthrottled and on --large-profile)")
     ap.add_argument("--plan-twins", help="the default model exported with a bitwidth plan (edgemoe-plan) and "
                     "the twins of --twins: the `ablation` part's plan step")
     ap.add_argument("--profile", default="rpi4", help="storage profile for the throttled run (small model)")
@@ -473,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
         from edgemoe_ort.bench.twins import run_twins_part
 
         run_twins_part(a, results, common, log=_log)
-    if a.twins and "ablation" in parts:
+    if (a.twins or a.large_twins) and "ablation" in parts:
         from edgemoe_ort.bench.ablation import run_ablation_part
 
         run_ablation_part(a, results, common, log=_log)

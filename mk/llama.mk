@@ -106,6 +106,20 @@ bench-llama-1b: $(LLAMA_MODELS)/tiny/check.json $(LLAMA_MODELS)/1b/check.json | 
 	  --markdown $(BENCH_DIR)/llama-1b.md $(LLAMA_BENCH_ARGS)
 	@cat $(BENCH_DIR)/llama-1b.md
 
+# The 1.0 B shape with int4 dense weights too (like llama.cpp's Q4_0 file): `make bench-llama-1b-d4`.
+$(LLAMA_1B)/bundle-d4/manifest.json: | $(VENV)/.ok $(LLAMA_1B)/bundle/manifest.json
+	$(VENV)/bin/edgemoe-export $(LLAMA_1B)/hf -o $(LLAMA_1B)/bundle-d4 --bits 4 --group-size 64 \
+	  --dense-bits 4 --force --quiet
+
+.PHONY: bench-llama-1b-d4
+bench-llama-1b-d4: $(LLAMA_MODELS)/tiny/check.json $(LLAMA_MODELS)/1b/check.json \
+  $(LLAMA_1B)/bundle-d4/manifest.json | $(LIB)
+	$(LLAMA_WARN_LOAD)
+	$(VPY) -m edgemoe_ort.bench.llama bench --bin $(LLAMA_BIN) --gguf $(LLAMA_MODELS)/1b/Q4_0.gguf \
+	  --check $(LLAMA_MODELS)/1b/check.json --bundle $(LLAMA_1B)/bundle-d4 --out $(BENCH_DIR)/llama-1b-d4.json \
+	  --markdown $(BENCH_DIR)/llama-1b-d4.md $(LLAMA_BENCH_ARGS)
+	@cat $(BENCH_DIR)/llama-1b-d4.md
+
 # The large checkpoint exported with int4 dense weights too (--dense-bits 4, issue 13): llama.cpp's Q4_0 file
 # quantizes its dense tensors, so this is the like-for-like bundle; `make bench-llama` runs both.
 BENCH_LARGE_D4 := $(BENCH_DIR)/large-d4-bundle

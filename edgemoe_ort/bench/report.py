@@ -724,7 +724,8 @@ def write_report(
         L += [
             "## Against llama.cpp under the same memory cap",
             "",
-            "`make bench-llama` (large model) and `make bench-llama-1b` (the 1.0 B shape of issue 17), "
+            "`make bench-llama` (large model), `make bench-llama-1b` and `make bench-llama-1b-d4` (the 1.0 B "
+            "shape of issue 17), "
             "mk/llama.mk: llama.cpp built from the llama-cpp-python sdist, the same checkpoint converted to "
             "GGUF Q4_0, every run in its own memory cgroup at the same cap. Issue 17's goal is ≥ 4x "
             "llama.cpp's decode tokens/s at llama's dense + 25% cap.",
@@ -744,7 +745,8 @@ def write_report(
 LLAMA_RESULTS = (
     ("Large model (24 layers, 1.16 GB int4 store), float32 dense weights", "llama.json"),
     ("Large model, int4 dense weights (--dense-bits 4)", "llama-d4.json"),
-    ("The 1.0 B shape", "llama-1b.json"),
+    ("The 1.0 B shape, float32 dense weights", "llama-1b.json"),
+    ("The 1.0 B shape, int4 dense weights (--dense-bits 4)", "llama-1b-d4.json"),
 )
 
 

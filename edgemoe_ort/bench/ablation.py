@@ -65,7 +65,8 @@ def _best_policy(run: dict[str, Any]) -> str:
 def _timed_run(
     bundle: str, *, profile: str | None, tokens: int, plan: str | None, common: dict[str, Any]
 ) -> dict[str, Any]:
-    """One interleaved run of every combination the steps take (and of the plan variant, if any)."""
+    """One interleaved run of the combinations the steps take, for each policy (and on the plan variant, if
+    any)."""
     from edgemoe_ort.bench.runner import run_bench
 
     return run_bench(
@@ -78,8 +79,15 @@ def _timed_run(
         routings=["exact", ROUTING],
         precisions=["exact", PRECISION],
         variants={PLAN: plan} if plan else None,
+        keep=_a_step,
         **dict(common, policies=list(POLICIES), rss=False),
     )
+
+
+def _a_step(mode: Any) -> bool:
+    """Whether an edgemoe mode (runner.Mode) is one of the steps' settings for its policy."""
+    settings = {(s["predictor"], s["routing"], s["precision"]) for s in steps(mode.policy or "lru") if s}
+    return (mode.predictor, mode.routing or "exact", mode.precision or "exact") in settings
 
 
 def _entry(name: str, model: str, bundle: str, run: dict[str, Any], **extra: Any) -> dict[str, Any]:

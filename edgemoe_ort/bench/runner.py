@@ -870,6 +870,7 @@ def run_bench(
     pin_experts: int | None = None,
     bw_total_bytes: int = 256 << 20,
     variants: Mapping[str, str | Path] | None = None,
+    keep: Callable[[Mode], bool] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Run every mode of ``bundle_dir`` (see the module doc) and return the JSON-able result.
@@ -879,7 +880,8 @@ def run_bench(
     / ``pin_experts`` go to the edgemoe modes' RuntimeOptions. ``rss_decode_tokens``: decode tokens of the
     peak-RSS generation (one fresh process per mode). ``variants`` (name -> bundle folder): other bundles of
     the same model (a bitwidth plan's, say) whose edgemoe modes run interleaved with the main ones, each at
-    the bytes of the main bundle's budget, decoding the same tokens (see :func:`variant_modes`)."""
+    the bytes of the main bundle's budget, decoding the same tokens (see :func:`variant_modes`). ``keep``:
+    only the edgemoe modes it accepts run (the others always do)."""
     bundle = Bundle.open(bundle_dir)
     prof = load_profile(profile) if profile else None
     if policies is not None:
@@ -899,6 +901,8 @@ def run_bench(
     if others and trace is not None:
         raise ValueError("variants: a trace replay has no other bundles to compare (drop the trace or them)")
     all_modes += [v for name, b in others.items() for v in variant_modes(all_modes, name, b, bundle)]
+    if keep is not None:
+        all_modes = [m for m in all_modes if m.name != "edgemoe" or keep(m)]
     workload = make_workload(bundle, tokens=tokens, prompt_ids=prompt_ids, trace=trace)
     given = dict(frequencies=frequencies, policy_weights=policy_weights, pin_experts=pin_experts)
     policy_options = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}

@@ -335,6 +335,7 @@ def test_stacked_gates_are_recorded_when_the_graph_has_them(bundle: Path, tmp_pa
     from tokenizers import Tokenizer
 
     from edgemoe_ort.bundle import Bundle
+    from edgemoe_ort.bundle.residual import wire_residual
     from edgemoe_ort.bundle.wiring import wire_prefetch_inputs
     from edgemoe_ort.profile.recall import distributions
     from edgemoe_ort.profile.routing import RoutingRecorder
@@ -345,11 +346,12 @@ def test_stacked_gates_are_recorded_when_the_graph_has_them(bundle: Path, tmp_pa
     model = onnx.load(str(wired / "model.onnx"))
     if not any(len(n.input) > 3 and n.input[3] for n in model.graph.node if n.op_type == "OffloadedExpert"):
         wire_prefetch_inputs(model, lookahead=2, token_ids=None)
-        onnx.save(model, str(wired / "model.onnx"))
+    wire_residual(model)  # (a no-op where the graph has its ResidualPrefetch nodes already)
+    onnx.save(model, str(wired / "model.onnx"))
     tok = Tokenizer.from_file(str(wired / "tokenizer" / "tokenizer.json"))
     ids = np.asarray(tok.encode(Path(os.__file__).read_text(), add_special_tokens=False).ids[:1200])
     with RoutingRecorder(wired) as rec:
-        assert rec.has_next_logits
+        assert rec.has_next_logits and rec.has_residual
         r = rec.record(ids[:1000], window=128)
         h = rec.record(ids[1000:], window=128)
     assert r.num_tokens == 1000 and r.layers[0].indices.shape == (1000, K)  # the partial window is kept
@@ -360,6 +362,9 @@ def test_stacked_gates_are_recorded_when_the_graph_has_them(bundle: Path, tmp_pa
     recall, _ = heldout_recall(layers, h)
     assert all(recall["gates"][t] is not None and recall["gates"][t] > 0.4 for t in (1, 2, 3)), recall
     assert distributions(layers, 0, h)["gates"] is None
+    # the residual scores: layer t's router on the residual stream entering it, [N, E] from layer 1 on
+    assert r.layers[0].residual is None and r.layers[1].residual.shape == (1000, E)
+    assert all(recall["residual"][t] is not None and recall["residual"][t] > 0.6 for t in (1, 2, 3)), recall
 
 
 @pytest.mark.export

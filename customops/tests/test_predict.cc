@@ -452,13 +452,29 @@ static void test_residual_predictor() {
   CHECK_EQ(s3.stats()->layers[2].prefetch_issued.load(), uint64_t{0});
   doc["auto"][1] = {"residual", "table"};  // combined: the mean with the table's order1 {0: 0.9, 1: 0.8}
   ExpertStore s4(load_manifest(b.dir), opts(0));
-  Prefetcher pf4(s4, popts("auto", 1, 0.5f), load_profile(write_profile(b, doc, "residual.json"), m));
+  Prefetcher pf4(s4, popts("auto", 1, 0.4f), load_profile(write_profile(b, doc, "residual.json"), m));
+  pf4.wire_residual(1);
   const int64_t e01[] = {0, 1};
-  pf4.on_layer(LayerSignals{0, e01, 1, 2, nullptr, 0, 0});  // the early guess: the table's {0, 1}
-  const float other[] = {0.02f, 0.03f, 0.55f, 0.40f};       // the residual prefers {2, 3}
-  pf4.on_residual(1, other, 1, 4);  // means: 0: 0.46, 1: 0.415, 2: 0.275, 3: 0.2 -> nothing new >= 0.5
+  pf4.on_layer(LayerSignals{0, e01, 1, 2, nullptr, 0, 0});  // layer 1 is the node's: the table's q, no read
+  CHECK_EQ(s4.stats()->layers[1].prefetch_issued.load(), uint64_t{0});
+  const float other[] = {0.02f, 0.03f, 0.55f, 0.40f};  // the residual prefers {2, 3}
+  pf4.on_residual(1, other, 1, 4);  // means: 0: 0.46, 1: 0.415, 2: 0.275, 3: 0.2 -> {0, 1} >= 0.4
   s4.drain();
   CHECK(s4.is_resident(1, 0) && s4.is_resident(1, 1) && !s4.is_resident(1, 2) && !s4.is_resident(1, 3));
+  // without a node for layer 1 the layer call predicts it with what it has (the table) and reads
+  ExpertStore s5(load_manifest(b.dir), opts(0));
+  Prefetcher pf5(s5, popts("auto", 1, 0.4f), load_profile((b.dir / "residual.json").string(), m));
+  pf5.on_layer(LayerSignals{0, e01, 1, 2, nullptr, 0, 0});
+  s5.drain();
+  CHECK(s5.is_resident(1, 0) && s5.is_resident(1, 1));
+  // auto without a profile: the stacked gates alone; the node only copies
+  ExpertStore s6(load_manifest(b.dir), opts(0));
+  Prefetcher pf6(s6, popts("auto"), std::nullopt);
+  pf6.wire_residual(1);
+  pf6.on_layer(LayerSignals{0, idx, 1, 2, logits, 1, 4});
+  pf6.on_residual(1, scores, 1, 4);
+  s6.drain();
+  CHECK(s6.is_resident(1, 2) && s6.is_resident(1, 3) && !s6.is_resident(1, 0));
   EXPECT_ERROR(Prefetcher(s4, popts("resid"), std::nullopt), "edgemoe.predictor", "residual or auto", "'resid'");
 }
 

@@ -70,7 +70,8 @@ class Prefetcher {
   bool residual_wired(int32_t target) const;
   // The ResidualPrefetch node of `target` ran: `scores` [T, E] (E = num_experts of target, checked by the
   // node) are the target router's probabilities on the residual stream entering it. Predicts and prefetches
-  // `target` (residual, or auto where the profile chose a combination with residual).
+  // `target` (residual, or auto where the profile chose residual: alone, or with members whose mean the call
+  // of the layer before computed, and then read nothing for `target`).
   void on_residual(int32_t target, const float* scores, int64_t T, int64_t E);
 
   bool uses_gates() const { return (modes_ & kPredictGates) != 0; }

@@ -386,11 +386,18 @@ void Prefetcher::on_layer(const LayerSignals& s) {
   for (int32_t d = 1; d <= options_.depth && s.layer + d < L; ++d) {
     const int32_t target = s.layer + d;
     const uint32_t bits = members(target, d, &s, st);
-    if (!bits || !predict(target, d, bits, &s, st, q)) break;
-    if (d == 1) {  // auto: kept for the residual node of `target` to combine with
-      st.early_q[static_cast<size_t>(target)] = q;
-      st.early_bits[static_cast<size_t>(target)] = bits;
+    // auto, where the profile chose residual for `target` and a ResidualPrefetch node targets it: that node
+    // predicts it; this call reads nothing for it and only computes the other members' mean for the node.
+    const uint32_t chosen = auto_ && profile_ ? profile_->layers[static_cast<size_t>(target)].auto_members : 0u;
+    if ((chosen & kPredictResidual) && residual_wired(target)) {
+      const uint32_t others = chosen & ~kPredictResidual;
+      if (d == 1 && others && bits == others && predict(target, d, bits, &s, st, q)) {
+        st.early_q[static_cast<size_t>(target)] = q;
+        st.early_bits[static_cast<size_t>(target)] = bits;
+      }
+      break;
     }
+    if (!bits || !predict(target, d, bits, &s, st, q)) break;
     const bool gated = precision_.mode == MissPrecision::Dynamic && gate_unimportance(target, d, s, s_pred);
     // adaptive depth: further only while all is resident
     if (!select(target, d, d, s.T > 1, false, q, st, reads, gated ? &s_pred : nullptr)) break;
@@ -423,7 +430,7 @@ void Prefetcher::on_residual(int32_t target, const float* scores, int64_t T, int
   if (static_cast<size_t>(E) != n) return;  // the node checks it: never reached
   // auto: only where the profile chose residual (alone or with others: combined with the layer before's q)
   uint32_t others = 0;
-  if (auto_) {
+  if (auto_ && profile_) {  // (auto without a profile has no residual member: returned above)
     const uint32_t want = profile_->layers[t].auto_members;
     if (!(want & kPredictResidual)) return;
     others = want & ~kPredictResidual;

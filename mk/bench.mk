@@ -54,7 +54,7 @@ $(BENCH_REPLAY)/manifest.json: $(BENCH_TRACE)
 # Prefetch inputs (stacked gates, TokenPrefetch) and CacheAwareTopK for bundles exported before they existed
 # (idempotent), and the default model's routing profile (100k tokens of its corpus; edgemoe-profile's library call).
 $(BENCH_DIR)/.wired: $(BENCH_SMALL)/manifest.json $(BENCH_LARGE)/manifest.json edgemoe_ort/bundle/wiring.py \
-  edgemoe_ort/bundle/routing.py edgemoe_ort/bundle/graph.py | $(LIB)
+  edgemoe_ort/bundle/routing.py edgemoe_ort/bundle/residual.py edgemoe_ort/bundle/graph.py | $(LIB)
 	$(VPY) -c "from edgemoe_ort.bundle.wiring import wire_bundle; \
 	  [print(b, r, w.summary()) for b in ('$(BENCH_SMALL)', '$(BENCH_LARGE)') for r, w in wire_bundle(b).items()]"
 	@touch $@

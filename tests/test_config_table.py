@@ -58,3 +58,19 @@ def test_bad_values_the_library_checks(tmp_path: Path) -> None:
         ops.open_session(b.graph_path(), b.path, ops.RuntimeOptions(policy="hobbit", policy_weights="lru=7"))
     with pytest.raises(Exception, match="needs expert frequencies"):
         ops.open_session(b.graph_path(), b.path, ops.RuntimeOptions(policy="pinned"))
+
+
+def test_python_predictors_are_the_librarys(tmp_path: Path) -> None:
+    """The library's predictor names (edgemoe.predictor; profile.h predictor_names) are ops.PREDICTORS."""
+    import onnxruntime as ort
+
+    b = make_synthetic_bundle(tmp_path / "b", num_layers=1, num_experts=2, top_k=1)
+    so = ort.SessionOptions()
+    so.add_session_config_entry("edgemoe.bundle_dir", str(b.path))
+    so.add_session_config_entry("edgemoe.predictor", "bogus")
+    with pytest.raises(Exception) as err:
+        so.register_custom_ops_library(str(ops.library_path()))
+    names = ", ".join(ops.PREDICTORS[:-1]) + f" or {ops.PREDICTORS[-1]}"
+    assert f"edgemoe.predictor: expected {names}, found 'bogus'" in str(err.value)
+    doc = next(k["doc"] for k in ops.config_keys() if k["key"] == "edgemoe.predictor")
+    assert all(f"`{p}`" in doc for p in ops.PREDICTORS)

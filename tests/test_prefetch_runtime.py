@@ -58,6 +58,7 @@ def test_graph_is_wired(bundle: Path) -> None:
     g = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in g.node if n.domain == "edgemoe"]
     assert ops.count("TokenPrefetch") == 1 and ops.count("OffloadedExpert") == 4
+    assert ops.count("ResidualPrefetch") == 3  # layers 1..3: the stream leaving the layer before
     experts = [n for n in g.node if n.op_type == "OffloadedExpert"]
     assert [len(n.input) > 3 and bool(n.input[3]) for n in experts] == [True, True, True, False]
 
@@ -66,7 +67,7 @@ def test_graph_is_wired(bundle: Path) -> None:
 def test_exact_with_every_predictor(bundle: Path, budget: str | None, policy: str) -> None:
     ref_tokens, _ = _generate(bundle, predictor="none", budget=budget, policy=policy)
     ref_logits = _logits(bundle, predictor="none", budget=budget, policy=policy)
-    for predictor in ("table", "gates", "token", "auto"):
+    for predictor in ("table", "gates", "token", "residual", "auto"):
         tokens, cache = _generate(bundle, predictor=predictor, budget=budget, policy=policy)
         assert tokens == ref_tokens, predictor
         assert np.array_equal(_logits(bundle, predictor=predictor, budget=budget, policy=policy), ref_logits)
@@ -93,6 +94,9 @@ def test_prefetch_statistics(bundle: Path) -> None:
     ]
     # layer 0 can only be predicted at token start (the token table)
     assert layers[0]["prefetch"]["issued"] > 0
+    # residual: the ResidualPrefetch nodes predict layers 1..3, never layer 0
+    _, res = _generate(bundle, predictor="residual", budget="25%")
+    assert res["prefetch"]["issued"] > 0 and res["layers"][0]["prefetch"]["issued"] == 0, res["prefetch"]
 
 
 def test_call_stats_per_thread(bundle: Path) -> None:

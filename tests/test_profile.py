@@ -36,9 +36,10 @@ E, K = 8, 2
 
 
 # ------------------------------------------------------------------------------------ synthetic routing
-def _structured(n: int, seed: int, *, gates: bool = False) -> Routing:
+def _structured(n: int, seed: int, *, gates: bool = False, residual: bool = False) -> Routing:
     """Layer 0 is a function of the token id, layer 1 of layer 0's pair, layer 2 random (so only the
-    frequencies can say anything about it). ``gates``: stacked logits that point at the next layer's pair."""
+    frequencies can say anything about it). ``gates``: stacked logits that point at the next layer's pair;
+    ``residual``: each layer's residual scores (a softmax) point at its own pair."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, 50, size=n)
     pair_of_token = np.argsort(np.random.default_rng(99).random((50, E)), axis=1)[:, :K]
@@ -54,7 +55,12 @@ def _structured(n: int, seed: int, *, gates: bool = False) -> Routing:
             target = (l1, l2)[li]
             nxt = rng.normal(size=(n, 1, E)).astype(np.float32)
             np.put_along_axis(nxt[:, 0, :], target, 10.0, axis=1)
-        layers.append(LayerRouting(li, idx.astype(np.int64), w, nxt))
+        res = None
+        if residual:
+            z = rng.normal(size=(n, E))
+            np.put_along_axis(z, idx, 6.0, axis=1)
+            res = (np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)).astype(np.float32)
+        layers.append(LayerRouting(li, idx.astype(np.int64), w, nxt, res))
     return Routing(ids.astype(np.int64), layers)
 
 
@@ -113,6 +119,20 @@ def test_gates_predictor_and_auto_ties() -> None:
         "gates",
         "token",
     ]
+
+
+def test_residual_predictor_is_scored_and_chosen() -> None:
+    train, held = _structured(2000, 0, residual=True), _structured(500, 1, residual=True)
+    layers = build_layers(train, MANIFEST_LAYERS)
+    recall, auto = heldout_recall(layers, held)
+    assert recall["residual"][0] is None  # layer 0 has no layer before
+    assert recall["residual"][1] == 1.0 and recall["residual"][2] == 1.0
+    assert recall["gates+residual"][2] is None and recall["residual+table"][2] is not None
+    assert auto[1] == ["table"]  # table = token = residual = 1.0: ties go to table
+    assert auto[2] == ["residual"]
+    validate_profile(_doc(layers, recall, auto))
+    plain = _structured(500, 1)  # a graph without ResidualPrefetch nodes
+    assert all(v is None for v in heldout_recall(layers, plain)[0]["residual"])
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -315,6 +335,7 @@ def test_stacked_gates_are_recorded_when_the_graph_has_them(bundle: Path, tmp_pa
     from tokenizers import Tokenizer
 
     from edgemoe_ort.bundle import Bundle
+    from edgemoe_ort.bundle.residual import wire_residual
     from edgemoe_ort.bundle.wiring import wire_prefetch_inputs
     from edgemoe_ort.profile.recall import distributions
     from edgemoe_ort.profile.routing import RoutingRecorder
@@ -325,11 +346,12 @@ def test_stacked_gates_are_recorded_when_the_graph_has_them(bundle: Path, tmp_pa
     model = onnx.load(str(wired / "model.onnx"))
     if not any(len(n.input) > 3 and n.input[3] for n in model.graph.node if n.op_type == "OffloadedExpert"):
         wire_prefetch_inputs(model, lookahead=2, token_ids=None)
-        onnx.save(model, str(wired / "model.onnx"))
+    wire_residual(model)  # (a no-op where the graph has its ResidualPrefetch nodes already)
+    onnx.save(model, str(wired / "model.onnx"))
     tok = Tokenizer.from_file(str(wired / "tokenizer" / "tokenizer.json"))
     ids = np.asarray(tok.encode(Path(os.__file__).read_text(), add_special_tokens=False).ids[:1200])
     with RoutingRecorder(wired) as rec:
-        assert rec.has_next_logits
+        assert rec.has_next_logits and rec.has_residual
         r = rec.record(ids[:1000], window=128)
         h = rec.record(ids[1000:], window=128)
     assert r.num_tokens == 1000 and r.layers[0].indices.shape == (1000, K)  # the partial window is kept
@@ -340,6 +362,9 @@ def test_stacked_gates_are_recorded_when_the_graph_has_them(bundle: Path, tmp_pa
     recall, _ = heldout_recall(layers, h)
     assert all(recall["gates"][t] is not None and recall["gates"][t] > 0.4 for t in (1, 2, 3)), recall
     assert distributions(layers, 0, h)["gates"] is None
+    # the residual scores: layer t's router on the residual stream entering it, [N, E] from layer 1 on
+    assert r.layers[0].residual is None and r.layers[1].residual.shape == (1000, E)
+    assert all(recall["residual"][t] is not None and recall["residual"][t] > 0.6 for t in (1, 2, 3)), recall
 
 
 @pytest.mark.export

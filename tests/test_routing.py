@@ -17,7 +17,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from edgemoe_ort.bundle.routing import ROUTING_OP_TYPE, ROUTING_OPSET
+from edgemoe_ort.bundle.residual import RESIDUAL_OPSET
+from edgemoe_ort.bundle.routing import ROUTING_OP_TYPE
 from edgemoe_ort.bundle.wiring import wire_bundle
 from edgemoe_ort.eval import evaluate
 from edgemoe_ort.runtime.generate import MoEModel, load_tokenizer
@@ -69,7 +70,8 @@ def test_the_exported_graph_routes_every_layer_through_cache_aware_topk(tiny_bun
     assert sorted(a["layer"] for a in attrs) == [0, 1, 2, 3]
     assert {a["scores"] for a in attrs} == {b"probs"}  # Mixtral: TopK over the router's softmax
     assert not [n for n in model.graph.node if n.op_type == "TopK"]
-    assert max(o.version for o in model.opset_import if o.domain == "edgemoe") == ROUTING_OPSET
+    # the export's ResidualPrefetch nodes (opset 4) include CacheAwareTopK's opset 3
+    assert max(o.version for o in model.opset_import if o.domain == "edgemoe") == RESIDUAL_OPSET
 
 
 @pytest.mark.parametrize("budget", [None, "25%"])
@@ -174,7 +176,7 @@ def test_wire_bundle_adds_routing_to_an_old_bundle(tiny_bundle: Path, tmp_path: 
     want, _ = _logits_and_tokens(old, budget="25%")
     weights = {p.name: p.read_bytes() for p in old.iterdir() if p.suffix in (".bin", ".data", ".weights")}
     report = wire_bundle(old)["decoder"]
-    assert report.changed and report.opset == ROUTING_OPSET
+    assert report.changed and report.opset == RESIDUAL_OPSET  # ResidualPrefetch too (opset 4 >= 3)
     assert sum("CacheAwareTopK (topk over probs)" in n for n in report.notes) == 4, report.notes
     assert len(_routers(onnx.load(str(old / "model.onnx"), load_external_data=False))) == 4
     got, _ = _logits_and_tokens(old, budget="25%")

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from edgemoe_ort.bundle.residual import RESIDUAL_OP_TYPE, RESIDUAL_OPSET
 from edgemoe_ort.bundle.routing import ROUTING_OPSET
 from edgemoe_ort.bundle.testing import (
     chain_feeds,
@@ -558,6 +559,7 @@ WIRED_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("gates", dict(predictor="gates")),
     ("auto-50%", dict(budget="50%")),
     ("gates-50%", dict(predictor="gates", budget="50%")),
+    ("residual-50%", dict(predictor="residual", budget="50%")),
 ]
 
 
@@ -789,7 +791,9 @@ def test_wired_graph_passes_onnx_checks_and_is_idempotent(
     for role, model in _graphs(_unwired(fid, checkpoints, export_root)).items():
         wired = _copy(model)
         report = wire_prefetch_inputs(wired, token_ids="input_ids" if role == "decoder" else None)
-        assert report.changed and report.opset == ROUTING_OPSET  # the routing's opset includes opset 2
+        # the routing's opset includes opset 2; ResidualPrefetch (where wired) is opset 4
+        want = RESIDUAL_OPSET if any(r.wired for r in report.residual) else ROUTING_OPSET
+        assert report.changed and report.opset == want
         onnx.checker.check_model(wired, full_check=True)
         assert [o.SerializeToString() for o in wired.graph.output] == [
             o.SerializeToString() for o in model.graph.output
@@ -829,6 +833,74 @@ def test_wired_logits_bit_identical(fid: str, checkpoints: dict[str, Path], expo
                     np.testing.assert_array_equal(
                         got[name], want[name], err_msg=f"{fid} {role} {variant} {what}: {name}"
                     )
+
+
+#: the MoE layers that get a ResidualPrefetch node, per graph (the others: why not, in the summary)
+EXPECTED_RESIDUAL = {
+    "default": {"decoder": [1, 2, 3]},
+    "mixtral": {"decoder": [1]},
+    "qwen2_moe": {"decoder": [1]},
+    "olmoe": {"decoder": [1]},
+    "switch": {"encoder": [1], "decoder": []},
+}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.export
+@pytest.mark.parametrize("fid", FIDS)
+def test_residual_prefetch_per_family(fid: str, checkpoints: dict[str, Path], export_root: Path) -> None:
+    """A ResidualPrefetch node on the residual stream entering every MoE layer after the first: the identity
+    on it, read before the layer's attention; its scores are the layer's router (softmax) on that stream
+    through the router's own normalization: fed the router's input residual instead, the clone gives the
+    router's softmax. Logits bit-identical with predictor residual; prefetches happen."""
+    from edgemoe_ort.bundle.graph import GraphIndex
+    from edgemoe_ort.bundle.testing import subgraph_between
+
+    bundle = _unwired(fid, checkpoints, export_root)
+    for role, model in _graphs(bundle).items():
+        wired = _copy(model)
+        report = wire_prefetch_inputs(wired, token_ids="input_ids" if role == "decoder" else None)
+        assert [r.layer for r in report.residual if r.wired] == EXPECTED_RESIDUAL[fid][role], report.summary()
+        assert all(r.note for r in report.residual if not r.wired)
+        g = GraphIndex(wired.graph)
+        nodes = {int(next(a.i for a in n.attribute if a.name == "layer")): n for n in wired.graph.node
+                 if n.op_type == RESIDUAL_OP_TYPE}  # fmt: skip
+        moe = _offloaded(wired)
+        checks = {}
+        for t, n in nodes.items():
+            h, scores = n.input
+            assert h == report.residual[[r.layer for r in report.residual].index(t)].residual
+            # the router's residual: the Add reading h' whose other input is computed from h'
+            (add,) = [c for c in g.consumers[n.output[0]] if c.op_type == "Add"]
+            router, _ = find_router(wired, moe[t])
+            logits = next(m for m in wired.graph.node if (m.name or m.output[0]) == router.node).output[0]
+            if router.bias is not None and router.op == "MatMul":
+                logits = g.consumers[logits][0].output[0]
+            checks[t] = (h, scores, add.output[0], logits)
+        extra = sorted({x for c in checks.values() for x in c})
+        taps = _run_ort(bundle, model if not checks else wired, extra)
+        import onnxruntime as ort
+
+        for t, (h, scores, r, logits) in checks.items():
+            sub = subgraph_between(wired, h, scores)
+            sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+            on_r = sess.run([scores], {h: taps[r]})[0]
+            want = _softmax(taps[logits].reshape(on_r.shape).astype(np.float64))
+            np.testing.assert_allclose(on_r, want, **TOL, err_msg=f"{fid} {role} layer {t}")
+        want = _run_ort(bundle, model)
+        issued = 0
+        for options in (dict(predictor="residual", budget="50%"), dict(predictor="residual")):
+            stats: dict[str, Any] = {}
+            got = _run_ort(bundle, wired, options=options, stats=stats)
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{fid} {role} {options}")
+            issued += stats["prefetch"]["issued"]
+        # (at 50% the two-layer models' cache is full of layer 0's experts, which a prefetch never evicts)
+        assert issued > 0 or not checks or role != "decoder"
 
 
 @pytest.mark.export
@@ -920,8 +992,10 @@ def test_export_cli_wires_by_default(checkpoints: dict[str, Path], tmp_path: Pat
     assert "prefetch wiring (decoder, lookahead 3):" in result.output
     assert "layer 0: P=1 (layer 1): only 1 later MoE layer(s) in this graph" in result.output
     assert "token ids: input_ids -> TokenPrefetch (before " in result.output
+    assert "residual: layer 1: ResidualPrefetch on " in result.output
     model = onnx.load(out / "model.onnx")
-    assert _edgemoe_opset(model) == ROUTING_OPSET
+    assert _edgemoe_opset(model) == RESIDUAL_OPSET
+    assert [n.op_type for n in model.graph.node if n.domain == "edgemoe"].count(RESIDUAL_OP_TYPE) == 1
     nodes = _offloaded(model)
     assert len(nodes[0].input) == 4 and nodes[0].input[3] and len(nodes[1].input) == 3
     (tp,) = _token_nodes(model)

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "edgemoe/profile.h"
 #include "edgemoe/throttle.h"
 
 namespace edgemoe {
@@ -180,8 +181,8 @@ void apply_throttle_latency(RuntimeConfig& c, const std::string& v) {
   c.store.throttle_latency_us = parse_throttle_latency_us(v);
 }
 void apply_predictor(RuntimeConfig& c, const std::string& v) {
-  if (v != "none" && v != "table" && v != "gates" && v != "token" && v != "auto")
-    throw Error("edgemoe.predictor: expected none, table, gates, token or auto, found '" + v + "'");
+  if (v != "none" && v != "auto" && !predictor_bit(v))
+    throw Error("edgemoe.predictor: expected " + predictor_list("none", "auto") + ", found '" + v + "'");
   c.prefetch.predictor = v;
 }
 void apply_profile(RuntimeConfig& c, const std::string& v) {
@@ -279,6 +280,7 @@ const std::vector<ConfigKey>& config_keys() {
        apply_throttle_latency, false},
       {"edgemoe.predictor", "auto",
        "which predictor drives prefetching: `none`, `table` (EdgeMoE), `gates` (HOBBIT stacked gates), `token`, "
+       "`residual` (the next router on the residual stream: `ResidualPrefetch` nodes), "
        "`auto` (per layer what the profile measured best; `gates` alone without a profile)",
        apply_predictor, false},
       {"edgemoe.profile", "bundle's profile.json", "routing profile written by `edgemoe-profile` (absent: no `table`/`token`)",

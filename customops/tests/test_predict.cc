@@ -94,7 +94,7 @@ static void test_profile_load_and_errors() {
                "layers[0].transitions.order1", "no earlier layers");
   EXPECT_ERROR(load_profile(broken([](json& d) { d["layers"][1]["frequency"][0] = 201; }), m), "layers[1].frequency[0]",
                "[0, 200]");
-  EXPECT_ERROR(load_profile(broken([](json& d) { d["auto"][1] = {"magic"}; }), m), "auto[1][0]", "\"gates\"");
+  EXPECT_ERROR(load_profile(broken([](json& d) { d["auto"][1] = {"magic"}; }), m), "auto[1][0]", "residual");
   EXPECT_ERROR(load_profile(broken([](json& d) { d["layers"][0]["num_experts"] = 5; }), m), "layers[0].num_experts", "[4, 4]");
   { std::ofstream(b.dir / "broken.json") << "{not json"; }
   EXPECT_ERROR(load_profile((b.dir / "broken.json").string(), m), "broken.json", "valid JSON");
@@ -341,6 +341,11 @@ static void test_prefetch_cost_rule() {
   CHECK(std::abs(m.calibrated(0.15f, 1, true) - 0.15f) < 1e-6f);   // a batch's q is left as is
   for (int i = 0; i < 300; ++i) m.observe_prediction(0.75f, 2, false);  // never used
   CHECK(m.calibrated(0.75f, 2, false) < 0.02f);
+  // the residual node's predictions: a row of their own, whatever the distance
+  CHECK(std::abs(m.calibrated(0.15f, 1, false, true) - 0.15f) < 1e-6f);
+  for (int i = 0; i < 300; ++i) m.observe_prediction(0.45f, 1, true, true);
+  CHECK(m.calibrated(0.45f, 1, false, true) > 0.95f);
+  CHECK(std::abs(m.calibrated(0.45f, 1, false) - 0.45f) < 1e-6f);
   // Before any interval: the read counts as hidden whole, the device as idle.
   CHECK(m.evaluate(0.3f, 1.0, 1000, 20000.0).read);
   // One interval: 10 ms, of which 6 ms waiting (compute 4 ms per layer), the device busy 9 ms (u = 0.9).
@@ -401,6 +406,78 @@ static void test_prefetch_declined_on_slow_storage() {
   CHECK(s.stats()->layers[2].prefetch_declined.load() >= 1);
 }
 
+// residual: the ResidualPrefetch node's scores predict its layer; a layer without a node falls back to the
+// stacked gates; auto follows the profile (residual alone, or combined with the layer before's members).
+static void test_residual_predictor() {
+  TestBundle b = small_bundle("residual");
+  const Manifest m = load_manifest(b.dir);
+  CHECK_EQ(predictor_bit("residual"), uint32_t{kPredictResidual});
+  CHECK(predictor_list("none", "auto") == "none, table, gates, token, residual or auto");
+  ExpertStore s(load_manifest(b.dir), opts(0));
+  Prefetcher pf(s, popts("residual"), std::nullopt);  // needs no profile
+  pf.wire_residual(1);
+  CHECK(pf.residual_wired(1) && !pf.residual_wired(2));
+  const int64_t idx[] = {0, 1};
+  const float logits[] = {-5.0f, -5.0f, 4.0f, 3.0f};  // the stacked gates: layer 1 {2, 3}
+  pf.on_layer(LayerSignals{0, idx, 1, 2, logits, 1, 4});  // layer 1 has a node: the gates are not used
+  s.drain();
+  CHECK_EQ(s.stats()->prefetch_issued.load(), uint64_t{0});
+  const float scores[] = {0.55f, 0.40f, 0.03f, 0.02f};  // the residual: layer 1 {0, 1}
+  pf.on_residual(1, scores, 1, 4);
+  s.drain();
+  CHECK(s.is_resident(1, 0) && s.is_resident(1, 1) && !s.is_resident(1, 2));
+  // layer 2 has no node: the gates predict it (a fresh pass at layer 1: no interval for the cost rule yet)
+  ExpertStore s1(load_manifest(b.dir), opts(0));
+  Prefetcher pf1(s1, popts("residual"), std::nullopt);
+  pf1.wire_residual(1);
+  pf1.on_layer(LayerSignals{1, idx, 1, 2, logits, 1, 4});
+  s1.drain();
+  CHECK(s1.is_resident(2, 2) && s1.is_resident(2, 3));
+  // batch: q = 1 - prod (1 - p)
+  ExpertStore s2(load_manifest(b.dir), opts(0));
+  Prefetcher pf2(s2, popts("residual", 1, 0.5f), std::nullopt);
+  const float two[] = {0.4f, 0.0f, 0.3f, 0.3f, 0.4f, 0.0f, 0.3f, 0.3f};  // expert 0: 0.64 > 0.5, expert 2: 0.51
+  pf2.on_residual(2, two, 2, 4);
+  s2.drain();
+  CHECK(s2.is_resident(2, 0) && s2.is_resident(2, 2) && !s2.is_resident(2, 3));
+  // auto: layer 1's auto list is residual alone, layer 2's table: the node reads layer 1 only
+  json doc = profile_doc(b);
+  doc["auto"][1] = {"residual"};
+  ExpertStore s3(load_manifest(b.dir), opts(0));
+  Prefetcher pf3(s3, popts("auto"), load_profile(write_profile(b, doc, "residual.json"), m));
+  pf3.on_residual(1, scores, 1, 4);
+  pf3.on_residual(2, scores, 1, 4);
+  s3.drain();
+  CHECK(s3.is_resident(1, 0) && s3.is_resident(1, 1));
+  CHECK_EQ(s3.stats()->layers[2].prefetch_issued.load(), uint64_t{0});
+  doc["auto"][1] = {"residual", "table"};  // combined: the mean with the table's order1 {0: 0.9, 1: 0.8}
+  ExpertStore s4(load_manifest(b.dir), opts(0));
+  Prefetcher pf4(s4, popts("auto", 1, 0.4f), load_profile(write_profile(b, doc, "residual.json"), m));
+  pf4.wire_residual(1);
+  const int64_t e01[] = {0, 1};
+  pf4.on_layer(LayerSignals{0, e01, 1, 2, nullptr, 0, 0});  // layer 1 is the node's: the table's q, no read
+  CHECK_EQ(s4.stats()->layers[1].prefetch_issued.load(), uint64_t{0});
+  const float other[] = {0.02f, 0.03f, 0.55f, 0.40f};  // the residual prefers {2, 3}
+  pf4.on_residual(1, other, 1, 4);  // means: 0: 0.46, 1: 0.415, 2: 0.275, 3: 0.2 -> {0, 1} >= 0.4
+  s4.drain();
+  CHECK(s4.is_resident(1, 0) && s4.is_resident(1, 1) && !s4.is_resident(1, 2) && !s4.is_resident(1, 3));
+  // without a node for layer 1 the layer call predicts it with what it has (the table) and reads
+  ExpertStore s5(load_manifest(b.dir), opts(0));
+  Prefetcher pf5(s5, popts("auto", 1, 0.4f), load_profile((b.dir / "residual.json").string(), m));
+  pf5.on_layer(LayerSignals{0, e01, 1, 2, nullptr, 0, 0});
+  s5.drain();
+  CHECK(s5.is_resident(1, 0) && s5.is_resident(1, 1));
+  // auto without a profile: the stacked gates alone; the node only copies
+  ExpertStore s6(load_manifest(b.dir), opts(0));
+  Prefetcher pf6(s6, popts("auto"), std::nullopt);
+  pf6.wire_residual(1);
+  pf6.on_layer(LayerSignals{0, idx, 1, 2, logits, 1, 4});
+  pf6.on_residual(1, scores, 1, 4);
+  s6.drain();
+  CHECK(s6.is_resident(1, 2) && s6.is_resident(1, 3) && !s6.is_resident(1, 0));
+  EXPECT_ERROR(Prefetcher(s4, popts("resid"), std::nullopt), "edgemoe.predictor", "residual or auto", "'resid'");
+}
+
 int main() {
   const std::vector<std::pair<const char*, void (*)()>> tests = {
       {"profile_load_and_errors", test_profile_load_and_errors},
@@ -413,6 +490,7 @@ int main() {
       {"outputs_identical_with_prefetch", test_outputs_identical_with_prefetch},
       {"prefetch_cost_rule", test_prefetch_cost_rule},
       {"prefetch_declined_on_slow_storage", test_prefetch_declined_on_slow_storage},
+      {"residual_predictor", test_residual_predictor},
   };
   return run_tests("test_predict", tests);
 }

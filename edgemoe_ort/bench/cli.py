@@ -227,7 +227,7 @@ def bench(
     predictors: Annotated[
         str | None,
         typer.Option(
-            help="prefetch predictors to compare, e.g. none,table,gates,token,auto: each is a mode "
+            help="prefetch predictors to compare, e.g. none,table,gates,token,residual,auto: each is a mode "
             "edgemoe[P+pred]@budget beside the policies, in the same interleaved run"
         ),
     ] = None,

@@ -235,8 +235,9 @@ def convert_bundle_to_inmemory(
     bundle_dir: str | Path, out_path: str | Path, *, role: str = "decoder"
 ) -> dict[str, Any]:
     """Write ``out_path`` (an ONNX file + ``<name>.data``): the bundle's ``role`` graph with every
-    OffloadedExpert node replaced by QMoE/MoE holding all experts, a TokenPrefetch by Identity and a
-    CacheAwareTopK by TopK (its ``exact`` rule). Returns a report (per-layer plan, bytes)."""
+    OffloadedExpert node replaced by QMoE/MoE holding all experts, a TokenPrefetch or ResidualPrefetch by
+    Identity (on its first input: ORT then drops the residual scores' nodes) and a CacheAwareTopK by TopK
+    (its ``exact`` rule). Returns a report (per-layer plan, bytes)."""
     bundle = Bundle.open(bundle_dir)
     model = onnx.load(str(bundle.graph_path(role)), load_external_data=True)
     g = model.graph
@@ -253,6 +254,8 @@ def convert_bundle_to_inmemory(
         elif node.op_type == "TokenPrefetch" and node.domain == "edgemoe":  # the identity on the ids
             new_nodes.append(helper.make_node("Identity", list(node.input), list(node.output),
                                               name=node.name))
+        elif node.op_type == "ResidualPrefetch" and node.domain == "edgemoe":  # the identity on h
+            new_nodes.append(helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name))
         elif node.op_type == "CacheAwareTopK" and node.domain == "edgemoe":
             # nothing is cached: the exact rule, which is ONNX TopK (largest, sorted, last axis) bit for bit
             new_nodes.append(helper.make_node("TopK", list(node.input), list(node.output), name=node.name,

@@ -582,7 +582,8 @@ def write_report(
             f"(tables fitted on {pp['corpus']['train_tokens']} tokens; `edgemoe-profile`). "
             "Layer 0 can only be "
             "predicted from the token (before it runs); `gates` = the layer's router on the previous layer's "
-            "MoE input; a `+` is the mean of the members' probabilities.",
+            "MoE input; `residual` = the layer's router on the residual stream leaving the previous layer "
+            "(`ResidualPrefetch`); a `+` is the mean of the members' probabilities.",
             "",
             recall_table(pp["recall"], pp.get("auto")),
             "",

@@ -107,7 +107,7 @@ class Mode:
     name: str  # resident | inmemory | naive | mmap | edgemoe
     budget: str | None = None
     policy: str | None = None  # edgemoe only: lru | lfu | edgemoe | hobbit | pinned (None = lru)
-    predictor: str | None = None  # edgemoe only: table | gates | token | auto (None = no prefetching)
+    predictor: str | None = None  # edgemoe only: table | gates | token | residual | auto (None = none)
     routing: str | None = None  # edgemoe only: a routing spec (parse_routing; None = exact)
     precision: str | None = None  # edgemoe only: a miss-precision spec (parse_precision; None = exact)
     # edgemoe only: another bundle of the same model (a run's ``variants``), at the main bundle's budget

@@ -269,7 +269,7 @@ def run_prefetch_part(a: argparse.Namespace, results: dict[str, Any], common: di
         _log(f"== warm start vs cold, small model, storage profile {a.profile}")
         results["warm_start"] = measure_warm_start(a.small, profile=a.profile)
     if a.large:
-        large_preds = [p for p in preds if p in ("none", "gates", "auto")] or ["none"]
+        large_preds = [p for p in preds if p in ("none", "gates", "residual", "auto")] or ["none"]
         for prof in (None, a.large_profile):
             name = "prefetch-large" + (f"-{prof}" if prof else "")
             _log(f"== prefetch ablation, large model{', storage profile ' + prof if prof else ''}")
@@ -356,9 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--predictors",
-        default="none,table,gates,token,auto",
+        default="none,table,gates,token,residual,auto",
         help="prefetch predictors of the `prefetch` part (each a mode edgemoe[P+pred]@25%%); the large model "
-        "has no routing profile, so only none/gates/auto run there",
+        "has no routing profile, so only none/gates/residual/auto run there",
     )
     ap.add_argument(
         "--prefetch-policies",

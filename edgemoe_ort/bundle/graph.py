@@ -6,6 +6,7 @@ Torch-free (onnx + numpy).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ __all__ = [
     "GraphIndex",
     "edgemoe_opset",
     "inferred_types",
+    "insert_nodes",
     "node_attrs",
     "set_opset",
     "shape_const",
@@ -100,6 +102,32 @@ def inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     except Exception:  # inference is a convenience here: without it the hidden size stays unknown
         return {}
     return {v.name: v.type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+
+
+def insert_nodes(
+    model: onnx.ModelProto,
+    before: dict[int, list[onnx.NodeProto]],
+    *,
+    head: Sequence[onnx.NodeProto] = (),
+    initializers: Sequence[onnx.TensorProto] = (),
+    value_info: Sequence[onnx.ValueInfoProto] = (),
+    drop: Collection[int] = (),
+) -> None:
+    """Rebuild ``model.graph.node`` with ``head`` first and ``before[i]`` just before the node at index ``i``
+    (indices of the current list, so a topological order stays one), without the nodes whose ``id`` is in
+    ``drop``, then add ``initializers`` and ``value_info``."""
+    rebuilt: list[onnx.NodeProto] = list(head)
+    for i, n in enumerate(model.graph.node):
+        rebuilt.extend(before.get(i, []))
+        if id(n) in drop:
+            continue
+        kept = onnx.NodeProto()
+        kept.CopyFrom(n)
+        rebuilt.append(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(rebuilt)
+    model.graph.initializer.extend(initializers)
+    model.graph.value_info.extend(value_info)
 
 
 def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:

@@ -44,8 +44,9 @@ __all__ = [
 PROFILE = "profile.json"
 PROFILE_FORMAT = "edgemoe-profile"
 PROFILE_VERSION = 1
-#: predictor names, in the preference order ``auto`` breaks ties with
-PREDICTORS: tuple[str, ...] = ("table", "gates", "token")
+#: predictor names, in the preference order ``auto`` breaks ties with (the op library's ``predictor_names()``
+#: is the same list: ``residual`` is the ``ResidualPrefetch`` node's)
+PREDICTORS: tuple[str, ...] = ("table", "gates", "token", "residual")
 RECALL_AT = "top_k of the layer"
 
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -86,7 +87,7 @@ def combination_members(name: str) -> list[str]:
     return parts
 
 
-#: every predictor and combination: singles first, then pairs, then all three
+#: every predictor and combination: singles first, then pairs, then triples, then all four
 COMBINATIONS: tuple[str, ...] = tuple(
     combination_name(c) for n in range(1, len(PREDICTORS) + 1) for c in combinations(PREDICTORS, n)
 )

@@ -34,6 +34,7 @@ from edgemoe_ort.bundle.graph import (
     DOMAIN,
     GraphIndex,
     edgemoe_opset,
+    insert_nodes,
     node_attrs,
     set_opset,
     shape_const,
@@ -330,16 +331,7 @@ def wire_routing(model: onnx.ModelProto, expect: RoutingSeam | None = None) -> R
         inserted.setdefault(at, []).extend(new)
         lr.router_node = name
     if inserted:
-        rebuilt: list[onnx.NodeProto] = []
-        for i, n in enumerate(model.graph.node):
-            rebuilt.extend(inserted.get(i, []))
-            if id(n) not in removed:
-                kept = onnx.NodeProto()
-                kept.CopyFrom(n)
-                rebuilt.append(kept)
-        del model.graph.node[:]
-        model.graph.node.extend(rebuilt)
-        model.graph.initializer.extend(added_inits)
+        insert_nodes(model, inserted, initializers=added_inits, drop=removed)
         set_opset(model, ROUTING_OPSET)
         report.changed = True
     report.opset = edgemoe_opset(model)

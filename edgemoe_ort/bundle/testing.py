@@ -28,6 +28,7 @@ __all__ = [
     "reference_expert",
     "random_routing",
     "activation",
+    "subgraph_between",
 ]
 
 DTypeSpec = str | Sequence[str] | Sequence[Sequence[str]] | Callable[[int, int], str]
@@ -391,3 +392,34 @@ def chain_feeds(
     if token_ids is not None:
         f["token_ids"] = token_ids
     return f
+
+
+def subgraph_between(model: onnx.ModelProto, h: str, scores: str) -> onnx.ModelProto:
+    """The nodes computing ``scores`` from ``h`` alone (and initializers), as a model ``h -> scores`` (e.g. a
+    ``ResidualPrefetch`` node's scores from its residual stream). Fails (AssertionError, KeyError) if they
+    read any other non-constant tensor or a node of another domain than ONNX's."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = {i.name: i for i in model.graph.initializer}
+    keep: dict[int, onnx.NodeProto] = {}
+    stack = [scores]
+    while stack:
+        name = stack.pop()
+        if name == h or name in consts:
+            continue
+        node = producer[name]  # KeyError: a graph input other than h
+        assert node.domain == "", node
+        if id(node) not in keep:
+            keep[id(node)] = node
+            stack.extend(i for i in node.input if i)
+    order = [n for n in model.graph.node if id(n) in keep]
+    used = {i for n in order for i in n.input}
+    graph = helper.make_graph(
+        order,
+        "scores",
+        [helper.make_tensor_value_info(h, TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(scores, TensorProto.FLOAT, None)],
+        [t for name, t in consts.items() if name in used],
+    )
+    sub = helper.make_model(graph, opset_imports=[o for o in model.opset_import if o.domain == ""])
+    sub.ir_version = model.ir_version
+    return sub

@@ -1,5 +1,6 @@
 """Prefetch signals wired into an exported graph (opset 2): HOBBIT's stacked gates as ``OffloadedExpert``
-input 3, and a ``TokenPrefetch`` node on the token ids.
+input 3, and a ``TokenPrefetch`` node on the token ids; and (opset 4, :mod:`.residual`) a ``ResidualPrefetch``
+node on the residual stream entering each MoE layer after the first.
 
 For the ``OffloadedExpert`` node of manifest layer ``l``, :func:`wire_prefetch_inputs` finds the routers of
 layers ``l+1 .. l+P`` in the graph (family-agnostic: the first ``MatMul`` / ``Gemm`` with a constant
@@ -30,10 +31,12 @@ from edgemoe_ort.bundle.graph import (
     GraphIndex,
     edgemoe_opset,
     inferred_types,
+    insert_nodes,
     node_attrs,
     set_opset,
     shape_const,
 )
+from edgemoe_ort.bundle.residual import LayerResidual, ResidualReport, wire_residual
 
 __all__ = ["LayerWiring", "Router", "WiringReport", "find_router", "wire_bundle", "wire_prefetch_inputs"]
 
@@ -95,12 +98,19 @@ class WiringReport:
     token_consumers: int = 0  # nodes reading that output
     opset: int = 1  # edgemoe opset version imported by the graph afterwards
     changed: bool = False  # the graph was modified by this call
+    #: the ResidualPrefetch node per MoE layer after the graph's first (empty: not requested)
+    residual: list[LayerResidual] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # graph-level remarks
 
     @property
     def wired(self) -> bool:
-        """Whether the graph has a ``TokenPrefetch`` node or a node with input 3 (after this call)."""
-        return self.token_prefetch is not None or any(w.lookahead > 0 for w in self.layers)
+        """Whether the graph has a ``TokenPrefetch`` node, a node with input 3 or a ``ResidualPrefetch`` node
+        (after this call)."""
+        return (
+            self.token_prefetch is not None
+            or any(w.lookahead > 0 for w in self.layers)
+            or any(r.wired for r in self.residual)
+        )
 
     def lookahead_of(self, layer: int) -> int:
         """P of manifest layer ``layer`` (KeyError if the graph has no node for it)."""
@@ -116,7 +126,7 @@ class WiringReport:
         return d
 
     def summary(self) -> list[str]:
-        """One human-readable line per node, then the token ids line."""
+        """One human-readable line per node, one per ``ResidualPrefetch`` layer, then the token ids line."""
         lines = []
         for w in self.layers:
             rows = f"P={w.lookahead}"
@@ -126,6 +136,7 @@ class WiringReport:
                 rows += f" (layers {w.next_layers[0]}..{w.next_layers[-1]})"
             why = f": {'; '.join(w.notes)}" if w.notes else ""
             lines.append(f"layer {w.layer}: {rows}{' (already wired)' if w.already_wired else ''}{why}")
+        lines.extend(f"residual: {line}" for line in ResidualReport(layers=self.residual).summary())
         if self.token_prefetch is not None:
             n = self.token_consumers
             lines.append(
@@ -364,7 +375,7 @@ def _wire_token_prefetch(
 
 
 def wire_prefetch_inputs(
-    model: onnx.ModelProto, *, lookahead: int = 3, token_ids: str | None = "input_ids"
+    model: onnx.ModelProto, *, lookahead: int = 3, token_ids: str | None = "input_ids", residual: bool = True
 ) -> WiringReport:
     """Add HOBBIT's stacked gates (``OffloadedExpert`` input 3) and a ``TokenPrefetch`` node on the token
     ids to ``model``, in place (docs/op-contract.md, opset 2). Returns what was wired, and why not, per layer.
@@ -379,9 +390,14 @@ def wire_prefetch_inputs(
     ``OffloadedExpert`` node; every node that read ``token_ids`` reads the node's output (same ids, same
     shape) instead, so it runs before the embedding. Graph outputs that are ``token_ids`` itself stay so.
 
+    With ``residual``, every MoE layer after the graph's first gets a ``ResidualPrefetch`` node on the
+    residual stream entering it (:func:`edgemoe_ort.bundle.residual.wire_residual`, opset 4;
+    ``report.residual`` says per layer what was wired, or why not).
+
     Any wiring sets the ``("edgemoe", 2)`` opset import. Nothing is ever raised for a layer that cannot be
     wired, the graph's inputs and outputs are unchanged, and re-wiring a wired graph is a no-op (a node that
-    already has input 3 keeps it; a graph that already has a ``TokenPrefetch`` node keeps it as is).
+    already has input 3 keeps it; a graph that already has a ``TokenPrefetch`` or ``ResidualPrefetch`` node
+    keeps it as is).
     """
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise ValueError(f"lookahead must be an integer >= 0, found {lookahead!r}")
@@ -510,16 +526,13 @@ def wire_prefetch_inputs(
         changed = True
 
     if added_nodes or token_node is not None:
-        rebuilt: list[onnx.NodeProto] = [token_node] if token_node is not None else []
-        for i, n in enumerate(model.graph.node):
-            rebuilt.extend(added_nodes.get(i, []))
-            kept = onnx.NodeProto()
-            kept.CopyFrom(n)
-            rebuilt.append(kept)
-        del model.graph.node[:]
-        model.graph.node.extend(rebuilt)
-        model.graph.initializer.extend(added_inits)
-        model.graph.value_info.extend(added_info)
+        head = [token_node] if token_node is not None else []
+        insert_nodes(model, added_nodes, head=head, initializers=added_inits, value_info=added_info)
+    if residual:
+        res = wire_residual(model)
+        report.residual = res.layers
+        report.notes.extend(f"residual: {n}" for n in res.notes)
+        changed = changed or res.changed
     if report.wired and set_opset(model, PREFETCH_OPSET):
         changed = True
     report.opset = edgemoe_opset(model)

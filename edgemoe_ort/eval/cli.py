@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from edgemoe_ort.bundle.profile import PREDICTORS as PROFILE_PREDICTORS
 from edgemoe_ort.cli_common import (
     CONTEXT_SETTINGS,
     MissPrecisionOption,
@@ -72,7 +73,7 @@ def evaluate(
         str, typer.Option(help="cache policy: lru, lfu, edgemoe, hobbit, pinned, none")
     ] = "lru",
     predictor: Annotated[
-        str, typer.Option(help="prefetch predictor: none, table, gates, token, auto")
+        str, typer.Option(help="prefetch predictor: " + ", ".join(("none", *PROFILE_PREDICTORS, "auto")))
     ] = "auto",
     routing: Annotated[str, typer.Option(help="routing rule: exact, cache-prior, max-rank")] = "exact",
     routing_lambda: Annotated[

@@ -1,5 +1,5 @@
-"""ONNX schemas of the ``edgemoe::OffloadedExpert``, ``edgemoe::TokenPrefetch`` and
-``edgemoe::CacheAwareTopK`` nodes (docs/op-contract.md).
+"""ONNX schemas of the ``edgemoe::OffloadedExpert``, ``edgemoe::TokenPrefetch``, ``edgemoe::CacheAwareTopK``
+and ``edgemoe::ResidualPrefetch`` nodes (docs/op-contract.md).
 
 The schemas only exist host-side, so that onnx / onnxscript know the nodes' inputs and attributes while the
 graph is built and checked (without them the dynamo exporter fails with "Attribute OffloadedExpert not
@@ -9,7 +9,9 @@ found"). ONNX Runtime never sees them: the ops themselves live in ``libedgemoe_c
 2, which adds the optional input 3 ``next_router_logits``. ``TokenPrefetch`` (since version 2) is the identity
 on the graph's int64 token ids, placed before the embedding. Both opset-2 additions are wired after tracing by
 :func:`edgemoe_ort.bundle.wiring.wire_prefetch_inputs`. ``CacheAwareTopK`` (since version 3) replaces each
-router's selection step; :func:`edgemoe_ort.bundle.routing.wire_routing` wires it.
+router's selection step; :func:`edgemoe_ort.bundle.routing.wire_routing` wires it. ``ResidualPrefetch``
+(since version 4) is the identity on the residual stream entering an MoE layer, with that layer's router
+scores on it as a second input; :func:`edgemoe_ort.bundle.residual.wire_residual` wires it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ OPSET_VERSION = 1  # the version the tracer emits (3 inputs)
 PREFETCH_OPSET_VERSION = 2  # OffloadedExpert + optional input 3 (next_router_logits); TokenPrefetch
 ROUTING_OP_TYPE = "CacheAwareTopK"
 ROUTING_OPSET_VERSION = 3  # CacheAwareTopK
+RESIDUAL_OP_TYPE = "ResidualPrefetch"
+RESIDUAL_OPSET_VERSION = 4  # ResidualPrefetch
 MANIFEST_DEFAULT = "manifest.json"
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -34,6 +38,12 @@ def _attr(name: str, kind: OpSchema.AttrType, doc: str, default: object | None =
     if default is None:
         return OpSchema.Attribute(name, kind, doc, required=True)
     return OpSchema.Attribute(name, default, doc)
+
+
+def _manifest_attr(doc: str) -> OpSchema.Attribute:
+    """The ``manifest`` attribute every op of the domain has (default ``manifest.json``)."""
+    default = onnx.helper.make_attribute("manifest", MANIFEST_DEFAULT)
+    return _attr("manifest", OpSchema.AttrType.STRING, doc, default)
 
 
 def build_schema(version: int = OPSET_VERSION) -> OpSchema:
@@ -70,12 +80,7 @@ def build_schema(version: int = OPSET_VERSION) -> OpSchema:
             _attr("top_k", t.INT, "K"),
             _attr("activation", t.STRING, "silu | gelu | gelu_tanh | relu | swiglu_oai"),
             _attr("gated", t.INT, "1: act(gate)*up, 0: act(up)"),
-            _attr(
-                "manifest",
-                t.STRING,
-                "manifest path relative to the bundle",
-                onnx.helper.make_attribute("manifest", MANIFEST_DEFAULT),
-            ),
+            _manifest_attr("manifest path relative to the bundle"),
             _attr("alpha", t.FLOAT, "swiglu_oai alpha", onnx.helper.make_attribute("alpha", SWIGLU_ALPHA)),
             _attr("limit", t.FLOAT, "swiglu_oai limit", onnx.helper.make_attribute("limit", SWIGLU_LIMIT)),
         ],
@@ -100,12 +105,7 @@ def build_token_prefetch_schema() -> OpSchema:
         inputs=[OpSchema.FormalParameter("token_ids", "tensor(int64)", "token ids, any shape")],
         outputs=[OpSchema.FormalParameter("token_ids_out", "tensor(int64)", "the same ids, same shape")],
         attributes=[
-            _attr(
-                "manifest",
-                OpSchema.AttrType.STRING,
-                "manifest path relative to the bundle (the OffloadedExpert nodes' store)",
-                onnx.helper.make_attribute("manifest", MANIFEST_DEFAULT),
-            ),
+            _manifest_attr("manifest path relative to the bundle (the OffloadedExpert nodes' store)"),
         ],
     )
     if hasattr(schema, "set_type_and_shape_inference_function"):
@@ -134,14 +134,36 @@ def build_routing_schema() -> OpSchema:
         attributes=[
             _attr("layer", t.INT, "index into the manifest's layers"),
             _attr("scores", t.STRING, "probs (a softmax output) | logits"),
-            _attr(
-                "manifest",
-                t.STRING,
-                "manifest path relative to the bundle (the OffloadedExpert nodes' store)",
-                onnx.helper.make_attribute("manifest", MANIFEST_DEFAULT),
-            ),
+            _manifest_attr("manifest path relative to the bundle (the OffloadedExpert nodes' store)"),
         ],
     )
+
+
+def build_residual_schema() -> OpSchema:
+    """The ``OpSchema`` of ``edgemoe.ResidualPrefetch`` (since version 4): ``h' = ResidualPrefetch(h,
+    scores)``, the identity on ``h`` (output type and shape = ``h``'s, when this onnx lets Python define
+    shape inference)."""
+    t = OpSchema.AttrType
+    schema = OpSchema(
+        RESIDUAL_OP_TYPE,
+        DOMAIN,
+        RESIDUAL_OPSET_VERSION,
+        "The identity on the residual stream h entering MoE layer `layer`; hands `scores` (that layer's "
+        "router softmax on h) to the expert store's prefetcher (placed between h and all its readers, so it "
+        "runs before the layer's attention).",
+        inputs=[
+            OpSchema.FormalParameter("h", "tensor(float)", "the residual stream [..., H]"),
+            OpSchema.FormalParameter("scores", "tensor(float)", "the layer's router softmax on h [T, E]"),
+        ],
+        outputs=[OpSchema.FormalParameter("h_out", "tensor(float)", "the same h, same shape")],
+        attributes=[
+            _attr("layer", t.INT, "index into the manifest's layers: the MoE layer the scores are of"),
+            _manifest_attr("manifest path relative to the bundle (the OffloadedExpert nodes' store)"),
+        ],
+    )
+    if hasattr(schema, "set_type_and_shape_inference_function"):
+        schema.set_type_and_shape_inference_function(_identity_inference)
+    return schema
 
 
 def _registered(op_type: str, version: int) -> bool:
@@ -153,7 +175,7 @@ def _registered(op_type: str, version: int) -> bool:
 
 def register_schema() -> None:
     """Register the schemas with onnx once per process (idempotent): ``OffloadedExpert`` 1 and 2,
-    ``TokenPrefetch`` 2, ``CacheAwareTopK`` 3."""
+    ``TokenPrefetch`` 2, ``CacheAwareTopK`` 3, ``ResidualPrefetch`` 4."""
     for version in (OPSET_VERSION, PREFETCH_OPSET_VERSION):
         if not _registered(OP_TYPE, version):
             onnx.defs.register_schema(build_schema(version))
@@ -161,3 +183,5 @@ def register_schema() -> None:
         onnx.defs.register_schema(build_token_prefetch_schema())
     if not _registered(ROUTING_OP_TYPE, ROUTING_OPSET_VERSION):
         onnx.defs.register_schema(build_routing_schema())
+    if not _registered(RESIDUAL_OP_TYPE, RESIDUAL_OPSET_VERSION):
+        onnx.defs.register_schema(build_residual_schema())

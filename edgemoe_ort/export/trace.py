@@ -33,7 +33,14 @@ from torch.export import Dim
 
 from edgemoe_ort.export.op import LayerSpec, custom_translation_table, shape_probe
 from edgemoe_ort.export.patch import MoELayer, PatchedModel
-from edgemoe_ort.export.schema import DOMAIN, OP_TYPE, ROUTING_OP_TYPE, TOKEN_OP_TYPE, register_schema
+from edgemoe_ort.export.schema import (
+    DOMAIN,
+    OP_TYPE,
+    RESIDUAL_OP_TYPE,
+    ROUTING_OP_TYPE,
+    TOKEN_OP_TYPE,
+    register_schema,
+)
 from edgemoe_ort.export.wrappers import CausalLMWithFlatCache, Seq2SeqDecoderWithFlatCache, Seq2SeqEncoder
 
 log = logging.getLogger(__name__)
@@ -532,6 +539,10 @@ def dense_fingerprints(layers: Iterable[MoELayer]) -> dict[str, tuple[int, Finge
     return {pname: (p.numel(), fingerprint(p)) for m in layers for pname, p in m.dense.items()}
 
 
+#: the domain's ops the wiring adds after tracing (not checked against the plan)
+_WIRED_OPS = (TOKEN_OP_TYPE, ROUTING_OP_TYPE, RESIDUAL_OP_TYPE)
+
+
 def check_graph(
     model: onnx.ModelProto,
     plan: GraphPlan,
@@ -549,7 +560,7 @@ def check_graph(
     expected = {m.spec.layer: m.spec for m in plan.layers}
     found: dict[int, dict[str, Any]] = {}
     for node in _all_nodes(model):
-        if node.domain != DOMAIN or node.op_type in (TOKEN_OP_TYPE, ROUTING_OP_TYPE):  # added by the wiring
+        if node.domain != DOMAIN or node.op_type in _WIRED_OPS:
             continue
         if node.op_type != OP_TYPE:
             raise ExportCheckError(f"{role}: unexpected node {node.domain}.{node.op_type}")

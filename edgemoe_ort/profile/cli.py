@@ -161,3 +161,9 @@ def _print_tables(doc: dict[str, Any], path: Path) -> None:
             "[dim]gates: the graph has no stacked next-router logits (OffloadedExpert input 3)[/]",
             highlight=False,
         )
+    if all(v is None for v in recall.get("residual", [])):
+        out.print(
+            "[dim]residual: the graph has no ResidualPrefetch nodes (wire them: edgemoe_ort.bundle.wiring."
+            "wire_bundle)[/]",
+            highlight=False,
+        )

@@ -8,12 +8,14 @@ A predictor gives, per held-out token and target layer ``t``, a distribution ove
 - ``token``: the ``tokens`` entry of the token id if present, else ``frequency / tokens_seen``.
 - ``gates``: the softmax of row 0 of layer ``t-1``'s stacked next-router logits; ``None`` at layer 0 and
   where the graph has no such input.
+- ``residual``: layer ``t``'s router softmax on the residual stream entering it (the scores of its
+  ``ResidualPrefetch`` node); ``None`` where the graph has no such node (always at layer 0).
 - a combination: the mean of its members' distributions (experts a member's entry does not list count 0);
   ``None`` if a member is.
 
 ``recall@K`` of ``t`` = mean over held-out tokens of ``|top-K of the distribution ∩ E_t| / K`` (``K`` = the
 layer's ``top_k``; ties in the top-K go to the smaller expert id). ``auto[t]`` = the combination with the
-most hits; ties: fewer members, then the order ``table``, ``gates``, ``token``.
+most hits; ties: fewer members, then the order ``table``, ``gates``, ``token``, ``residual``.
 
 :func:`hit_rates` replays the held-out tokens one at a time (decode order: every layer of a token, then the
 next token; the first :data:`HIT_RATE_TOKENS`) through :mod:`edgemoe_ort.runtime.cachesim` for each
@@ -107,7 +109,10 @@ def distributions(
         int(i): _dense(n, E) for i, n in zip(lay["tokens"]["ids"], lay["tokens"]["next"], strict=True)
     }
     token, _ = _lookup([int(t) for t in heldout.token_ids], tok_table, fb)
-    out: dict[str, np.ndarray | None] = {"table": None, "gates": None, "token": token}
+    out: dict[str, np.ndarray | None] = {"table": None, "gates": None, "token": token, "residual": None}
+    resid = heldout.layers[target].residual
+    if target >= 1 and resid is not None and resid.shape[-1] == E:
+        out["residual"] = np.asarray(resid, np.float64)
     if target >= 1:
         prev1 = _set_keys(heldout.layers[target - 1].indices)
         o1 = {tuple(e["prev"][0]): _dense(e["next"], E) for e in lay["transitions"]["order1"]}
@@ -162,8 +167,8 @@ def heldout_recall(
 
 
 def choose_auto(hits: dict[str, int]) -> list[str]:
-    """The members of the combination with the most hits (ties: fewer members, then ``table``, ``gates``,
-    ``token`` first)."""
+    """The members of the combination with the most hits (ties: fewer members, then in the order of
+    :data:`~edgemoe_ort.bundle.profile.PREDICTORS`: ``table``, ``gates``, ``token``, ``residual``)."""
     rank = {p: i for i, p in enumerate(PREDICTORS)}
 
     def key(name: str) -> tuple[int, int, list[int]]:

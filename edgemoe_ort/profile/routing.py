@@ -2,10 +2,11 @@
 
 :func:`write_tapped_graph` copies the bundle's decoder graph with inputs 1 (``topk_indices``), 2
 (``topk_weights``) and, where wired, 3 (``next_router_logits``, docs/op-contract.md) of every
-``OffloadedExpert`` node added as outputs. :class:`RoutingRecorder` opens it with the bundle's expert store
-and either steps it like ``MoEModel.forward`` (:meth:`RoutingRecorder.forward`, with a KV cache: what the
-routing traces of ``edgemoe_ort.bench.trace`` use) or runs a token stream in fixed windows, each a fresh
-context, batched (:meth:`RoutingRecorder.record`: what ``edgemoe-profile`` uses).
+``OffloadedExpert`` node, and input 1 (``scores``) of every ``ResidualPrefetch`` node, added as outputs.
+:class:`RoutingRecorder` opens it with the bundle's expert store and either steps it like
+``MoEModel.forward`` (:meth:`RoutingRecorder.forward`, with a KV cache: what the routing traces of
+``edgemoe_ort.bench.trace`` use) or runs a token stream in fixed windows, each a fresh context, batched
+(:meth:`RoutingRecorder.record`: what ``edgemoe-profile`` uses).
 
 Imports neither torch nor transformers.
 """
@@ -48,6 +49,8 @@ class Tap:
     indices: str  #: input 1, int64 ``[..., K]``
     weights: str  #: input 2, float ``[..., K]``
     next_logits: str | None  #: input 3, float ``[T, P, E]``, or None where the node has none
+    #: input 1 of the ``ResidualPrefetch`` node of this layer, float ``[T, E]``, or None where there is none
+    residual: str | None = None
 
 
 @dataclass
@@ -58,6 +61,8 @@ class LayerRouting:
     indices: np.ndarray  #: int64 ``[N, K]``
     weights: np.ndarray  #: float32 ``[N, K]``
     next_logits: np.ndarray | None  #: float32 ``[N, P, E]`` (row j = manifest layer ``layer + 1 + j``)
+    #: float32 ``[N, E]``: this layer's router softmax on the residual stream entering it (ResidualPrefetch)
+    residual: np.ndarray | None = None
 
 
 @dataclass
@@ -91,6 +96,11 @@ def _attr(node: onnx.NodeProto, name: str) -> Any:
 def routing_taps(model: onnx.ModelProto, where: str = "graph") -> list[Tap]:
     """The :class:`Tap` of every ``OffloadedExpert`` node of ``model``, by layer."""
     taps = []
+    residual = {
+        int(_attr(n, "layer")): n.input[1]
+        for n in model.graph.node
+        if n.op_type == "ResidualPrefetch" and n.domain == "edgemoe" and _attr(n, "layer") is not None
+    }
     for node in model.graph.node:
         if node.op_type != "OffloadedExpert" or node.domain != "edgemoe":
             continue
@@ -98,7 +108,7 @@ def routing_taps(model: onnx.ModelProto, where: str = "graph") -> list[Tap]:
         if layer is None:
             raise ValueError(f"{where}: OffloadedExpert node {node.name!r} has no 'layer' attribute")
         nxt = node.input[3] if len(node.input) > 3 and node.input[3] else None
-        taps.append(Tap(int(layer), node.input[1], node.input[2], nxt))
+        taps.append(Tap(int(layer), node.input[1], node.input[2], nxt, residual.get(int(layer))))
     if not taps:
         raise ValueError(f"{where}: no OffloadedExpert node")
     taps.sort(key=lambda t: t.layer)
@@ -120,6 +130,7 @@ def write_tapped_graph(bundle: Bundle, out_dir: str | Path, role: str = "decoder
             (t.indices, TensorProto.INT64),
             (t.weights, TensorProto.FLOAT),
             (t.next_logits, TensorProto.FLOAT),
+            (t.residual, TensorProto.FLOAT),
         )
         for name, et in wanted:
             if name is not None and name not in existing:
@@ -198,6 +209,11 @@ class RoutingRecorder:
         self.close()
 
     @property
+    def has_residual(self) -> bool:
+        """Whether any layer has a ``ResidualPrefetch`` node (its router on the residual stream)."""
+        return any(t.residual is not None for t in self.taps)
+
+    @property
     def has_next_logits(self) -> bool:
         """Whether any node has input 3 (stacked next-router logits)."""
         return any(t.next_logits is not None for t in self.taps)
@@ -225,11 +241,16 @@ class RoutingRecorder:
             if t.next_logits is not None:
                 a = res[t.next_logits]
                 nxt = a.reshape(-1, *a.shape[-2:]).astype(np.float32, copy=False)
+            resid = None
+            if t.residual is not None:
+                a = res[t.residual]
+                resid = a.reshape(-1, a.shape[-1]).astype(np.float32, copy=False)
             routing[t.layer] = LayerRouting(
                 t.layer,
                 res[t.indices].reshape(-1, k).astype(np.int64, copy=False),
                 res[t.weights].reshape(-1, k).astype(np.float32, copy=False),
                 nxt,
+                resid,
             )
         present = {n: res[n.replace("past_key_values.", "present.")] for n, _, _ in self._past}
         return StepOutput(res["logits"], present, routing)
@@ -272,7 +293,8 @@ class RoutingRecorder:
                 idx = np.concatenate([r.indices for r in rs])
                 w = np.concatenate([r.weights for r in rs])
                 nxt = np.concatenate([r.next_logits for r in rs]) if t.next_logits is not None else None
+                resid = np.concatenate([r.residual for r in rs]) if t.residual is not None else None
             else:
-                idx, w, nxt = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), None
-            layers.append(LayerRouting(t.layer, idx, w, nxt))
+                idx, w, nxt, resid = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), None, None
+            layers.append(LayerRouting(t.layer, idx, w, nxt, resid))
         return Routing(ids.copy(), layers)

@@ -19,6 +19,8 @@ from typing import Any
 
 import onnxruntime as ort
 
+from edgemoe_ort.bundle.profile import PREDICTORS as _PROFILE_PREDICTORS
+
 __all__ = [
     "ENV_LIB",
     "IO_MODES",
@@ -45,7 +47,9 @@ __all__ = [
 ENV_LIB = "EDGEMOE_CUSTOMOPS_LIB"
 LIB_NAME = "libedgemoe_customops.so"
 POLICIES = ("lru", "lfu", "edgemoe", "hobbit", "pinned", "none")
-PREDICTORS = ("none", "table", "gates", "token", "auto")
+#: ``--predictor`` / ``edgemoe.predictor``: the profile's predictor names (the one list, shared with the op
+#: library's ``predictor_names()``; tests/test_config_table.py checks they agree), ``none`` and ``auto``
+PREDICTORS = ("none", *_PROFILE_PREDICTORS, "auto")
 ROUTING_RULES = ("exact", "cache-prior", "max-rank")
 MISS_PRECISIONS = ("exact", "dynamic")
 MAX_ROUTING_LAMBDA = 100.0
@@ -185,7 +189,7 @@ class RuntimeOptions:
     throttle_bw: float = 0  # bytes per second, shared by all I/O threads (one device)
     throttle_latency_us: float = 0  # per read
     # Prediction and prefetch (edgemoe.predictor etc.; docs/op-contract.md, "Prediction and prefetch").
-    predictor: str = "auto"  # none | table | gates | token | auto
+    predictor: str = "auto"  # one of PREDICTORS: none | table | gates | token | residual | auto
     profile: str | Path | None = None  # routing profile (None: the bundle's profile.json if present)
     prefetch_depth: int = 1  # layers ahead, when the next layer's predicted experts are resident
     prefetch_threshold: float = 0.3  # prefetch experts predicted with probability >= this

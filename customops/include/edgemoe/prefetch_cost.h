@@ -16,7 +16,8 @@
 // and the compute per layer from the intervals between consecutive layer calls of a pass (wall time minus
 // the time the call waited), and the calibration of the predictors' probabilities: per distance and per
 // tenth of q, how often a predicted expert was then used (single-token calls only: a batch's q is another
-// quantity), starting from q itself as the prior.
+// quantity), starting from q itself as the prior. Predictions of the ResidualPrefetch node (`residual`) have
+// a calibration of their own: they are made later, on another signal, and come true more often.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -48,12 +49,12 @@ class PrefetchCostModel {
   // the chance that a resident expert is used by the next token).
   void observe_pass(double hits, double resident);
   // A prediction made `distance` layers ahead with probability `q` for a single-token call, and whether the
-  // expert was then used.
-  void observe_prediction(float q, int32_t distance, bool used);
+  // expert was then used; `residual`: made by the ResidualPrefetch node (its own calibration, any distance).
+  void observe_prediction(float q, int32_t distance, bool used, bool residual = false);
 
   // The calibrated probability of use of a prediction `q` made `distance` layers ahead (single-token calls;
-  // pass batch = true for a batch, whose q is returned as is).
-  float calibrated(float q, int32_t distance, bool batch) const;
+  // pass batch = true for a batch, whose q is returned as is); `residual` as in observe_prediction.
+  float calibrated(float q, int32_t distance, bool batch, bool residual = false) const;
   // The decision for a read of `bytes` at `ns_per_byte` (the store's mean; 0 = unknown: the read is assumed
   // to be hidden whole) of an expert whose layer runs after `lead_layers` layers of compute, with calibrated
   // probability `p`. Before any interval was observed the lead is unknown and taken to hide the read whole.
@@ -70,7 +71,9 @@ class PrefetchCostModel {
     double n = 0, used = 0;
   };
   mutable std::mutex mu_;
-  std::vector<std::array<Bin, kBins>> bins_;  // [distance - 1][bin]
+  // The calibration row of a prediction (distance - 1, or the last row for residual ones); -1: none.
+  int row(int32_t distance, bool residual) const;
+  std::vector<std::array<Bin, kBins>> bins_;  // [distance - 1][bin], then the residual row
   double compute_ns_ = 0, busy_ = 0, reuse_ = 0;
   bool observed_ = false, pass_observed_ = false;
 };

@@ -8,6 +8,9 @@
 //          (the graph computes it: input 3 of OffloadedExpert);
 //   token  P(E_t | token id), from the profile; known at token start (the TokenPrefetch node), so it can read
 //          every layer's experts before layer 0 runs;
+//   residual the target layer's router applied to the residual stream that leaves the layer before (the graph
+//          computes it: the ResidualPrefetch node, docs/op-contract.md), after that layer's experts are known and
+//          before the target layer's attention runs: the most accurate signal, half a layer of lead;
 //   auto   per target layer, the combination (mean) of the predictors the profile measured best.
 // A batch of T tokens needs expert e with q(e) = 1 - prod_t (1 - p_t(e)). Per target layer the up to K
 // experts with q >= threshold are prefetched (confidence q, distance in layers). Every expert of a predicted
@@ -20,7 +23,9 @@
 // State per forward pass is kept per calling thread (ORT runs a session's nodes on the thread that called
 // Run), so sessions and threads sharing one store do not mix their histories.
 #pragma once
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -59,6 +64,15 @@ class Prefetcher {
   void on_tokens(const int64_t* ids, int64_t n);
   // A layer's experts are known and its demand reads queued: predict and prefetch the next layers.
   void on_layer(const LayerSignals& s);
+  // A ResidualPrefetch node for `target` exists in some session of this store (at kernel creation): layers
+  // without one are predicted by the stacked gates under edgemoe.predictor = residual.
+  void wire_residual(int32_t target);
+  bool residual_wired(int32_t target) const;
+  // The ResidualPrefetch node of `target` ran: `scores` [T, E] (E = num_experts of target, checked by the
+  // node) are the target router's probabilities on the residual stream entering it. Predicts and prefetches
+  // `target` (residual, or auto where the profile chose residual: alone, or with members whose mean the call
+  // of the layer before computed, and then read nothing for `target`).
+  void on_residual(int32_t target, const float* scores, int64_t T, int64_t E);
 
   bool uses_gates() const { return (modes_ & kPredictGates) != 0; }
   const std::optional<RoutingProfile>& profile() const { return profile_; }
@@ -82,14 +96,17 @@ class Prefetcher {
   // else it is taken from q's ranking.
   // `lead_layers`: the compute until `target` runs, in layers (the cost rule); `batch`: q is of several tokens.
   // A candidate the cost rule declines is counted (prefetch.declined) and not read.
-  bool select(int32_t target, int32_t distance, double lead_layers, bool batch, const std::vector<float>& q,
-              Stream& st, std::vector<Read>& reads, const std::vector<float>* s_pred = nullptr) const;
+  // `residual`: the prediction is the ResidualPrefetch node's (its own calibration).
+  bool select(int32_t target, int32_t distance, double lead_layers, bool batch, bool residual,
+              const std::vector<float>& q, Stream& st, std::vector<Read>& reads,
+              const std::vector<float>* s_pred = nullptr) const;
   // Dynamic precision with the stacked gates of `target` in `s`: per expert the smallest unimportance over the
   // call's tokens, computed on the predicted gate weights (softmax of the logits, top K, normalized); false
   // if the call has no such logits.
   bool gate_unimportance(int32_t target, int32_t depth, const LayerSignals& s, std::vector<float>& out) const;
   void issue(const std::vector<Read>& reads);
-  void remember(int32_t target, int32_t distance, bool batch, const std::vector<float>& q, Stream& st) const;
+  void remember(int32_t target, int32_t distance, bool batch, bool residual, const std::vector<float>& q,
+                Stream& st) const;
   // Feeds the cost model: the interval since the previous layer call and how this layer's predictions did.
   void learn(const LayerSignals& s, Stream& st);
   // What the store should keep for the layers after `after`: each layer's predicted distribution, or the
@@ -104,6 +121,7 @@ class Prefetcher {
   bool auto_ = false;
   uint64_t id_ = 0;  // key of this prefetcher's per-thread streams
   PrefetchCostModel cost_;  // shared by the threads' streams (it locks)
+  std::unique_ptr<std::atomic<bool>[]> residual_wired_;  // per layer: a ResidualPrefetch node targets it
 };
 
 }  // namespace edgemoe

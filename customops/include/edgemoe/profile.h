@@ -11,9 +11,14 @@
 namespace edgemoe {
 
 // Bit set of predictors (the names of the profile's "auto" lists and of edgemoe.predictor).
-enum PredictorBit : uint32_t { kPredictTable = 1u, kPredictGates = 2u, kPredictToken = 4u };
-// "table" / "gates" / "token" -> its bit; 0 for an unknown name.
+enum PredictorBit : uint32_t { kPredictTable = 1u, kPredictGates = 2u, kPredictToken = 4u, kPredictResidual = 8u };
+// The predictors' names, in PredictorBit order: the one list edgemoe.predictor, the profile's "auto" lists and
+// their error messages draw from (edgemoe_ort.bundle.profile.PREDICTORS is the same list; tests check it).
+const std::vector<std::string>& predictor_names();
+// "table" / "gates" / "token" / "residual" -> its bit; 0 for an unknown name.
 uint32_t predictor_bit(const std::string& name);
+// `prefix` + the names joined as "a, b, c" + `last` + the final one: "none, table, ... or auto".
+std::string predictor_list(const std::string& first, const std::string& last);
 
 // A sparse distribution: (expert, probability of being among the layer's K chosen), sorted by p descending.
 using SparseDist = std::vector<std::pair<int32_t, float>>;

@@ -11,6 +11,18 @@ bool attr_int(const OrtApi& api, const OrtKernelInfo* info, const char* name, in
   return true;
 }
 
+OrtStatus* read_layer_attribute(const OrtApi& api, const OrtKernelInfo* info, const std::string& who,
+                                const Manifest& m, int32_t* layer) {
+  int64_t v = -1;
+  if (!attr_int(api, info, "layer", &v)) return make_status(ORT_INVALID_ARGUMENT, who + ": missing int attribute 'layer'");
+  if (v < 0 || v >= static_cast<int64_t>(m.layers.size()))
+    return make_status(ORT_INVALID_ARGUMENT, m.manifest_path.string() + ": " + who +
+                                                 ": attribute layer: expected an index into the manifest's layers [0, " +
+                                                 std::to_string(m.layers.size()) + "), found " + std::to_string(v));
+  *layer = static_cast<int32_t>(v);
+  return nullptr;
+}
+
 bool attr_float(const OrtApi& api, const OrtKernelInfo* info, const char* name, float* out) {
   OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, out);
   if (st) {

@@ -22,6 +22,11 @@ bool attr_int(const OrtApi& api, const OrtKernelInfo* info, const char* name, in
 bool attr_float(const OrtApi& api, const OrtKernelInfo* info, const char* name, float* out);
 bool attr_string(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::string* out);
 
+// The `layer` attribute of a node `who` (e.g. "CacheAwareTopK node 'x'") of the manifest `m`'s store:
+// required, an index into the manifest's layers. An error status names the manifest, the node and the attribute.
+OrtStatus* read_layer_attribute(const OrtApi& api, const OrtKernelInfo* info, const std::string& who,
+                                const Manifest& m, int32_t* layer);
+
 // Reads the attributes; an error status names the node and the missing attribute.
 OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info, NodeAttributes* out);
 // Checks them against the manifest and fills `attrs`; an error status names the manifest, the node, the

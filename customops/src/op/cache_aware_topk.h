@@ -94,10 +94,7 @@ struct CacheAwareTopKOp : Ort::CustomOpBase<CacheAwareTopKOp, CacheAwareTopKKern
     return guarded_create(kCacheAwareTopKName, node, [&]() -> OrtStatus* {
       node = Ort::ConstKernelInfo(info).GetNodeName();
       const std::string who = std::string(kCacheAwareTopKName) + " node '" + node + "'";
-      int64_t layer = -1;
       std::string scores, manifest = "manifest.json";
-      if (!attr_int(api, info, "layer", &layer))
-        return make_status(ORT_INVALID_ARGUMENT, who + ": missing int attribute 'layer'");
       if (!attr_string(api, info, "scores", &scores))
         return make_status(ORT_INVALID_ARGUMENT, who + ": missing string attribute 'scores' (probs or logits)");
       if (scores != "probs" && scores != "logits")
@@ -107,13 +104,9 @@ struct CacheAwareTopKOp : Ort::CustomOpBase<CacheAwareTopKOp, CacheAwareTopKKern
       kernel->engine = group->get(manifest);
       kernel->node = node;
       const Manifest& m = kernel->engine->store().manifest();
-      if (layer < 0 || layer >= static_cast<int64_t>(m.layers.size()))
-        return make_status(ORT_INVALID_ARGUMENT, m.manifest_path.string() + ": " + who +
-                                                     ": attribute layer: expected an index into the manifest's layers [0, " +
-                                                     std::to_string(m.layers.size()) + "), found " + std::to_string(layer));
-      kernel->layer = static_cast<int32_t>(layer);
-      kernel->num_experts = m.layers[static_cast<size_t>(layer)].num_experts;
-      kernel->top_k = m.layers[static_cast<size_t>(layer)].top_k;
+      if (OrtStatus* st = read_layer_attribute(api, info, who, m, &kernel->layer)) return st;
+      kernel->num_experts = m.layers[static_cast<size_t>(kernel->layer)].num_experts;
+      kernel->top_k = m.layers[static_cast<size_t>(kernel->layer)].top_k;
       kernel->kind = scores == "probs" ? ScoreKind::Probs : ScoreKind::Logits;
       *op_kernel = kernel.release();  // owned by ORT, freed through KernelDestroy
       return nullptr;

@@ -1,6 +1,6 @@
 // RegisterCustomOps: reads the edgemoe.* session config entries (through the table in edgemoe/config.h) and
-// adds the "edgemoe" domain with OffloadedExpert, TokenPrefetch and CacheAwareTopK to the SessionOptions. No exception
-// crosses the C boundary.
+// adds the "edgemoe" domain with OffloadedExpert, TokenPrefetch, CacheAwareTopK and ResidualPrefetch to the
+// SessionOptions. No exception crosses the C boundary.
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -9,6 +9,7 @@
 #include "edgemoe/config.h"
 #include "cache_aware_topk.h"
 #include "kernel.h"
+#include "residual_prefetch.h"
 #include "token_prefetch.h"
 #include "ort.h"
 
@@ -17,10 +18,11 @@ namespace {
 
 // Domains and ops must outlive every session using them: kept for the life of the process.
 struct Registration {
-  explicit Registration(const std::shared_ptr<StoreGroup>& g) : op(g), token_op(g), topk_op(g), domain(kDomain) {}
+  explicit Registration(const std::shared_ptr<StoreGroup>& g) : op(g), token_op(g), topk_op(g), residual_op(g), domain(kDomain) {}
   OffloadedExpertOp op;
   TokenPrefetchOp token_op;
   CacheAwareTopKOp topk_op;
+  ResidualPrefetchOp residual_op;
   Ort::CustomOpDomain domain;
 };
 
@@ -75,6 +77,7 @@ extern "C" EDGEMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOp
     reg->domain.Add(&reg->op);
     reg->domain.Add(&reg->token_op);
     reg->domain.Add(&reg->topk_op);
+    reg->domain.Add(&reg->residual_op);
     Ort::ThrowOnError(api->AddCustomOpDomain(options, reg->domain));
     std::lock_guard<std::mutex> lk(registrations_mu());
     registrations().push_back(std::move(reg));

@@ -21,7 +21,14 @@ PrefetchGain prefetch_gain(double p, double save, double busy) {
 }
 
 PrefetchCostModel::PrefetchCostModel(int32_t max_distance)
-    : bins_(static_cast<size_t>(std::max<int32_t>(1, max_distance))) {}
+    : bins_(static_cast<size_t>(std::max<int32_t>(1, max_distance)) + 1) {}
+
+int PrefetchCostModel::row(int32_t distance, bool residual) const {
+  const int last = static_cast<int>(bins_.size()) - 1;  // the residual row
+  if (residual) return last;
+  if (distance < 1) return -1;
+  return std::min(static_cast<int>(distance), last) - 1;
+}
 
 void PrefetchCostModel::observe_interval(double wall_ns, double stall_ns, double busy_ns) {
   if (!(wall_ns > 0) || !std::isfinite(wall_ns)) return;
@@ -38,9 +45,10 @@ void PrefetchCostModel::observe_interval(double wall_ns, double stall_ns, double
   busy_ += kAlpha * (busy - busy_);
 }
 
-void PrefetchCostModel::observe_prediction(float q, int32_t distance, bool used) {
-  if (distance < 1 || !(q >= 0.0f)) return;
-  const size_t d = std::min(static_cast<size_t>(distance), bins_.size()) - 1;
+void PrefetchCostModel::observe_prediction(float q, int32_t distance, bool used, bool residual) {
+  const int r = row(distance, residual);
+  if (r < 0 || !(q >= 0.0f)) return;
+  const size_t d = static_cast<size_t>(r);
   const size_t b = std::min<size_t>(kBins - 1, static_cast<size_t>(std::min(1.0f, q) * kBins));
   std::lock_guard<std::mutex> lk(mu_);
   Bin& bin = bins_[d][b];
@@ -52,10 +60,11 @@ void PrefetchCostModel::observe_prediction(float q, int32_t distance, bool used)
   }
 }
 
-float PrefetchCostModel::calibrated(float q, int32_t distance, bool batch) const {
+float PrefetchCostModel::calibrated(float q, int32_t distance, bool batch, bool residual) const {
   const float c = std::clamp(std::isfinite(q) ? q : 0.0f, 0.0f, 1.0f);
-  if (batch || distance < 1) return c;
-  const size_t d = std::min(static_cast<size_t>(distance), bins_.size()) - 1;
+  const int r = row(distance, residual);
+  if (batch || r < 0) return c;
+  const size_t d = static_cast<size_t>(r);
   const size_t b = std::min<size_t>(kBins - 1, static_cast<size_t>(c * kBins));
   std::lock_guard<std::mutex> lk(mu_);
   const Bin& bin = bins_[d][b];

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bitset>
 #include <chrono>
 #include <cmath>
 #include <memory>
@@ -47,6 +48,11 @@ struct Prefetcher::Stream {
   std::vector<std::vector<std::pair<int32_t, float>>> predicted;
   std::vector<int32_t> predicted_distance;
   std::vector<uint8_t> predicted_batch;
+  std::vector<uint8_t> predicted_residual;  // by the ResidualPrefetch node (its own calibration)
+  // auto: what the layer before predicted for each layer (q and its PredictorBit set), for the residual
+  // node to combine with where the profile chose residual with other members.
+  std::vector<std::vector<float>> early_q;
+  std::vector<uint32_t> early_bits;
   // The previous layer call of this pass (prev_layer): when it started, and the thread's stall and the
   // device's busy time then (the cost model's intervals).
   uint64_t prev_ns = 0, prev_stall_ns = 0, prev_busy_ns = 0;
@@ -62,6 +68,9 @@ struct Prefetcher::Stream {
     predicted.assign(L, {});
     predicted_distance.assign(L, 0);
     predicted_batch.assign(L, 0);
+    predicted_residual.assign(L, 0);
+    early_q.assign(L, {});
+    early_bits.assign(L, 0);
     prev_ns = 0;
   }
 };
@@ -73,17 +82,18 @@ Prefetcher::Prefetcher(ExpertStore& store, const PrefetchOptions& options, std::
       precision_(precision),
       profile_(std::move(profile)),
       id_(next_prefetcher_id.fetch_add(1)),
-      cost_(std::max<int32_t>(1, options.depth)) {
+      cost_(std::max<int32_t>(1, options.depth)),
+      residual_wired_(std::make_unique<std::atomic<bool>[]>(store.manifest().layers.size())) {
   const std::string& p = options_.predictor;
   if (p == "auto") {
     auto_ = true;
-    modes_ = kPredictGates | (profile_ ? (kPredictTable | kPredictToken) : 0u);
+    modes_ = kPredictGates | (profile_ ? (kPredictTable | kPredictToken | kPredictResidual) : 0u);
   } else if (p == "none") {
     modes_ = 0;
   } else {
     modes_ = predictor_bit(p);
-    if (!modes_) throw Error("edgemoe.predictor: expected none, table, gates, token or auto, found '" + p + "'");
-    if (modes_ != kPredictGates && !profile_)
+    if (!modes_) throw Error("edgemoe.predictor: expected " + predictor_list("none", "auto") + ", found '" + p + "'");
+    if ((modes_ & (kPredictTable | kPredictToken)) && !profile_)
       throw Error("edgemoe.predictor: '" + p + "' reads the bundle's routing profile, but there is none (expected " +
                   (store_.manifest().bundle_dir / "profile.json").string() +
                   " or edgemoe.profile; make one with: edgemoe-profile BUNDLE --corpus TEXT)");
@@ -115,6 +125,9 @@ uint32_t Prefetcher::members(int32_t target, int32_t depth, const LayerSignals* 
   if (s && s->next_logits && depth - 1 < s->P) avail |= kPredictGates;
   if (!st.token_q[static_cast<size_t>(target)].empty()) avail |= kPredictToken;
   uint32_t want = modes_;
+  // residual: a layer no ResidualPrefetch node targets (an older bundle, a layer the wiring skipped) is
+  // predicted by the stacked gates where the call has them.
+  if (modes_ == kPredictResidual && !residual_wired(target)) want |= kPredictGates;
   if (auto_ && profile_) {
     want = profile_->layers[static_cast<size_t>(target)].auto_members;
     // The best combination may need a signal this call lacks (e.g. table beyond l+1): use what is there.
@@ -205,7 +218,7 @@ bool Prefetcher::gate_unimportance(int32_t target, int32_t depth, const LayerSig
   return true;
 }
 
-bool Prefetcher::select(int32_t target, int32_t distance, double lead_layers, bool batch,
+bool Prefetcher::select(int32_t target, int32_t distance, double lead_layers, bool batch, bool residual,
                         const std::vector<float>& q, Stream& st, std::vector<Read>& reads,
                         const std::vector<float>* s_pred) const {
   const int64_t K = store_.manifest().layers[static_cast<size_t>(target)].top_k;
@@ -220,7 +233,7 @@ bool Prefetcher::select(int32_t target, int32_t distance, double lead_layers, bo
   // Every expert of the target layer is protected with its probability, not only the ones read: a resident
   // expert of that layer is as likely to be needed as its probability says, and a prefetch may only replace
   // one that is less likely than itself.
-  remember(target, distance, batch, q, st);
+  remember(target, distance, batch, residual, q, st);
   const bool dynamic = precision_.mode == MissPrecision::Dynamic;
   double top = 0;  // dynamic: the predicted weights of the top K, for each one's predicted unimportance
   for (int64_t i = 0; dynamic && i < K && i < static_cast<int64_t>(order.size()); ++i) top += q[static_cast<size_t>(order[static_cast<size_t>(i)])];
@@ -244,7 +257,7 @@ bool Prefetcher::select(int32_t target, int32_t distance, double lead_layers, bo
     if (store_.is_resident(target, e) || (variant == kTwin && store_.is_resident(target, e, kTwin))) continue;
     all_resident = false;
     // The cost rule (prefetch_cost.h): read it only if the expected saving exceeds the expected cost.
-    const float p = cost_.calibrated(c, distance, batch);
+    const float p = cost_.calibrated(c, distance, batch, residual);
     const PrefetchGain g = cost_.evaluate(p, lead_layers, store_.manifest().record(target, e, variant).length,
                                           ns_per_byte);
     if (!g.read) {
@@ -261,11 +274,12 @@ void Prefetcher::issue(const std::vector<Read>& reads) {
   for (const Read& r : reads) store_.prefetch(r.layer, r.expert, PrefetchHint{r.distance, r.confidence}, r.variant);
 }
 
-void Prefetcher::remember(int32_t target, int32_t distance, bool batch, const std::vector<float>& q,
-                          Stream& st) const {
+void Prefetcher::remember(int32_t target, int32_t distance, bool batch, bool residual,
+                          const std::vector<float>& q, Stream& st) const {
   auto& pred = st.predicted[static_cast<size_t>(target)];
   st.predicted_distance[static_cast<size_t>(target)] = distance;
   st.predicted_batch[static_cast<size_t>(target)] = batch;
+  st.predicted_residual[static_cast<size_t>(target)] = residual;
   pred.clear();
   for (size_t e = 0; e < q.size(); ++e)
     if (q[e] >= kMinProtection) pred.emplace_back(static_cast<int32_t>(e), std::min(1.0f, q[e]));
@@ -279,8 +293,9 @@ std::vector<std::pair<ExpertKey, float>> Prefetcher::protections(int32_t after, 
     if (!pred.empty()) {  // calibrated: compared with what a prefetch saves (prefetch_cost.h)
       const int32_t d = st.predicted_distance[static_cast<size_t>(t)];
       const bool batch = st.predicted_batch[static_cast<size_t>(t)] != 0;
+      const bool residual = st.predicted_residual[static_cast<size_t>(t)] != 0;
       for (const auto& [e, c] : pred)
-        out.emplace_back(ExpertKey{t, e}, cost_.keep_value(cost_.calibrated(c, d, batch)));
+        out.emplace_back(ExpertKey{t, e}, cost_.keep_value(cost_.calibrated(c, d, batch, residual)));
       continue;
     }
     // Not predicted (yet) by the layer before: the token table's guess still keeps its experts (no read).
@@ -317,7 +332,7 @@ void Prefetcher::on_tokens(const int64_t* ids, int64_t n) {
     if (auto_ && t > 0) continue;  // auto: later layers are predicted at the layer before, with more signals
     if (!predict(t, 1, kPredictToken, nullptr, st, q)) continue;
     // lead: the layers before t, and about half of t's own (its attention runs before its experts)
-    select(t, t, t + 0.5, n > 1, q, st, reads);
+    select(t, t, t + 0.5, n > 1, false, q, st, reads);
   }
   // before the reads: they may only replace less likely experts
   store_.protect(protections(-1, st), static_cast<float>(cost_.reuse()));
@@ -353,7 +368,8 @@ void Prefetcher::learn(const LayerSignals& s, Stream& st) {
   if (s.T != 1 || st.predicted_batch[l] || st.predicted[l].empty()) return;
   const std::vector<int32_t> used = token_set(s.idx, 0, s.K);
   for (const auto& [e, q] : st.predicted[l])
-    cost_.observe_prediction(q, st.predicted_distance[l], std::binary_search(used.begin(), used.end(), e));
+    cost_.observe_prediction(q, st.predicted_distance[l], std::binary_search(used.begin(), used.end(), e),
+                             st.predicted_residual[l] != 0);
 }
 
 void Prefetcher::on_layer(const LayerSignals& s) {
@@ -364,15 +380,27 @@ void Prefetcher::on_layer(const LayerSignals& s) {
   st.last_layer = s.layer;
   learn(s, st);
   st.predicted[static_cast<size_t>(s.layer)].clear();
+  if (s.layer + 1 < L) st.early_bits[static_cast<size_t>(s.layer + 1)] = 0;
   std::vector<float> q, s_pred;
   std::vector<Read> reads;
   for (int32_t d = 1; d <= options_.depth && s.layer + d < L; ++d) {
     const int32_t target = s.layer + d;
     const uint32_t bits = members(target, d, &s, st);
+    // auto, where the profile chose residual for `target` and a ResidualPrefetch node targets it: that node
+    // predicts it; this call reads nothing for it and only computes the other members' mean for the node.
+    const uint32_t chosen = auto_ && profile_ ? profile_->layers[static_cast<size_t>(target)].auto_members : 0u;
+    if ((chosen & kPredictResidual) && residual_wired(target)) {
+      const uint32_t others = chosen & ~kPredictResidual;
+      if (d == 1 && others && bits == others && predict(target, d, bits, &s, st, q)) {
+        st.early_q[static_cast<size_t>(target)] = q;
+        st.early_bits[static_cast<size_t>(target)] = bits;
+      }
+      break;
+    }
     if (!bits || !predict(target, d, bits, &s, st, q)) break;
     const bool gated = precision_.mode == MissPrecision::Dynamic && gate_unimportance(target, d, s, s_pred);
     // adaptive depth: further only while all is resident
-    if (!select(target, d, d, s.T > 1, q, st, reads, gated ? &s_pred : nullptr)) break;
+    if (!select(target, d, d, s.T > 1, false, q, st, reads, gated ? &s_pred : nullptr)) break;
   }
   // before the reads: they may only replace less likely experts
   store_.protect(protections(s.layer, st), static_cast<float>(cost_.reuse()));
@@ -381,6 +409,54 @@ void Prefetcher::on_layer(const LayerSignals& s) {
   st.prev_sets.resize(static_cast<size_t>(s.T));
   for (int64_t t = 0; t < s.T; ++t) st.prev_sets[static_cast<size_t>(t)] = token_set(s.idx, t, s.K);
   st.prev_layer = s.layer;
+}
+
+void Prefetcher::wire_residual(int32_t target) {
+  if (target >= 0 && static_cast<size_t>(target) < store_.manifest().layers.size())
+    residual_wired_[static_cast<size_t>(target)].store(true, std::memory_order_relaxed);
+}
+
+bool Prefetcher::residual_wired(int32_t target) const {
+  return target >= 0 && static_cast<size_t>(target) < store_.manifest().layers.size() &&
+         residual_wired_[static_cast<size_t>(target)].load(std::memory_order_relaxed);
+}
+
+void Prefetcher::on_residual(int32_t target, const float* scores, int64_t T, int64_t E) {
+  if (!(modes_ & kPredictResidual) || T <= 0) return;
+  const int32_t L = static_cast<int32_t>(store_.manifest().layers.size());
+  if (target < 0 || target >= L) return;
+  const size_t t = static_cast<size_t>(target);
+  const size_t n = static_cast<size_t>(store_.manifest().layers[t].num_experts);
+  if (static_cast<size_t>(E) != n) return;  // the node checks it: never reached
+  // auto: only where the profile chose residual (alone or with others: combined with the layer before's q)
+  uint32_t others = 0;
+  if (auto_ && profile_) {  // (auto without a profile has no residual member: returned above)
+    const uint32_t want = profile_->layers[t].auto_members;
+    if (!(want & kPredictResidual)) return;
+    others = want & ~kPredictResidual;
+  }
+  Stream& st = stream();
+  if (target <= st.last_layer) st.reset(static_cast<size_t>(L));  // a new pass whose first node is this one
+  // q(e) = 1 - prod_t (1 - p_t(e)) over the call's tokens, as the other predictors
+  std::vector<double> keep(n, 1.0);
+  for (int64_t i = 0; i < T; ++i) {
+    const float* p = scores + i * E;
+    for (size_t e = 0; e < n; ++e) {
+      const double v = std::isfinite(p[e]) ? std::clamp(static_cast<double>(p[e]), 0.0, 1.0) : 0.0;
+      keep[e] *= 1.0 - v;
+    }
+  }
+  std::vector<float> q(n);
+  for (size_t e = 0; e < n; ++e) q[e] = static_cast<float>(1.0 - keep[e]);
+  if (others && st.early_bits[t] == others && st.early_q[t].size() == n) {  // the mean with the other members
+    const float members = static_cast<float>(std::bitset<32>(others).count());
+    for (size_t e = 0; e < n; ++e) q[e] = std::min(1.0f, (st.early_q[t][e] * members + q[e]) / (members + 1.0f));
+  }
+  std::vector<Read> reads;
+  // lead: the target layer's attention, about half a layer (as at token start)
+  select(target, 1, 0.5, T > 1, true, q, st, reads);
+  store_.protect(protections(target - 1, st), static_cast<float>(cost_.reuse()));
+  issue(reads);
 }
 
 }  // namespace edgemoe

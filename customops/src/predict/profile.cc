@@ -91,11 +91,29 @@ class Checker {
 
 }  // namespace
 
+const std::vector<std::string>& predictor_names() {
+  static const std::vector<std::string> names = {"table", "gates", "token", "residual"};
+  return names;
+}
+
 uint32_t predictor_bit(const std::string& name) {
-  if (name == "table") return kPredictTable;
-  if (name == "gates") return kPredictGates;
-  if (name == "token") return kPredictToken;
+  const std::vector<std::string>& names = predictor_names();
+  for (size_t i = 0; i < names.size(); ++i)
+    if (name == names[i]) return 1u << i;
   return 0;
+}
+
+std::string predictor_list(const std::string& first, const std::string& last) {
+  std::vector<std::string> all;
+  if (!first.empty()) all.push_back(first);
+  all.insert(all.end(), predictor_names().begin(), predictor_names().end());
+  if (!last.empty()) all.push_back(last);
+  std::string out;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (i) out += i + 1 == all.size() ? " or " : ", ";
+    out += all[i];
+  }
+  return out;
 }
 
 std::string RoutingProfile::key(const std::vector<int32_t>& prev1) {
@@ -226,7 +244,7 @@ RoutingProfile load_profile(const std::string& path, const Manifest& m) {
     if (!a.is_array()) c.fail(fa, "a list of predictor names", short_dump(a));
     for (size_t i = 0; i < a.size(); ++i) {
       const uint32_t bit = a[i].is_string() ? predictor_bit(a[i].get<std::string>()) : 0;
-      if (!bit) c.fail(fa + "[" + std::to_string(i) + "]", "\"table\", \"gates\" or \"token\"", short_dump(a[i]));
+      if (!bit) c.fail(fa + "[" + std::to_string(i) + "]", "a predictor name (" + predictor_list("", "") + ")", short_dump(a[i]));
       lp.auto_members |= bit;
     }
   }

@@ -13,7 +13,8 @@
 #   large-twins-bundle/       the large model, int4 g64 experts with int2 twins (~3 min): its ablation
 #   tiny-plan-bundle/         the default model with edgemoe-plan's bitwidths (int4..int2 at 0.2 %) and int2
 #                             twins + its profile (edgemoe_ort/bench/plan_bundle.py; ~1 min): the ablation's plan step
-# `make bench` measures for ~30 min once the models exist (the large export adds ~4-8 min, the replay bundle ~1 min):
+# `make bench` measures for ~40 min once the models exist (the large exports add ~4-8 min each, the replay and
+# plan bundles ~1 min each):
 # every run compares the cache policies $(BENCH_POLICIES) (one mode edgemoe[P]@budget each, interleaved) and
 # measures each mode's peak RSS in a fresh process over $(BENCH_RSS_TOKENS) decode tokens.
 # Measure on a quiet machine: the recipe warns when the 1-minute load average is >= 1.5.

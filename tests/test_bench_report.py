@@ -257,3 +257,17 @@ def test_ablation_section_walks_the_steps(tmp_path):
     large_rows = [x for x in text.split("## Ablation (large")[1].splitlines() if x.startswith("| + ")]
     assert all(x.endswith("| – |") for x in large_rows)
     assert ablation_markdown({"runs": {}}) == []
+
+
+def test_ablation_runs_only_the_settings_its_steps_take():
+    """Per policy: no prefetch, + prefetch, + twins, + routing (with twins); nothing else of the product."""
+    from edgemoe_ort.bench.ablation import POLICIES, PRECISION, PREDICTOR, ROUTING, _a_step
+    from edgemoe_ort.bench.runner import modes_for
+
+    every = modes_for(["25%"], list(POLICIES), ["none", PREDICTOR], ["exact", ROUTING], ["exact", PRECISION])
+    kept = [m.label for m in every if m.name == "edgemoe" and _a_step(m)]
+    assert kept == [
+        f"edgemoe[{p}{tag}]@25%"
+        for p in POLICIES
+        for tag in ("", f"+{PREDICTOR}", f"+{PREDICTOR}~{PRECISION}", f"+{PREDICTOR}/{ROUTING}~{PRECISION}")
+    ]

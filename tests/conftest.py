@@ -1,9 +1,11 @@
-"""Shared fixtures: one bundle of the default model per test session (the CLI suites run against it)."""
+"""Shared fixtures: one bundle of the default model per test session (the CLI suites run against it), and
+the default model's corpus."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,16 @@ def idsonly_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
     manifest["tokenizer"] = None
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
+
+
+@pytest.fixture(scope="session")
+def stdlib_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's corpus (models/eval_default.py: the stdlib's library sources), as symlinks."""
+    sys.path.insert(0, str(REPO))
+    from models.eval_default import list_corpus_files, stdlib_root
+
+    root, out = stdlib_root(), tmp_path_factory.mktemp("stdlib-corpus")
+    for rel in list_corpus_files(root):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).symlink_to(root / rel)
+    return out

@@ -240,19 +240,6 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
-def stdlib_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model's corpus (models/eval_default.py: the stdlib's library sources), as symlinks."""
-    sys.path.insert(0, str(REPO))
-    from models.eval_default import list_corpus_files, stdlib_root
-
-    root, out = stdlib_root(), tmp_path_factory.mktemp("stdlib-corpus")
-    for rel in list_corpus_files(root):
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).symlink_to(root / rel)
-    return out
-
-
 def _cli(*args: object) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
     return subprocess.run([BIN / "edgemoe-profile", *map(str, args)], capture_output=True, text=True, env=env)

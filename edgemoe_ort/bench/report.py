@@ -326,6 +326,22 @@ def prefetch_verdicts(name: str, run: dict[str, Any], budget: str = "25%") -> li
     return out
 
 
+def _probe_lines(rp: dict[str, Any] | None) -> list[str]:
+    """The residual probe's recall against the router it replaces (none without a probe)."""
+    if not rp or not rp.get("layers"):
+        return []
+    cells = ", ".join(
+        f"layer {e['layer']} {_f(e['recall_router'], '{:.3f}')} → **{e['recall_probe']:.3f}**"
+        for e in rp["layers"]
+    )
+    return [
+        f"`residual` is the fitted residual probe (ridge {rp['ridge']:g} per token, {rp['train_tokens']} "
+        "train tokens; docs/op-contract.md, \"ResidualPrefetch\"); held-out recall, the router on the same "
+        f"stream → the probe: {cells}.",
+        "",
+    ]
+
+
 def recall_table(recall: dict[str, list[float | None]], auto: list[list[str]] | None) -> str:
     """Held-out recall@K per predictor (and mean of predictors) per layer, from a bundle's profile."""
     n = max(len(v) for v in recall.values())
@@ -583,10 +599,12 @@ def write_report(
             "Layer 0 can only be "
             "predicted from the token (before it runs); `gates` = the layer's router on the previous layer's "
             "MoE input; `residual` = the layer's router on the residual stream leaving the previous layer "
-            "(`ResidualPrefetch`); a `+` is the mean of the members' probabilities.",
+            "(`ResidualPrefetch`), or the residual probe fitted to it where the profile has one; a `+` is "
+            "the mean of the members' probabilities.",
             "",
             recall_table(pp["recall"], pp.get("auto")),
             "",
+            *_probe_lines(pp.get("residual_probe")),
             "Reading the ablations above: where storage bounds the token (the small model on rpi4, the "
             "large model on jetson-emmc) compute is a small part of it, so overlap can hide at "
             "most that part, while "

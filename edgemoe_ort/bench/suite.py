@@ -255,11 +255,12 @@ def run_prefetch_part(a: argparse.Namespace, results: dict[str, Any], common: di
     if a.small:
         from edgemoe_ort.bench.warmstart import measure_warm_start
         from edgemoe_ort.bundle.profile import read_profile
+        from edgemoe_ort.profile.probe import probe_summary
 
         doc = read_profile(a.small)  # the held-out recall every predictor reached on the default model
         results["prefetch_profile"] = {
             "bundle": str(a.small), "corpus": doc["corpus"], "recall": doc["heldout"]["recall"],
-            "auto": doc["auto"],
+            "auto": doc["auto"], "residual_probe": probe_summary(doc),
         }
         _log(f"== prefetch ablation, small model, storage profile {a.profile}")
         results["runs"][f"prefetch-small-{a.profile}"] = run_bench(

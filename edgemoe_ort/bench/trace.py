@@ -38,7 +38,7 @@ DEFAULT_PROMPT = (
 def _routing_graph(bundle: Bundle, out_dir: Path) -> tuple[Path, list[tuple[int, str, str]]]:
     """The decoder graph with every OffloadedExpert node's topk inputs exposed as extra outputs
     (:func:`edgemoe_ort.profile.routing.write_tapped_graph`), and ``(layer, indices, weights)`` per node."""
-    path, taps = write_tapped_graph(bundle, out_dir)
+    path, taps, _ = write_tapped_graph(bundle, out_dir)
     return path, [(t.layer, t.indices, t.weights) for t in taps]
 
 

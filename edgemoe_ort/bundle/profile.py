@@ -11,6 +11,8 @@ bytes it was made with, so re-exporting (or editing the manifest) makes an old p
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import os
@@ -18,12 +20,16 @@ import re
 from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import xxhash
 
 from .errors import BundleError, BundleExistsError
 from .format import MANIFEST
+
+if TYPE_CHECKING:
+    from .probe import Probe
 
 __all__ = [
     "PROFILE",
@@ -39,6 +45,9 @@ __all__ = [
     "write_profile",
     "read_profile",
     "validate_profile",
+    "encode_f32",
+    "decode_f32",
+    "profile_probes",
 ]
 
 PROFILE = "profile.json"
@@ -62,6 +71,41 @@ _LAYER_KEYS = (
     "transitions",
     "tokens",
 )
+
+
+_PROBE_KEYS = ("ridge", "train_tokens", "layers")
+_PROBE_LAYER_KEYS = ("layer", "hidden", "num_experts", "weight", "bias", "recall_router", "recall_probe")
+
+
+def encode_f32(a: Any) -> str:
+    """A float32 array as the profile stores it: base64 of its little-endian bytes, row-major."""
+    return base64.b64encode(np.ascontiguousarray(a, "<f4").tobytes()).decode("ascii")
+
+
+def decode_f32(text: str, shape: Sequence[int]) -> np.ndarray:
+    """:func:`encode_f32` undone; ValueError (saying what it found) unless ``text`` holds ``shape``."""
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError("not base64 text") from None
+    want = 4 * math.prod(shape)
+    if len(raw) != want:
+        raise ValueError(f"{len(raw)} bytes, not {want} (float32 {list(shape)})")
+    return np.frombuffer(raw, "<f4").reshape(tuple(shape)).astype(np.float32)
+
+
+def profile_probes(doc: dict[str, Any]) -> dict[int, Probe]:
+    """The fitted residual probes of a validated profile document, by layer (none without
+    ``residual_probe``)."""
+    from .probe import Probe
+
+    out = {}
+    for e in doc.get("residual_probe", {}).get("layers", []):
+        H, E = int(e["hidden"]), int(e["num_experts"])
+        out[int(e["layer"])] = Probe(
+            int(e["layer"]), decode_f32(e["weight"], (H, E)), decode_f32(e["bias"], (E,))
+        )
+    return out
 
 
 def combination_name(members: Sequence[str]) -> str:
@@ -117,11 +161,22 @@ def check_writable(bundle_dir: str | Path, force: bool) -> Path:
 
 def write_profile(bundle_dir: str | Path, doc: dict[str, Any], force: bool = False) -> Path:
     """Validate ``doc`` against the bundle and write it as ``bundle_dir/profile.json`` (tmp + rename, so a
-    reader never sees half a file). Refuses to replace an existing profile unless ``force``."""
+    reader never sees half a file). Refuses to replace an existing profile unless ``force``. A document with
+    ``residual_probe`` layers first installs those probes into the decoder graph
+    (:func:`edgemoe_ort.bundle.probe.install_probes`)."""
     bundle_dir = Path(bundle_dir)
     path = check_writable(bundle_dir, force)
     manifest = (bundle_dir / MANIFEST).read_bytes()
     validate_profile(doc, path, manifest=manifest)
+    probes = profile_probes(doc)
+    if probes:  # the graph first: a profile is never written without the probes its recall measured
+        from .probe import install_probes
+        from .reader import Bundle
+
+        try:
+            install_probes(Bundle.open(bundle_dir).graph_path("decoder"), probes)
+        except ValueError as e:
+            raise BundleError(path, f"residual_probe: {e}") from None
     text = json.dumps(doc, separators=(",", ":"), allow_nan=False) + "\n"
     tmp = path.with_name(f".{PROFILE}.{os.getpid()}.tmp")
     try:
@@ -393,6 +448,36 @@ def validate_profile(doc: Any, file: str | Path = PROFILE, *, manifest: bytes | 
             ) from None
         if li == 0 and names != ["token"]:
             raise c.fail(g, '["token"] (only token applies at layer 0)', _short(names))
+    if "residual_probe" in top:
+        _check_probe(c, top["residual_probe"], shapes)
+
+
+def _check_probe(c: _Check, v: Any, shapes: Sequence[tuple[int, int]]) -> None:
+    rp = c.obj(v, "residual_probe", _PROBE_KEYS)
+    c.as_num(rp["ridge"], "residual_probe.ridge", 0.0, math.inf)
+    c.as_int(rp["train_tokens"], "residual_probe.train_tokens", 0)
+    if "note" in rp:
+        c.as_str(rp["note"], "residual_probe.note")
+    seen: set[int] = set()
+    for i, e in enumerate(c.as_list(rp["layers"], "residual_probe.layers")):
+        f = f"residual_probe.layers[{i}]"
+        c.obj(e, f, _PROBE_LAYER_KEYS)
+        t = c.as_int(e["layer"], f"{f}.layer", 1, len(shapes) - 1)
+        if t in seen:
+            raise c.fail(f"{f}.layer", "each layer once", f"layer {t} again")
+        seen.add(t)
+        H = c.as_int(e["hidden"], f"{f}.hidden", 1)
+        E = c.as_int(e["num_experts"], f"{f}.num_experts", shapes[t][0], shapes[t][0])
+        for key, shape in (("weight", (H, E)), ("bias", (E,))):
+            try:
+                a = decode_f32(c.as_str(e[key], f"{f}.{key}"), shape)
+            except ValueError as err:
+                raise c.fail(f"{f}.{key}", f"base64 of float32 {list(shape)}", str(err)) from None
+            if not np.isfinite(a).all():
+                raise c.fail(f"{f}.{key}", "finite numbers", "NaN or inf")
+        for key in ("recall_router", "recall_probe"):
+            if e[key] is not None:
+                c.as_num(e[key], f"{f}.{key}")
 
 
 def _check_gate_weights(c: _Check, v: Any, f: str, top_k: int) -> None:

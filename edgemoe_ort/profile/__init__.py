@@ -25,6 +25,7 @@ from edgemoe_ort.bundle.profile import (
 )
 
 from .corpus import DEFAULT_TOKENS, CorpusError, CorpusFile, read_corpus, split_corpus
+from .probe import ProbeFitter, ProbeScores, probe_section
 from .recall import BUDGETS, heldout_recall, hit_rates
 from .routing import DEFAULT_BATCH, DEFAULT_WINDOW, RoutingRecorder
 from .tables import DEFAULT_MIN_COUNT, DEFAULT_TOP_M, build_layers
@@ -102,6 +103,7 @@ def profile_bundle(
     options: Any = None,
     progress: Progress | None = None,
     files: Sequence[CorpusFile] | None = None,
+    probe: bool = True,
 ) -> dict[str, Any]:
     """Profile a decoder bundle on ``corpus`` (files / folders, :mod:`.corpus`); returns the
     ``profile.json`` document (not written: see :func:`write_profile`).
@@ -109,7 +111,10 @@ def profile_bundle(
     ``tokens``: at most this many tokens (train + held out; None = all). ``window``: tokens per fresh-context
     window the routing is recorded in (at most the model's ``max_position_embeddings``), ``batch`` windows
     per pass. ``progress(stage, done, total)``: stages ``"train"``, ``"heldout"`` (tokens), ``"cache"``.
-    ``files``: the corpus already read (:func:`.corpus.read_corpus` of ``corpus``).
+    ``files``: the corpus already read (:func:`.corpus.read_corpus` of ``corpus``). ``probe``: where the graph
+    has ``ResidualPrefetch`` nodes, fit their residual probes on the train split (:mod:`.probe`); the document
+    then carries them (``residual_probe``), the ``residual`` recall is the probe's, and :func:`write_profile`
+    installs them into the decoder graph.
     """
     from edgemoe_ort.runtime.generate import load_tokenizer
 
@@ -127,10 +132,17 @@ def profile_bundle(
     def stage(name: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda done, total: progress(name, done, total))
 
-    with RoutingRecorder(bundle, options) as rec:
-        train = rec.record(split.train, window=window, batch=batch, progress=stage("train"))
-        heldout = rec.record(split.heldout, window=window, batch=batch, progress=stage("heldout"))
+    with RoutingRecorder(bundle, options, probes=probe) as rec:
+        fitter = ProbeFitter(rec.probe_sites)
+        train = rec.record(
+            split.train, window=window, batch=batch, progress=stage("train"), on_outputs=fitter.add
+        )
+        scores = ProbeScores(fitter.sites, fitter.fit())
+        heldout = rec.record(
+            split.heldout, window=window, batch=batch, progress=stage("heldout"), on_outputs=scores.add
+        )
     layers = build_layers(train, bundle.layers, top_m=top_m, min_count=min_count)
+    probe_doc = probe_section(fitter, scores, heldout, layers)
     recall, auto = heldout_recall(layers, heldout)
     if progress is not None:
         progress("cache", 0, 1)
@@ -152,4 +164,5 @@ def profile_bundle(
         "layers": layers,
         "heldout": {"recall_at": RECALL_AT, "recall": recall, "hit_rates": rates},
         "auto": auto,
+        **({"residual_probe": probe_doc} if probe_doc is not None else {}),
     }

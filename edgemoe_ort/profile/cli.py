@@ -36,7 +36,7 @@ profile_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTING
 
 @profile_app.command(**command_kwargs(
     "Record which experts a bundle routes a text corpus to, and write BUNDLE/profile.json (the tables the "
-    "prefetch predictors read).",
+    "prefetch predictors read), and fit the residual probes (installed into the decoder graph).",
     ["edgemoe-profile bundles/tiny --corpus my_text/ --tokens 100000",
      "edgemoe-profile bundles/tiny --corpus a.txt --corpus b.txt --json --force"],
 ))
@@ -55,6 +55,12 @@ def profile(
     min_count: Annotated[
         int, typer.Option(help="keep a key seen at least this many times")
     ] = DEFAULT_MIN_COUNT,
+    probe: Annotated[
+        bool,
+        typer.Option(
+            help="fit each ResidualPrefetch node's residual probe and install it into the decoder graph"
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary instead of tables")] = False,
     force: Annotated[bool, typer.Option(help="replace an existing profile.json")] = False,
     version: VersionOption = False,
@@ -93,6 +99,7 @@ def profile(
             min_count=min_count,
             progress=on_progress,
             files=files,
+            probe=probe,
         )
     path = write_profile(b.path, doc, force=force)
     if as_json:
@@ -102,7 +109,10 @@ def profile(
 
 
 def summary(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """What ``--json`` prints: where the profile went, its corpus, the held-out recall, hit rates and auto."""
+    """What ``--json`` prints: where the profile went, its corpus, the held-out recall, hit rates, auto and
+    the residual probe's recall."""
+    from edgemoe_ort.profile.probe import probe_summary
+
     return {
         "profile": str(path),
         "corpus": doc["corpus"],
@@ -113,11 +123,14 @@ def summary(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
         "recall": doc["heldout"]["recall"],
         "hit_rates": doc["heldout"]["hit_rates"],
         "auto": doc["auto"],
+        "residual_probe": probe_summary(doc),
     }
 
 
 def _print_tables(doc: dict[str, Any], path: Path) -> None:
     from rich.table import Table
+
+    from edgemoe_ort.profile.probe import probe_summary
 
     c = doc["corpus"]
     out.print(
@@ -156,6 +169,21 @@ def _print_tables(doc: dict[str, Any], path: Path) -> None:
         for pol in dict.fromkeys(r["policy"] for r in rates):
             h.add_row(pol, *[f"{by[(pol, b)]:.3f}" if (pol, b) in by else "–" for b in budgets])
         out.print(h)
+    probe = probe_summary(doc)
+    if probe is not None:
+        if probe["layers"]:
+            cells = ", ".join(
+                f"layer {e['layer']} {e['recall_router']:.3f} -> {e['recall_probe']:.3f}"
+                for e in probe["layers"]
+                if e["recall_router"] is not None
+            )
+            out.print(
+                f"residual probe fitted on {probe['train_tokens']} tokens and installed in the decoder graph "
+                f"(held-out recall, router -> probe: {cells})",
+                highlight=False,
+            )
+        if probe.get("note"):
+            out.print(f"[yellow]{probe['note']}[/]", highlight=False)
     if all(v is None for v in recall.get("gates", [])):
         out.print(
             "[dim]gates: the graph has no stacked next-router logits (OffloadedExpert input 3)[/]",

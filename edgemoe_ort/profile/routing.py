@@ -2,7 +2,8 @@
 
 :func:`write_tapped_graph` copies the bundle's decoder graph with inputs 1 (``topk_indices``), 2
 (``topk_weights``) and, where wired, 3 (``next_router_logits``, docs/op-contract.md) of every
-``OffloadedExpert`` node, and input 1 (``scores``) of every ``ResidualPrefetch`` node, added as outputs.
+``OffloadedExpert`` node, and input 1 (``scores``) of every ``ResidualPrefetch`` node, added as outputs; with
+``probes``, also what fitting a residual probe reads (:func:`edgemoe_ort.bundle.probe.probe_sites`).
 :class:`RoutingRecorder` opens it with the bundle's expert store and either steps it like
 ``MoEModel.forward`` (:meth:`RoutingRecorder.forward`, with a KV cache: what the routing traces of
 ``edgemoe_ort.bench.trace`` use) or runs a token stream in fixed windows, each a fresh context, batched
@@ -24,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgemoe_ort.bundle import Bundle
+from edgemoe_ort.bundle.probe import ProbeSite, probe_sites
 
 __all__ = [
     "Tap",
@@ -118,24 +120,33 @@ def routing_taps(model: onnx.ModelProto, where: str = "graph") -> list[Tap]:
     return taps
 
 
-def write_tapped_graph(bundle: Bundle, out_dir: str | Path, role: str = "decoder") -> tuple[Path, list[Tap]]:
+def write_tapped_graph(
+    bundle: Bundle, out_dir: str | Path, role: str = "decoder", *, probes: bool = False
+) -> tuple[Path, list[Tap], list[ProbeSite]]:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``): the bundle's ``role`` graph with every tap of
-    :func:`routing_taps` added as a graph output. Returns the path and the taps."""
+    :func:`routing_taps` added as a graph output. Returns the path, the taps and, with ``probes``, the
+    :class:`~edgemoe_ort.bundle.probe.ProbeSite` of every ``ResidualPrefetch`` node whose ``features`` and
+    ``target`` tensors are outputs too (else none)."""
     src = bundle.graph_path(role)
     model = onnx.load(str(src), load_external_data=True)
     taps = routing_taps(model, str(src))
+    sites = probe_sites(model)[0] if probes else []
     existing = {o.name for o in model.graph.output}
-    for t in taps:
-        wanted = (
+    wanted = [
+        (name, et)
+        for t in taps
+        for name, et in (
             (t.indices, TensorProto.INT64),
             (t.weights, TensorProto.FLOAT),
             (t.next_logits, TensorProto.FLOAT),
             (t.residual, TensorProto.FLOAT),
         )
-        for name, et in wanted:
-            if name is not None and name not in existing:
-                model.graph.output.append(helper.make_tensor_value_info(name, et, None))
-                existing.add(name)
+    ]
+    wanted += [(name, TensorProto.FLOAT) for s in sites for name in (s.features, s.target)]
+    for name, et in wanted:
+        if name is not None and name not in existing:
+            model.graph.output.append(helper.make_tensor_value_info(name, et, None))
+            existing.add(name)
     path = Path(out_dir) / "model.onnx"
     onnx.save_model(
         model,
@@ -145,7 +156,7 @@ def write_tapped_graph(bundle: Bundle, out_dir: str | Path, role: str = "decoder
         location="model.onnx.data",
         size_threshold=1024,
     )
-    return path, taps
+    return path, taps, sites
 
 
 class RoutingRecorder:
@@ -156,10 +167,11 @@ class RoutingRecorder:
     ...     routing.layers[0].indices.shape          # (N, top_k)
 
     ``options``: the expert store's :class:`~edgemoe_ort.runtime.ops.RuntimeOptions` (default: the whole
-    store may stay resident).
+    store may stay resident). ``probes``: also expose what fitting a residual probe reads
+    (:attr:`probe_sites`; :meth:`record`'s ``on_outputs`` gets those tensors).
     """
 
-    def __init__(self, bundle: Bundle | str | Path, options: Any = None) -> None:
+    def __init__(self, bundle: Bundle | str | Path, options: Any = None, *, probes: bool = False) -> None:
         import onnxruntime as ort
 
         from edgemoe_ort.runtime.generate import _past_specs, _require
@@ -176,7 +188,9 @@ class RoutingRecorder:
             )
         self._tmp = tempfile.TemporaryDirectory(prefix="edgemoe-taps-")
         try:
-            graph, self.taps = write_tapped_graph(self.bundle, self._tmp.name)
+            graph, self.taps, sites = write_tapped_graph(self.bundle, self._tmp.name, probes=probes)
+            #: the residual probes this graph can take (empty without ``probes``)
+            self.probe_sites: list[ProbeSite] = sites
             options = options if options is not None else RuntimeOptions(predictor="none")
             so, sid = make_session_options(self.bundle.path, options)
             sess = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
@@ -223,9 +237,15 @@ class RoutingRecorder:
         """An empty KV cache for ``batch`` sequences."""
         return {name: np.zeros((batch, heads, 0, dim), np.float32) for name, heads, dim in self._past}
 
-    def forward(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None = None) -> StepOutput:
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        past: dict[str, np.ndarray] | None = None,
+        on_outputs: Callable[[dict[str, np.ndarray]], None] | None = None,
+    ) -> StepOutput:
         """One pass of ``input_ids`` ``[B, S]`` after ``past`` (None: a fresh context), with the feeds of
-        ``MoEModel.forward`` (``attention_mask`` of ones, ``position_ids`` from the past length)."""
+        ``MoEModel.forward`` (``attention_mask`` of ones, ``position_ids`` from the past length).
+        ``on_outputs``: called with every graph output by name (the tensors of :attr:`probe_sites` too)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], found shape {input_ids.shape}")
@@ -234,6 +254,8 @@ class RoutingRecorder:
         past = past if past is not None else self.empty_past(input_ids.shape[0])
         feeds = decoder_feeds(input_ids, past, self._inputs)
         res = dict(zip(self._outputs, self.session.run(None, feeds), strict=True))
+        if on_outputs is not None:
+            on_outputs(res)
         routing = {}
         for t in self.taps:
             k = res[t.indices].shape[-1]
@@ -262,10 +284,11 @@ class RoutingRecorder:
         window: int = DEFAULT_WINDOW,
         batch: int = DEFAULT_BATCH,
         progress: Callable[[int, int], None] | None = None,
+        on_outputs: Callable[[dict[str, np.ndarray]], None] | None = None,
     ) -> Routing:
         """The routing of every token of ``token_ids``, run in consecutive windows of ``window`` tokens (each
         a fresh context; the last may be shorter), ``batch`` windows per pass. ``progress(done, total)`` is
-        called after each pass with token counts."""
+        called after each pass with token counts; ``on_outputs`` as in :meth:`forward`, per pass."""
         ids = np.asarray(token_ids, dtype=np.int64).ravel()
         if window < 1 or batch < 1:
             raise ValueError(f"window and batch must be >= 1, found window {window}, batch {batch}")
@@ -279,7 +302,7 @@ class RoutingRecorder:
             chunks.append(ids[full * window :][None, :])
         done = 0
         for chunk in chunks:
-            step = self.forward(chunk)
+            step = self.forward(chunk, on_outputs=on_outputs)
             for layer, r in step.routing.items():
                 parts[layer].append(r)
             done += chunk.size

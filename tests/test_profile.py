@@ -24,7 +24,7 @@ from edgemoe_ort.bundle.profile import (
     write_profile,
 )
 from edgemoe_ort.bundle.testing import make_synthetic_bundle
-from edgemoe_ort.profile.corpus import CorpusError, read_corpus, split_corpus
+from edgemoe_ort.profile.corpus import CorpusError, read_corpus, read_ids, split_corpus, split_ids
 from edgemoe_ort.profile.recall import choose_auto, heldout_recall
 from edgemoe_ort.profile.routing import LayerRouting, Routing
 from edgemoe_ort.profile.tables import build_layers
@@ -157,6 +157,33 @@ def test_corpus_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "mixed" / "bad.bin").write_bytes(b"ab\xff\xfe")
     with pytest.raises(CorpusError, match=r"bad\.bin.*UTF-8"):
         read_corpus([tmp_path / "mixed"])
+
+
+def test_token_id_corpus_reads_npy_and_text_and_names_a_bad_id(tmp_path: Path) -> None:
+    want = np.arange(40, dtype=np.int64) % 10
+    np.save(tmp_path / "ids.npy", want.astype(np.int32))
+    (tmp_path / "ids.txt").write_text(", ".join(map(str, want[:20])) + "\n" + " ".join(map(str, want[20:])))
+    assert np.array_equal(read_ids(tmp_path / "ids.npy", 10), want)
+    assert np.array_equal(read_ids(tmp_path / "ids.txt", 10), want)
+    split = split_ids(want, heldout_share=0.25, max_tokens=20)
+    assert np.array_equal(split.train, want[:15]) and np.array_equal(split.heldout, want[15:20])
+    (tmp_path / "bad.txt").write_text("1 2 x3 4")
+    np.save(tmp_path / "two.npy", np.zeros((2, 3), np.int64))
+    np.save(tmp_path / "float.npy", np.zeros(3, np.float32))
+    (tmp_path / "one.txt").write_text("7")
+    cases = [
+        ("bad.txt", "id 2: expected an integer, found 'x3'"),
+        ("ids.txt", "id 9: expected a token id in [0, 9) (vocab_size), found 9"),
+        ("two.npy", "expected a 1-D integer array, found 2-D int64"),
+        ("float.npy", "expected a 1-D integer array, found 1-D float32"),
+        ("one.txt", "1 id(s), expected at least 2"),
+    ]
+    for name, words in cases:
+        with pytest.raises(CorpusError) as exc:
+            read_ids(tmp_path / name, 9 if name == "ids.txt" else 10)
+        assert name in str(exc.value) and words in str(exc.value), str(exc.value)
+    with pytest.raises(FileNotFoundError, match="--ids .*nope"):
+        read_ids(tmp_path / "nope.npy")
 
 
 def test_corpus_split_is_deterministic(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
@@ -365,3 +392,22 @@ def test_bench_trace_record_still_writes_its_npz(bundle: Path, tmp_path: Path) -
     assert (int(z["num_layers"]), int(z["num_steps"]), int(z["num_experts"]), int(z["top_k"])) == (4, 4, E, K)
     assert z["s0_l0_idx"].shape == (rep["prompt_tokens"], K) and z["s1_l3_w"].shape == (1, K)
     assert len(trace_from_npz(tmp_path / "t.npz")) == 4 * 4
+
+
+@pytest.mark.export
+def test_a_bundle_without_tokenizer_is_profiled_from_token_ids(idsonly_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "ids-only"
+    shutil.copytree(idsonly_bundle, bundle)
+    ids = np.random.default_rng(0).integers(3, 4000, size=700)
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, ids)))
+    text = _cli(bundle, "--corpus", tmp_path / "ids.txt")
+    assert text.returncode == 2 and "--ids FILE" in text.stderr and len(text.stderr.strip().splitlines()) == 1
+    both = _cli(bundle, "--corpus", tmp_path, "--ids", tmp_path / "ids.txt")
+    assert both.returncode == 2 and "found both" in both.stderr and len(both.stderr.strip().splitlines()) == 1
+    res = _cli(bundle, "--ids", tmp_path / "ids.txt", "--tokens", "600", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["corpus"]["train_tokens"] + out["corpus"]["heldout_tokens"] == 600
+    assert out["corpus"]["paths"] == [str(tmp_path / "ids.txt")]
+    assert [e["layer"] for e in out["residual_probe"]["layers"]] == [1, 2, 3]
+    assert read_profile(bundle)["corpus"] == out["corpus"]

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgemoe_ort.bundle import Bundle
 from edgemoe_ort.bundle.profile import (
     PROFILE_FORMAT,
@@ -24,7 +26,7 @@ from edgemoe_ort.bundle.profile import (
     write_profile,
 )
 
-from .corpus import DEFAULT_TOKENS, CorpusError, CorpusFile, read_corpus, split_corpus
+from .corpus import DEFAULT_TOKENS, CorpusError, CorpusFile, read_corpus, split_corpus, split_ids
 from .probe import ProbeFitter, ProbeScores, probe_section
 from .recall import BUDGETS, heldout_recall, hit_rates
 from .routing import DEFAULT_BATCH, DEFAULT_WINDOW, RoutingRecorder
@@ -60,9 +62,11 @@ def check_options(
     window: int = DEFAULT_WINDOW,
     top_m: int = DEFAULT_TOP_M,
     min_count: int = DEFAULT_MIN_COUNT,
+    ids: bool = False,
 ) -> None:
     """Raise ValueError (one line, naming the ``edgemoe-profile`` flag) for options :func:`profile_bundle`
-    cannot use with ``bundle``: checked before anything runs."""
+    cannot use with ``bundle``: checked before anything runs. ``ids``: the corpus is token ids (no
+    tokenizer needed)."""
     from edgemoe_ort.bundle.format import model_graph_roles
 
     graphs = model_graph_roles(bundle.manifest.get("graphs", {}))  # the tokenizer graphs aside
@@ -70,10 +74,10 @@ def check_options(
         raise ValueError(
             f"{bundle.path / 'manifest.json'}: graphs {graphs}: edgemoe-profile serves decoder-only bundles"
         )
-    if not bundle.manifest.get("tokenizer"):
+    if not ids and not bundle.manifest.get("tokenizer"):
         raise ValueError(
             f"{bundle.path / 'manifest.json'}: tokenizer: expected a tokenizer folder (the corpus is text), "
-            "found null"
+            "found null; profile token ids instead with --ids FILE"
         )
     if tokens is not None and tokens < 2:
         raise ValueError(f"--tokens: expected at least 2 (one train and one held-out token), found {tokens}")
@@ -104,6 +108,7 @@ def profile_bundle(
     progress: Progress | None = None,
     files: Sequence[CorpusFile] | None = None,
     probe: bool = True,
+    ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Profile a decoder bundle on ``corpus`` (files / folders, :mod:`.corpus`); returns the
     ``profile.json`` document (not written: see :func:`write_profile`).
@@ -114,20 +119,30 @@ def profile_bundle(
     ``files``: the corpus already read (:func:`.corpus.read_corpus` of ``corpus``). ``probe``: where the graph
     has ``ResidualPrefetch`` nodes, fit their residual probes on the train split (:mod:`.probe`); the document
     then carries them (``residual_probe``), the ``residual`` recall is the probe's, and :func:`write_profile`
-    installs them into the decoder graph.
+    installs them into the decoder graph. ``ids``: profile this token-id stream instead of text (``corpus``
+    then only names it in the document; :func:`.corpus.split_ids`).
     """
     from edgemoe_ort.runtime.generate import load_tokenizer
 
     bundle = Bundle.open(bundle_dir)
     check_options(
-        bundle, tokens=tokens, heldout_share=heldout_share, window=window, top_m=top_m, min_count=min_count
+        bundle,
+        tokens=tokens,
+        heldout_share=heldout_share,
+        window=window,
+        top_m=top_m,
+        min_count=min_count,
+        ids=ids is not None,
     )
     identity = manifest_identity(bundle.path)
-    tok = load_tokenizer(bundle)
-    files = read_corpus(corpus) if files is None else files
-    split = split_corpus(
-        files, tok, heldout_share=heldout_share, max_tokens=tokens, separator=separator_token(bundle)
-    )
+    if ids is not None:
+        split = split_ids(ids, heldout_share=heldout_share, max_tokens=tokens)
+    else:
+        tok = load_tokenizer(bundle)
+        files = read_corpus(corpus) if files is None else files
+        split = split_corpus(
+            files, tok, heldout_share=heldout_share, max_tokens=tokens, separator=separator_token(bundle)
+        )
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda done, total: progress(name, done, total))

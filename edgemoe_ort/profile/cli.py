@@ -44,8 +44,16 @@ profile_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTING
 def profile(
     bundle: Annotated[Path, typer.Argument(help="bundle folder")],
     corpus: Annotated[
-        list[Path], typer.Option("--corpus", help="UTF-8 text file or folder (recursively); repeatable")
-    ],
+        list[Path] | None,
+        typer.Option("--corpus", help="UTF-8 text file or folder (recursively); repeatable"),
+    ] = None,
+    ids: Annotated[
+        Path | None,
+        typer.Option(
+            "--ids",
+            help="instead of --corpus: a stream of token ids (.npy, or integers split by spaces or commas)",
+        ),
+    ] = None,
     tokens: Annotated[int, typer.Option(help="at most this many tokens (train + held out)")] = DEFAULT_TOKENS,
     heldout_share: Annotated[
         float, typer.Option(help="share held out to measure recall (files, or the stream of a single file)")
@@ -72,14 +80,29 @@ def profile(
     from edgemoe_ort.bundle import Bundle
     from edgemoe_ort.bundle.profile import check_writable, write_profile
     from edgemoe_ort.profile import check_options, profile_bundle
-    from edgemoe_ort.profile.corpus import read_corpus
+    from edgemoe_ort.profile.corpus import read_corpus, read_ids
 
+    if (corpus is None) == (ids is None):
+        raise ValueError(
+            "--corpus / --ids: expected exactly one of --corpus (text) and --ids (token ids), found "
+            + ("both" if corpus else "neither")
+        )
     b = Bundle.open(bundle)
     check_options(
-        b, tokens=tokens, heldout_share=heldout_share, window=window, top_m=top_m, min_count=min_count
+        b,
+        tokens=tokens,
+        heldout_share=heldout_share,
+        window=window,
+        top_m=top_m,
+        min_count=min_count,
+        ids=ids is not None,
     )
     check_writable(b.path, force)
-    files = read_corpus(corpus)  # a bad corpus fails before the model is loaded
+    # a bad corpus fails before the model is loaded
+    vocab = b.config.get("vocab_size")
+    token_ids = read_ids(ids, vocab if isinstance(vocab, int) else None) if ids is not None else None
+    files = read_corpus(corpus) if corpus is not None else None
+    sources = [str(p) for p in corpus] if corpus is not None else [str(ids)]
     columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=as_json, disable=output.quiet) as bar:
         tasks: dict[str, TaskID] = {}
@@ -91,7 +114,7 @@ def profile(
 
         doc = profile_bundle(
             b.path,
-            [str(p) for p in corpus],
+            sources,
             tokens=tokens,
             heldout_share=heldout_share,
             window=window,
@@ -100,6 +123,7 @@ def profile(
             progress=on_progress,
             files=files,
             probe=probe,
+            ids=token_ids,
         )
     path = write_profile(b.path, doc, force=force)
     if as_json:

@@ -10,6 +10,10 @@
   stays for training); with a single file, the last ``heldout_share`` of its token stream is held out.
 - ``max_tokens`` caps the profile: at most ``round(max_tokens * heldout_share)`` held-out tokens and the rest
   train tokens, each taken from the start of its split (files are tokenized only as far as needed).
+- Token ids instead of text (a bundle without a tokenizer; ``edgemoe-profile --ids``): :func:`read_ids` reads
+  one stream from a ``.npy`` file (a 1-D integer array) or a text file of integers separated by whitespace or
+  commas, each in ``[0, vocab_size)``; :func:`split_ids` splits it like a single text file (its first
+  ``max_tokens``, the last ``heldout_share`` held out).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ __all__ = [
     "read_corpus",
     "heldout_stream",
     "split_corpus",
+    "read_ids",
+    "split_ids",
 ]
 
 #: default cap on the tokens profiled (train + held out)
@@ -217,3 +223,55 @@ def split_corpus(
         if len(ids) == 0:
             raise CorpusError(f"corpus: the {what} split has no tokens, expected at least 1")
     return split
+
+
+def read_ids(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
+    """The token-id corpus at ``path`` (module docstring) as int64; raises :class:`CorpusError` (or
+    FileNotFoundError) naming the file and, for a bad id, its position, expected vs found."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"--ids {path}: no such file")
+    if p.suffix == ".npy":
+        try:
+            a = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise CorpusError(f"--ids {p}: expected a .npy array, found an unreadable file ({exc})") from None
+        if a.ndim != 1 or a.dtype.kind not in "iu":
+            raise CorpusError(f"--ids {p}: expected a 1-D integer array, found {a.ndim}-D {a.dtype}")
+        ids = a.astype(np.int64)
+    else:
+        try:
+            words = p.read_bytes().decode("ascii").replace(",", " ").split()
+        except UnicodeDecodeError:
+            raise CorpusError(
+                f"--ids {p}: expected integers as ASCII text (or a .npy file), found binary"
+            ) from None
+        values = []
+        for n, w in enumerate(words):
+            try:
+                values.append(int(w))
+            except ValueError:
+                raise CorpusError(f"--ids {p}: id {n}: expected an integer, found {w[:20]!r}") from None
+        ids = np.asarray(values, np.int64)
+    if len(ids) < 2:
+        raise CorpusError(f"--ids {p}: {len(ids)} id(s), expected at least 2")
+    hi = vocab_size
+    out = np.flatnonzero((ids < 0) | (ids >= hi)) if hi is not None else np.flatnonzero(ids < 0)
+    if out.size:
+        n = int(out[0])
+        rng = f"[0, {hi})" if hi is not None else ">= 0"
+        raise CorpusError(
+            f"--ids {p}: id {n}: expected a token id in {rng} (vocab_size), found {int(ids[n])}"
+        )
+    return ids
+
+
+def split_ids(ids: np.ndarray, *, heldout_share: float = 0.1, max_tokens: int | None = None) -> CorpusSplit:
+    """Split one token-id stream: its first ``max_tokens``, the last ``heldout_share`` of them held out."""
+    if not 0.0 < heldout_share < 1.0:
+        raise CorpusError(f"--heldout-share: expected a number in (0, 1), found {heldout_share}")
+    ids = np.asarray(ids, np.int64).ravel()[:max_tokens]
+    if len(ids) < 2:
+        raise CorpusError(f"--ids: {len(ids)} id(s), expected at least 2")
+    n_held = min(max(1, round(len(ids) * heldout_share)), len(ids) - 1)
+    return CorpusSplit(ids[:-n_held].copy(), ids[-n_held:].copy(), heldout_share)

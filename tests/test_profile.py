@@ -409,5 +409,5 @@ def test_a_bundle_without_tokenizer_is_profiled_from_token_ids(idsonly_bundle: P
     out = json.loads(res.stdout)
     assert out["corpus"]["train_tokens"] + out["corpus"]["heldout_tokens"] == 600
     assert out["corpus"]["paths"] == [str(tmp_path / "ids.txt")]
-    assert [e["layer"] for e in out["residual_probe"]["layers"]] == [1, 2, 3]
+    assert [e["layer"] for e in out["probes"]["sites"] if e["kind"] == "residual"] == [1, 2, 3]
     assert read_profile(bundle)["corpus"] == out["corpus"]

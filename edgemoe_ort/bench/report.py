@@ -327,17 +327,24 @@ def prefetch_verdicts(name: str, run: dict[str, Any], budget: str = "25%") -> li
 
 
 def _probe_lines(rp: dict[str, Any] | None) -> list[str]:
-    """The residual probe's recall against the router it replaces (none without a probe)."""
-    if not rp or not rp.get("layers"):
+    """The fitted probes' recall against the routers they replace (none without probes)."""
+    if not rp or not rp.get("sites"):
         return []
-    cells = ", ".join(
-        f"layer {e['layer']} {_f(e['recall_router'], '{:.3f}')} → **{e['recall_probe']:.3f}**"
-        for e in rp["layers"]
-    )
+    lines = []
+    for kind, what in (("residual", "`residual`"), ("gates", "`gates` (the next layer's row)")):
+        cells = ", ".join(
+            f"layer {e['layer']} {_f(e['recall_router'], '{:.3f}')} → **{e['recall_probe']:.3f}**"
+            for e in rp["sites"]
+            if e["kind"] == kind and e["layer"] == e["node"] + (kind == "gates")
+        )
+        if cells:
+            lines.append(f"- {what}: {cells}")
     return [
-        f"`residual` is the fitted residual probe (ridge {rp['ridge']:g} per token, {rp['train_tokens']} "
-        "train tokens; docs/op-contract.md, \"ResidualPrefetch\"); held-out recall, the router on the same "
-        f"stream → the probe: {cells}.",
+        f"`residual` and `gates` are the probes fitted to the routers (ridge {rp['ridge']:g} per token, "
+        f"{rp['train_tokens']} train tokens; docs/op-contract.md, \"Fitted probes\"); held-out recall, the "
+        "router on the same features → the probe:",
+        "",
+        *lines,
         "",
     ]
 
@@ -599,12 +606,12 @@ def write_report(
             "Layer 0 can only be "
             "predicted from the token (before it runs); `gates` = the layer's router on the previous layer's "
             "MoE input; `residual` = the layer's router on the residual stream leaving the previous layer "
-            "(`ResidualPrefetch`), or the residual probe fitted to it where the profile has one; a `+` is "
+            "(`ResidualPrefetch`), each or the probe fitted to it where the profile has one; a `+` is "
             "the mean of the members' probabilities.",
             "",
             recall_table(pp["recall"], pp.get("auto")),
             "",
-            *_probe_lines(pp.get("residual_probe")),
+            *_probe_lines(pp.get("probes")),
             "Reading the ablations above: where storage bounds the token (the small model on rpi4, the "
             "large model on jetson-emmc) compute is a small part of it, so overlap can hide at "
             "most that part, while "

@@ -260,7 +260,7 @@ def run_prefetch_part(a: argparse.Namespace, results: dict[str, Any], common: di
         doc = read_profile(a.small)  # the held-out recall every predictor reached on the default model
         results["prefetch_profile"] = {
             "bundle": str(a.small), "corpus": doc["corpus"], "recall": doc["heldout"]["recall"],
-            "auto": doc["auto"], "residual_probe": probe_summary(doc),
+            "auto": doc["auto"], "probes": probe_summary(doc),
         }
         _log(f"== prefetch ablation, small model, storage profile {a.profile}")
         results["runs"][f"prefetch-small-{a.profile}"] = run_bench(

@@ -1,28 +1,33 @@
-"""The fitted residual probe in a decoder graph: the ``scores`` of a ``ResidualPrefetch`` node computed by a
-linear map fitted to the layer's own router instead of by the router itself (docs/bundle-format.md,
-"profile.json", ``residual_probe``; docs/op-contract.md, "ResidualPrefetch").
+"""Fitted probes in a decoder graph: the prefetcher's prediction signals computed by linear maps fitted to the
+layers' own routers instead of by the routers themselves (docs/bundle-format.md, "profile.json",
+``probes``; docs/op-contract.md, "Fitted probes").
 
-The ``ResidualPrefetch`` node of layer ``t`` (:mod:`.residual`) gets ``scores = Softmax(router_t(x))``,
-``x`` = ``t``'s normalization applied to the residual stream *before* ``t``'s attention. The router was
-trained on the stream *after* it, so its guess misses what the attention adds. A probe ``(W [H, E], b [E])``
-fitted by least squares from ``x`` to ``router_t`` on the real stream (``edgemoe-profile`` fits it:
-:mod:`edgemoe_ort.profile.probe`) predicts that: the scores become ``Softmax(x @ W + b)``.
+Two kinds of *site* apply a later layer's router to an earlier hidden state:
 
-- :func:`probe_sites`: per ``ResidualPrefetch`` node, the tensors a fit needs (``x``, the layer's router
-  logits) and the router itself (the probe's baseline);
-- :func:`install_probe`: the scores path of one node rewritten to ``Softmax(MatMul(x, W) + b)`` with the
-  initializers ``edgemoe_probe_l{t}_weight`` / ``_bias``; a second install replaces their values (nothing
-  else changes);
-- :func:`install_probes`: the same on a bundle's decoder graph file (tmp + rename; external weights are only
-  referenced).
+- ``residual``: the ``scores`` of the ``ResidualPrefetch`` node of layer ``t`` (:mod:`.residual`),
+  ``Softmax(router_t(x))`` with ``x`` = ``t``'s normalization of the residual stream *before* ``t``'s
+  attention;
+- ``gates``: row ``j`` of the stacked gates of ``OffloadedExpert`` node ``l`` (input 3, :mod:`.wiring`),
+  ``router_{l+1+j}(x)`` with ``x`` = node ``l``'s input.
 
-Only the prefetcher reads the scores: the model's outputs do not change. Torch-free (onnx + numpy).
+Each router was trained on its own layer's input, so on an earlier state its guess misses what the layers
+between add. A probe ``(W [H, E], b [E])`` fitted by least squares from ``x`` to the target layer's real
+router logits (``edgemoe-profile`` fits it: :mod:`edgemoe_ort.profile.probe`) predicts that: the site then
+computes ``x @ W + b`` instead of ``router(x)``.
+
+- :func:`probe_sites`: every site of a graph, the tensors a fit needs (``x``, the target's router logits) and
+  the router itself (the baseline);
+- :func:`install_probe`: one site's ``MatMul`` (+ bias) replaced by ``MatMul(x, W) + b`` with the
+  initializers ``edgemoe_probe_<site>_weight`` / ``_bias``; a second install replaces their values only;
+- :func:`install_probes`: the same on a graph file (tmp + rename; external weights are only referenced).
+
+Only the prefetcher reads these signals: the model's outputs do not change. Torch-free (onnx + numpy).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,24 +36,49 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import DOMAIN, GraphIndex, insert_nodes, node_attrs
-from .wiring import Router, _find_router
+from .wiring import NEXT_LOGITS_INPUT, Router, _find_router
 
-__all__ = ["PROBE_PREFIX", "Probe", "ProbeSite", "probe_sites", "install_probe", "install_probes"]
+__all__ = [
+    "PROBE_PREFIX",
+    "PROBE_KINDS",
+    "Probe",
+    "ProbeSite",
+    "probe_name",
+    "probe_sites",
+    "install_probe",
+    "install_probes",
+]
 
 #: prefix of the initializers and nodes a probe adds
 PROBE_PREFIX = "edgemoe_probe"
+#: the kinds of site (module docstring)
+PROBE_KINDS = ("residual", "gates")
 _RESIDUAL = "ResidualPrefetch"
 _OFFLOADED = "OffloadedExpert"
 _ONNX = ("", "ai.onnx")
 
 
+def probe_name(kind: str, node: int, layer: int) -> str:
+    """The name stem of a site's initializers: ``edgemoe_probe_residual_l3``, ``..._gates_n0_l2``."""
+    return (
+        f"{PROBE_PREFIX}_{kind}_l{layer}" if kind == "residual" else f"{PROBE_PREFIX}_{kind}_n{node}_l{layer}"
+    )
+
+
 @dataclass(frozen=True)
 class Probe:
-    """A fitted probe of one layer: ``scores = softmax(x @ weight + bias)``."""
+    """A fitted probe of one site (``kind``, ``node``, ``layer``: see :class:`ProbeSite`):
+    ``logits = x @ weight + bias``."""
 
+    kind: str
+    node: int
     layer: int
     weight: np.ndarray  #: float32 ``[H, E]``
     bias: np.ndarray  #: float32 ``[E]``
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.kind, self.node, self.layer)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """``x @ weight + bias`` for ``x`` ``[N, H]`` (float64)."""
@@ -57,16 +87,22 @@ class Probe:
 
 @dataclass(frozen=True)
 class ProbeSite:
-    """Where a probe of layer ``layer`` goes, and what its fit reads (graph tensor names)."""
+    """Where a probe goes, and what its fit reads (graph tensor names)."""
 
-    layer: int
-    features: str  #: ``x`` ``[T, H]``: the normalized residual stream the scores are computed from
-    target: str  #: the layer's own router logits (``[..., E]``): what the probe is fitted to
-    softmax: str  #: the name of the ``Softmax`` node computing the scores
+    kind: str  #: ``residual`` or ``gates``
+    node: int  #: the ``layer`` of the node whose signal it is (ResidualPrefetch: = ``layer``)
+    layer: int  #: the layer whose router it predicts
+    features: str  #: ``x`` ``[T, H]``
+    target: str  #: the target layer's own router logits (``[..., E]``): what the probe is fitted to
+    logits: str  #: the tensor the site computes now from ``x`` (its readers get the probe's instead)
     hidden: int
     num_experts: int
     #: the router itself as a probe (the baseline a fit is compared with); None when not asked for
     router: Probe | None = None
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.kind, self.node, self.layer)
 
 
 def _const(g: GraphIndex, name: str | None) -> np.ndarray | None:
@@ -74,9 +110,8 @@ def _const(g: GraphIndex, name: str | None) -> np.ndarray | None:
     return None if t is None else numpy_helper.to_array(t)
 
 
-def _router_probe(g: GraphIndex, layer: int, router: Router) -> Probe | str:
-    """The router as ``x @ W + b``, or why its weights are not
-    readable here (external data not loaded)."""
+def _router_probe(g: GraphIndex, key: tuple[str, int, int], router: Router) -> Probe | str:
+    """The router as ``x @ W + b``, or why its weights are not readable here (external data not loaded)."""
     w = _const(g, router.weight)
     if w is None or w.size == 0:
         return f"the router weight {router.weight!r} is not loaded"
@@ -93,7 +128,7 @@ def _router_probe(g: GraphIndex, layer: int, router: Router) -> Probe | str:
             w = w.T
         w = w * router.alpha
         b = b * router.beta
-    return Probe(layer, w.astype(np.float32), b.astype(np.float32))
+    return Probe(*key, w.astype(np.float32), b.astype(np.float32))
 
 
 def _router_output(g: GraphIndex, router: Router) -> str | None:
@@ -112,129 +147,149 @@ def _router_output(g: GraphIndex, router: Router) -> str | None:
     return out
 
 
-def _scores_chain(
-    g: GraphIndex, node: onnx.NodeProto
-) -> tuple[onnx.NodeProto, str, list[onnx.NodeProto]] | str:
-    """``(softmax, x, nodes between x and the softmax)`` of a ResidualPrefetch node's scores, or why not."""
-    sm = g.producer.get(node.input[1]) if len(node.input) > 1 else None
-    if sm is None or sm.op_type != "Softmax" or sm.domain not in _ONNX:
-        return "its scores are not a Softmax"
+def _linear(g: GraphIndex, logits: str) -> tuple[str, list[onnx.NodeProto]] | str:
+    """``(x, nodes)``: ``logits`` = ``MatMul`` / ``Gemm`` of ``x`` by a constant (+ a constant), or why
+    not."""
     chain: list[onnx.NodeProto] = []
-    cur = g.producer.get(sm.input[0])
-    while cur is not None and len(chain) < 3:
+    cur = g.producer.get(logits)
+    while cur is not None and len(chain) < 2:
         chain.append(cur)
-        if cur.op_type in ("MatMul", "Gemm") and cur.domain in _ONNX:
-            return sm, cur.input[0], chain
+        if cur.op_type in ("MatMul", "Gemm") and cur.domain in _ONNX and len(cur.input) > 1:
+            if g.constant(cur.input[1]) is None and cur.input[1] not in g.initializers:
+                break
+            return cur.input[0], chain
         if cur.op_type != "Add" or cur.domain not in _ONNX:
             break
-        data = [i for i in cur.input if g.constant(i) is None]
+        data = [i for i in cur.input if g.constant(i) is None and i not in g.initializers]
         if len(data) != 1:
             break
         cur = g.producer.get(data[0])
-    return "its scores are not Softmax(MatMul / Gemm (+ Add) of one tensor)"
+    return "not MatMul / Gemm (+ Add) of one tensor by constants"
+
+
+def _signals(g: GraphIndex, model: onnx.ModelProto) -> tuple[list[tuple[str, int, int, str]], list[str]]:
+    """``(kind, node, layer, logits)`` of every site of the graph, and notes on the nodes that have none."""
+    out: list[tuple[str, int, int, str]] = []
+    notes: list[str] = []
+    for n in model.graph.node:
+        if n.domain != DOMAIN:
+            continue
+        layer = int(node_attrs(n).get("layer", -1))
+        if n.op_type == _RESIDUAL:
+            sm = g.producer.get(n.input[1]) if len(n.input) > 1 else None
+            if sm is None or sm.op_type != "Softmax" or sm.domain not in _ONNX:
+                notes.append(f"{_RESIDUAL} layer {layer}: no probe: its scores are not a Softmax")
+                continue
+            out.append(("residual", layer, layer, sm.input[0]))
+        elif n.op_type == _OFFLOADED and len(n.input) > NEXT_LOGITS_INPUT and n.input[NEXT_LOGITS_INPUT]:
+            rs = g.producer.get(n.input[NEXT_LOGITS_INPUT])
+            if rs is None or rs.op_type != "Reshape" or rs.domain not in _ONNX:
+                notes.append(f"{_OFFLOADED} layer {layer}: no probe: its stacked gates are not a Reshape")
+                continue
+            cat = g.producer.get(rs.input[0])
+            rows = list(cat.input) if cat is not None and cat.op_type == "Concat" else [rs.input[0]]
+            out += [("gates", layer, layer + 1 + j, r) for j, r in enumerate(rows)]
+    return out, notes
 
 
 def probe_sites(model: onnx.ModelProto, baseline: bool = True) -> tuple[list[ProbeSite], list[str]]:
-    """The :class:`ProbeSite` of every ``ResidualPrefetch`` node of ``model`` (by layer) and a note for each
-    node that cannot take a probe. ``baseline``: read each router's weights into :attr:`ProbeSite.router`
-    (``model`` must have its external data loaded)."""
+    """Every :class:`ProbeSite` of ``model`` (sorted by kind, node, layer) and a note for each signal that
+    cannot take a probe. ``baseline``: read each router's weights into :attr:`ProbeSite.router` (``model``
+    must have its external data loaded)."""
     g = GraphIndex(model.graph)
     offloaded = {
         int(node_attrs(n).get("layer", -1)): n
         for n in model.graph.node
         if n.op_type == _OFFLOADED and n.domain == DOMAIN
     }
+    signals, notes = _signals(g, model)
     sites: list[ProbeSite] = []
-    notes: list[str] = []
-    for n in model.graph.node:
-        if n.op_type != _RESIDUAL or n.domain != DOMAIN:
-            continue
-        t = int(node_attrs(n).get("layer", -1))
-        chain = _scores_chain(g, n)
+    for kind, node, layer, logits in signals:
+        where = f"{kind} node {node} -> layer {layer}"
+        chain = _linear(g, logits)
         if isinstance(chain, str):
-            notes.append(f"layer {t}: no probe: {chain}")
+            notes.append(f"{where}: no probe: {chain}")
             continue
-        sm, x, _ = chain
-        router, why = _find_router(g, offloaded[t]) if t in offloaded else (None, "no OffloadedExpert node")
+        router, why = _find_router(g, offloaded[layer]) if layer in offloaded else (None, "no such layer")
         if router is None:
-            notes.append(f"layer {t}: no probe: router not found ({why})")
+            notes.append(f"{where}: no probe: router not found ({why})")
             continue
         target = _router_output(g, router)
-        base = _router_probe(g, t, router) if baseline else None
+        base = _router_probe(g, (kind, node, layer), router) if baseline else None
         if target is None or isinstance(base, str):
-            notes.append(
-                f"layer {t}: no probe: {base if isinstance(base, str) else 'router output not found'}"
-            )
+            notes.append(f"{where}: no probe: {base if isinstance(base, str) else 'router output not found'}")
             continue
-        sites.append(ProbeSite(t, x, target, sm.name, router.hidden, router.num_experts, base))
-    sites.sort(key=lambda s: s.layer)
+        x = chain[0]
+        sites.append(ProbeSite(kind, node, layer, x, target, logits, router.hidden, router.num_experts, base))
+    sites.sort(key=lambda s: (PROBE_KINDS.index(s.kind), s.node, s.layer))
     return sites, notes
 
 
-def _names(layer: int) -> tuple[str, str]:
-    return f"{PROBE_PREFIX}_l{layer}_weight", f"{PROBE_PREFIX}_l{layer}_bias"
-
-
 def install_probe(model: onnx.ModelProto, site: ProbeSite, probe: Probe) -> None:
-    """Make ``site``'s scores ``Softmax(x @ probe.weight + probe.bias)`` in ``model``, in place (see the
-    module docstring). Raises ValueError if the probe's shape is not ``[H, E]`` / ``[E]`` of the site."""
+    """Make ``site`` compute ``x @ probe.weight + probe.bias`` in ``model``, in place (module docstring).
+    Raises ValueError if the probe's shape is not ``[H, E]`` / ``[E]`` of the site or a weight is not
+    finite."""
     H, E = site.hidden, site.num_experts
     w = np.ascontiguousarray(probe.weight, np.float32)
     b = np.ascontiguousarray(probe.bias, np.float32).reshape(-1)
+    what = f"probe {site.kind} node {site.node} -> layer {site.layer}"
     if w.shape != (H, E) or b.shape != (E,):
         raise ValueError(
-            f"residual_probe layer {site.layer}: expected weight [{H}, {E}] and bias [{E}], found "
-            f"{list(w.shape)} and {list(b.shape)}"
+            f"{what}: expected weight [{H}, {E}] and bias [{E}], found {list(w.shape)} and {list(b.shape)}"
         )
     if not (np.isfinite(w).all() and np.isfinite(b).all()):
-        raise ValueError(f"residual_probe layer {site.layer}: expected finite weights, found NaN or inf")
-    wname, bname = _names(site.layer)
+        raise ValueError(f"{what}: expected finite weights, found NaN or inf")
+    stem = probe_name(site.kind, site.node, site.layer)
+    wname, bname = f"{stem}_weight", f"{stem}_bias"
     g = GraphIndex(model.graph)
     if wname in g.initializers and bname in g.initializers:  # installed before: new values, same nodes
         g.initializers[wname].CopyFrom(numpy_helper.from_array(w, wname))
         g.initializers[bname].CopyFrom(numpy_helper.from_array(b, bname))
         return
-    sm = next(n for n in model.graph.node if n.name == site.softmax)
-    chain = _scores_chain(g, next(c for c in g.consumers[sm.output[0]] if c.op_type == _RESIDUAL))
-    assert not isinstance(chain, str)
-    _, x, old = chain
+    chain = _linear(g, site.logits)
+    if isinstance(chain, str):
+        raise ValueError(f"{what}: {site.logits!r} is {chain}")
+    x, old = chain
+    old_ids = {id(n) for n in old}
+    readers = [n for n in g.consumers.get(site.logits, []) if id(n) not in old_ids]
     drop = {id(n) for n in old if all(len(g.consumers.get(o, [])) <= 1 for o in n.output)}
-    tag = f"{PROBE_PREFIX}_l{site.layer}"
-    mm, logits = g.fresh(f"{tag}_matmul_out"), g.fresh(f"{tag}_logits")
+    mm, logits = g.fresh(f"{stem}_matmul_out"), g.fresh(f"{stem}_logits")
     nodes = [
-        helper.make_node("MatMul", [x, wname], [mm], name=g.fresh(f"{tag}_matmul", nodes=True)),
-        helper.make_node("Add", [mm, bname], [logits], name=g.fresh(f"{tag}_bias", nodes=True)),
+        helper.make_node("MatMul", [x, wname], [mm], name=g.fresh(f"{stem}_matmul", nodes=True)),
+        helper.make_node("Add", [mm, bname], [logits], name=g.fresh(f"{stem}_bias", nodes=True)),
     ]
+    for r in readers:
+        for k, i in enumerate(r.input):
+            if i == site.logits:
+                r.input[k] = logits
     position = {id(n): i for i, n in enumerate(model.graph.node)}
-    sm.input[0] = logits
     insert_nodes(
         model,
-        {position[id(sm)]: nodes},
+        {min(position[id(r)] for r in readers): nodes},
         initializers=[numpy_helper.from_array(w, wname), numpy_helper.from_array(b, bname)],
         drop=drop,
     )
 
 
-def install_probes(graph_path: str | Path, probes: Mapping[int, Probe]) -> list[str]:
-    """Install ``probes`` (by layer) into the graph file ``graph_path`` (rewritten through a temporary file
-    and a rename; weights in external data files are only referenced). Returns one line per probe installed.
-    Raises ValueError naming the layer when a probe has no site in the graph or the wrong shape."""
+def install_probes(graph_path: str | Path, probes: Sequence[Probe]) -> list[str]:
+    """Install ``probes`` into the graph file ``graph_path`` (rewritten through a temporary file and a rename;
+    weights in external data files are only referenced). Returns one line per probe installed. Raises
+    ValueError naming the site when a probe has no site in the graph or the wrong shape (nothing written)."""
     path = Path(graph_path)
     model = onnx.load(str(path), load_external_data=False)
-    sites, notes = probe_sites(model, baseline=False)
-    by_layer = {s.layer: s for s in sites}
     lines = []
-    for layer, probe in sorted(probes.items()):
-        site = by_layer.get(layer)
+    for probe in probes:
+        sites, notes = probe_sites(model, baseline=False)
+        site = next((s for s in sites if s.key == probe.key), None)
         if site is None:
-            why = "; ".join(notes) or f"{_RESIDUAL} nodes at layers {sorted(by_layer)}"
+            kind, node, layer = probe.key
+            why = "; ".join(notes) or f"sites {[s.key[1:] for s in sites if s.kind == kind]}"
             raise ValueError(
-                f"{path}: residual_probe layer {layer}: expected a {_RESIDUAL} node of that layer ({why})"
+                f"{path}: probe {kind} node {node} -> layer {layer}: no such site in the graph ({why})"
             )
         install_probe(model, site, probe)
-        lines.append(
-            f"layer {layer}: {_RESIDUAL} scores from the fitted probe ({site.hidden} x {site.num_experts})"
-        )
+        shape = f"{site.hidden} x {site.num_experts}"
+        lines.append(f"{site.kind} node {site.node} -> layer {site.layer}: fitted probe ({shape})")
     if probes:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:

@@ -73,8 +73,10 @@ _LAYER_KEYS = (
 )
 
 
-_PROBE_KEYS = ("ridge", "train_tokens", "layers")
-_PROBE_LAYER_KEYS = ("layer", "hidden", "num_experts", "weight", "bias", "recall_router", "recall_probe")
+_PROBE_KEYS = ("ridge", "train_tokens", "sites")
+_PROBE_SITE_KEYS = (
+    "kind", "node", "layer", "hidden", "num_experts", "weight", "bias", "recall_router", "recall_probe",
+)  # fmt: skip
 
 
 def encode_f32(a: Any) -> str:
@@ -94,17 +96,15 @@ def decode_f32(text: str, shape: Sequence[int]) -> np.ndarray:
     return np.frombuffer(raw, "<f4").reshape(tuple(shape)).astype(np.float32)
 
 
-def profile_probes(doc: dict[str, Any]) -> dict[int, Probe]:
-    """The fitted residual probes of a validated profile document, by layer (none without
-    ``residual_probe``)."""
+def profile_probes(doc: dict[str, Any]) -> list[Probe]:
+    """The fitted probes of a validated profile document, in its order (none without ``probes``)."""
     from .probe import Probe
 
-    out = {}
-    for e in doc.get("residual_probe", {}).get("layers", []):
+    out = []
+    for e in doc.get("probes", {}).get("sites", []):
         H, E = int(e["hidden"]), int(e["num_experts"])
-        out[int(e["layer"])] = Probe(
-            int(e["layer"]), decode_f32(e["weight"], (H, E)), decode_f32(e["bias"], (E,))
-        )
+        w, b = decode_f32(e["weight"], (H, E)), decode_f32(e["bias"], (E,))
+        out.append(Probe(str(e["kind"]), int(e["node"]), int(e["layer"]), w, b))
     return out
 
 
@@ -162,7 +162,7 @@ def check_writable(bundle_dir: str | Path, force: bool) -> Path:
 def write_profile(bundle_dir: str | Path, doc: dict[str, Any], force: bool = False) -> Path:
     """Validate ``doc`` against the bundle and write it as ``bundle_dir/profile.json`` (tmp + rename, so a
     reader never sees half a file). Refuses to replace an existing profile unless ``force``. A document with
-    ``residual_probe`` layers first installs those probes into the decoder graph
+    ``probes`` sites first installs those probes into the decoder graph
     (:func:`edgemoe_ort.bundle.probe.install_probes`)."""
     bundle_dir = Path(bundle_dir)
     path = check_writable(bundle_dir, force)
@@ -176,7 +176,7 @@ def write_profile(bundle_dir: str | Path, doc: dict[str, Any], force: bool = Fal
         try:
             install_probes(Bundle.open(bundle_dir).graph_path("decoder"), probes)
         except ValueError as e:
-            raise BundleError(path, f"residual_probe: {e}") from None
+            raise BundleError(path, f"probes: {e}") from None
     text = json.dumps(doc, separators=(",", ":"), allow_nan=False) + "\n"
     tmp = path.with_name(f".{PROFILE}.{os.getpid()}.tmp")
     try:
@@ -448,36 +448,47 @@ def validate_profile(doc: Any, file: str | Path = PROFILE, *, manifest: bytes | 
             ) from None
         if li == 0 and names != ["token"]:
             raise c.fail(g, '["token"] (only token applies at layer 0)', _short(names))
-    if "residual_probe" in top:
-        _check_probe(c, top["residual_probe"], shapes)
+    if "probes" in top:
+        _check_probes(c, top["probes"], shapes)
 
 
-def _check_probe(c: _Check, v: Any, shapes: Sequence[tuple[int, int]]) -> None:
-    rp = c.obj(v, "residual_probe", _PROBE_KEYS)
-    c.as_num(rp["ridge"], "residual_probe.ridge", 0.0, math.inf)
-    c.as_int(rp["train_tokens"], "residual_probe.train_tokens", 0)
+def _check_probes(c: _Check, v: Any, shapes: Sequence[tuple[int, int]]) -> None:
+    from .probe import PROBE_KINDS
+
+    rp = c.obj(v, "probes", _PROBE_KEYS)
+    c.as_num(rp["ridge"], "probes.ridge", 0.0, math.inf)
+    c.as_int(rp["train_tokens"], "probes.train_tokens", 0)
     if "note" in rp:
-        c.as_str(rp["note"], "residual_probe.note")
-    seen: set[int] = set()
-    for i, e in enumerate(c.as_list(rp["layers"], "residual_probe.layers")):
-        f = f"residual_probe.layers[{i}]"
-        c.obj(e, f, _PROBE_LAYER_KEYS)
-        t = c.as_int(e["layer"], f"{f}.layer", 1, len(shapes) - 1)
-        if t in seen:
-            raise c.fail(f"{f}.layer", "each layer once", f"layer {t} again")
-        seen.add(t)
+        c.as_str(rp["note"], "probes.note")
+    seen: set[tuple[str, int, int]] = set()
+    L = len(shapes)
+    for i, e in enumerate(c.as_list(rp["sites"], "probes.sites")):
+        f = f"probes.sites[{i}]"
+        c.obj(e, f, _PROBE_SITE_KEYS)
+        kind = c.as_str(e["kind"], f"{f}.kind")
+        if kind not in PROBE_KINDS:
+            raise c.fail(f"{f}.kind", " or ".join(PROBE_KINDS), repr(kind))
+        t = c.as_int(e["layer"], f"{f}.layer", 1, L - 1)
+        if kind == "residual":
+            c.as_int(e["node"], f"{f}.node", t, t)  # the ResidualPrefetch node of the layer it predicts
+        else:
+            c.as_int(e["node"], f"{f}.node", 0, t - 1)  # an earlier OffloadedExpert node
+        key = (kind, int(e["node"]), t)
+        if key in seen:
+            raise c.fail(f, "each site once", f"{kind} node {key[1]} -> layer {t} again")
+        seen.add(key)
         H = c.as_int(e["hidden"], f"{f}.hidden", 1)
         E = c.as_int(e["num_experts"], f"{f}.num_experts", shapes[t][0], shapes[t][0])
-        for key, shape in (("weight", (H, E)), ("bias", (E,))):
+        for name, shape in (("weight", (H, E)), ("bias", (E,))):
             try:
-                a = decode_f32(c.as_str(e[key], f"{f}.{key}"), shape)
+                a = decode_f32(c.as_str(e[name], f"{f}.{name}"), shape)
             except ValueError as err:
-                raise c.fail(f"{f}.{key}", f"base64 of float32 {list(shape)}", str(err)) from None
+                raise c.fail(f"{f}.{name}", f"base64 of float32 {list(shape)}", str(err)) from None
             if not np.isfinite(a).all():
-                raise c.fail(f"{f}.{key}", "finite numbers", "NaN or inf")
-        for key in ("recall_router", "recall_probe"):
-            if e[key] is not None:
-                c.as_num(e[key], f"{f}.{key}")
+                raise c.fail(f"{f}.{name}", "finite numbers", "NaN or inf")
+        for name in ("recall_router", "recall_probe"):
+            if e[name] is not None:
+                c.as_num(e[name], f"{f}.{name}")
 
 
 def _check_gate_weights(c: _Check, v: Any, f: str, top_k: int) -> None:

@@ -116,11 +116,12 @@ def profile_bundle(
     ``tokens``: at most this many tokens (train + held out; None = all). ``window``: tokens per fresh-context
     window the routing is recorded in (at most the model's ``max_position_embeddings``), ``batch`` windows
     per pass. ``progress(stage, done, total)``: stages ``"train"``, ``"heldout"`` (tokens), ``"cache"``.
-    ``files``: the corpus already read (:func:`.corpus.read_corpus` of ``corpus``). ``probe``: where the graph
-    has ``ResidualPrefetch`` nodes, fit their residual probes on the train split (:mod:`.probe`); the document
-    then carries them (``residual_probe``), the ``residual`` recall is the probe's, and :func:`write_profile`
-    installs them into the decoder graph. ``ids``: profile this token-id stream instead of text (``corpus``
-    then only names it in the document; :func:`.corpus.split_ids`).
+    ``files``: the corpus already read (:func:`.corpus.read_corpus` of ``corpus``). ``probe``: fit the
+    probes of the graph's prediction sites (the ``ResidualPrefetch`` scores, the rows of the stacked gates)
+    on the train split (:mod:`.probe`); the document then carries them (``probes``), the ``residual`` and
+    ``gates`` recall are the probes', and :func:`write_profile` installs them into the decoder graph.
+    ``ids``: profile this token-id stream instead of text (``corpus`` then only names it in the document;
+    :func:`.corpus.split_ids`).
     """
     from edgemoe_ort.runtime.generate import load_tokenizer
 
@@ -179,5 +180,5 @@ def profile_bundle(
         "layers": layers,
         "heldout": {"recall_at": RECALL_AT, "recall": recall, "hit_rates": rates},
         "auto": auto,
-        **({"residual_probe": probe_doc} if probe_doc is not None else {}),
+        **({"probes": probe_doc} if probe_doc is not None else {}),
     }

@@ -36,9 +36,10 @@ profile_app = typer.Typer(add_completion=False, context_settings=CONTEXT_SETTING
 
 @profile_app.command(**command_kwargs(
     "Record which experts a bundle routes a text corpus to, and write BUNDLE/profile.json (the tables the "
-    "prefetch predictors read), and fit the residual probes (installed into the decoder graph).",
+    "prefetch predictors read), and probes fitted to the routers (installed into the decoder graph).",
     ["edgemoe-profile bundles/tiny --corpus my_text/ --tokens 100000",
-     "edgemoe-profile bundles/tiny --corpus a.txt --corpus b.txt --json --force"],
+     "edgemoe-profile bundles/tiny --corpus a.txt --corpus b.txt --json --force",
+     "edgemoe-profile bundles/switch --ids ids.npy --tokens 20000   # a bundle without a tokenizer"],
 ))
 @friendly_errors
 def profile(
@@ -66,7 +67,7 @@ def profile(
     probe: Annotated[
         bool,
         typer.Option(
-            help="fit each ResidualPrefetch node's residual probe and install it into the decoder graph"
+            help="fit probes of the later routers (ResidualPrefetch scores, stacked gates) into the graph"
         ),
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary instead of tables")] = False,
@@ -134,7 +135,7 @@ def profile(
 
 def summary(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """What ``--json`` prints: where the profile went, its corpus, the held-out recall, hit rates, auto and
-    the residual probe's recall."""
+    the probes' recall."""
     from edgemoe_ort.profile.probe import probe_summary
 
     return {
@@ -147,7 +148,7 @@ def summary(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
         "recall": doc["heldout"]["recall"],
         "hit_rates": doc["heldout"]["hit_rates"],
         "auto": doc["auto"],
-        "residual_probe": probe_summary(doc),
+        "probes": probe_summary(doc),
     }
 
 
@@ -195,17 +196,22 @@ def _print_tables(doc: dict[str, Any], path: Path) -> None:
         out.print(h)
     probe = probe_summary(doc)
     if probe is not None:
-        if probe["layers"]:
-            cells = ", ".join(
-                f"layer {e['layer']} {e['recall_router']:.3f} -> {e['recall_probe']:.3f}"
-                for e in probe["layers"]
-                if e["recall_router"] is not None
-            )
+        if probe["sites"]:
             out.print(
-                f"residual probe fitted on {probe['train_tokens']} tokens and installed in the decoder graph "
-                f"(held-out recall, router -> probe: {cells})",
+                f"probes fitted on {probe['train_tokens']} tokens and installed in the decoder graph; "
+                "held-out recall@K of the next layer, its router -> the probe:",
                 highlight=False,
             )
+            for kind in ("residual", "gates"):
+                cells = ", ".join(
+                    f"layer {e['layer']} {e['recall_router']:.3f} -> {e['recall_probe']:.3f}"
+                    for e in probe["sites"]
+                    if e["kind"] == kind
+                    and e["layer"] == e["node"] + (kind == "gates")
+                    and e["recall_router"] is not None
+                )
+                if cells:
+                    out.print(f"  {kind}: {cells}", highlight=False)
         if probe.get("note"):
             out.print(f"[yellow]{probe['note']}[/]", highlight=False)
     if all(v is None for v in recall.get("gates", [])):

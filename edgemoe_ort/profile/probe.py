@@ -1,12 +1,11 @@
-"""Fitting the residual probe of each ``ResidualPrefetch`` node (:mod:`edgemoe_ort.bundle.probe`) on the train
-split, and scoring it on the held-out one.
+"""Fitting the probes of a graph's prediction sites (:mod:`edgemoe_ort.bundle.probe`: the ``ResidualPrefetch``
+scores and the rows of the stacked gates) on the train split, and scoring them on the held-out one.
 
-The fit is ridge regression from the node's features ``x`` (``[N, H]``, the normalized residual stream before
-the layer's attention) to the layer's own router logits ``z`` (``[N, E]``, after it):
-``[W; b] = (X1ᵀX1 + λ·N·I)⁻¹ X1ᵀZ`` with ``X1 = [x, 1]`` and ``λ`` = :data:`RIDGE`. Only the sums ``X1ᵀX1``
-and ``X1ᵀZ`` are kept while the corpus runs (float64, ``(H+1)²`` + ``(H+1)·E`` numbers a layer), so the
-memory does not grow with the tokens; a graph whose sums would pass :data:`MAX_FIT_BYTES` is not fitted (the
-note says so). Imports neither torch nor transformers.
+The fit of a site is ridge regression from its features ``x`` (``[N, H]``) to the target layer's own router
+logits ``z`` (``[N, E]``): ``[W; b] = (X1ᵀX1 + λ·N·I)⁻¹ X1ᵀZ`` with ``X1 = [x, 1]`` and ``λ`` = :data:`RIDGE`.
+Only the sums are kept while the corpus runs (float64): ``X1ᵀX1`` once per features tensor (the rows of one
+node's stacked gates share it) and ``X1ᵀZ`` per site, so the memory does not grow with the tokens; a graph
+whose sums would pass :data:`MAX_FIT_BYTES` is not fitted (the note says so). No torch.
 """
 
 from __future__ import annotations
@@ -36,8 +35,10 @@ __all__ = [
 
 #: ridge strength per train token (the fit is insensitive to it over 1e-7..1e-3 on the default model)
 RIDGE = 1e-4
-#: the most memory the fit's sums may take, all layers together
+#: the most memory the fit's sums may take, all sites together
 MAX_FIT_BYTES = 1 << 30
+
+Key = tuple[str, int, int]
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -51,110 +52,128 @@ def _rows(a: np.ndarray, width: int) -> np.ndarray:
     return np.asarray(a, np.float64).reshape(-1, width)
 
 
+def _with_ones(x: np.ndarray) -> np.ndarray:
+    return np.hstack([x, np.ones((x.shape[0], 1))])
+
+
 @dataclass
 class ProbeFitter:
-    """The running sums of every site's fit (see the module docstring). Feed it the recorder's outputs with
+    """The running sums of every site's fit (module docstring). Feed it the recorder's outputs with
     :meth:`add` (``RoutingRecorder.record(on_outputs=fitter.add)``), then :meth:`fit`."""
 
     sites: Sequence[ProbeSite]
     ridge: float = RIDGE
     note: str | None = None  #: why nothing is fitted (the sums would be too large), or None
-    tokens: int = 0  #: rows seen by the first site
-    _gram: dict[int, np.ndarray] = field(default_factory=dict)
-    _cross: dict[int, np.ndarray] = field(default_factory=dict)
+    tokens: int = 0  #: rows seen
+    _gram: dict[str, np.ndarray] = field(default_factory=dict)
+    _cross: dict[Key, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        need = sum(8 * (s.hidden + 1) * (s.hidden + 1 + s.num_experts) for s in self.sites)
+        hidden = {s.features: s.hidden for s in self.sites}
+        need = sum(8 * (h + 1) ** 2 for h in hidden.values())
+        need += sum(8 * (s.hidden + 1) * s.num_experts for s in self.sites)
         if need > MAX_FIT_BYTES:
-            self.note = (
-                f"residual probe not fitted: its sums would take {need >> 20} MiB "
-                f"(at most {MAX_FIT_BYTES >> 20} MiB)"
-            )
+            cap = MAX_FIT_BYTES >> 20
+            self.note = f"probes not fitted: their sums would take {need >> 20} MiB (at most {cap} MiB)"
             self.sites = []
+            return
+        for name, h in hidden.items():
+            self._gram[name] = np.zeros((h + 1, h + 1), np.float64)
         for s in self.sites:
-            self._gram[s.layer] = np.zeros((s.hidden + 1, s.hidden + 1), np.float64)
-            self._cross[s.layer] = np.zeros((s.hidden + 1, s.num_experts), np.float64)
+            self._cross[s.key] = np.zeros((s.hidden + 1, s.num_experts), np.float64)
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """Add one pass's rows (``outputs``: graph outputs by name, the sites' features and targets too)."""
-        for n, s in enumerate(self.sites):
-            x = _rows(outputs[s.features], s.hidden)
+        x1: dict[str, np.ndarray] = {}
+        for s in self.sites:
+            if s.features not in x1:
+                x1[s.features] = _with_ones(_rows(outputs[s.features], s.hidden))
+                self._gram[s.features] += x1[s.features].T @ x1[s.features]
             z = _rows(outputs[s.target], s.num_experts)
-            if x.shape[0] != z.shape[0]:
+            n = x1[s.features].shape[0]
+            if n != z.shape[0]:
                 raise ValueError(
-                    f"residual probe layer {s.layer}: {x.shape[0]} feature rows but {z.shape[0]} router rows"
+                    f"probe {s.kind} node {s.node} -> layer {s.layer}: {n} feature rows but {z.shape[0]} "
+                    "router rows"
                 )
-            x1 = np.hstack([x, np.ones((x.shape[0], 1))])
-            self._gram[s.layer] += x1.T @ x1
-            self._cross[s.layer] += x1.T @ z
-            if n == 0:
-                self.tokens += x.shape[0]
+            self._cross[s.key] += x1[s.features].T @ z
+        if x1:
+            self.tokens += next(iter(x1.values())).shape[0]
 
-    def fit(self) -> dict[int, Probe]:
-        """The probe of every site (by layer); empty before any row or when :attr:`note` says why."""
+    def fit(self) -> dict[Key, Probe]:
+        """The probe of every site (by key); empty before any row or when :attr:`note` says why."""
         if not self.tokens:
             return {}
         out = {}
+        solved: dict[str, np.ndarray] = {}
         for s in self.sites:
-            g = self._gram[s.layer]
-            a = g + self.ridge * self.tokens * np.eye(g.shape[0])
-            wb = np.linalg.solve(a, self._cross[s.layer])
-            out[s.layer] = Probe(s.layer, wb[:-1].astype(np.float32), wb[-1].astype(np.float32))
+            if s.features not in solved:
+                g = self._gram[s.features]
+                solved[s.features] = g + self.ridge * self.tokens * np.eye(g.shape[0])
+            wb = np.linalg.solve(solved[s.features], self._cross[s.key])
+            out[s.key] = Probe(*s.key, wb[:-1].astype(np.float32), wb[-1].astype(np.float32))
         return out
 
 
 @dataclass
 class ProbeScores:
-    """The held-out distributions of every site: its fitted probe's and its router's, gathered per pass
+    """The held-out logits of every site: its fitted probe's and its router's, gathered per pass
     (``RoutingRecorder.record(on_outputs=scores.add)``)."""
 
     sites: Sequence[ProbeSite]
-    probes: dict[int, Probe]
-    _probe: dict[int, list[np.ndarray]] = field(default_factory=dict)
-    _router: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    probes: dict[Key, Probe]
+    _probe: dict[Key, list[np.ndarray]] = field(default_factory=dict)
+    _router: dict[Key, list[np.ndarray]] = field(default_factory=dict)
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """Score one pass's rows."""
         for s in self.sites:
-            if s.layer not in self.probes:
+            if s.key not in self.probes:
                 continue
             x = _rows(outputs[s.features], s.hidden)
-            self._probe.setdefault(s.layer, []).append(softmax(self.probes[s.layer].logits(x)))
+            self._probe.setdefault(s.key, []).append(self.probes[s.key].logits(x))
             if s.router is not None:
-                self._router.setdefault(s.layer, []).append(softmax(s.router.logits(x)))
+                self._router.setdefault(s.key, []).append(s.router.logits(x))
 
-    def probe(self, layer: int) -> np.ndarray | None:
-        """``[N, E]``: the fitted probe's distribution at ``layer`` over the rows seen, or None."""
-        parts = self._probe.get(layer)
+    def probe(self, key: Key) -> np.ndarray | None:
+        """``[N, E]``: the fitted probe's logits at site ``key`` over the rows seen, or None."""
+        parts = self._probe.get(key)
         return np.concatenate(parts) if parts else None
 
-    def router(self, layer: int) -> np.ndarray | None:
-        """``[N, E]``: the router's own distribution on the same features (the unfitted baseline), or None."""
-        parts = self._router.get(layer)
+    def router(self, key: Key) -> np.ndarray | None:
+        """``[N, E]``: the router's own logits on the same features (the unfitted baseline), or None."""
+        parts = self._router.get(key)
         return np.concatenate(parts) if parts else None
 
 
 def probe_section(
     fitter: ProbeFitter, scores: ProbeScores, heldout: Routing, layers: Sequence[dict[str, Any]]
 ) -> dict[str, Any] | None:
-    """The profile's ``residual_probe`` entry (docs/bundle-format.md), or None when the graph has no site.
+    """The profile's ``probes`` entry (docs/bundle-format.md), or None when the graph has no site.
 
-    Also makes the held-out ``residual`` distribution of every fitted layer the probe's, so the profile's
-    recall and ``auto`` measure what the installed graph computes."""
+    Also makes the held-out signals of every fitted site the probe's (the ``residual`` scores, the rows of
+    the stacked gates), so the profile's recall and ``auto`` measure what the installed graph computes."""
     if not fitter.sites and fitter.note is None:
         return None
     entries = []
     for s in fitter.sites:
-        p, r = scores.probe(s.layer), scores.router(s.layer)
-        probe = scores.probes.get(s.layer)
+        p, r = scores.probe(s.key), scores.router(s.key)
+        probe = scores.probes.get(s.key)
         if p is None or probe is None:
             continue
         lay = layers[s.layer]
         actual = expert_mask(heldout.layers[s.layer].indices, int(lay["num_experts"]))
         K = int(lay["top_k"])
-        heldout.layers[s.layer].residual = p.astype(np.float32)
+        if s.kind == "residual":
+            heldout.layers[s.layer].residual = softmax(p).astype(np.float32)
+        else:
+            nxt = heldout.layers[s.node].next_logits
+            if nxt is not None and nxt.shape[1] > s.layer - s.node - 1:
+                nxt[:, s.layer - s.node - 1, :] = p.astype(np.float32)
         entries.append(
             {
+                "kind": s.kind,
+                "node": s.node,
                 "layer": s.layer,
                 "hidden": s.hidden,
                 "num_experts": s.num_experts,
@@ -164,17 +183,17 @@ def probe_section(
                 "recall_probe": round(recall_at_k(p, actual, K)[1], 6),
             }
         )
-    doc: dict[str, Any] = {"ridge": fitter.ridge, "train_tokens": int(fitter.tokens), "layers": entries}
+    doc: dict[str, Any] = {"ridge": fitter.ridge, "train_tokens": int(fitter.tokens), "sites": entries}
     if fitter.note is not None:
         doc["note"] = fitter.note
     return doc
 
 
 def probe_summary(doc: dict[str, Any]) -> dict[str, Any] | None:
-    """A profile's ``residual_probe`` entry without its weights (None without one)."""
-    rp = doc.get("residual_probe")
+    """A profile's ``probes`` entry without its weights (None without one)."""
+    rp = doc.get("probes")
     if rp is None:
         return None
-    keep = ("layer", "hidden", "num_experts", "recall_router", "recall_probe")
-    layers = [{k: e[k] for k in keep} for e in rp["layers"]]
-    return {**{k: v for k, v in rp.items() if k != "layers"}, "layers": layers}
+    keep = ("kind", "node", "layer", "hidden", "num_experts", "recall_router", "recall_probe")
+    sites = [{k: e[k] for k in keep} for e in rp["sites"]]
+    return {**{k: v for k, v in rp.items() if k != "sites"}, "sites": sites}

@@ -3,7 +3,7 @@
 :func:`write_tapped_graph` copies the bundle's decoder graph with inputs 1 (``topk_indices``), 2
 (``topk_weights``) and, where wired, 3 (``next_router_logits``, docs/op-contract.md) of every
 ``OffloadedExpert`` node, and input 1 (``scores``) of every ``ResidualPrefetch`` node, added as outputs; with
-``probes``, also what fitting a residual probe reads (:func:`edgemoe_ort.bundle.probe.probe_sites`).
+``probes``, also what fitting the probes reads (:func:`edgemoe_ort.bundle.probe.probe_sites`).
 :class:`RoutingRecorder` opens it with the bundle's expert store and either steps it like
 ``MoEModel.forward`` (:meth:`RoutingRecorder.forward`, with a KV cache: what the routing traces of
 ``edgemoe_ort.bench.trace`` use) or runs a token stream in fixed windows, each a fresh context, batched
@@ -125,7 +125,7 @@ def write_tapped_graph(
 ) -> tuple[Path, list[Tap], list[ProbeSite]]:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``): the bundle's ``role`` graph with every tap of
     :func:`routing_taps` added as a graph output. Returns the path, the taps and, with ``probes``, the
-    :class:`~edgemoe_ort.bundle.probe.ProbeSite` of every ``ResidualPrefetch`` node whose ``features`` and
+    :class:`~edgemoe_ort.bundle.probe.ProbeSite` of every prediction site, whose ``features`` and
     ``target`` tensors are outputs too (else none)."""
     src = bundle.graph_path(role)
     model = onnx.load(str(src), load_external_data=True)
@@ -167,7 +167,7 @@ class RoutingRecorder:
     ...     routing.layers[0].indices.shape          # (N, top_k)
 
     ``options``: the expert store's :class:`~edgemoe_ort.runtime.ops.RuntimeOptions` (default: the whole
-    store may stay resident). ``probes``: also expose what fitting a residual probe reads
+    store may stay resident). ``probes``: also expose what fitting the probes reads
     (:attr:`probe_sites`; :meth:`record`'s ``on_outputs`` gets those tensors).
     """
 
@@ -189,7 +189,7 @@ class RoutingRecorder:
         self._tmp = tempfile.TemporaryDirectory(prefix="edgemoe-taps-")
         try:
             graph, self.taps, sites = write_tapped_graph(self.bundle, self._tmp.name, probes=probes)
-            #: the residual probes this graph can take (empty without ``probes``)
+            #: the probe sites of this graph (empty without ``probes``)
             self.probe_sites: list[ProbeSite] = sites
             options = options if options is not None else RuntimeOptions(predictor="none")
             so, sid = make_session_options(self.bundle.path, options)

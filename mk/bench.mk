@@ -9,6 +9,8 @@
 #   replay-bundle/            24 layers of large synthetic experts (H 1024, I 3584, int4) the trace is replayed into
 #   kernel-bundle/            one layer, 2 experts at H 4096, I 14336, int4 g64 (kernel micro-benchmark)
 #   tiny-bundle/profile.json  the default model's routing profile (edgemoe-profile, 100k tokens of its corpus)
+#   large-bundle/profile.json the large model's routing profile: 20k random token ids (edgemoe-profile --ids; it
+#                             has no tokenizer, and random weights make any text random to it), its fitted probes
 #   tiny-twins-bundle/        the default model, int4 g64 experts with int2 twins (--twin int2) + its profile
 #   large-twins-bundle/       the large model, int4 g64 experts with int2 twins (~3 min): its ablation
 #   tiny-plan-bundle/         the default model with edgemoe-plan's bitwidths (int4..int2 at 0.2 %) and int2
@@ -72,6 +74,13 @@ endef
 $(BENCH_SMALL)/profile.json: $(BENCH_DIR)/.wired
 	$(call profile_default,$(BENCH_SMALL))
 
+$(BENCH_LARGE)/profile.json: $(BENCH_DIR)/.wired
+	$(VPY) -c "import numpy as np; from edgemoe_ort.bundle import Bundle; \
+	  from edgemoe_ort.profile import profile_bundle, write_profile; \
+	  ids = np.random.default_rng(1).integers(3, Bundle.open('$(BENCH_LARGE)').config['vocab_size'], size=20_000); \
+	  write_profile('$(BENCH_LARGE)', profile_bundle('$(BENCH_LARGE)', ['random ids (seed 1)'], tokens=20_000, \
+	  ids=ids), force=True)"
+
 $(BENCH_TWINS)/manifest.json: $(shell find $(DEMO_MODEL) -type f 2>/dev/null) | $(VENV)/.ok
 	$(VPY) -c "from edgemoe_ort.export import export_model; \
 	  export_model('$(DEMO_MODEL)', '$(BENCH_TWINS)', bits=4, group_size=64, twin='int2', force=True)"
@@ -90,7 +99,8 @@ $(BENCH_PLAN)/profile.json: $(BENCH_PLAN)/manifest.json | $(LIB)
 	$(call profile_default,$(BENCH_PLAN))
 
 bench-models: $(LIB) $(BENCH_SMALL)/manifest.json $(BENCH_LARGE)/manifest.json $(BENCH_REPLAY)/manifest.json \
-  $(BENCH_DIR)/.wired $(BENCH_SMALL)/profile.json $(BENCH_TWINS)/profile.json $(BENCH_PLAN)/profile.json \
+  $(BENCH_DIR)/.wired $(BENCH_SMALL)/profile.json $(BENCH_LARGE)/profile.json $(BENCH_TWINS)/profile.json \
+  $(BENCH_PLAN)/profile.json \
   $(BENCH_LARGE_TWINS)/manifest.json
 
 bench: bench-models

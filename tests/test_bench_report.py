@@ -271,3 +271,36 @@ def test_ablation_runs_only_the_settings_its_steps_take():
         for p in POLICIES
         for tag in ("", f"+{PREDICTOR}", f"+{PREDICTOR}~{PRECISION}", f"+{PREDICTOR}/{ROUTING}~{PRECISION}")
     ]
+
+
+def _site(kind, node, layer, router, probe):
+    return {"kind": kind, "node": node, "layer": layer, "hidden": 4, "num_experts": 8,
+            "recall_router": router, "recall_probe": probe}
+
+
+def test_prediction_section_shows_the_probes_and_the_large_models_profile(tmp_path):
+    recall = {"token": [0.9, 0.8, 0.7], "residual": [None, 0.93, 0.91], "gates": [None, 0.85, 0.9]}
+    probes = {"ridge": 1e-4, "train_tokens": 900, "sites": [
+        _site("residual", 1, 1, 0.92, 0.93), _site("residual", 2, 2, 0.82, 0.91),
+        _site("gates", 0, 1, 0.61, 0.85), _site("gates", 0, 2, 0.6, 0.77), _site("gates", 1, 2, 0.83, 0.9)]}
+    corpus = {"paths": ["c"], "train_tokens": 900, "heldout_tokens": 100, "heldout_share": 0.1}
+    ids = {**corpus, "paths": ["random ids (seed 1)"]}
+    results = {"runs": {}, "kernels": None, "commands": ["x"], "notes": [], "findings": [],
+               "prefetch_profile": {"bundle": "b", "corpus": corpus, "recall": recall,
+                                    "auto": [["token"], ["residual"], ["residual"]], "probes": probes},
+               "prefetch_profile_large": {"bundle": "L", "corpus": ids, "recall": recall,
+                                          "auto": [["token"], ["residual"], ["gates"]], "probes": probes}}
+    md = tmp_path / "bench.md"
+    write_report(results, md, tmp_path / "img")
+    text = md.read_text()
+    assert "- `residual`: layer 1 0.920 → **0.930**, layer 2 0.820 → **0.910**" in text
+    # the next layer's row only (node 0's row for layer 2 is two layers ahead)
+    assert "- `gates` (the next layer's row): layer 1 0.610 → **0.850**, layer 2 0.830 → **0.900**" in text
+    assert "Goal (best predictor ≥ 0.85 at every layer): met (best per layer 0.900, 0.930, 0.910)" in text
+    assert "### The large model's profile" in text and "`random ids (seed 1)`" in text
+    assert "| residual | 0.820 / 0.920 / 0.920 | 0.910 / 0.930 / 0.930 |" in text
+    assert "`auto` there: gates, residual (layers 1-2)" in text
+    del results["prefetch_profile"]["probes"], results["prefetch_profile_large"]
+    write_report(results, md, tmp_path / "img")
+    text = md.read_text()
+    assert "probes fitted" not in text and "large model's profile" not in text

@@ -209,6 +209,18 @@ def test_every_site_of_a_block_graph_takes_a_probe() -> None:
     onnx.checker.check_model(model)
     # the sites are found again where the probes are (a later profile refits them)
     assert [s.key for s in probe_sites(model)[0]] == keys
+    # a probe installed under other names (an older layout) is replaced whole: its weights go with it
+    renamed = {f"{stem}_{k}": f"{stem}_old_{k}" for k in ("weight", "bias")}
+    for t in model.graph.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for n in model.graph.node:
+        n.input[:] = [renamed.get(i, i) for i in n.input]
+    again = probe_sites(model)[0]
+    assert again[3].key == ("gates", 0, 2)
+    install_probe(model, again[3], probe)
+    names = {t.name for t in model.graph.initializer}
+    assert {f"{stem}_weight", f"{stem}_bias"} <= names and not any("_old" in t for t in names)
+    np.testing.assert_allclose(rows(model)[:, 1, :], probe.logits(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"probe gates node 0 -> layer 2: expected weight \[16, 4\]"):
         install_probe(
             model, sites[3], Probe("gates", 0, 2, np.zeros((3, 4), np.float32), np.zeros(4, np.float32))

@@ -326,6 +326,42 @@ def prefetch_verdicts(name: str, run: dict[str, Any], budget: str = "25%") -> li
     return out
 
 
+def _large_profile_lines(pp: dict[str, Any]) -> list[str]:
+    """What ``auto`` follows on the large model: its profile's recall, by depth (min / median / max)."""
+
+    def spread(vals: list[float | None]) -> str:
+        v = sorted(x for x in vals if x is not None)
+        return f"{v[0]:.3f} / {v[len(v) // 2]:.3f} / {v[-1]:.3f}" if v else "–"
+
+    rp = pp.get("probes") or {}
+    rows = []
+    for kind in ("residual", "gates"):
+        sites = [e for e in rp.get("sites", []) if e["kind"] == kind]
+        sites = [e for e in sites if e["layer"] == e["node"] + (kind == "gates")]  # the next layer's
+        if sites:
+            rows.append(
+                f"| {kind} | {spread([e['recall_router'] for e in sites])} | "
+                f"{spread([e['recall_probe'] for e in sites])} |"
+            )
+    c = pp["corpus"]
+    auto = sorted({"+".join(a) for a in pp.get("auto", [])[1:]})
+    last = len(pp.get("auto", [])) - 1
+    return [
+        "### The large model's profile",
+        "",
+        f"`{pp['bundle']}/profile.json`: {c['train_tokens']} train and {c['heldout_tokens']} held-out tokens "
+        f"of {', '.join(f'`{x}`' for x in c['paths'])} (`edgemoe-profile --ids`: the model has no tokenizer, "
+        "and with random weights any text is as random to it). Held-out recall@2 of the next layer over "
+        f"layers 1-{last}, min / median / max; the routers of deep layers see nearly the residual stream "
+        f"they route, the first ones do not. `auto` there: {', '.join(auto) or '–'} (layers 1-{last}).",
+        "",
+        "| predictor | router | fitted probe |",
+        "|---|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 def _probe_lines(rp: dict[str, Any] | None) -> list[str]:
     """The fitted probes' recall against the routers they replace (none without probes)."""
     if not rp or not rp.get("sites"):
@@ -634,6 +670,9 @@ def write_report(
             f"(best per layer {', '.join(_f(b, '{:.3f}') for b in best)}).",
             "",
         ]
+    ppl = results.get("prefetch_profile_large")
+    if ppl:
+        L += _large_profile_lines(ppl)
     if results.get("oracle"):
         from edgemoe_ort.bench.oracle import oracle_markdown
 

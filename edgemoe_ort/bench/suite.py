@@ -270,6 +270,17 @@ def run_prefetch_part(a: argparse.Namespace, results: dict[str, Any], common: di
         _log(f"== warm start vs cold, small model, storage profile {a.profile}")
         results["warm_start"] = measure_warm_start(a.small, profile=a.profile)
     if a.large:
+        from edgemoe_ort.bundle.profile import PROFILE, read_profile
+        from edgemoe_ort.profile.probe import probe_summary
+
+        if (Path(a.large) / PROFILE).is_file():  # what auto follows there (make bench: random token ids)
+            doc = read_profile(a.large)
+            results["prefetch_profile_large"] = {
+                "bundle": str(a.large), "corpus": doc["corpus"], "recall": doc["heldout"]["recall"],
+                "auto": doc["auto"], "probes": probe_summary(doc),
+            }
+        else:
+            results.pop("prefetch_profile_large", None)
         large_preds = [p for p in preds if p in ("none", "gates", "residual", "auto")] or ["none"]
         for prof in (None, a.large_profile):
             name = "prefetch-large" + (f"-{prof}" if prof else "")

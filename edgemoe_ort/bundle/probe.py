@@ -245,6 +245,7 @@ def install_probe(model: onnx.ModelProto, site: ProbeSite, probe: Probe) -> None
     if wname in g.initializers and bname in g.initializers:  # installed before: new values, same nodes
         g.initializers[wname].CopyFrom(numpy_helper.from_array(w, wname))
         g.initializers[bname].CopyFrom(numpy_helper.from_array(b, bname))
+        _drop_stale(model)
         return
     chain = _linear(g, site.logits)
     if isinstance(chain, str):
@@ -269,6 +270,14 @@ def install_probe(model: onnx.ModelProto, site: ProbeSite, probe: Probe) -> None
         initializers=[numpy_helper.from_array(w, wname), numpy_helper.from_array(b, bname)],
         drop=drop,
     )
+    _drop_stale(model)
+
+
+def _drop_stale(model: onnx.ModelProto) -> None:
+    """Remove probe weights no node reads (an earlier probe's under other names; a model's own stay)."""
+    used = {i for n in model.graph.node for i in n.input}
+    for t in [t for t in model.graph.initializer if t.name.startswith(PROBE_PREFIX) and t.name not in used]:
+        model.graph.initializer.remove(t)
 
 
 def install_probes(graph_path: str | Path, probes: Sequence[Probe]) -> list[str]:

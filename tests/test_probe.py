@@ -247,9 +247,9 @@ def probed(tiny_bundle: Path, stdlib_corpus: Path, tmp_path_factory: pytest.Temp
 
 
 def _next_layer(doc: dict, kind: str) -> list[dict]:
-    return [
-        e for e in doc["probes"]["sites"] if e["kind"] == kind and e["layer"] == e["node"] + (kind == "gates")
-    ]
+    from edgemoe_ort.profile.probe import next_layer_sites
+
+    return next_layer_sites(doc["probes"], kind)
 
 
 @pytest.mark.export

@@ -328,6 +328,7 @@ def prefetch_verdicts(name: str, run: dict[str, Any], budget: str = "25%") -> li
 
 def _large_profile_lines(pp: dict[str, Any]) -> list[str]:
     """What ``auto`` follows on the large model: its profile's recall, by depth (min / median / max)."""
+    from edgemoe_ort.profile.probe import next_layer_sites
 
     def spread(vals: list[float | None]) -> str:
         v = sorted(x for x in vals if x is not None)
@@ -336,8 +337,7 @@ def _large_profile_lines(pp: dict[str, Any]) -> list[str]:
     rp = pp.get("probes") or {}
     rows = []
     for kind in ("residual", "gates"):
-        sites = [e for e in rp.get("sites", []) if e["kind"] == kind]
-        sites = [e for e in sites if e["layer"] == e["node"] + (kind == "gates")]  # the next layer's
+        sites = next_layer_sites(rp, kind)
         if sites:
             rows.append(
                 f"| {kind} | {spread([e['recall_router'] for e in sites])} | "
@@ -364,14 +364,15 @@ def _large_profile_lines(pp: dict[str, Any]) -> list[str]:
 
 def _probe_lines(rp: dict[str, Any] | None) -> list[str]:
     """The fitted probes' recall against the routers they replace (none without probes)."""
+    from edgemoe_ort.profile.probe import next_layer_sites
+
     if not rp or not rp.get("sites"):
         return []
     lines = []
     for kind, what in (("residual", "`residual`"), ("gates", "`gates` (the next layer's row)")):
         cells = ", ".join(
             f"layer {e['layer']} {_f(e['recall_router'], '{:.3f}')} → **{e['recall_probe']:.3f}**"
-            for e in rp["sites"]
-            if e["kind"] == kind and e["layer"] == e["node"] + (kind == "gates")
+            for e in next_layer_sites(rp, kind)
         )
         if cells:
             lines.append(f"- {what}: {cells}")

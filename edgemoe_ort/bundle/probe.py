@@ -155,12 +155,12 @@ def _linear(g: GraphIndex, logits: str) -> tuple[str, list[onnx.NodeProto]] | st
     while cur is not None and len(chain) < 2:
         chain.append(cur)
         if cur.op_type in ("MatMul", "Gemm") and cur.domain in _ONNX and len(cur.input) > 1:
-            if g.constant(cur.input[1]) is None and cur.input[1] not in g.initializers:
+            if g.constant(cur.input[1]) is None:
                 break
             return cur.input[0], chain
         if cur.op_type != "Add" or cur.domain not in _ONNX:
             break
-        data = [i for i in cur.input if g.constant(i) is None and i not in g.initializers]
+        data = [i for i in cur.input if g.constant(i) is None]
         if len(data) != 1:
             break
         cur = g.producer.get(data[0])
@@ -286,10 +286,12 @@ def install_probes(graph_path: str | Path, probes: Sequence[Probe]) -> list[str]
     ValueError naming the site when a probe has no site in the graph or the wrong shape (nothing written)."""
     path = Path(graph_path)
     model = onnx.load(str(path), load_external_data=False)
+    # found once: installing one site rewires only the readers of its own logits, not another site's tensors
+    sites, notes = probe_sites(model, baseline=False)
+    by_key = {s.key: s for s in sites}
     lines = []
     for probe in probes:
-        sites, notes = probe_sites(model, baseline=False)
-        site = next((s for s in sites if s.key == probe.key), None)
+        site = by_key.get(probe.key)
         if site is None:
             kind, node, layer = probe.key
             why = "; ".join(notes) or f"sites {[s.key[1:] for s in sites if s.kind == kind]}"

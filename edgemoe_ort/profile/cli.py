@@ -155,7 +155,7 @@ def summary(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
 def _print_tables(doc: dict[str, Any], path: Path) -> None:
     from rich.table import Table
 
-    from edgemoe_ort.profile.probe import probe_summary
+    from edgemoe_ort.profile.probe import next_layer_sites, probe_summary
 
     c = doc["corpus"]
     out.print(
@@ -205,10 +205,8 @@ def _print_tables(doc: dict[str, Any], path: Path) -> None:
             for kind in ("residual", "gates"):
                 cells = ", ".join(
                     f"layer {e['layer']} {e['recall_router']:.3f} -> {e['recall_probe']:.3f}"
-                    for e in probe["sites"]
-                    if e["kind"] == kind
-                    and e["layer"] == e["node"] + (kind == "gates")
-                    and e["recall_router"] is not None
+                    for e in next_layer_sites(probe, kind)
+                    if e["recall_router"] is not None
                 )
                 if cells:
                     out.print(f"  {kind}: {cells}", highlight=False)

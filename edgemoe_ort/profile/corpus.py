@@ -255,11 +255,11 @@ def read_ids(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
         ids = np.asarray(values, np.int64)
     if len(ids) < 2:
         raise CorpusError(f"--ids {p}: {len(ids)} id(s), expected at least 2")
-    hi = vocab_size
-    out = np.flatnonzero((ids < 0) | (ids >= hi)) if hi is not None else np.flatnonzero(ids < 0)
+    bad = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
+    out = np.flatnonzero(bad)
     if out.size:
         n = int(out[0])
-        rng = f"[0, {hi})" if hi is not None else ">= 0"
+        rng = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
         raise CorpusError(
             f"--ids {p}: id {n}: expected a token id in {rng} (vocab_size), found {int(ids[n])}"
         )

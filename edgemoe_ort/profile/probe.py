@@ -30,6 +30,7 @@ __all__ = [
     "ProbeScores",
     "probe_section",
     "probe_summary",
+    "next_layer_sites",
     "softmax",
 ]
 
@@ -197,3 +198,10 @@ def probe_summary(doc: dict[str, Any]) -> dict[str, Any] | None:
     keep = ("kind", "node", "layer", "hidden", "num_experts", "recall_router", "recall_probe")
     sites = [{k: e[k] for k in keep} for e in rp["sites"]]
     return {**{k: v for k, v in rp.items() if k != "sites"}, "sites": sites}
+
+
+def next_layer_sites(summary: dict[str, Any] | None, kind: str) -> list[dict[str, Any]]:
+    """The sites of ``kind`` in a :func:`probe_summary` that predict the layer right after their node's input
+    (every ``residual`` site; the first row of each node's stacked gates)."""
+    sites = (summary or {}).get("sites", [])
+    return [e for e in sites if e["kind"] == kind and e["layer"] == e["node"] + (kind == "gates")]

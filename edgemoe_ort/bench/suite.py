@@ -146,9 +146,10 @@ def findings(results: dict[str, Any]) -> list[str]:
                 "(median stall) for "
                 f"{e['bytes_read_per_token'] / 1e6:.0f} MB of expert reads ({io * 1e3:.0f} ms at the probed "
                 f"{large['roofline_bw_bytes_per_s'] / 1e6:.0f} MB/s). The bound assumes reads fully overlap "
-                "compute (max); here reads are issued ahead only within one layer's call (no cross-layer "
-                "prefetch yet), so a miss overlaps the compute of the same layer's other experts but not the "
-                "attention or other layers: time ≈ compute + stall. Cross-layer prefetch is the lever."
+                "compute (max); this mode predicts nothing, so its reads are issued ahead only within one "
+                "layer's call: a miss overlaps the compute of the same layer's other experts but not the "
+                "attention or other layers, and time ≈ compute + stall (the prefetch sections measure the "
+                "predictors that read ahead across layers)."
             )
         out += policy_findings(name, large)
         out += rss_findings(name, large)
